@@ -1,0 +1,224 @@
+"""Python API for long-document QA: ingest a document once, ask it many questions.
+
+    qa = LongDocQA("smollm2-135m")
+    doc = qa.ingest(text)                  # prefill of the document, its KV kept in pages
+    ans = qa.ask(doc, "Who wrote it?")     # the question's KV is scratch: doc is unchanged
+    for piece in qa.ask_stream(doc, "When?"):
+        print(piece, end="", flush=True)
+
+Each question runs on a copy-on-write fork of the document's pages, released afterwards, so
+any number of questions reuse one ingest and get the answers a fresh run would give.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from offload.config import RuntimeConfig
+from offload.engine import Engine
+from offload.errors import InputError
+from offload.model_source import default_cache_dir, ensure_cache_dir, resolve_model
+from offload.paged_kv import KVSequence
+from offload.progress import PrefillProgress
+from offload.sampling import SamplingConfig
+from offload.stats import RunStats
+from offload.text import load_codec
+
+__all__ = ["LongDocQA", "Doc", "Answer", "AnswerStream"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class Doc:
+    """An ingested document: its KV pages stay in the engine until ``LongDocQA.forget``.
+
+    Attributes:
+        doc_id: sha256 prefix of the document's token ids.
+        num_tokens: tokens of the document part of the prompt.
+        stats: what the ingest cost.
+    """
+
+    doc_id: str
+    num_tokens: int
+    stats: RunStats
+    _seq: KVSequence = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(slots=True)
+class Answer:
+    """Generated text, the generated token ids (prompt excluded) and the run's stats."""
+
+    text: str
+    token_ids: list[int]
+    stats: RunStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+
+
+class AnswerStream:
+    """Iterator over pieces of generated text; ``answer`` is set once it is exhausted."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+
+class LongDocQA:
+    """Long-document question answering over a paged KV cache.
+
+    Args:
+        model: a model name (``smollm2-135m``), a ``.gguf`` file or a checkpoint directory.
+        config: runtime options (device, dtypes, budgets, page size).
+        cache_dir: where converted models live; default ``$OFFLOAD_CACHE`` or ``~/.cache/offload``.
+        random_weights / num_layers: shape-only models for throughput runs.
+        show_progress: show a prefill progress bar on stderr.
+        allow_long_context: allow prompts beyond the model's context window.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        *,
+        config: RuntimeConfig | None = None,
+        cache_dir: str | Path | None = None,
+        random_weights: bool = False,
+        num_layers: int | None = None,
+        show_progress: bool = False,
+        allow_long_context: bool = False,
+    ) -> None:
+        cache = ensure_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        self.source = resolve_model(model, cache_dir=cache, random_weights=random_weights,
+                                    num_layers=num_layers, show_progress=show_progress)
+        self.engine = Engine(self.source, config)
+        cfg = self.source.config
+        self.codec = load_codec(self.source.tokenizer_dir, cfg.vocab_size, cfg.eos_token_ids)
+        self.show_progress = show_progress
+        self.allow_long_context = allow_long_context
+
+    # ----- documents ----------------------------------------------------------------------
+    def ingest(self, text: str) -> Doc:
+        """Prefill a document once; its pages are reused by every ``ask``.
+
+        Raises:
+            InputError: empty document; ContextTooLongError: longer than the context window.
+        """
+        if not text or not text.strip():
+            raise InputError("the document is empty; give a document with some text")
+        ids = self.codec.qa_prompt(text, "").doc_ids
+        seq = self.engine.new_sequence()
+        stats = RunStats()
+        try:
+            self.engine.check_request(seq, len(ids), 1, allow_long_context=self.allow_long_context)
+            progress = PrefillProgress("ingest", len(ids), enabled=self.show_progress)
+            try:
+                stats.prefill_tokens = len(ids)
+                t0 = time.perf_counter()
+                self.engine.forward(seq, ids, on_layer=progress)
+                self.engine.sync()
+                stats.prefill_s = stats.ttft_s = time.perf_counter() - t0
+            finally:
+                progress.close()
+        except BaseException:
+            self.engine.release(seq)
+            raise
+        self.engine.fill_stats(stats, seq)
+        doc_id = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
+        return Doc(doc_id, len(ids), stats, seq)
+
+    def forget(self, doc: Doc) -> None:
+        """Free a document's pages; the Doc must not be used afterwards."""
+        self.engine.release(doc._seq)
+
+    # ----- questions ----------------------------------------------------------------------
+    def ask(self, doc: Doc, question: str, *, max_new_tokens: int = 128,
+            sampling: SamplingConfig = SamplingConfig()) -> Answer:
+        """Answer a question about an ingested document (the document's KV is unchanged)."""
+        stream = self.ask_stream(doc, question, max_new_tokens=max_new_tokens, sampling=sampling)
+        for _ in stream:
+            pass
+        assert stream.answer is not None
+        return stream.answer
+
+    def ask_stream(self, doc: Doc, question: str, *, max_new_tokens: int = 128,
+                   sampling: SamplingConfig = SamplingConfig()) -> AnswerStream:
+        """Like ``ask`` but yields text pieces as tokens are generated."""
+        if doc._seq.released:
+            raise InputError("this document was forgotten; ingest it again")
+        if not question or not question.strip():
+            raise InputError("the question is empty; ask something")
+        prompt = self.codec.qa_prompt("", question)
+        return self._stream(doc._seq, prompt.question_ids, max_new_tokens, sampling,
+                            stop=True, fork=True)
+
+    # ----- raw generation -----------------------------------------------------------------
+    def generate(self, prompt: str, *, max_new_tokens: int = 128,
+                 sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False) -> Answer:
+        """Continue raw text (no chat template), tokenized as the model's tokenizer does by default."""
+        stream = self.generate_stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                                      ignore_eos=ignore_eos)
+        for _ in stream:
+            pass
+        assert stream.answer is not None
+        return stream.answer
+
+    def generate_stream(self, prompt: str, *, max_new_tokens: int = 128,
+                        sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False) -> AnswerStream:
+        if not prompt:
+            raise InputError("the prompt is empty; give some text to continue")
+        ids = self.codec.encode(prompt)
+        if not ids:
+            raise InputError("the prompt tokenizes to nothing; give some text to continue")
+        return self._stream(self.engine.new_sequence(), ids, max_new_tokens, sampling,
+                            stop=not ignore_eos, fork=False)
+
+    def _stream(self, base: KVSequence, ids: list[int], max_new_tokens: int,
+                sampling: SamplingConfig, *, stop: bool, fork: bool) -> AnswerStream:
+        seq = self.engine.fork(base) if fork else base
+        try:
+            self.engine.check_request(seq, len(ids), max_new_tokens,
+                                      allow_long_context=self.allow_long_context)
+        except BaseException:
+            self.engine.release(seq)
+            raise
+        stream = AnswerStream(iter(()))
+        stream._pieces = self._pieces(stream, seq, ids, max_new_tokens, sampling, stop)
+        return stream
+
+    def _pieces(self, stream: AnswerStream, seq: KVSequence, ids: list[int], max_new_tokens: int,
+                sampling: SamplingConfig, stop: bool) -> Iterator[str]:
+        stats = RunStats()
+        stop_ids = self.codec.eos_ids if stop else ()
+        progress = PrefillProgress("prefill", len(ids), enabled=self.show_progress and len(ids) > 256)
+        out: list[int] = []
+        shown = ""
+        try:
+            for tok in self.engine.generate(seq, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                            stop_ids=stop_ids, stats=stats, on_layer=progress):
+                progress.close()
+                out.append(tok)
+                text = self.codec.decode([t for t in out if t not in stop_ids])
+                # Hold back an incomplete multi-byte character until it is complete.
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    yield text[len(shown):]
+                    shown = text
+        finally:
+            progress.close()
+            self.engine.release(seq)
+        text = self.codec.decode([t for t in out if t not in stop_ids])
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        stream.answer = Answer(text, out, stats)
+

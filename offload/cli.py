@@ -1,0 +1,149 @@
+"""The ``offload`` command line: ``ask`` and ``generate`` (more commands come with later issues).
+
+Errors the user can fix print one line ``offload: error: ...`` on stderr and exit with
+status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from offload.config import RuntimeConfig, parse_dtype, parse_size
+from offload.errors import InputError, OffloadError
+from offload.sampling import SamplingConfig
+
+__all__ = ["main", "build_parser", "runtime_config_from_args"]
+
+logger = logging.getLogger(__name__)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="model name (smollm2-135m; shapes llama-3.1-8b, qwen2.5-7b, ... with "
+                        "--random-weights), a .gguf file or a checkpoint directory")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="where converted models live (default $OFFLOAD_CACHE or ~/.cache/offload)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    g.add_argument("--dtype", default=None, help="compute dtype: fp32, bf16, fp16 (default fp32 on CPU, bf16 on CUDA)")
+    g.add_argument("--kv-dtype", default=None, help="KV page dtype (default: the compute dtype)")
+    g.add_argument("--device-memory", default=None,
+                   help="budget of the DEVICE KV arena, e.g. 512MiB (default: the model's full context)")
+    g.add_argument("--page-size", type=int, default=32, help="tokens per KV page (default 32)")
+    g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk (default 1024)")
+    g.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (throughput runs)")
+    g.add_argument("--num-layers", type=int, default=None, help="with --random-weights: use only this many layers")
+    g.add_argument("--seed", type=int, default=0, help="seed of sampling and random weights")
+    g.add_argument("--allow-long-context", action="store_true",
+                   help="allow prompts longer than the model's context window")
+    o = p.add_argument_group("generation and output")
+    o.add_argument("--max-new-tokens", type=int, default=128)
+    o.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    o.add_argument("--top-p", type=float, default=1.0)
+    o.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    o.add_argument("--verbose", "-v", action="store_true", help="log setup details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload", description="Tiered KV-cache offloading runtime for long-context LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ask = sub.add_parser("ask", help="answer a question about a document (chat template applied)")
+    ask.add_argument("--doc", type=Path, required=True, help="text file with the document")
+    ask.add_argument("--question", required=True)
+    _add_model_args(ask)
+    gen = sub.add_parser("generate", help="continue raw text (no template)")
+    gen.add_argument("--prompt-file", type=Path, required=True)
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    _add_model_args(gen)
+    return parser
+
+
+def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
+    """The one mapping of CLI options to a RuntimeConfig."""
+    return RuntimeConfig(
+        device=args.device,
+        dtype=parse_dtype(args.dtype) if args.dtype else None,
+        kv_dtype=parse_dtype(args.kv_dtype) if args.kv_dtype else None,
+        device_memory_bytes=parse_size(args.device_memory) if args.device_memory else None,
+        page_size=args.page_size,
+        prefill_chunk_tokens=args.prefill_chunk,
+        seed=args.seed,
+    )
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a directory; give a text file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not UTF-8 text; convert it to UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read ({e.strerror}); check its permissions") from None
+    if not text.strip():
+        raise InputError(f"{what} {path} is empty; give a file with text")
+    return text
+
+
+def _run(args: argparse.Namespace) -> int:
+    from offload.api import LongDocQA  # heavy imports only after argument parsing
+
+    config = runtime_config_from_args(args)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    text = _read_text(args.doc, "document") if args.command == "ask" else _read_text(args.prompt_file, "prompt file")
+    qa = LongDocQA(args.model, config=config, cache_dir=args.cache_dir, random_weights=args.random_weights,
+                   num_layers=args.num_layers, show_progress=not args.quiet,
+                   allow_long_context=args.allow_long_context)
+    if args.command == "ask":
+        doc = qa.ingest(text)
+        stream = qa.ask_stream(doc, args.question, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    else:
+        stream = qa.generate_stream(text, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                    ignore_eos=args.ignore_eos)
+    for piece in stream:
+        if not args.json:
+            print(piece, end="", flush=True)
+    answer = stream.answer
+    assert answer is not None
+    result: dict[str, Any] = answer.to_dict()
+    if args.command == "ask":
+        result["stats"]["document_tokens"] = doc.num_tokens
+        result["stats"]["ingest"] = doc.stats.to_dict()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+        s = answer.stats
+        print(f"[{s.prefill_tokens} prompt tokens, {s.generated_tokens} generated; "
+              f"prefill {s.prefill_tok_s:,.0f} tok/s, decode {s.decode_tok_s:,.1f} tok/s; "
+              f"KV on device {s.peak_bytes.get('device', 0) / 2**20:.1f} MiB]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        return _run(args)
+    except (OffloadError, ValueError) as e:
+        print(f"offload: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("offload: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

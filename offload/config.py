@@ -1,0 +1,88 @@
+"""Runtime configuration: one frozen dataclass, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+__all__ = ["RuntimeConfig", "parse_size", "parse_dtype", "DTYPES"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'64MiB', '24GiB', '1.5GB', '1000' -> bytes.
+
+    Raises:
+        ValueError: not a size.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r}; write e.g. 512MiB, 2GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {text!r}; use one of fp32, bf16, fp16") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """How the engine runs a model.
+
+    Attributes:
+        device: 'cpu', 'cuda' or 'cuda:N'; None picks CUDA when present.
+        dtype: compute dtype; None = fp32 on CPU, bf16 on CUDA.
+        kv_dtype: KV page dtype; None = the compute dtype (exact mode).
+        device_memory_bytes: budget of the DEVICE KV arena; None = enough for the model's
+            full context, capped at half the free memory.
+        page_size: tokens per KV page.
+        prefill_chunk_tokens: tokens of one layer computed at once during prefill.
+        attn_scores_bytes: bound on the score matrix of one attention partial.
+        shuffle_pages_seed: if set, pages take random arena slots (tests of real paging).
+        seed: seed of random weights.
+    """
+
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    kv_dtype: torch.dtype | None = None
+    device_memory_bytes: int | None = None
+    page_size: int = 32
+    prefill_chunk_tokens: int = 1024
+    attn_scores_bytes: int = 64 * 2**20
+    shuffle_pages_seed: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.page_size <= 4096:
+            raise ValueError(f"page_size must be in [1, 4096], got {self.page_size}")
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+        if self.device_memory_bytes is not None and self.device_memory_bytes < 1:
+            raise ValueError(f"device_memory_bytes must be >= 1, got {self.device_memory_bytes}")
+        if self.attn_scores_bytes < 1:
+            raise ValueError(f"attn_scores_bytes must be >= 1, got {self.attn_scores_bytes}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for but CUDA is not available; use --device cpu")
+        return dev
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return torch.bfloat16 if device.type == "cuda" else torch.float32

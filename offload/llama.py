@@ -1,0 +1,121 @@
+"""Llama-family decoder layer math (Llama 2/3.x, Mistral, Qwen2, SmolLM).
+
+The runner holds the weights and computes one layer's pieces on a chunk of tokens; the
+engine decides the schedule (layer-wise prefill, decode) and where K/V pages live. Numerics
+follow the Hugging Face implementation so exact mode reproduces its tokens: RMSNorm in fp32,
+RoPE cos/sin in fp32, softmax in fp32.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from offload.model_config import ModelConfig
+from offload.rope import RotaryEmbedding
+
+__all__ = ["LlamaRunner", "LayerWeights"]
+
+
+@dataclasses.dataclass(slots=True)
+class LayerWeights:
+    """One decoder layer. q/k/v and gate/up are concatenated so each is one matmul."""
+
+    w_qkv: torch.Tensor  # [(nq + 2 nkv) * head_dim, hidden]
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor  # [hidden, nq * head_dim]
+    b_o: torch.Tensor | None
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor  # [hidden, intermediate]
+    b_down: torch.Tensor | None
+    ln_in: torch.Tensor  # [hidden]
+    ln_post: torch.Tensor  # [hidden]
+
+
+def _cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(t is None for t in ts) else torch.cat(ts, dim=0)  # type: ignore[arg-type]
+
+
+class LlamaRunner:
+    """Weights and per-layer math of a Llama-family decoder.
+
+    Args:
+        cfg: model shape.
+        weights: Hugging Face-named tensors (see ``offload.weights.expected_shapes``), already
+            on ``device`` in the compute dtype; the dict is consumed.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.embed_tokens = weights.pop("model.embed_tokens.weight")
+        self.dtype = self.embed_tokens.dtype
+        self.norm = weights.pop("model.norm.weight")
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else weights.pop("lm_head.weight")
+        self.layers = [self._take_layer(weights, i) for i in range(cfg.num_layers)]
+        self.rope = RotaryEmbedding(cfg, device)
+        self.scale = cfg.head_dim**-0.5
+        self.weights_bytes = self._count_bytes()
+
+    def _count_bytes(self) -> int:
+        tensors = [self.embed_tokens, self.norm] + ([] if self.cfg.tie_word_embeddings else [self.lm_head])
+        for lw in self.layers:
+            tensors += [getattr(lw, f.name) for f in dataclasses.fields(lw)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @staticmethod
+    def _take_layer(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+
+        def get(name: str) -> torch.Tensor | None:
+            return w.pop(p + name, None)
+
+        return LayerWeights(
+            w_qkv=torch.cat([w.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0),
+            b_qkv=_cat([get(f"self_attn.{x}_proj.bias") for x in "qkv"]),
+            w_o=w.pop(p + "self_attn.o_proj.weight"),
+            b_o=get("self_attn.o_proj.bias"),
+            w_gate_up=torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")], dim=0),
+            b_gate_up=_cat([get("mlp.gate_proj.bias"), get("mlp.up_proj.bias")]),
+            w_down=w.pop(p + "mlp.down_proj.weight"),
+            b_down=get("mlp.down_proj.bias"),
+            ln_in=w.pop(p + "input_layernorm.weight"),
+            ln_post=w.pop(p + "post_attention_layernorm.weight"),
+        )
+
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T] int64 -> [T, hidden]."""
+        return F.embedding(ids, self.embed_tokens)
+
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normed, projected and rotated q [T, nq, hd], k [T, nkv, hd] and v [T, nkv, hd]."""
+        cfg, lw = self.cfg, self.layers[layer]
+        x = self.rms_norm(h, lw.ln_in)
+        qkv = F.linear(x, lw.w_qkv, lw.b_qkv)
+        nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        t = h.shape[0]
+        q = qkv[:, :nq].view(t, cfg.num_heads, hd)
+        k = qkv[:, nq : nq + nkv].view(t, cfg.num_kv_heads, hd)
+        v = qkv[:, nq + nkv :].view(t, cfg.num_kv_heads, hd)
+        cos, sin = self.rope.cos_sin(positions, h.dtype)
+        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin), v
+
+    def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual after o_proj, then the MLP block. attn: [T, nq * head_dim]."""
+        lw = self.layers[layer]
+        h = h + F.linear(attn, lw.w_o, lw.b_o)
+        x = self.rms_norm(h, lw.ln_post)
+        gate, up = F.linear(x, lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, lw.w_down, lw.b_down)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, vocab] float32."""
+        return F.linear(self.rms_norm(h, self.norm), self.lm_head).float()

@@ -1,0 +1,53 @@
+"""Counters of one request: timings, token counts, memory per tier."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["RunStats"]
+
+
+@dataclasses.dataclass(slots=True)
+class RunStats:
+    """What one generate/ask call did.
+
+    Attributes:
+        ttft_s: time from the call to the first generated token.
+        prefill_tokens: tokens run through prefill by this call (0 for a reused document).
+        prefill_s / decode_s: wall time of prefill and of the decode steps.
+        decode_tokens: tokens produced by decode steps (the first token comes from prefill).
+        peak_bytes: high-water mark of KV pages held per tier, in bytes.
+        weights_bytes: bytes of model weights (not part of the KV budgets).
+    """
+
+    ttft_s: float = 0.0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    generated_tokens: int = 0
+    context_tokens: int = 0
+    peak_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    weights_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    page_size: int = 0
+    device: str = ""
+    dtype: str = ""
+    kv_dtype: str = ""
+    stop_reason: str = ""
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["prefill_tok_s"] = round(self.prefill_tok_s, 3)
+        d["decode_tok_s"] = round(self.decode_tok_s, 3)
+        for key in ("ttft_s", "prefill_s", "decode_s"):
+            d[key] = round(d[key], 6)
+        return d

@@ -1,0 +1,162 @@
+"""The DEVICE arena: a fixed pool of page slots in GPU memory (or RAM on a CPU-only machine).
+
+Layout (head-major, so a run of consecutive slots is one strided view per KV head)::
+
+    k, v: [num_kv_heads, num_slots, page_size, head_dim]
+
+A slot holds one page: ``page_size`` consecutive tokens of one layer's K and V for all KV
+heads. Slots are shared by all layers; which layer and page a slot holds is recorded by the
+page table in ``offload/``, not here.
+
+Invariants:
+- a slot is either on the free list or has a reference count >= 1, never both;
+- ``free`` of the last reference returns the slot to the free list (lowest ids first, so a
+  fresh arena hands out ascending, contiguous slots).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+
+import torch
+
+__all__ = ["DeviceArena"]
+
+logger = logging.getLogger(__name__)
+
+
+class DeviceArena:
+    """Fixed-size pool of KV page slots with reference counts.
+
+    Args:
+        num_slots: number of page slots (>= 1).
+        num_kv_heads: KV heads per layer.
+        page_size: tokens per page.
+        head_dim: channels per head.
+        dtype: storage dtype of K and V.
+        device: torch device of the arena.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_slots: int,
+        num_kv_heads: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self.page_size = page_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_kv_heads, num_slots, page_size, head_dim)
+        # torch.empty: on CPU the pages are touched (and counted in RSS) only when written.
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self._free: list[int] = list(range(num_slots))  # a heap: lowest slot first
+        self._refs = [0] * num_slots
+        self._peak_used = 0
+        logger.debug("device arena: %d slots of %d bytes", num_slots, self.slot_bytes)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot (K and V of one page, all KV heads)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_kv_heads * self.page_size * self.head_dim * elem
+
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    @property
+    def peak_used_bytes(self) -> int:
+        """High-water mark of slots in use, in bytes."""
+        return self._peak_used * self.slot_bytes
+
+    def allocate(self, n: int) -> list[int] | None:
+        """Take ``n`` free slots (reference count 1 each).
+
+        Returns:
+            The slot ids in ascending order, or None when fewer than ``n`` are free (an
+            expected capacity miss; nothing is taken then).
+        """
+        if n > len(self._free):
+            return None
+        slots = [heapq.heappop(self._free) for _ in range(n)]
+        for s in slots:
+            self._refs[s] = 1
+        self._peak_used = max(self._peak_used, self.num_used)
+        return slots
+
+    def allocate_shuffled(self, n: int, generator: torch.Generator) -> list[int] | None:
+        """Like ``allocate`` but takes ``n`` random free slots (tests of real paging)."""
+        if n > len(self._free):
+            return None
+        order = torch.randperm(len(self._free), generator=generator).tolist()
+        pool = sorted(self._free)
+        slots = [pool[i] for i in order[:n]]
+        taken = set(slots)
+        self._free = [s for s in pool if s not in taken]
+        heapq.heapify(self._free)
+        for s in slots:
+            self._refs[s] = 1
+        self._peak_used = max(self._peak_used, self.num_used)
+        return slots
+
+    def incref(self, slots: list[int]) -> None:
+        """Add one reference to each slot (sharing pages between sequences)."""
+        for s in slots:
+            assert self._refs[s] > 0, f"incref of free slot {s}"
+            self._refs[s] += 1
+
+    def free(self, slots: list[int]) -> None:
+        """Drop one reference to each slot; slots reaching zero return to the free list."""
+        for s in slots:
+            assert self._refs[s] > 0, f"double free of slot {s}"
+            self._refs[s] -= 1
+            if self._refs[s] == 0:
+                heapq.heappush(self._free, s)
+
+    def refcount(self, slot: int) -> int:
+        return self._refs[slot]
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Copy the contents of slot ``src`` into slot ``dst`` (copy-on-write of a tail page)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
+    def write(self, slots: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scatter tokens into slots.
+
+        Args:
+            slots: [T] int64, slot of each token.
+            offsets: [T] int64, position of each token inside its page.
+            k, v: [T, num_kv_heads, head_dim], any float dtype (cast to the arena dtype).
+        """
+        self.k[:, slots, offsets] = k.transpose(0, 1).to(self.dtype)
+        self.v[:, slots, offsets] = v.transpose(0, 1).to(self.dtype)
+
+    def read(self, slots: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a run of pages, as [num_kv_heads, num_tokens, head_dim].
+
+        A run of consecutive ascending slots is returned as a view (no copy); otherwise the
+        pages are gathered into a new tensor. ``num_tokens`` trims a partly filled last page.
+        """
+        n = len(slots)
+        assert 0 < num_tokens <= n * self.page_size
+        s0 = slots[0]
+        if slots == list(range(s0, s0 + n)):
+            k = self.k[:, s0 : s0 + n]
+            v = self.v[:, s0 : s0 + n]
+        else:
+            idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+            k = self.k.index_select(1, idx)
+            v = self.v.index_select(1, idx)
+        shape = (self.num_kv_heads, n * self.page_size, self.head_dim)
+        return k.reshape(shape)[:, :num_tokens], v.reshape(shape)[:, :num_tokens]

