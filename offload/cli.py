@@ -32,7 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="compute dtype: fp32, bf16, fp16 (default fp32 on CPU, bf16 on CUDA)")
     g.add_argument("--kv-dtype", default=None, help="KV page dtype (default: the compute dtype)")
     g.add_argument("--device-memory", default=None,
-                   help="budget of the DEVICE KV arena, e.g. 512MiB (default: the model's full context)")
+                   help="budget of the DEVICE KV arena, e.g. 512MiB (default: half the available RAM on CPU; "
+                        "the full context, at most half the free memory, on CUDA)")
     g.add_argument("--page-size", type=int, default=32, help="tokens per KV page (default 32)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk (default 1024)")
     g.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (throughput runs)")

@@ -45,8 +45,8 @@ class RuntimeConfig:
         device: 'cpu', 'cuda' or 'cuda:N'; None picks CUDA when present.
         dtype: compute dtype; None = fp32 on CPU, bf16 on CUDA.
         kv_dtype: KV page dtype; None = the compute dtype (exact mode).
-        device_memory_bytes: budget of the DEVICE KV arena; None = enough for the model's
-            full context, capped at half the free memory.
+        device_memory_bytes: budget of the DEVICE KV arena; None = half the available RAM on
+            CPU, or on CUDA the model's full context capped at half the free GPU memory.
         page_size: tokens per KV page.
         prefill_chunk_tokens: tokens of one layer computed at once during prefill.
         attn_scores_bytes: bound on the score matrix of one attention partial.

@@ -96,13 +96,14 @@ class Engine:
         slot_bytes = 2 * cfg.num_kv_heads * ps * cfg.head_dim * torch.empty((), dtype=self.kv_dtype).element_size()
         budget = self.config.device_memory_bytes
         if budget is None:
-            # The full context of one sequence plus copy-on-write tails of a few forks.
-            want = (-(-cfg.max_position_embeddings // ps) + 4) * cfg.num_layers * slot_bytes
             if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
+                # GPU memory is reserved up front: the full context of one sequence plus
+                # copy-on-write tails of a few forks, at most half of what is free.
+                want = (-(-cfg.max_position_embeddings // ps) + 4) * cfg.num_layers * slot_bytes
+                budget = min(want, torch.cuda.mem_get_info(self.device)[0] // 2)
             else:
-                free = psutil.virtual_memory().available
-            budget = min(want, free // 2)
+                # RAM pages are touched only when written, so the budget can be generous.
+                budget = psutil.virtual_memory().available // 2
         slots = budget // slot_bytes
         if slots < 1:
             raise CapacityError(
@@ -208,15 +209,20 @@ class Engine:
             max_tokens = max(1, self.config.attn_scores_bytes // (4 * cfg.num_heads * t))
         outs, lses = [], []
         for g in self.kv.groups(seq, layer, max_tokens):
-            n = g.k.shape[1]
-            masked = g.start_pos + n - 1 > first_q
-            k_pos = torch.arange(g.start_pos, g.start_pos + n, device=q.device) if masked else None
-            out, lse = partial(
-                qg, g.k.to(q.dtype), g.v.to(q.dtype), scale=self.runner.scale,
-                q_pos=pos if masked else None, k_pos=k_pos,
-            )
-            outs.append(out)
-            lses.append(lse)
+            # Keys before the first query are visible to every query: no mask. Only the part
+            # from the first query on (this chunk's own tokens) needs the causal mask.
+            split = min(max(first_q - g.start_pos, 0), g.k.shape[1])
+            for lo, hi in ((0, split), (split, g.k.shape[1])):
+                if lo == hi:
+                    continue
+                k, v = g.k[:, lo:hi].to(q.dtype), g.v[:, lo:hi].to(q.dtype)
+                if lo == split:
+                    k_pos = torch.arange(g.start_pos + lo, g.start_pos + hi, device=q.device)
+                    out, lse = partial(qg, k, v, scale=self.runner.scale, q_pos=pos, k_pos=k_pos)
+                else:
+                    out, lse = partial(qg, k, v, scale=self.runner.scale)
+                outs.append(out)
+                lses.append(lse)
         out, _ = merge_partials_ref(outs, lses)  # [nkv, g, T, hd]
         return out.permute(2, 0, 1, 3).reshape(t, cfg.num_heads * cfg.head_dim).to(q.dtype)
 

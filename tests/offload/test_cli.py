@@ -1,0 +1,121 @@
+"""The CLI: one-line errors with a fix and exit status 2 (no traceback), --json output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from offload.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("offload: error: ")
+    return lines[0]
+
+
+@pytest.fixture()
+def doc_file(tmp_path) -> Path:
+    p = tmp_path / "doc.txt"
+    p.write_text("The museum opens at nine. Tickets cost five euros.\n")
+    return p
+
+
+def test_missing_document(capsys, tmp_path, cache_dir):
+    assert main(["ask", "--doc", str(tmp_path / "nope.txt"), "--question", "q", "--cache-dir", str(cache_dir)]) == 2
+    assert "does not exist" in _err(capsys)
+
+
+def test_empty_document(capsys, tmp_path, cache_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["ask", "--doc", str(empty), "--question", "q", "--cache-dir", str(cache_dir)]) == 2
+    assert "is empty" in _err(capsys)
+
+
+def test_unknown_model(capsys, doc_file, cache_dir):
+    assert main(["ask", "--doc", str(doc_file), "--question", "q", "--model", "gpt-17-huge",
+                 "--cache-dir", str(cache_dir)]) == 2
+    line = _err(capsys)
+    assert "unknown model 'gpt-17-huge'" in line and "smollm2-135m" in line
+
+
+def test_shape_without_random_weights(capsys, doc_file, cache_dir):
+    assert main(["ask", "--doc", str(doc_file), "--question", "q", "--model", "llama-3.1-8b",
+                 "--cache-dir", str(cache_dir)]) == 2
+    assert "--random-weights" in _err(capsys)
+
+
+def test_unwritable_cache_dir(capsys, doc_file, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a directory cannot be created below a file, even by root
+    assert main(["ask", "--doc", str(doc_file), "--question", "q", "--cache-dir", str(blocker / "cache")]) == 2
+    line = _err(capsys)
+    assert "not writable" in line and "--cache-dir" in line
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--device-memory", "lots", "not a size"),
+    ("--dtype", "fp8", "unknown dtype"),
+    ("--page-size", "0", "page_size"),
+    ("--top-p", "1.5", "top_p"),
+])
+def test_bad_option_values(capsys, doc_file, cache_dir, flag, value, words):
+    assert main(["ask", "--doc", str(doc_file), "--question", "q", "--cache-dir", str(cache_dir), flag, value]) == 2
+    assert words in _err(capsys)
+
+
+def test_prompt_longer_than_context(capsys, tmp_path, smollm2_source, cache_dir):
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 9000)
+    assert main(["generate", "--prompt-file", str(long), "--cache-dir", str(cache_dir), "--quiet"]) == 2
+    line = _err(capsys)
+    assert "context is 8192" in line and "--allow-long-context" in line
+
+
+def test_long_context_override(capsys, tmp_path, cache_dir):
+    """With the override, a prompt past the context window runs (random weights, one layer)."""
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 8300)  # byte codec: 8300 tokens > 8192
+    args = ["generate", "--prompt-file", str(long), "--model", "smollm2-135m", "--random-weights",
+            "--num-layers", "1", "--max-new-tokens", "2", "--json", "--quiet", "--cache-dir", str(cache_dir)]
+    assert main(args) == 2
+    assert "--allow-long-context" in _err(capsys)
+    assert main(args + ["--allow-long-context"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["prefill_tokens"] == 8300 and len(out["token_ids"]) == 2
+
+
+def test_json_output_in_a_subprocess(tmp_path, smollm2_source, cache_dir):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The three primary colours are")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "offload", "generate", "--prompt-file", str(prompt),
+                        "--max-new-tokens", "5", "--json", "--quiet", "--cache-dir", str(cache_dir)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert isinstance(out["text"], str) and len(out["token_ids"]) == 5
+    s = out["stats"]
+    for key in ("ttft_s", "prefill_tokens", "prefill_tok_s", "decode_tok_s", "peak_bytes"):
+        assert key in s
+    assert s["peak_bytes"]["device"] > 0 and s["prefill_tokens"] > 3
+
+
+def test_error_in_a_subprocess_has_no_traceback(tmp_path, cache_dir):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "offload", "ask", "--doc", str(tmp_path / "missing.txt"),
+                        "--question", "q", "--cache-dir", str(cache_dir)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("offload: error: document")
