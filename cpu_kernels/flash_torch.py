@@ -45,6 +45,9 @@ def attention_partial_flash(
     if _OP is None:
         raise RuntimeError("this torch build lacks the fused CPU flash-attention op")
     nkv, group, t, hd = q.shape
+    if k.shape[1] == 0:  # the fused op crashes (SIGFPE) on an empty key range
+        return (torch.zeros(q.shape, dtype=torch.float32),
+                torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32))
     mask = None
     if q_pos is not None and k_pos is not None:
         visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)  # [T, L]

@@ -35,6 +35,8 @@ def attention_partial_ref(
         lse: [num_kv_heads, group, T] float32 (-inf where no key is visible).
     """
     nkv, group, t, hd = q.shape
+    if k.shape[1] == 0:
+        return _empty_partial(q)
     # Scores in the input dtype (fp32 accumulation inside matmul), softmax in fp32, as the
     # Hugging Face eager path does, so fp32 runs agree to rounding.
     scores = torch.matmul(q.reshape(nkv, group * t, hd), k.transpose(1, 2))
@@ -50,6 +52,13 @@ def attention_partial_ref(
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     out = out / safe
     lse = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for rows with no visible key
+    return out, lse
+
+
+def _empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial of a piece with no keys: zeros and -inf."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     return out, lse
 
 

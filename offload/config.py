@@ -71,6 +71,18 @@ class RuntimeConfig:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
         if self.device_memory_bytes is not None and self.device_memory_bytes < 1:
             raise ValueError(f"device_memory_bytes must be >= 1, got {self.device_memory_bytes}")
+        for name in ("dtype", "kv_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES.values():
+                raise ValueError(f"{name} must be a torch dtype among fp32, bf16, fp16 "
+                                 f"(parse_dtype turns a name into one), got {value!r}")
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+            if dev.type not in ("cpu", "cuda"):
+                raise ValueError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
         if self.attn_scores_bytes < 1:
             raise ValueError(f"attn_scores_bytes must be >= 1, got {self.attn_scores_bytes}")
 

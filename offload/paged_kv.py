@@ -158,6 +158,14 @@ class PagedKV:
 
     def fork(self, seq: KVSequence) -> KVSequence:
         """A sequence sharing ``seq``'s pages; its appends never modify ``seq``'s pages."""
+        partial = sum(1 for n in seq.lengths if n % self.page_size)
+        free = self.arena.num_slots - self.arena.num_used
+        if partial > free:
+            # Checked before any reference is taken, so a refused fork changes nothing.
+            raise CapacityError(
+                f"the DEVICE KV arena is full: forking this sequence copies {partial} partly filled "
+                f"pages and {free} slots are free; raise --device-memory (a page is {self.arena.slot_bytes} bytes)"
+            )
         table = seq.table.copy()
         for layer in range(self.num_layers):
             self.arena.incref(table.slots(layer))
@@ -165,7 +173,7 @@ class PagedKV:
             if length % self.page_size:
                 last = length // self.page_size
                 old = table.lookup(layer, last).slot
-                (new,) = self._allocate(1, 0)
+                (new,) = self._allocate(1, length % self.page_size)
                 self.arena.copy_slot(old, new)
                 self.arena.free([old])
                 table.replace(layer, last, PageLocation(Tier.DEVICE, new))

@@ -36,6 +36,8 @@ class SamplingConfig:
 def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask [V] of the nucleus: the most likely tokens, in order, up to and including
     the first one at which the cumulative mass reaches ``top_p``."""
+    if top_p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)  # a float cumsum may reach 1 early
     sorted_p, order = torch.sort(probs, descending=True)
     before = torch.cumsum(sorted_p, dim=0) - sorted_p  # mass strictly before each token
     keep_sorted = before < top_p

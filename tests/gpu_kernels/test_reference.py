@@ -8,7 +8,7 @@ import torch
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
 from tests.attention_naive import (causal_positions, default_scale, make_qkv, naive_attention,
                                    strided_like)
-from tests.tolerances import TOL
+from tests.tolerances import LONG_REDUCTION_16BIT, TOL
 
 SEQ_LENS = [1, 31, 32, 33, 97]
 HEAD_DIMS = [64, 80, 128]
@@ -25,6 +25,12 @@ def _positions(seq_len, causal):
 
 def _check_against_naive(out, lse, want_out, want_lse, dtype=torch.float32):
     atol, rtol = TOL[dtype]
+    if dtype == torch.bfloat16:
+        # The kernel forms q·k in bf16 (8-bit mantissa) by design, like HF's eager path:
+        # unscaled scores of ~30 round by up to 0.06, shifting the softmax weights by ~1% and
+        # outputs near zero by ~3e-3 over 33-97 keys, past bf16's 1e-3 atol. The 16-bit
+        # reduction entry covers that rounding.
+        atol, rtol = LONG_REDUCTION_16BIT
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(lse.double(), want_lse, atol=atol, rtol=rtol)
@@ -79,7 +85,9 @@ def test_merge_with_empty_piece_is_noop(causal):
     q_pos, k_pos = _positions(33, causal)
     out, lse = attention_partial_ref(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     empty_out, empty_lse = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
-    for outs, lses in [([out, empty_out], [lse, empty_lse]), ([empty_out, out, empty_out], [empty_lse, lse, empty_lse])]:
+    cases = [([out, empty_out], [lse, empty_lse]),
+             ([empty_out, out, empty_out], [empty_lse, lse, empty_lse])]
+    for outs, lses in cases:
         m_out, m_lse = merge_partials_ref(outs, lses)
         assert torch.equal(m_out, out)
         assert torch.equal(m_lse, lse)
@@ -98,8 +106,10 @@ def test_piece_whose_keys_are_all_hidden_merges_as_noop():
     q, k, v = make_qkv(40, 64, 1)
     q_pos = torch.tensor([3, 5, 7, 9])
     k_pos = torch.arange(40)
-    front_out, front_lse = attention_partial_ref(q, k[:, :20], v[:, :20], scale=0.125, q_pos=q_pos, k_pos=k_pos[:20])
-    back_out, back_lse = attention_partial_ref(q, k[:, 20:], v[:, 20:], scale=0.125, q_pos=q_pos, k_pos=k_pos[20:])
+    front_out, front_lse = attention_partial_ref(q, k[:, :20], v[:, :20], scale=0.125,
+                                                 q_pos=q_pos, k_pos=k_pos[:20])
+    back_out, back_lse = attention_partial_ref(q, k[:, 20:], v[:, 20:], scale=0.125,
+                                               q_pos=q_pos, k_pos=k_pos[20:])
     assert bool(torch.isneginf(back_lse).all()) and torch.equal(back_out, torch.zeros_like(back_out))
     out, lse = merge_partials_ref([front_out, back_out], [front_lse, back_lse])
     assert torch.equal(out, front_out) and torch.equal(lse, front_lse)
@@ -123,10 +133,12 @@ def test_extreme_logits_stay_finite(causal):
 
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("seq_len", [31, 97])
-def test_strided_kv_views_give_same_result(seq_len, causal):
+def test_strided_qkv_views_give_same_result(seq_len, causal):
     q, k, v = make_qkv(seq_len, 64, 4)
     q_pos, k_pos = _positions(seq_len, causal)
     ks, vs = strided_like(k), strided_like(v)
+    q = q.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # token-major, as the engine has it
+    assert not q.is_contiguous()
     out, lse = attention_partial_ref(q, ks, vs, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     want_out, want_lse = attention_partial_ref(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     atol, rtol = TOL[torch.float32]

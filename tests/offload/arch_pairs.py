@@ -18,34 +18,36 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_la
             max_position_embeddings=16384, rms_norm_eps=1e-5)
 
 
-def hf_tiny(arch: str):
-    """(config class, model class, config kwargs) of a tiny model of ``arch``."""
+def hf_tiny(arch: str, **dims):
+    """(HF config, model class) of a tiny model of ``arch``; ``dims`` override the TINY sizes."""
     import transformers as tr
 
+    base = dict(TINY, **dims)
+
     if arch == "llama3":
-        kw = dict(TINY, attention_bias=True, tie_word_embeddings=False,
+        kw = dict(base, attention_bias=True, tie_word_embeddings=False,
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192})
         return tr.LlamaConfig(**kw), tr.LlamaForCausalLM
     if arch == "qwen2":
-        kw = dict(TINY, tie_word_embeddings=False, use_sliding_window=False,
+        kw = dict(base, tie_word_embeddings=False, use_sliding_window=False,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
         return tr.Qwen2Config(**kw), tr.Qwen2ForCausalLM
     if arch == "mistral":
-        kw = dict(TINY, sliding_window=None, tie_word_embeddings=True,
+        kw = dict(base, sliding_window=None, tie_word_embeddings=True,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
         return tr.MistralConfig(**kw), tr.MistralForCausalLM
     if arch == "llama-linear":
-        kw = dict(TINY, mlp_bias=True, tie_word_embeddings=True,
+        kw = dict(base, mlp_bias=True, tie_word_embeddings=True,
                   rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
         return tr.LlamaConfig(**kw), tr.LlamaForCausalLM
     raise ValueError(arch)
 
 
-def save_tiny(arch: str, folder: Path, seed: int = 0):
+def save_tiny(arch: str, folder: Path, seed: int = 0, **dims):
     """Build a tiny HF model with random weights (biases too), save it; return the HF model."""
-    config, cls = hf_tiny(arch)
+    config, cls = hf_tiny(arch, **dims)
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU check: exercises every CUDA path that has landed, most important first, and writes
+# everything to one log ($OUT/gpu_check.log on the device machine, bench/out/ elsewhere).
+# Runs on a CPU-only machine too (CUDA parts skip), so it is tested there.
+# Usage: bash bench/gpu_check.sh            (PYTHON defaults to python3; PYTHONPATH=. is set)
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-bench/out}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_check.log"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+{
+  echo "== gpu_check $(date -u +%FT%TZ)"
+  $PY -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
+
+  echo "== 1. CUDA tests (pytest -m gpu)"
+  timeout 300 $PY -m pytest -q -p no:cacheprovider -m gpu -rA -s tests 2>&1 | grep -vE "Writing model shards|it/s\]" | tail -40
+
+  echo "== 2. decode/prefill on CUDA: --random-weights llama-3.1-8b --num-layers 4 --dtype bf16, 8K prompt"
+  if [ "$has_cuda" = 1 ]; then
+    tmp=$(mktemp -d)
+    $PY -c "import random; random.seed(0); print(''.join(random.choice('abcdefghij ') for _ in range(8192)), end='')" > "$tmp/prompt.txt"
+    for rep in 1 2 3; do
+      timeout 120 $PY -m offload generate --model llama-3.1-8b --random-weights --num-layers 4 --dtype bf16 \
+        --prompt-file "$tmp/prompt.txt" --max-new-tokens 64 --ignore-eos --json --quiet --cache-dir "$tmp/cache" \
+        | $PY -c "import json,sys; s=json.load(sys.stdin)['stats']; print(f\"rep $rep: prefill {s['prefill_tokens']} tok at {s['prefill_tok_s']:.0f} tok/s, decode {s['decode_tok_s']:.1f} tok/s, KV on device {s['peak_bytes']['device']/2**20:.0f} MiB\")"
+    done
+  else
+    echo "skipped: no CUDA"
+  fi
+
+  echo "== 3. the CPU test suite on this machine's Python (portability; real-model tests skip without the packages)"
+  timeout 240 $PY -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
+  echo "== done"
+} 2>&1 | tee "$LOG"

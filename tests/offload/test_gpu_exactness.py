@@ -1,0 +1,92 @@
+"""Exactness on CUDA (runs on a lent GPU; skipped without CUDA).
+
+Real weights cannot travel to the GPU machine, so small random-weight models are loaded into
+both this runner and transformers (same tensors):
+- fp32 with TF32 off: greedy tokens identical and logits within the fp32 model tolerance;
+- bf16 on both sides: measured against transformers in fp32 (teacher-forced on the bf16
+  reference's tokens), our bf16 logits err at most 2x as much as transformers' own bf16
+  logits do (plus 1e-3); greedy tokens are compared and printed (16-bit rounding may flip
+  a near-tie, after which the sequences legitimately diverge).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.offload.arch_pairs import (hf_greedy, hf_logits, make_engine, ours_greedy,
+                                      ours_teacher_forced, save_tiny)
+from tests.tolerances import MODEL_LOGITS_FP32_ATOL
+
+pytestmark = pytest.mark.gpu
+
+ARCHS = ["llama3", "qwen2", "mistral"]
+SMALL = dict(vocab_size=2048, hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, head_dim=32, initializer_range=0.05)
+PROMPT = 2000
+NEW = 32
+# bf16: both sides round to 8-bit mantissas in different places (fused SDPA vs our matmul
+# + fp32 softmax), so the yardstick is transformers' own bf16 error against fp32.
+BF16_ERROR_RATIO = 2.0
+BF16_ERROR_SLACK = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _pair(arch, tmp_path, dtype):
+    hf = save_tiny(arch, tmp_path, **SMALL).to(device="cuda", dtype=dtype)
+    engine = make_engine(tmp_path, "cuda", dtype, prefill_chunk_tokens=512)
+    ids = torch.randint(0, SMALL["vocab_size"], (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    return hf, engine, ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_fp32_matches_transformers(arch, tmp_path):
+    hf, engine, ids = _pair(arch, tmp_path, torch.float32)
+    ref = hf_greedy(hf, ids, NEW)
+    got = ours_greedy(engine, ids, NEW)
+    ours = ours_teacher_forced(engine, ids, ref, prompt_logits=64)
+    want = hf_logits(hf, ids + ref[:-1], 64 + NEW - 1)
+    err = (ours - want).abs().max().item()
+    print(f"[gpu fp32 {arch}] greedy identical: {got == ref}; max |logit diff| {err:.2e}")
+    assert got == ref
+    assert err <= MODEL_LOGITS_FP32_ATOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_bf16_close_to_transformers(arch, tmp_path):
+    hf32, _, ids = _pair(arch, tmp_path, torch.float32)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    engine = make_engine(tmp_path, "cuda", torch.bfloat16, prefill_chunk_tokens=512)
+    ref = hf_greedy(hf16, ids, NEW)
+    got = ours_greedy(engine, ids, NEW)
+    forced = ids + ref[:-1]
+    ours = ours_teacher_forced(engine, ids, ref, prompt_logits=64)
+    exact = hf_logits(hf32, forced, 64 + NEW - 1)
+    theirs = hf_logits(hf16, forced, 64 + NEW - 1)
+    err_ours = (ours - exact).abs().max().item()
+    err_hf = (theirs - exact).abs().max().item()
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
+    print(f"[gpu bf16 {arch}] first {same}/{NEW} greedy tokens identical to transformers bf16; "
+          f"max |logit - fp32 logit|: ours {err_ours:.3e}, transformers bf16 {err_hf:.3e}; "
+          f"ours vs transformers bf16: max |diff| {(ours - theirs).abs().max().item():.3e}, "
+          f"top-1 agreement {agree:.1%}")
+    assert err_ours <= BF16_ERROR_RATIO * err_hf + BF16_ERROR_SLACK
+
+
+def test_cuda_paged_kv_lives_on_the_gpu(tmp_path):
+    _, engine, ids = _pair("llama3", tmp_path, torch.bfloat16)
+    assert engine.arena.k.is_cuda
+    seq = engine.new_sequence()
+    engine.forward(seq, ids[:100])
+    assert engine.arena.num_used == 4 * -(-100 // 32)
+    engine.release(seq)
