@@ -209,9 +209,10 @@ class Engine:
             max_tokens = max(1, self.config.attn_scores_bytes // (4 * cfg.num_heads * t))
         outs, lses = [], []
         for g in self.kv.groups(seq, layer, max_tokens):
-            # Keys before the first query are visible to every query: no mask. Only the part
-            # from the first query on (this chunk's own tokens) needs the causal mask.
-            split = min(max(first_q - g.start_pos, 0), g.k.shape[1])
+            # Keys up to the first query's position are visible to every query: no mask. Only
+            # keys after it (this chunk's own later tokens) need the causal mask; a decode
+            # step (one query) never does.
+            split = min(max(first_q + 1 - g.start_pos, 0), g.k.shape[1])
             for lo, hi in ((0, split), (split, g.k.shape[1])):
                 if lo == hi:
                     continue

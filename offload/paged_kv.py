@@ -38,26 +38,33 @@ class PageTable:
     """(layer, page_id) -> PageLocation for one sequence. page_ids of a layer are dense from 0."""
 
     def __init__(self, num_layers: int) -> None:
-        self._pages: list[list[PageLocation]] = [[] for _ in range(num_layers)]
+        # Parallel lists per layer (tier and slot of each page), so the hot path reads a
+        # layer's slots without building objects.
+        self._tiers: list[list[Tier]] = [[] for _ in range(num_layers)]
+        self._slots: list[list[int]] = [[] for _ in range(num_layers)]
 
     def lookup(self, layer: int, page_id: int) -> PageLocation:
-        return self._pages[layer][page_id]
+        return PageLocation(self._tiers[layer][page_id], self._slots[layer][page_id])
 
     def num_pages(self, layer: int) -> int:
-        return len(self._pages[layer])
+        return len(self._slots[layer])
 
     def append(self, layer: int, loc: PageLocation) -> None:
-        self._pages[layer].append(loc)
+        self._tiers[layer].append(loc.tier)
+        self._slots[layer].append(loc.slot)
 
     def replace(self, layer: int, page_id: int, loc: PageLocation) -> None:
-        self._pages[layer][page_id] = loc
+        self._tiers[layer][page_id] = loc.tier
+        self._slots[layer][page_id] = loc.slot
 
     def slots(self, layer: int) -> list[int]:
-        return [p.slot for p in self._pages[layer]]
+        """The layer's slots in page order (the table's own list: do not modify it)."""
+        return self._slots[layer]
 
     def copy(self) -> "PageTable":
-        other = PageTable(len(self._pages))
-        other._pages = [list(layer) for layer in self._pages]
+        other = PageTable(len(self._slots))
+        other._tiers = [list(layer) for layer in self._tiers]
+        other._slots = [list(layer) for layer in self._slots]
         return other
 
 
@@ -137,11 +144,16 @@ class PagedKV:
             for slot in self._allocate(need - have, t):
                 seq.table.append(layer, PageLocation(Tier.DEVICE, slot))
         ps = self.page_size
-        pos = torch.arange(start, end)
-        page_slots = torch.tensor(seq.table.slots(layer), dtype=torch.int64)
-        slots = page_slots[pos // ps].to(self.arena.device)
-        offsets = (pos % ps).to(self.arena.device)
-        self.arena.write(slots, offsets, k, v)
+        table_slots = seq.table.slots(layer)
+        if t == 1:  # decode: one token, no index tensors
+            self.arena.write_token(table_slots[start // ps], start % ps, k[0], v[0])
+        else:
+            first = start // ps
+            pos = torch.arange(start, end)
+            page_slots = torch.tensor(table_slots[first : -(-end // ps)], dtype=torch.int64)
+            slots = page_slots[pos // ps - first].to(self.arena.device)
+            offsets = (pos % ps).to(self.arena.device)
+            self.arena.write(slots, offsets, k, v)
         seq.lengths[layer] = end
 
     def groups(self, seq: KVSequence, layer: int, max_tokens: int) -> Iterator[PageGroup]:
@@ -151,9 +163,9 @@ class PagedKV:
         ps = self.page_size
         slots = seq.table.slots(layer)[: -(-length // ps)]
         max_pages = max(1, max_tokens // ps)
-        for first, group in _group_pages(slots, max_pages):
+        for first, group, contiguous in _group_pages(slots, max_pages):
             n_tokens = min(len(group) * ps, length - first * ps)
-            k, v = self.arena.read(group, n_tokens)
+            k, v = self.arena.read(group, n_tokens, contiguous=contiguous)
             yield PageGroup(k, v, first * ps)
 
     def fork(self, seq: KVSequence) -> KVSequence:
@@ -188,8 +200,9 @@ class PagedKV:
         seq.released = True
 
 
-def _group_pages(slots: list[int], max_pages: int) -> Iterator[tuple[int, list[int]]]:
-    """Split a layer's slots into (first page_id, slots) groups of <= max_pages pages.
+def _group_pages(slots: list[int], max_pages: int) -> Iterator[tuple[int, list[int], bool]]:
+    """Split a layer's slots into (first page_id, slots, contiguous) groups of <= max_pages
+    pages; ``contiguous`` says the group's slots are consecutive ascending.
 
     Long runs of consecutive slots become their own groups (read as views); short runs are
     packed together (read by one gather).
@@ -204,18 +217,18 @@ def _group_pages(slots: list[int], max_pages: int) -> Iterator[tuple[int, list[i
             j += 1
         if j - i >= MIN_VIEW_PAGES:
             if pending:
-                yield pending_first, pending
+                yield pending_first, pending, False
                 pending = []
             for s in range(i, j, max_pages):
-                yield s, slots[s : min(j, s + max_pages)]
+                yield s, slots[s : min(j, s + max_pages)], True
         else:
             for p in range(i, j):
                 if not pending:
                     pending_first = p
                 pending.append(slots[p])
                 if len(pending) == max_pages:
-                    yield pending_first, pending
+                    yield pending_first, pending, False
                     pending = []
         i = j
     if pending:
-        yield pending_first, pending
+        yield pending_first, pending, False

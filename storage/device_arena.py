@@ -142,16 +142,25 @@ class DeviceArena:
         self.k[:, slots, offsets] = k.transpose(0, 1).to(self.dtype)
         self.v[:, slots, offsets] = v.transpose(0, 1).to(self.dtype)
 
-    def read(self, slots: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_token(self, slot: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token. k, v: [num_kv_heads, head_dim]."""
+        self.k[:, slot, offset] = k
+        self.v[:, slot, offset] = v
+
+    def read(self, slots: list[int], num_tokens: int, *, contiguous: bool | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a run of pages, as [num_kv_heads, num_tokens, head_dim].
 
         A run of consecutive ascending slots is returned as a view (no copy); otherwise the
         pages are gathered into a new tensor. ``num_tokens`` trims a partly filled last page.
+        ``contiguous`` may be passed by a caller that already knows (None = check).
         """
         n = len(slots)
         assert 0 < num_tokens <= n * self.page_size
         s0 = slots[0]
-        if slots == list(range(s0, s0 + n)):
+        if contiguous is None:
+            contiguous = slots == list(range(s0, s0 + n))
+        if contiguous:
             k = self.k[:, s0 : s0 + n]
             v = self.v[:, s0 : s0 + n]
         else:

@@ -42,19 +42,17 @@ def test_chunking_and_page_size_do_not_change_results(tiny):
 
 
 def test_too_small_device_budget_is_refused_up_front(tiny):
-    folder, _, ids = tiny
-    engine = make_engine(folder, "cpu", torch.float32)
-    small = type(engine)(engine_source(folder), engine.config.__class__(device="cpu", device_memory_bytes=40_000))
-    seq = small.new_sequence()
-    with pytest.raises(CapacityError, match=r"--device-memory of at least \d+MiB"):
-        list(small.generate(seq, ids, max_new_tokens=4)) if False else small.check_request(seq, len(ids), 4)
-    assert small.arena.num_used == 0
-
-
-def engine_source(folder):
+    from offload.config import RuntimeConfig
+    from offload.engine import Engine
     from offload.model_source import resolve_model
 
-    return resolve_model(str(folder), cache_dir=folder / "cache")
+    folder, _, ids = tiny
+    small = Engine(resolve_model(str(folder), cache_dir=folder / "cache"),
+                   RuntimeConfig(device="cpu", device_memory_bytes=40_000))
+    seq = small.new_sequence()
+    with pytest.raises(CapacityError, match=r"--device-memory of at least \d+MiB"):
+        small.check_request(seq, len(ids), 4)
+    assert small.arena.num_used == 0
 
 
 def test_decode_appends_to_a_tail_page(tiny):
