@@ -7,9 +7,9 @@ import torch
 
 from cpu_kernels.flash_torch import attention_partial_flash, is_available
 from gpu_kernels.reference import merge_partials_ref
-from tests.attention_naive import (causal_positions, default_scale, make_qkv, naive_attention,
-                                   strided_like)
-from tests.tolerances import LONG_REDUCTION_16BIT, TOL
+from tests.attention_naive import (causal_positions, check_against_naive, default_scale, make_qkv,
+                                   naive_attention, positions_or_none, strided_like)
+from tests.tolerances import TOL
 
 SEQ_LENS = [1, 31, 32, 33, 97]
 HEAD_DIMS = [64, 80, 128]
@@ -21,32 +21,17 @@ pytestmark = pytest.mark.skipif(not is_available(torch.device("cpu")),
                                 reason="this torch build lacks the fused CPU flash op")
 
 
-def _positions(seq_len, causal):
-    return causal_positions(seq_len) if causal else (None, None)
-
-
-def _check_against_naive(out, lse, want_out, want_lse, dtype=torch.float32):
-    atol, rtol = TOL[dtype]
-    if dtype == torch.bfloat16:
-        # Inputs, scores and probabilities in bf16 (8-bit mantissa) inside the fused kernel:
-        # outputs near zero move by a few 1e-3 over 33-97 keys, past bf16's 1e-3 atol.
-        atol, rtol = LONG_REDUCTION_16BIT
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
-    torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(lse.double(), want_lse, atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
 def test_flash_matches_naive_fp32(seq_len, head_dim, group, causal):
     q, k, v = make_qkv(seq_len, head_dim, group)
-    q_pos, k_pos = _positions(seq_len, causal)
+    q_pos, k_pos = positions_or_none(seq_len, causal)
     scale = default_scale(head_dim)
     out, lse = attention_partial_flash(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
     want_out, want_lse = naive_attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, want_out, want_lse)
+    check_against_naive(out, lse, want_out, want_lse)
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
@@ -75,13 +60,13 @@ def test_every_row_masked_gives_empty_partial():
 @pytest.mark.parametrize("seq_len", [31, 97])
 def test_strided_qkv_views(seq_len, causal):
     q, k, v = make_qkv(seq_len, 64, 4)
-    q_pos, k_pos = _positions(seq_len, causal)
+    q_pos, k_pos = positions_or_none(seq_len, causal)
     ks, vs = strided_like(k), strided_like(v)
     q = q.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # token-major, as the engine has it
     assert not q.is_contiguous()
     out, lse = attention_partial_flash(q, ks, vs, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     want_out, want_lse = naive_attention(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, want_out, want_lse)
+    check_against_naive(out, lse, want_out, want_lse)
     c_out, c_lse = attention_partial_flash(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     atol, rtol = TOL[torch.float32]
     torch.testing.assert_close(out, c_out, atol=atol, rtol=rtol)
@@ -92,7 +77,7 @@ def test_strided_qkv_views(seq_len, causal):
 def test_split_and_merge_equals_whole(causal):
     """Flash partials over three disjoint pieces merge into the whole (the decode path)."""
     q, k, v = make_qkv(97, 80, 3)
-    q_pos, k_pos = _positions(97, causal)
+    q_pos, k_pos = positions_or_none(97, causal)
     scale = default_scale(80)
     outs, lses = [], []
     for a, b in [(0, 5), (5, 64), (64, 97)]:
@@ -102,7 +87,7 @@ def test_split_and_merge_equals_whole(causal):
         lses.append(s)
     out, lse = merge_partials_ref(outs, lses)
     want_out, want_lse = naive_attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, want_out, want_lse)
+    check_against_naive(out, lse, want_out, want_lse)
 
 
 def test_extreme_logits_stay_finite():
@@ -133,10 +118,10 @@ def test_inputs_are_not_mutated():
 @pytest.mark.parametrize("dtype", DTYPES_16, ids=["fp16", "bf16"])
 def test_flash_16bit_matches_naive(dtype, seq_len, causal):
     q, k, v = make_qkv(seq_len, 64, 3, dtype=dtype)
-    q_pos, k_pos = _positions(seq_len, causal)
+    q_pos, k_pos = positions_or_none(seq_len, causal)
     out, lse = attention_partial_flash(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     want_out, want_lse = naive_attention(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, want_out, want_lse, dtype=dtype)
+    check_against_naive(out, lse, want_out, want_lse, dtype=dtype)
 
 
 def test_zero_length_piece_is_empty():

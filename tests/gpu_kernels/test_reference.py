@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
-from tests.attention_naive import (causal_positions, default_scale, make_qkv, naive_attention,
-                                   strided_like)
-from tests.tolerances import LONG_REDUCTION_16BIT, TOL
+from tests.attention_naive import (causal_positions, check_against_naive, default_scale, make_qkv,
+                                   naive_attention, positions_or_none, strided_like)
+from tests.tolerances import TOL
 
 SEQ_LENS = [1, 31, 32, 33, 97]
 HEAD_DIMS = [64, 80, 128]
@@ -19,34 +19,17 @@ DTYPES_16 = [torch.float16, torch.bfloat16]
 SPLITS = [(2, [1]), (33, [16]), (97, [32, 64]), (97, [5, 90])]
 
 
-def _positions(seq_len, causal):
-    return causal_positions(seq_len) if causal else (None, None)
-
-
-def _check_against_naive(out, lse, want_out, want_lse, dtype=torch.float32):
-    atol, rtol = TOL[dtype]
-    if dtype == torch.bfloat16:
-        # The kernel forms q·k in bf16 (8-bit mantissa) by design, like HF's eager path:
-        # unscaled scores of ~30 round by up to 0.06, shifting the softmax weights by ~1% and
-        # outputs near zero by ~3e-3 over 33-97 keys, past bf16's 1e-3 atol. The 16-bit
-        # reduction entry covers that rounding.
-        atol, rtol = LONG_REDUCTION_16BIT
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
-    torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(lse.double(), want_lse, atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
 def test_partial_matches_naive_fp32(seq_len, head_dim, group, causal):
     q, k, v = make_qkv(seq_len, head_dim, group)
-    q_pos, k_pos = _positions(seq_len, causal)
+    q_pos, k_pos = positions_or_none(seq_len, causal)
     scale = default_scale(head_dim)
     out, lse = attention_partial_ref(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
     want_out, want_lse = naive_attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, want_out, want_lse)
+    check_against_naive(out, lse, want_out, want_lse)
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
@@ -65,7 +48,7 @@ def test_rows_seeing_no_key_are_zero_and_minus_inf(seq_len):
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_merge_of_disjoint_pieces_equals_whole(seq_len, cuts, causal):
     q, k, v = make_qkv(seq_len, 80, 4)
-    q_pos, k_pos = _positions(seq_len, causal)
+    q_pos, k_pos = positions_or_none(seq_len, causal)
     scale = default_scale(80)
     bounds = [0, *cuts, seq_len]
     outs, lses = [], []
@@ -76,13 +59,13 @@ def test_merge_of_disjoint_pieces_equals_whole(seq_len, cuts, causal):
         lses.append(s)
     out, lse = merge_partials_ref(outs, lses)
     want_out, want_lse = naive_attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, want_out, want_lse)
+    check_against_naive(out, lse, want_out, want_lse)
 
 
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_merge_with_empty_piece_is_noop(causal):
     q, k, v = make_qkv(33, 64, 3)
-    q_pos, k_pos = _positions(33, causal)
+    q_pos, k_pos = positions_or_none(33, causal)
     out, lse = attention_partial_ref(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     empty_out, empty_lse = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
     cases = [([out, empty_out], [lse, empty_lse]),
@@ -119,7 +102,7 @@ def test_piece_whose_keys_are_all_hidden_merges_as_noop():
 def test_extreme_logits_stay_finite(causal):
     q, k, v = make_qkv(97, 64, 3)
     q = q * 1e3
-    q_pos, k_pos = _positions(97, causal)
+    q_pos, k_pos = positions_or_none(97, causal)
     out, lse = attention_partial_ref(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     want_out, want_lse = naive_attention(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     seen = torch.isfinite(want_lse)
@@ -135,7 +118,7 @@ def test_extreme_logits_stay_finite(causal):
 @pytest.mark.parametrize("seq_len", [31, 97])
 def test_strided_qkv_views_give_same_result(seq_len, causal):
     q, k, v = make_qkv(seq_len, 64, 4)
-    q_pos, k_pos = _positions(seq_len, causal)
+    q_pos, k_pos = positions_or_none(seq_len, causal)
     ks, vs = strided_like(k), strided_like(v)
     q = q.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # token-major, as the engine has it
     assert not q.is_contiguous()
@@ -145,7 +128,7 @@ def test_strided_qkv_views_give_same_result(seq_len, causal):
     torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(lse, want_lse, atol=atol, rtol=rtol)
     n_out, n_lse = naive_attention(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, n_out, n_lse)
+    check_against_naive(out, lse, n_out, n_lse)
 
 
 def test_inputs_are_not_mutated():
@@ -187,11 +170,11 @@ def test_merge_rejects_mismatched_lists(outs, lses):
 @pytest.mark.parametrize("dtype", DTYPES_16, ids=["fp16", "bf16"])
 def test_partial_16bit_matches_naive(dtype, seq_len, causal):
     q, k, v = make_qkv(seq_len, 64, 3, dtype=dtype)
-    q_pos, k_pos = _positions(seq_len, causal)
+    q_pos, k_pos = positions_or_none(seq_len, causal)
     out, lse = attention_partial_ref(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
     # The oracle sees exactly the 16-bit values, upcast: only the kernel's rounding differs.
     want_out, want_lse = naive_attention(q, k, v, scale=0.125, q_pos=q_pos, k_pos=k_pos)
-    _check_against_naive(out, lse, want_out, want_lse, dtype=dtype)
+    check_against_naive(out, lse, want_out, want_lse, dtype=dtype)
 
 
 def test_zero_length_piece_is_empty():
