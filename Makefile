@@ -22,10 +22,10 @@ demo: $(STAMP)
 	$(PY) -m offload.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -rs -m slow
 
 bench-speed: $(STAMP)
 	$(PY) bench/bench_speed.py
