@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,15 @@ class Answer:
 
 
 class AnswerStream:
-    """Iterator over pieces of generated text; ``answer`` is set once it is exhausted."""
+    """Iterator over pieces of generated text; ``answer`` is set once it is exhausted.
 
-    def __init__(self, pieces: Iterator[str]) -> None:
-        self._pieces = pieces
+    Args:
+        produce: called once with this stream; yields the pieces and sets ``answer`` at the end.
+    """
+
+    def __init__(self, produce: Callable[["AnswerStream"], Iterator[str]]) -> None:
         self.answer: Answer | None = None
+        self._pieces = produce(self)
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -193,9 +197,7 @@ class LongDocQA:
         except BaseException:
             self.engine.release(seq)
             raise
-        stream = AnswerStream(iter(()))
-        stream._pieces = self._pieces(stream, seq, ids, max_new_tokens, sampling, stop)
-        return stream
+        return AnswerStream(lambda stream: self._pieces(stream, seq, ids, max_new_tokens, sampling, stop))
 
     def _pieces(self, stream: AnswerStream, seq: KVSequence, ids: list[int], max_new_tokens: int,
                 sampling: SamplingConfig, stop: bool) -> Iterator[str]:
