@@ -106,6 +106,9 @@ class LongDocQA:
         cache = ensure_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         self.source = resolve_model(model, cache_dir=cache, random_weights=random_weights,
                                     num_layers=num_layers, show_progress=show_progress)
+        config = config or RuntimeConfig()
+        if config.kv_dir is None:  # DISK tier files live beside the converted models
+            config = dataclasses.replace(config, kv_dir=str(cache / "kv"))
         self.engine = Engine(self.source, config)
         cfg = self.source.config
         self.codec = load_codec(self.source.tokenizer_dir, cfg.vocab_size, cfg.eos_token_ids)
@@ -141,6 +144,16 @@ class LongDocQA:
         self.engine.fill_stats(stats, seq)
         doc_id = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
         return Doc(doc_id, len(ids), stats, seq)
+
+    def close(self) -> None:
+        """Finish DISK writes and remove the DISK tier's files; the object is unusable after."""
+        self.engine.close()
+
+    def __enter__(self) -> "LongDocQA":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def forget(self, doc: Doc) -> None:
         """Free a document's pages; the Doc must not be used afterwards."""

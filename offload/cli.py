@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from offload.config import RuntimeConfig, parse_dtype, parse_size
-from offload.errors import InputError, OffloadError
+from offload.errors import InputError, OffloadError, StorageIOError
 from offload.sampling import SamplingConfig
 
 __all__ = ["main", "build_parser", "runtime_config_from_args"]
@@ -34,6 +34,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-memory", default=None,
                    help="budget of the DEVICE KV arena, e.g. 512MiB (default: half the available RAM on CPU; "
                         "the full context, at most half the free memory, on CUDA)")
+    g.add_argument("--host-memory", default=None,
+                   help="budget of the HOST tier (its pages and the DISK staging area), e.g. 64MiB (default 0)")
+    g.add_argument("--disk-space", default=None,
+                   help="budget of the DISK tier, e.g. 20GiB; 0 disables it (default: half the free "
+                        "space when --device-memory is given, else no disk tier)")
     g.add_argument("--page-size", type=int, default=32, help="tokens per KV page (default 32)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk (default 1024)")
     g.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (throughput runs)")
@@ -71,6 +76,8 @@ def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
         dtype=parse_dtype(args.dtype) if args.dtype else None,
         kv_dtype=parse_dtype(args.kv_dtype) if args.kv_dtype else None,
         device_memory_bytes=parse_size(args.device_memory) if args.device_memory else None,
+        host_memory_bytes=parse_size(args.host_memory) if args.host_memory else None,
+        disk_space_bytes=parse_size(args.disk_space) if args.disk_space is not None else None,
         page_size=args.page_size,
         prefill_chunk_tokens=args.prefill_chunk,
         seed=args.seed,
@@ -108,9 +115,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         stream = qa.generate_stream(text, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                     ignore_eos=args.ignore_eos)
-    for piece in stream:
-        if not args.json:
-            print(piece, end="", flush=True)
+    try:
+        for piece in stream:
+            if not args.json:
+                print(piece, end="", flush=True)
+    finally:
+        qa.close()
     answer = stream.answer
     assert answer is not None
     result: dict[str, Any] = answer.to_dict()
@@ -124,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
         s = answer.stats
         print(f"[{s.prefill_tokens} prompt tokens, {s.generated_tokens} generated; "
               f"prefill {s.prefill_tok_s:,.0f} tok/s, decode {s.decode_tok_s:,.1f} tok/s; "
-              f"KV on device {s.peak_bytes.get('device', 0) / 2**20:.1f} MiB]", file=sys.stderr)
+              "KV peak " + ", ".join(f"{t} {b / 2**20:.1f} MiB" for t, b in s.peak_bytes.items())
+              + (f"; read per token: disk {s.bytes_read_per_token.get('disk', 0) / 2**20:.2f} MiB ({s.cold_reads})"
+                 if s.peak_bytes.get("disk") else "") + "]", file=sys.stderr)
     return 0
 
 
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
     try:
         return _run(args)
-    except (OffloadError, ValueError) as e:
+    except (OffloadError, StorageIOError, ValueError) as e:
         print(f"offload: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

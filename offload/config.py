@@ -6,6 +6,8 @@ import re
 
 import torch
 
+from offload.placement import Placement
+
 __all__ = ["RuntimeConfig", "parse_size", "parse_dtype", "DTYPES"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -50,6 +52,15 @@ class RuntimeConfig:
         page_size: tokens per KV page.
         prefill_chunk_tokens: tokens of one layer computed at once during prefill.
         attn_scores_bytes: bound on the score matrix of one attention partial.
+        host_memory_bytes: budget of the HOST tier: its page arena plus the DISK staging
+            buffers. None = 0 (only the staging area).
+        disk_space_bytes: budget of the DISK tier. None = half the free space of ``kv_dir``'s
+            file system when spilling is possible (a device budget or a placement is given),
+            else no disk tier; 0 = no disk tier.
+        placement: fixed tiers for new pages (tests, planner); None = fill DEVICE, HOST, DISK.
+        kv_dir: where DISK tier files go (a fresh subdirectory per engine, removed on close);
+            None = ``<cache dir>/kv``.
+        staging_chunk_pages / staging_buffers: DISK read staging (pages per chunk, chunks).
         shuffle_pages_seed: if set, pages take random arena slots (tests of real paging).
         seed: seed of random weights.
     """
@@ -61,6 +72,12 @@ class RuntimeConfig:
     page_size: int = 32
     prefill_chunk_tokens: int = 1024
     attn_scores_bytes: int = 64 * 2**20
+    host_memory_bytes: int | None = None
+    disk_space_bytes: int | None = None
+    placement: Placement | None = None
+    kv_dir: str | None = None
+    staging_chunk_pages: int = 64
+    staging_buffers: int = 4
     shuffle_pages_seed: int | None = None
     seed: int = 0
 
@@ -83,6 +100,13 @@ class RuntimeConfig:
                 raise ValueError(f"device {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
             if dev.type not in ("cpu", "cuda"):
                 raise ValueError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
+        for name in ("host_memory_bytes", "disk_space_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.staging_chunk_pages < 1 or self.staging_buffers < 1:
+            raise ValueError(f"staging_chunk_pages and staging_buffers must be >= 1, got "
+                             f"{self.staging_chunk_pages} and {self.staging_buffers}")
         if self.attn_scores_bytes < 1:
             raise ValueError(f"attn_scores_bytes must be >= 1, got {self.attn_scores_bytes}")
 

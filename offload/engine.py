@@ -5,21 +5,27 @@ Schedule of ``forward`` (prefill of T tokens, or a decode step when T = 1)::
     h = embed(ids)                                  [T, hidden]
     for layer l:                                    (one layer at a time: layer-wise prefill)
         for each chunk of <= prefill_chunk_tokens tokens:
-            q, k, v = qkv(l, h[chunk])
-            append k, v to the sequence's pages of layer l
-            attention of q over the layer's pages, as (out, lse) partials over page groups,
-                merged by log-sum-exp
+            q, k, v = qkv(l, h[chunk]); k, v -> the layer's buffer of new tokens
+            attention of q as (out, lse) partials merged by log-sum-exp: over the layer's
+                stored pages (earlier tokens, no mask) and over the new tokens so far (causal)
             h[chunk] = o_proj + MLP
+        the layer's new K/V join its pages
     logits of the last positions
 
-Peak memory is the weights + the KV arena + h + one chunk's working set (scores of one
-partial are bounded by ``attn_scores_bytes``); no layer's K/V exists outside its pages.
+Peak memory is the weights + the KV pages + h + one layer's new K/V + one chunk's working
+set (scores of one partial are bounded by ``attn_scores_bytes``); no other layer's K/V
+exists outside its pages.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import psutil
 import torch
@@ -27,15 +33,17 @@ import torch
 from cpu_kernels import flash_torch
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
 from offload.config import RuntimeConfig
-from offload.errors import CapacityError, ContextTooLongError, InputError
+from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError
 from offload.llama import LlamaRunner
 from offload.model_config import ModelConfig
-from offload.model_source import ModelSource
+from offload.model_source import ModelSource, default_cache_dir
 from offload.paged_kv import KVSequence, PagedKV
+from offload.placement import Placement, fill_order_placement
 from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
 from offload.weights import load_checkpoint, random_weights
-from storage import DeviceArena, Tier
+from storage import PageArena, Tier
+from storage.disk_store import DiskExtentStore
 
 __all__ = ["Engine", "LayerCallback"]
 
@@ -45,6 +53,15 @@ LayerCallback = Callable[[int, int], None]  # (layers done, num layers)
 
 # Largest page group one fused attention partial covers.
 FUSED_GROUP_TOKENS = 65536
+# DEVICE pages per layer kept free when pages spill: tails, forks' copies, decode growth.
+DEVICE_RESERVE_PAGES = 8
+# Bytes of DISK writes in flight at most (counted in the HOST budget).
+WRITE_STAGING_BYTES = 8 * 2**20
+
+
+def _remove_disk_tier(store: DiskExtentStore, root: Path) -> None:
+    store.close()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class Engine:
@@ -67,7 +84,7 @@ class Engine:
         else:
             weights = load_checkpoint(source.weights_dir, cfg, dtype=self.dtype, device=self.device)
         self.runner = LlamaRunner(cfg, weights, device=self.device)
-        self.arena = DeviceArena(
+        self.arena = PageArena(
             num_slots=self._arena_slots(),
             num_kv_heads=cfg.num_kv_heads,
             page_size=self.config.page_size,
@@ -75,12 +92,86 @@ class Engine:
             dtype=self.kv_dtype,
             device=self.device,
         )
-        self.kv = PagedKV(self.arena, cfg.num_layers, shuffle_seed=self.config.shuffle_pages_seed)
+        self.disk = self._make_disk()
+        staging = (self.config.staging_buffers * self.config.staging_chunk_pages * self.disk.disk_page_bytes
+                   if self.disk is not None else 0)
+        write_staging = WRITE_STAGING_BYTES if self.disk is not None else 0
+        self.host_arena = self._make_host_arena(reserved=staging + write_staging)
+        disk_limit = None
+        if self.disk is not None and self._disk_budget is not None:
+            disk_limit = self._disk_budget // self.disk.disk_page_bytes
+        self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
+                          disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
+                          staging_buffers=self.config.staging_buffers, compute_device=self.device,
+                          shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging)
         logger.info(
             "engine: %s on %s, %s weights %.2f GiB, KV arena %d pages of %d tokens (%.2f GiB, %s)",
             source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
             self.config.page_size, self.arena.num_slots * self.arena.slot_bytes / 2**30, self.kv_dtype,
         )
+
+    # ----- tiers --------------------------------------------------------------------------
+    def _slot_bytes(self) -> int:
+        cfg = self.model_config
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        return 2 * cfg.num_kv_heads * self.config.page_size * cfg.head_dim * elem
+
+    def _make_disk(self) -> DiskExtentStore | None:
+        c = self.config
+        uses_disk = c.placement is not None and c.placement.tier_of(1 << 40) == Tier.DISK
+        spill = c.device_memory_bytes is not None or c.disk_space_bytes is not None or uses_disk
+        self._disk_budget: int | None = None
+        if c.disk_space_bytes == 0 or not spill:
+            return None
+        base = Path(c.kv_dir) if c.kv_dir else default_cache_dir() / "kv"
+        root = base / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            root.mkdir(parents=True, exist_ok=False)
+        except OSError as e:
+            raise CacheDirError(f"cannot create the DISK tier directory {root} ({e.strerror}); "
+                                "pass --cache-dir with a writable directory") from None
+        self._disk_budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
+        store = DiskExtentStore(root, num_layers=self.model_config.num_layers, page_bytes=self._slot_bytes())
+        self._finalizer = weakref.finalize(self, _remove_disk_tier, store, root)
+        return store
+
+    def _make_host_arena(self, *, reserved: int) -> PageArena | None:
+        budget = self.config.host_memory_bytes or 0
+        slots = (budget - reserved) // self._slot_bytes() if budget > reserved else 0
+        if budget and slots < 1:
+            raise CapacityError(f"--host-memory {budget} bytes leaves no room for KV pages after the "
+                                f"{reserved}-byte DISK staging area; raise it to at least "
+                                f"{-(-(reserved + self._slot_bytes()) // 2**20)}MiB")
+        if slots < 1:
+            return None
+        cfg = self.model_config
+        return PageArena(num_slots=int(slots), num_kv_heads=cfg.num_kv_heads, page_size=self.config.page_size,
+                         head_dim=cfg.head_dim, dtype=self.kv_dtype, device="cpu", tier=Tier.HOST,
+                         pin_memory=self.device.type == "cuda")
+
+    def placement_for(self, seq: KVSequence, new_tokens: int) -> Placement:
+        """Where this step's new full pages go: the configured placement, or DEVICE, then
+        HOST, then DISK in proportion to free space (same split in every layer)."""
+        if self.config.placement is not None:
+            return self.config.placement
+        cfg, ps = self.model_config, self.config.page_size
+        have = -(-seq.num_tokens // ps)
+        new_pages = -(-(seq.num_tokens + new_tokens) // ps) - have
+        device_free = self.kv.free_slots(Tier.DEVICE)
+        if device_free >= new_pages * cfg.num_layers:
+            return Placement(None, 0)
+        reserve = DEVICE_RESERVE_PAGES * cfg.num_layers  # tails, forks and decode growth
+        p = fill_order_placement(pages_per_layer=new_pages, num_layers=cfg.num_layers,
+                                 device_free_slots=max(0, device_free - reserve),
+                                 host_free_slots=self.kv.free_slots(Tier.HOST), has_disk=self.disk is not None)
+        # The rule counts pages of this step; a Placement counts page ids from 0.
+        return Placement(None if p.device_pages is None else have + p.device_pages, p.host_pages)
+
+    def close(self) -> None:
+        """Finish DISK writes and remove the DISK tier's files (also done at exit)."""
+        self.kv.close()
+        if self.disk is not None:
+            self._finalizer()
 
     # ----- sizing -------------------------------------------------------------------------
     @property
@@ -134,12 +225,28 @@ class Engine:
             )
         need = self.pages_needed(seq, prompt_tokens + max_new_tokens)
         free = self.arena.num_slots - self.arena.num_used
-        if need > free:
+        if self.disk is None and self.host_arena is None and need > free:
             minimum = (self.arena.num_used + need) * self.arena.slot_bytes
             raise CapacityError(
                 f"the DEVICE KV arena cannot hold this request: it needs {need} more pages of "
                 f"{self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at least "
                 f"{-(-minimum // 2**20)}MiB"
+            )
+        # Tails (and their copy-on-write copies) and decode growth always live on DEVICE.
+        device_need = self.model_config.num_layers * (2 + -(-max_new_tokens // self.config.page_size))
+        if free < device_need:
+            minimum = (self.arena.num_used + device_need) * self.arena.slot_bytes
+            raise CapacityError(
+                f"the DEVICE KV arena cannot hold this request's tail pages: it needs {device_need} "
+                f"pages of {self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at "
+                f"least {-(-minimum // 2**20)}MiB"
+            )
+        spare = sum(self.kv.free_slots(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK))
+        if need > spare:
+            raise CapacityError(
+                f"the KV tiers cannot hold this request: it needs {need} more pages of "
+                f"{self.arena.slot_bytes} bytes and {spare} are free over all tiers; raise "
+                "--device-memory, --host-memory or --disk-space"
             )
 
     # ----- sequences ----------------------------------------------------------------------
@@ -181,47 +288,61 @@ class Engine:
         h = self.runner.embed(ids_t)
         num_layers = self.model_config.num_layers
         chunk = self.config.prefill_chunk_tokens
+        placement = self.placement_for(seq, t)
+        if t <= chunk:  # one pass over the stored pages per layer: read DISK pages ahead
+            self.kv.plan_reads(seq)
+        cfg = self.model_config
         for layer in range(num_layers):
+            # This layer's K/V of the new tokens: the layer's working set. Queries attend to the
+            # stored pages (earlier tokens) and to this buffer; its tokens join the pages after
+            # the layer, so a layer's keys are never read back from slower tiers during prefill.
+            kbuf = torch.empty(cfg.num_kv_heads, t, cfg.head_dim, dtype=self.kv_dtype, device=self.device)
+            vbuf = torch.empty_like(kbuf)
             for c0 in range(0, t, chunk):
                 c1 = min(t, c0 + chunk)
-                h[c0:c1] = self._layer_chunk(seq, layer, h[c0:c1], positions[c0:c1])
+                q, k, v = self.runner.qkv(layer, h[c0:c1], positions[c0:c1])
+                kbuf[:, c0:c1] = k.transpose(0, 1)
+                vbuf[:, c0:c1] = v.transpose(0, 1)
+                attn = self._attend(seq, layer, q, positions[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start)
+                h[c0:c1] = self.runner.finish_layer(layer, h[c0:c1], attn)
+            self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
             if on_layer is not None:
                 on_layer(layer + 1, num_layers)
         return self.runner.logits(h[t - min(num_logits, t):])
 
-    def _layer_chunk(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.runner.qkv(layer, h, pos)
-        self.kv.append(seq, layer, k, v)
-        attn = self._attend(seq, layer, q, pos)
-        return self.runner.finish_layer(layer, h, attn)
-
-    def _attend(self, seq: KVSequence, layer: int, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Exact attention of q [T, nq, hd] over all the layer's pages -> [T, nq * hd]."""
+    def _attend(self, seq: KVSequence, layer: int, q: torch.Tensor, pos: torch.Tensor,
+                k_new: torch.Tensor, v_new: torch.Tensor, new_start: int) -> torch.Tensor:
+        """Exact attention of q [T, nq, hd] -> [T, nq * hd] over the layer's stored pages and
+        the new tokens' keys ``k_new``/``v_new`` [nkv, N, hd] at positions new_start.."""
         cfg = self.model_config
         t = q.shape[0]
         qg = q.view(t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim).permute(1, 2, 0, 3)
-        first_q = int(pos[0])
         if flash_torch.is_available(q.device):
             # Fused and tiled: no score matrix, so groups are bounded only by gather copies.
             partial, max_tokens = flash_torch.attention_partial_flash, FUSED_GROUP_TOKENS
         else:
             partial = attention_partial_ref
             max_tokens = max(1, self.config.attn_scores_bytes // (4 * cfg.num_heads * t))
+        scale = self.runner.scale
         outs, lses = [], []
+        # Stored tokens precede every query: no mask.
         for g in self.kv.groups(seq, layer, max_tokens):
-            # Keys up to the first query's position are visible to every query: no mask. Only
-            # keys after it (this chunk's own later tokens) need the causal mask; a decode
-            # step (one query) never does.
-            split = min(max(first_q + 1 - g.start_pos, 0), g.k.shape[1])
-            for lo, hi in ((0, split), (split, g.k.shape[1])):
-                if lo == hi:
-                    continue
-                k, v = g.k[:, lo:hi].to(q.dtype), g.v[:, lo:hi].to(q.dtype)
+            out, lse = partial(qg, g.k.to(q.dtype), g.v.to(q.dtype), scale=scale)
+            outs.append(out)
+            lses.append(lse)
+        # New tokens up to the first query are visible to every query; only the later ones
+        # (this chunk's own) need the causal mask, and a decode step (one query) has none.
+        split = int(pos[0]) + 1 - new_start
+        n = k_new.shape[1]
+        for lo, hi in ((0, min(split, n)), (min(split, n), n)):
+            for a in range(lo, hi, max_tokens):
+                b = min(hi, a + max_tokens)
+                k, v = k_new[:, a:b].to(q.dtype), v_new[:, a:b].to(q.dtype)
                 if lo == split:
-                    k_pos = torch.arange(g.start_pos + lo, g.start_pos + hi, device=q.device)
-                    out, lse = partial(qg, k, v, scale=self.runner.scale, q_pos=pos, k_pos=k_pos)
+                    k_pos = torch.arange(new_start + a, new_start + b, device=q.device)
+                    out, lse = partial(qg, k, v, scale=scale, q_pos=pos, k_pos=k_pos)
                 else:
-                    out, lse = partial(qg, k, v, scale=self.runner.scale)
+                    out, lse = partial(qg, k, v, scale=scale)
                 outs.append(out)
                 lses.append(lse)
         out, _ = merge_partials_ref(outs, lses)  # [nkv, g, T, hd]
@@ -267,6 +388,7 @@ class Engine:
         if record_logits is not None:
             record_logits.append(logits)
         self.fill_stats(stats, seq)
+        io0 = (dict(self.kv.io.bytes_read), self.kv.io.fetch_wait_s)
         stats.generated_tokens = 1
         stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
         yield tok
@@ -280,11 +402,20 @@ class Engine:
             stats.decode_tokens += 1
             stats.decode_s = time.perf_counter() - t1
             self.fill_stats(stats, seq)
+            self._decode_io(stats, *io0)
             stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
             yield tok
 
+    def _decode_io(self, stats: RunStats, bytes_before: dict[str, int], wait_before: float) -> None:
+        n = max(1, stats.decode_tokens)
+        stats.bytes_read_per_token = {t: (b - bytes_before[t]) // n for t, b in self.kv.io.bytes_read.items()}
+        stats.fetch_wait_s = self.kv.io.fetch_wait_s - wait_before
+        stats.compute_s = max(0.0, stats.decode_s - stats.fetch_wait_s)
+
     def fill_stats(self, stats: RunStats, seq: KVSequence) -> None:
-        stats.peak_bytes = {Tier.DEVICE.value: self.arena.peak_used_bytes, Tier.HOST.value: 0, Tier.DISK.value: 0}
+        stats.peak_bytes = self.kv.peak_bytes()
+        stats.cold_reads = self.disk.cold_read_mode if self.disk is not None else "none (no disk tier)"
+        stats.disk_bytes_written = self.kv.io.disk_bytes_written
         stats.weights_bytes = self.runner.weights_bytes
         stats.kv_bytes_per_token = self.kv_bytes_per_token
         stats.page_size = self.config.page_size

@@ -5,7 +5,10 @@ on one line and exits non-zero without a traceback.
 """
 from __future__ import annotations
 
+from storage.errors import StorageIOError
+
 __all__ = [
+    "StorageIOError",
     "OffloadError",
     "InputError",
     "ModelNotFoundError",

@@ -1,25 +1,41 @@
-"""Paged KV cache: page tables per sequence over the tier pools.
+"""Paged KV cache over the tiers: page tables per sequence, writes, reads, sharing.
 
 A page is ``page_size`` consecutive tokens of one layer's K and V for all KV heads. Each
-sequence has a ``PageTable`` mapping (layer, page_id) -> (tier, slot). In this version every
-page lives on the DEVICE tier (the arena); HOST and DISK arrive with the Tiers issue.
+sequence has a ``PageTable`` mapping (layer, page_id) -> (tier, slot): a slot of the DEVICE or
+HOST ``PageArena``, or for DISK a page position in that layer's file of the
+``DiskExtentStore``. Where a new page goes is decided by the caller's ``Placement``; a
+sequence's last, partly filled page is always on DEVICE (new tokens are appended there).
 
-Sharing: ``fork`` gives a new sequence that shares the parent's full pages (reference
-counted) and owns a copy of the parent's partly filled last page (copy-on-write), so tokens
-appended to the fork never touch the parent's pages. This is how a question's KV is scratch.
+Reads (``groups``) return the stored tokens of a layer as groups of consecutive pages:
+- DEVICE pages: views of the arena (runs of consecutive slots) or one gather;
+- HOST pages: the same on a CPU-only machine, where HOST and DEVICE are the same RAM and pages
+  are attended in place; copied to the compute device with CUDA;
+- DISK pages: read by the store's threads into a fixed set of staging buffers, in chunks of at
+  most ``staging_chunk_pages`` pages, so a device budget smaller than a layer still works;
+  ``ReadAhead`` keeps the reads of the next chunks (and the next layers) in flight while
+  earlier ones are computed on.
+
+Sharing: ``fork`` shares all of a sequence's pages (reference counted; DISK slots too) and
+copies its partly filled tail pages (copy-on-write), so a question's KV is scratch.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import heapq
 import logging
+import time
 from collections.abc import Iterator
 
 import torch
 
 from offload.errors import CapacityError
-from storage import DeviceArena, Tier
+from offload.placement import Placement
+from storage import PageArena, Tier
+from storage.aligned import AlignedBuffer
+from storage.disk_store import DiskExtentStore, TransferHandle
 
-__all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup"]
+__all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup", "IOCounters"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +77,10 @@ class PageTable:
         """The layer's slots in page order (the table's own list: do not modify it)."""
         return self._slots[layer]
 
+    def tiers(self, layer: int) -> list[Tier]:
+        """The layer's tiers in page order (the table's own list: do not modify it)."""
+        return self._tiers[layer]
+
     def copy(self) -> "PageTable":
         other = PageTable(len(self._slots))
         other._tiers = [list(layer) for layer in self._tiers]
@@ -88,86 +108,444 @@ class KVSequence:
 class PageGroup:
     """K/V of consecutive pages of one layer, for one attention partial.
 
-    k, v: [num_kv_heads, num_tokens, head_dim] (a view of the arena or a gathered copy).
-    start_pos: position of the first token.
+    k, v: [num_kv_heads, num_tokens, head_dim] on the compute device.
+    start_pos: position of the first token. tier: where the pages live.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     start_pos: int
+    tier: Tier
+
+
+@dataclasses.dataclass(slots=True)
+class IOCounters:
+    """Bytes of KV pages read per tier for attention, and time spent waiting for DISK reads."""
+
+    bytes_read: dict[str, int] = dataclasses.field(default_factory=lambda: {t.value: 0 for t in Tier})
+    fetch_wait_s: float = 0.0
+    disk_bytes_written: int = 0
+
+
+class _DiskSlots:
+    """Reference-counted page positions in one layer's file; new runs are contiguous."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.free: list[int] = []
+        self.refs: dict[int, int] = {}
+
+    def allocate(self, n: int) -> list[int]:
+        if n == 1 and self.free:
+            slots = [heapq.heappop(self.free)]
+        else:  # a fresh contiguous run: one extent, one read
+            slots = list(range(self.next, self.next + n))
+            self.next += n
+        for s in slots:
+            self.refs[s] = 1
+        return slots
+
+    def incref(self, slots: list[int]) -> None:
+        for s in slots:
+            self.refs[s] += 1
+
+    def free_slots(self, slots: list[int]) -> int:
+        """Drop references; returns how many slots became free."""
+        freed = 0
+        for s in slots:
+            self.refs[s] -= 1
+            if self.refs[s] == 0:
+                del self.refs[s]
+                heapq.heappush(self.free, s)
+                freed += 1
+        return freed
+
+    @property
+    def num_used(self) -> int:
+        return len(self.refs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Chunk:
+    """A run of DISK pages of one layer read as one unit into one staging buffer."""
+
+    layer: int
+    first_page: int
+    disk_slot: int
+    num_pages: int
+
+
+class ReadAhead:
+    """Reads planned DISK chunks into a fixed set of staging buffers, ahead of their use.
+
+    The consumer takes chunks in the planned order; each ``give_back`` of a buffer starts the
+    next planned read, so reads of later chunks (and later layers) overlap the compute on
+    earlier ones. A chunk asked for out of plan drops the plan and is read synchronously.
+    Owned by the engine's thread; the store's threads only fill the buffers.
+    """
+
+    def __init__(self, store: DiskExtentStore, *, num_buffers: int, chunk_pages: int) -> None:
+        self.store = store
+        self.chunk_pages = chunk_pages
+        self.buffers = [AlignedBuffer(chunk_pages * store.disk_page_bytes) for _ in range(num_buffers)]
+        self._free = list(self.buffers)
+        self._planned: collections.deque[_Chunk] = collections.deque()
+        self._inflight: collections.deque[tuple[_Chunk, AlignedBuffer, TransferHandle]] = collections.deque()
+
+    @property
+    def staging_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def plan(self, chunks: list[_Chunk]) -> None:
+        self.reset()
+        self._planned.extend(chunks)
+        self._pump()
+
+    def _read(self, c: _Chunk, buf: AlignedBuffer) -> TransferHandle:
+        view = buf.memoryview()[: c.num_pages * self.store.disk_page_bytes]
+        return self.store.submit_read(c.layer, c.disk_slot, c.num_pages, view)
+
+    def _pump(self) -> None:
+        while self._free and self._planned:
+            c = self._planned.popleft()
+            buf = self._free.pop()
+            self._inflight.append((c, buf, self._read(c, buf)))
+
+    def take(self, c: _Chunk) -> tuple[AlignedBuffer, float]:
+        """The staging buffer holding chunk ``c`` and the seconds spent waiting for it."""
+        if not (self._inflight and self._inflight[0][0] == c):
+            self.reset()
+            buf = self._free.pop()
+            self._inflight.append((c, buf, self._read(c, buf)))
+        _, buf, handle = self._inflight.popleft()
+        t0 = time.perf_counter()
+        try:
+            handle.wait()
+        except BaseException:
+            self._free.append(buf)
+            self.reset()
+            raise
+        return buf, time.perf_counter() - t0
+
+    def give_back(self, buf: AlignedBuffer) -> None:
+        self._free.append(buf)
+        self._pump()
+
+    def reset(self) -> None:
+        """Drop the plan; wait for reads in flight (their errors no longer matter)."""
+        self._planned.clear()
+        while self._inflight:
+            _, buf, handle = self._inflight.popleft()
+            try:
+                handle.wait()
+            except OSError:
+                pass
+            self._free.append(buf)
 
 
 class PagedKV:
-    """Owns the DEVICE arena and the pages of every live sequence.
+    """Owns the page pools and the pages of every live sequence.
 
     Args:
-        arena: the slot pool.
+        arena: the DEVICE page arena.
         num_layers: layers per sequence.
-        shuffle_seed: if set, pages take random free slots (tests of real paging).
+        host_arena: the HOST page arena, if any.
+        disk: the DISK extent store, if any (``disk_slots_limit`` pages at most over all layers).
+        staging_chunk_pages / staging_buffers: the DISK read staging area.
+        compute_device: where attention runs (DISK and CUDA-HOST pages are brought there).
+        shuffle_seed: if set, DEVICE pages take random free slots (tests of real paging).
     """
 
-    def __init__(self, arena: DeviceArena, num_layers: int, *, shuffle_seed: int | None = None) -> None:
+    def __init__(self, arena: PageArena, num_layers: int, *, host_arena: PageArena | None = None,
+                 disk: DiskExtentStore | None = None, disk_slots_limit: int | None = None,
+                 staging_chunk_pages: int = 64, staging_buffers: int = 4,
+                 compute_device: torch.device | None = None, shuffle_seed: int | None = None,
+                 max_write_bytes: int = 32 * 2**20) -> None:
         self.arena = arena
+        self.host_arena = host_arena
+        self.disk = disk
         self.num_layers = num_layers
         self.page_size = arena.page_size
+        self.compute_device = compute_device or arena.device
         self._shuffle = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
+        self._disk_slots = [_DiskSlots() for _ in range(num_layers)]
+        self.disk_slots_limit = disk_slots_limit
+        self._disk_peak = 0
+        self.readahead = (ReadAhead(disk, num_buffers=staging_buffers, chunk_pages=staging_chunk_pages)
+                          if disk is not None else None)
+        self._writes: collections.deque[tuple[TransferHandle, AlignedBuffer]] = collections.deque()
+        self._write_bytes = 0
+        self.max_write_bytes = max_write_bytes
+        self.io = IOCounters()
+        self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None
+        elem = torch.empty((), dtype=arena.dtype).element_size()
+        self.page_bytes = 2 * arena.num_kv_heads * self.page_size * arena.head_dim * elem
 
+    # ----- sizes --------------------------------------------------------------------------
+    def _pool(self, tier: Tier) -> PageArena:
+        pool = self.arena if tier == Tier.DEVICE else self.host_arena
+        if pool is None:
+            raise CapacityError(f"no {tier.value} tier is configured; give it a budget (--{tier.value}-memory)")
+        return pool
+
+    def free_slots(self, tier: Tier) -> int:
+        if tier == Tier.DISK:
+            if self.disk is None:
+                return 0
+            used = sum(d.num_used for d in self._disk_slots)
+            return (self.disk_slots_limit - used) if self.disk_slots_limit is not None else 1 << 40
+        pool = self.arena if tier == Tier.DEVICE else self.host_arena
+        return 0 if pool is None else pool.num_slots - pool.num_used
+
+    def peak_bytes(self) -> dict[str, int]:
+        """High-water mark of KV bytes held per tier (HOST includes the DISK staging area)."""
+        host = self.host_arena.peak_used_bytes if self.host_arena is not None else 0
+        staging = self.readahead.staging_bytes if self.readahead is not None else 0
+        disk_page = self.disk.disk_page_bytes if self.disk is not None else 0
+        return {Tier.DEVICE.value: self.arena.peak_used_bytes, Tier.HOST.value: host + staging,
+                Tier.DISK.value: self._disk_peak * disk_page}
+
+    # ----- sequences ----------------------------------------------------------------------
     def new_sequence(self) -> KVSequence:
         return KVSequence(PageTable(self.num_layers), [0] * self.num_layers)
 
-    def _allocate(self, n: int, needed_tokens: int) -> list[int]:
-        slots = (self.arena.allocate(n) if self._shuffle is None
-                 else self.arena.allocate_shuffled(n, self._shuffle))
+    def _allocate(self, tier: Tier, layer: int, n: int, needed_tokens: int) -> list[int]:
+        if tier == Tier.DISK:
+            if self.disk is None:
+                raise CapacityError("pages were placed on DISK but no disk tier is configured; give --disk-space")
+            if self.free_slots(Tier.DISK) < n:
+                raise CapacityError(f"the DISK tier is full ({self.disk_slots_limit} pages); raise --disk-space")
+            slots = self._disk_slots[layer].allocate(n)
+            self._disk_peak = max(self._disk_peak, sum(d.num_used for d in self._disk_slots))
+            return slots
+        pool = self._pool(tier)
+        slots = (pool.allocate_shuffled(n, self._shuffle) if self._shuffle is not None and tier == Tier.DEVICE
+                 else pool.allocate(n))
         if slots is None:
-            capacity = self.arena.num_slots * self.page_size // self.num_layers
+            capacity = pool.num_slots * self.page_size // self.num_layers
             raise CapacityError(
-                f"the DEVICE KV arena is full: it holds {self.arena.num_slots} pages "
-                f"({capacity} tokens of all {self.num_layers} layers) and {self.arena.num_used} are in use; "
-                f"this step needs {n} more for {needed_tokens} tokens; raise --device-memory "
-                f"(a page is {self.arena.slot_bytes} bytes)"
+                f"the {tier.value.upper()} KV arena is full: it holds {pool.num_slots} pages "
+                f"({capacity} tokens of all {self.num_layers} layers) and {pool.num_used} are in use; "
+                f"this step needs {n} more for {needed_tokens} tokens; raise --{tier.value}-memory "
+                f"(a page is {pool.slot_bytes} bytes)"
             )
         return slots
 
-    def append(self, seq: KVSequence, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _free(self, tier: Tier, layer: int, slots: list[int]) -> None:
+        if not slots:
+            return
+        if tier == Tier.DISK:
+            self._disk_slots[layer].free_slots(slots)
+        else:
+            self._pool(tier).free(slots)
+
+    # ----- writes -------------------------------------------------------------------------
+    def append(self, seq: KVSequence, layer: int, k: torch.Tensor, v: torch.Tensor,
+               placement: Placement | None = None) -> None:
         """Write K/V of the next tokens of ``layer`` into its pages, adding pages as needed.
+
+        New full pages go where ``placement`` says (default: DEVICE); the last, partly filled
+        page always goes to DEVICE. DISK pages are written asynchronously (``flush_writes``).
 
         Args:
             k, v: [T, num_kv_heads, head_dim].
         """
         assert not seq.released
         t = k.shape[0]
+        ps = self.page_size
         start = seq.lengths[layer]
         end = start + t
         have = seq.table.num_pages(layer)
-        need = -(-end // self.page_size)
-        if need > have:
-            for slot in self._allocate(need - have, t):
-                seq.table.append(layer, PageLocation(Tier.DEVICE, slot))
-        ps = self.page_size
-        table_slots = seq.table.slots(layer)
-        if t == 1:  # decode: one token, no index tensors
+        need = -(-end // ps)
+        placement = placement or Placement()
+        new_ids = list(range(have, need))
+        tiers = [Tier.DEVICE if (pid == need - 1 and end % ps) else placement.tier_of(pid) for pid in new_ids]
+        taken: dict[Tier, collections.deque[int]] = {}
+        try:
+            for tier in dict.fromkeys(tiers):
+                taken[tier] = collections.deque(self._allocate(tier, layer, tiers.count(tier), t))
+        except CapacityError:
+            for tier, slots in taken.items():  # a refused step takes nothing
+                self._free(tier, layer, list(slots))
+            raise
+        for tier in tiers:
+            seq.table.append(layer, PageLocation(tier, taken[tier].popleft()))
+        table_slots, table_tiers = seq.table.slots(layer), seq.table.tiers(layer)
+        if t == 1:  # decode: one token into the DEVICE tail page, no index tensors
             self.arena.write_token(table_slots[start // ps], start % ps, k[0], v[0])
         else:
-            first = start // ps
-            pos = torch.arange(start, end)
-            page_slots = torch.tensor(table_slots[first : -(-end // ps)], dtype=torch.int64)
-            slots = page_slots[pos // ps - first].to(self.arena.device)
-            offsets = (pos % ps).to(self.arena.device)
-            self.arena.write(slots, offsets, k, v)
+            self._write_tokens(layer, table_tiers, table_slots, start, end, k, v)
         seq.lengths[layer] = end
 
+    def _write_tokens(self, layer: int, tiers: list[Tier], slots: list[int], start: int, end: int,
+                      k: torch.Tensor, v: torch.Tensor) -> None:
+        ps = self.page_size
+        mem: dict[Tier, tuple[list[int], list[int], list[int]]] = {}  # tier -> token idx, slot, offset
+        disk_runs: list[tuple[int, int, int]] = []  # (first page, first disk slot, pages)
+        for pid in range(start // ps, -(-end // ps)):
+            tier, slot = tiers[pid], slots[pid]
+            lo, hi = max(start, pid * ps), min(end, (pid + 1) * ps)
+            if tier == Tier.DISK:
+                assert lo == pid * ps and hi == (pid + 1) * ps, "DISK pages are written whole"
+                last = disk_runs[-1] if disk_runs else None
+                if last and last[0] + last[2] == pid and last[1] + last[2] == slot:
+                    disk_runs[-1] = (last[0], last[1], last[2] + 1)
+                else:
+                    disk_runs.append((pid, slot, 1))
+                continue
+            idx, sl, off = mem.setdefault(tier, ([], [], []))
+            idx.extend(range(lo - start, hi - start))
+            sl.extend([slot] * (hi - lo))
+            off.extend(range(lo - pid * ps, hi - pid * ps))
+        for tier, (idx, sl, off) in mem.items():
+            pool = self._pool(tier)
+            index = torch.tensor(idx, dtype=torch.int64, device=k.device)
+            pool.write(torch.tensor(sl, dtype=torch.int64, device=pool.device),
+                       torch.tensor(off, dtype=torch.int64, device=pool.device),
+                       k.index_select(0, index).to(pool.device), v.index_select(0, index).to(pool.device))
+        for first, slot0, n in disk_runs:
+            a = first * ps - start
+            self._submit_disk_write(layer, slot0, k[a : a + n * ps], v[a : a + n * ps], n)
+
+    def _page_view(self, buf: AlignedBuffer, n: int) -> torch.Tensor:
+        """A staging buffer as pages [n, 2, num_kv_heads, page_size, head_dim] (no copy)."""
+        assert self.disk is not None
+        a = self.arena
+        raw = buf.torch()[: n * self.disk.disk_page_bytes].view(n, self.disk.disk_page_bytes)
+        return raw[:, : self.page_bytes].view(a.dtype).view(n, 2, a.num_kv_heads, self.page_size, a.head_dim)
+
+    def _submit_disk_write(self, layer: int, slot0: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        assert self.disk is not None
+        buf = AlignedBuffer(n * self.disk.disk_page_bytes)
+        pages = self._page_view(buf, n)
+        shape = (n, self.page_size, self.arena.num_kv_heads, self.arena.head_dim)
+        pages[:, 0].copy_(k.reshape(shape).transpose(1, 2))
+        pages[:, 1].copy_(v.reshape(shape).transpose(1, 2))
+        del pages
+        handle = self.disk.submit_write(layer, slot0, buf.memoryview()[: n * self.disk.disk_page_bytes], n)
+        self._writes.append((handle, buf))
+        self._write_bytes += buf.nbytes
+        self.io.disk_bytes_written += n * self.disk.disk_page_bytes
+        while self._write_bytes > self.max_write_bytes:  # bound the write staging
+            self._finish_oldest_write()
+
+    def _finish_oldest_write(self) -> None:
+        handle, buf = self._writes.popleft()
+        self._write_bytes -= buf.nbytes
+        handle.wait()
+
+    def flush_writes(self) -> None:
+        """Wait for every DISK write in flight (errors surface here)."""
+        while self._writes:
+            self._finish_oldest_write()
+
+    # ----- reads --------------------------------------------------------------------------
+    def _disk_chunks(self, seq: KVSequence, layer: int) -> Iterator[tuple[int, int, list[int]]]:
+        """(segment start page, end page, slots) of the layer's stored pages, split by tier."""
+        length = seq.lengths[layer]
+        n = -(-length // self.page_size)
+        tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and tiers[j] == tiers[i]:
+                j += 1
+            yield i, j, slots[i:j]
+            i = j
+
+    def _chunks_of(self, layer: int, first: int, slots: list[int]) -> list[_Chunk]:
+        assert self.readahead is not None
+        out: list[_Chunk] = []
+        limit = self.readahead.chunk_pages
+        start, n = 0, 0
+        for p, s in enumerate(slots):
+            if n and (n == limit or slots[start] + n != s):
+                out.append(_Chunk(layer, first + start, slots[start], n))
+                start, n = p, 0
+            n += 1
+        if n:
+            out.append(_Chunk(layer, first + start, slots[start], n))
+        return out
+
+    def plan_reads(self, seq: KVSequence) -> None:
+        """Start reading the sequence's DISK pages, all layers in order, into the staging area
+        (read-ahead for the next forward pass)."""
+        if self.readahead is None:
+            return
+        self.flush_writes()
+        chunks: list[_Chunk] = []
+        for layer in range(self.num_layers):
+            for i, _, slots in self._disk_chunks(seq, layer):
+                if seq.table.tiers(layer)[i] == Tier.DISK:
+                    chunks += self._chunks_of(layer, i, slots)
+        self.readahead.plan(chunks)
+
     def groups(self, seq: KVSequence, layer: int, max_tokens: int) -> Iterator[PageGroup]:
-        """The layer's written tokens as consecutive page groups of at most ``max_tokens``
-        tokens (at least one page each)."""
+        """The layer's stored tokens as groups of consecutive pages of at most ``max_tokens``
+        tokens (at least one page each), on the compute device."""
         length = seq.lengths[layer]
         ps = self.page_size
-        slots = seq.table.slots(layer)[: -(-length // ps)]
         max_pages = max(1, max_tokens // ps)
-        for first, group, contiguous in _group_pages(slots, max_pages):
-            n_tokens = min(len(group) * ps, length - first * ps)
-            k, v = self.arena.read(group, n_tokens, contiguous=contiguous)
-            yield PageGroup(k, v, first * ps)
+        for i, j, slots in self._disk_chunks(seq, layer):
+            tier = seq.table.tiers(layer)[i]
+            if tier == Tier.DISK:
+                yield from self._disk_groups(layer, i, slots, length, max_pages)
+                continue
+            pool = self._pool(tier)
+            for first, group, contiguous in _group_pages(slots, max_pages):
+                first += i
+                n_tokens = min(len(group) * ps, length - first * ps)
+                k, v = pool.read(group, n_tokens, contiguous=contiguous)
+                self.io.bytes_read[tier.value] += len(group) * self.page_bytes
+                if k.device != self.compute_device:
+                    k = k.to(self.compute_device, non_blocking=True)
+                    v = v.to(self.compute_device, non_blocking=True)
+                yield PageGroup(k, v, first * ps, tier)
 
+    def _unpack_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [num_kv_heads, chunk tokens, head_dim] that DISK chunks are unpacked into.
+
+        A group yielded from them is valid until the next group is asked for (the engine
+        computes each partial before asking for the next).
+        """
+        if self._unpack is None:
+            assert self.readahead is not None
+            a = self.arena
+            shape = (a.num_kv_heads, self.readahead.chunk_pages * self.page_size, a.head_dim)
+            self._unpack = (torch.empty(shape, dtype=a.dtype), torch.empty(shape, dtype=a.dtype))
+        return self._unpack
+
+    def _disk_groups(self, layer: int, first: int, slots: list[int], length: int,
+                     max_pages: int) -> Iterator[PageGroup]:
+        assert self.readahead is not None and self.disk is not None
+        if self._writes:
+            self.flush_writes()
+        ps, a = self.page_size, self.arena
+        for c in self._chunks_of(layer, first, slots):
+            buf, waited = self.readahead.take(c)
+            self.io.fetch_wait_s += waited
+            self.io.bytes_read[Tier.DISK.value] += c.num_pages * self.page_bytes
+            try:
+                pages = self._page_view(buf, c.num_pages)
+                n = c.num_pages
+                # Pages are page-major on disk; attention wants head-major runs of tokens. The
+                # copy goes into one persistent buffer (fresh memory each chunk would cost
+                # page faults on every byte).
+                k_all, v_all = self._unpack_buffers()
+                k = k_all[:, : n * ps]
+                v = v_all[:, : n * ps]
+                k.view(a.num_kv_heads, n, ps, a.head_dim).copy_(pages[:, 0].transpose(0, 1))
+                v.view(a.num_kv_heads, n, ps, a.head_dim).copy_(pages[:, 1].transpose(0, 1))
+                del pages
+            finally:
+                self.readahead.give_back(buf)
+            n_tokens = min(n * ps, length - c.first_page * ps)
+            k, v = k[:, :n_tokens].to(self.compute_device), v[:, :n_tokens].to(self.compute_device)
+            for s in range(0, n_tokens, max_pages * ps):
+                e = min(n_tokens, s + max_pages * ps)
+                yield PageGroup(k[:, s:e], v[:, s:e], c.first_page * ps + s, Tier.DISK)
+
+    # ----- sharing ------------------------------------------------------------------------
     def fork(self, seq: KVSequence) -> KVSequence:
         """A sequence sharing ``seq``'s pages; its appends never modify ``seq``'s pages."""
         partial = sum(1 for n in seq.lengths if n % self.page_size)
@@ -180,24 +558,45 @@ class PagedKV:
             )
         table = seq.table.copy()
         for layer in range(self.num_layers):
-            self.arena.incref(table.slots(layer))
+            self._for_each_tier(table, layer, incref=True)
             length = seq.lengths[layer]
             if length % self.page_size:
                 last = length // self.page_size
-                old = table.lookup(layer, last).slot
-                (new,) = self._allocate(1, length % self.page_size)
-                self.arena.copy_slot(old, new)
-                self.arena.free([old])
+                old = table.lookup(layer, last)
+                assert old.tier == Tier.DEVICE, "a partly filled page lives on DEVICE"
+                (new,) = self._allocate(Tier.DEVICE, layer, 1, length % self.page_size)
+                self.arena.copy_slot(old.slot, new)
+                self.arena.free([old.slot])
                 table.replace(layer, last, PageLocation(Tier.DEVICE, new))
         return KVSequence(table, list(seq.lengths))
+
+    def _for_each_tier(self, table: PageTable, layer: int, *, incref: bool) -> None:
+        by_tier: dict[Tier, list[int]] = collections.defaultdict(list)
+        for tier, slot in zip(table.tiers(layer), table.slots(layer)):
+            by_tier[tier].append(slot)
+        for tier, slots in by_tier.items():
+            if not incref:
+                self._free(tier, layer, slots)
+            elif tier == Tier.DISK:
+                self._disk_slots[layer].incref(slots)
+            else:
+                self._pool(tier).incref(slots)
 
     def release(self, seq: KVSequence) -> None:
         """Drop the sequence's references to its pages (idempotent)."""
         if seq.released:
             return
+        if self.readahead is not None:
+            self.readahead.reset()
         for layer in range(self.num_layers):
-            self.arena.free(seq.table.slots(layer))
+            self._for_each_tier(seq.table, layer, incref=False)
         seq.released = True
+
+    def close(self) -> None:
+        """Finish DISK writes and stop the read-ahead (the store is closed by its owner)."""
+        if self.readahead is not None:
+            self.readahead.reset()
+        self.flush_writes()
 
 
 def _group_pages(slots: list[int], max_pages: int) -> Iterator[tuple[int, list[int], bool]]:

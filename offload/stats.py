@@ -18,6 +18,10 @@ class RunStats:
         decode_tokens: tokens produced by decode steps (the first token comes from prefill).
         peak_bytes: high-water mark of KV pages held per tier, in bytes.
         weights_bytes: bytes of model weights (not part of the KV budgets).
+        bytes_read_per_token: KV bytes attended per decoded token, by tier.
+        fetch_wait_s / compute_s: decode time spent waiting for DISK reads / the rest.
+        cold_reads: how DISK reads were kept cold ("o_direct" or "fadvise_dontneed").
+        disk_bytes_written: DISK bytes written by the engine so far.
     """
 
     ttft_s: float = 0.0
@@ -35,6 +39,11 @@ class RunStats:
     dtype: str = ""
     kv_dtype: str = ""
     stop_reason: str = ""
+    bytes_read_per_token: dict[str, int] = dataclasses.field(default_factory=dict)
+    fetch_wait_s: float = 0.0
+    compute_s: float = 0.0
+    cold_reads: str = ""
+    disk_bytes_written: int = 0
 
     @property
     def prefill_tok_s(self) -> float:

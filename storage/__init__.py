@@ -1,5 +1,9 @@
 """Storage tiers: mechanism only (where bytes live and how they move), never policy."""
+from storage.aligned import AlignedBuffer
 from storage.base import Tier
-from storage.device_arena import DeviceArena
+from storage.disk_store import DiskExtentStore, TransferHandle, TransferResult
+from storage.errors import StorageIOError
+from storage.page_arena import PageArena
 
-__all__ = ["Tier", "DeviceArena"]
+__all__ = ["Tier", "PageArena", "DiskExtentStore", "TransferHandle", "TransferResult", "StorageIOError",
+           "AlignedBuffer"]

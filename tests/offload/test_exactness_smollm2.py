@@ -13,6 +13,8 @@ import torch
 
 from offload.config import RuntimeConfig
 from offload.engine import Engine
+from offload.placement import Placement
+from storage import Tier
 from tests.tolerances import MODEL_LOGITS_FP32_ATOL
 
 NEW_TOKENS = 64
@@ -52,6 +54,7 @@ def _ours(engine: Engine, ids: list[int]):
 
 
 def _check(engine, hf_reference, essay_prompt, n):
+    """Greedy tokens and logits of ``engine`` on the n-token essay prompt against transformers."""
     ids = essay_prompt(n)
     hf_tokens, hf_logits = hf_reference(n)
     tokens, logits = _ours(engine, ids)
@@ -82,3 +85,41 @@ def test_shuffled_noncontiguous_pages_stay_exact(smollm2_source, hf_reference, e
     assert slots != sorted(slots), "pages should sit in shuffled slots"
     engine.release(seq)
     _check(engine, hf_reference, essay_prompt, 1024)
+
+
+# Placements of the Tiers issue: every full page on HOST, on DISK, and a mix of all three.
+PLACEMENTS = {
+    "all-host": Placement.all_on(Tier.HOST),
+    "all-disk": Placement.all_on(Tier.DISK),
+    "mixed": Placement(device_pages=8, host_pages=8),  # pages 16.. on DISK
+}
+
+
+def _tiered_engine(source, tmp_path, name, **kw) -> Engine:
+    return Engine(source, RuntimeConfig(device="cpu", placement=PLACEMENTS[name], host_memory_bytes=512 * 2**20,
+                                        kv_dir=str(tmp_path), staging_chunk_pages=16, **kw))
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_tiered_placements_match_transformers(smollm2_source, hf_reference, essay_prompt, tmp_path, name, n):
+    engine = _tiered_engine(smollm2_source, tmp_path, name)
+    try:
+        _check(engine, hf_reference, essay_prompt, n)
+        read = engine.kv.io.bytes_read
+        if name != "all-host":
+            assert read["disk"] > 0
+        if name != "all-disk":
+            assert read["host"] > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_tiered_placements_match_transformers_8k(smollm2_source, hf_reference, essay_prompt, tmp_path, name):
+    engine = _tiered_engine(smollm2_source, tmp_path, name)
+    try:
+        _check(engine, hf_reference, essay_prompt, 8192 - NEW_TOKENS)
+    finally:
+        engine.close()

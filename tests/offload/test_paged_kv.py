@@ -6,7 +6,7 @@ import torch
 
 from offload.errors import CapacityError
 from offload.paged_kv import MIN_VIEW_PAGES, PagedKV, _group_pages
-from storage import DeviceArena
+from storage import PageArena
 
 NUM_KV_HEADS = 2
 HEAD_DIM = 8
@@ -28,7 +28,7 @@ SLOT_LISTS = [
 
 
 def _kv(num_slots: int, *, shuffle_seed=None, num_layers=NUM_LAYERS) -> PagedKV:
-    arena = DeviceArena(num_slots=num_slots, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE,
+    arena = PageArena(num_slots=num_slots, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE,
                         head_dim=HEAD_DIM, dtype=torch.float32, device="cpu")
     return PagedKV(arena, num_layers, shuffle_seed=shuffle_seed)
 

@@ -1,4 +1,7 @@
-"""The DEVICE arena: a fixed pool of page slots in GPU memory (or RAM on a CPU-only machine).
+"""A page arena: a fixed pool of page slots of one tier in memory.
+
+The DEVICE arena lives in GPU memory (or RAM on a CPU-only machine); the HOST arena in CPU
+memory, pinned when CUDA is present so copies to the GPU can be asynchronous.
 
 Layout (head-major, so a run of consecutive slots is one strided view per KV head)::
 
@@ -20,16 +23,20 @@ import logging
 
 import torch
 
-__all__ = ["DeviceArena"]
+from storage.base import Tier
+
+__all__ = ["PageArena"]
 
 logger = logging.getLogger(__name__)
 
 
-class DeviceArena:
+class PageArena:
     """Fixed-size pool of KV page slots with reference counts.
 
     Args:
         num_slots: number of page slots (>= 1).
+        tier: which tier this arena is (DEVICE or HOST).
+        pin_memory: allocate pinned host memory (HOST arena with CUDA present).
         num_kv_heads: KV heads per layer.
         page_size: tokens per page.
         head_dim: channels per head.
@@ -46,9 +53,14 @@ class DeviceArena:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        tier: Tier = Tier.DEVICE,
+        pin_memory: bool = False,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if tier == Tier.DISK:
+            raise ValueError("a page arena holds DEVICE or HOST pages; DISK pages live in a DiskExtentStore")
+        self.tier = tier
         self.num_slots = num_slots
         self.page_size = page_size
         self.num_kv_heads = num_kv_heads
@@ -57,12 +69,12 @@ class DeviceArena:
         self.device = torch.device(device)
         shape = (num_kv_heads, num_slots, page_size, head_dim)
         # torch.empty: on CPU the pages are touched (and counted in RSS) only when written.
-        self.k = torch.empty(shape, dtype=dtype, device=self.device)
-        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self.k = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=pin_memory)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=pin_memory)
         self._free: list[int] = list(range(num_slots))  # a heap: lowest slot first
         self._refs = [0] * num_slots
         self._peak_used = 0
-        logger.debug("device arena: %d slots of %d bytes", num_slots, self.slot_bytes)
+        logger.debug("%s arena: %d slots of %d bytes", tier.value, num_slots, self.slot_bytes)
 
     @property
     def slot_bytes(self) -> int:

@@ -1,10 +1,10 @@
-"""storage.device_arena: slot allocation, reference counts, and byte-exact write/read."""
+"""storage.page_arena: slot allocation, reference counts, and byte-exact write/read."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from storage import DeviceArena
+from storage import PageArena
 
 NUM_SLOTS = 9
 NUM_KV_HEADS = 2
@@ -14,12 +14,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(params=DTYPES, ids=["fp32", "fp16", "bf16"])
-def arena(request) -> DeviceArena:
-    return DeviceArena(num_slots=NUM_SLOTS, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE,
+def arena(request) -> PageArena:
+    return PageArena(num_slots=NUM_SLOTS, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE,
                        head_dim=HEAD_DIM, dtype=request.param, device="cpu")
 
 
-def _fill(arena: DeviceArena, slots: list[int], num_tokens: int):
+def _fill(arena: PageArena, slots: list[int], num_tokens: int):
     """Write ``num_tokens`` random tokens into the pages ``slots``; returns k, v as
     [nkv, num_tokens, hd] in the arena dtype."""
     pos = torch.arange(num_tokens)
@@ -32,7 +32,7 @@ def _fill(arena: DeviceArena, slots: list[int], num_tokens: int):
 
 def test_rejects_zero_slots():
     with pytest.raises(ValueError, match="num_slots must be >= 1"):
-        DeviceArena(num_slots=0, num_kv_heads=1, page_size=4, head_dim=8, dtype=torch.float32, device="cpu")
+        PageArena(num_slots=0, num_kv_heads=1, page_size=4, head_dim=8, dtype=torch.float32, device="cpu")
 
 
 def test_allocate_is_ascending_and_contiguous(arena):
@@ -125,7 +125,7 @@ def test_non_contiguous_run_round_trips_as_a_copy(arena):
 @pytest.mark.parametrize("num_tokens", [1, PAGE_SIZE - 1, PAGE_SIZE, PAGE_SIZE + 1, 3 * PAGE_SIZE - 1])
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_read_trims_to_num_tokens(num_tokens, contiguous):
-    arena = DeviceArena(num_slots=NUM_SLOTS, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE,
+    arena = PageArena(num_slots=NUM_SLOTS, num_kv_heads=NUM_KV_HEADS, page_size=PAGE_SIZE,
                         head_dim=HEAD_DIM, dtype=torch.float32, device="cpu")
     slots = [2, 3, 4] if contiguous else [5, 0, 8]
     k, v = _fill(arena, slots, num_tokens)
@@ -135,7 +135,7 @@ def test_read_trims_to_num_tokens(num_tokens, contiguous):
 
 
 def test_write_casts_to_arena_dtype():
-    arena = DeviceArena(num_slots=2, num_kv_heads=1, page_size=2, head_dim=4, dtype=torch.float16,
+    arena = PageArena(num_slots=2, num_kv_heads=1, page_size=2, head_dim=4, dtype=torch.float16,
                         device="cpu")
     k = torch.randn(2, 1, 4, dtype=torch.float64)
     arena.write(torch.tensor([1, 1]), torch.tensor([0, 1]), k, k)
