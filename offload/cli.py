@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-file", type=Path, required=True)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     _add_model_args(gen)
+    sub.add_parser("bench", help="prefill/decode of every placement beside the HF peers (offload bench --help)")
     return parser
 
 
@@ -141,6 +142,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options: offload bench --help
+        from offload import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -61,6 +61,8 @@ class RuntimeConfig:
         kv_dir: where DISK tier files go (a fresh subdirectory per engine, removed on close);
             None = ``<cache dir>/kv``.
         staging_chunk_pages / staging_buffers: DISK read staging (pages per chunk, chunks).
+        overlap: read DISK pages ahead while earlier layers compute (False: read each chunk
+            when it is needed, serially; for measuring what the overlap buys).
         shuffle_pages_seed: if set, pages take random arena slots (tests of real paging).
         seed: seed of random weights.
     """
@@ -78,6 +80,7 @@ class RuntimeConfig:
     kv_dir: str | None = None
     staging_chunk_pages: int = 64
     staging_buffers: int = 4
+    overlap: bool = True
     shuffle_pages_seed: int | None = None
     seed: int = 0
 

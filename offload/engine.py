@@ -289,10 +289,19 @@ class Engine:
         num_layers = self.model_config.num_layers
         chunk = self.config.prefill_chunk_tokens
         placement = self.placement_for(seq, t)
-        if t <= chunk:  # one pass over the stored pages per layer: read DISK pages ahead
+        if t <= chunk and self.config.overlap:  # one pass per layer: read DISK pages ahead
             self.kv.plan_reads(seq)
         cfg = self.model_config
         for layer in range(num_layers):
+            if t == 1:
+                # Decode: the token's K/V go straight to the DEVICE tail page, and its query
+                # attends over the stored pages, itself included (one partial fewer).
+                q, k, v = self.runner.qkv(layer, h, positions)
+                self.kv.append(seq, layer, k, v, placement)
+                h = self.runner.finish_layer(layer, h, self._attend(seq, layer, q, positions, None, None, start))
+                if on_layer is not None:
+                    on_layer(layer + 1, num_layers)
+                continue
             # This layer's K/V of the new tokens: the layer's working set. Queries attend to the
             # stored pages (earlier tokens) and to this buffer; its tokens join the pages after
             # the layer, so a layer's keys are never read back from slower tiers during prefill.
@@ -311,9 +320,10 @@ class Engine:
         return self.runner.logits(h[t - min(num_logits, t):])
 
     def _attend(self, seq: KVSequence, layer: int, q: torch.Tensor, pos: torch.Tensor,
-                k_new: torch.Tensor, v_new: torch.Tensor, new_start: int) -> torch.Tensor:
+                k_new: torch.Tensor | None, v_new: torch.Tensor | None, new_start: int) -> torch.Tensor:
         """Exact attention of q [T, nq, hd] -> [T, nq * hd] over the layer's stored pages and
-        the new tokens' keys ``k_new``/``v_new`` [nkv, N, hd] at positions new_start.."""
+        the new tokens' keys ``k_new``/``v_new`` [nkv, N, hd] at positions new_start.. (None
+        when the new tokens are already stored, as in decode)."""
         cfg = self.model_config
         t = q.shape[0]
         qg = q.view(t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim).permute(1, 2, 0, 3)
@@ -333,10 +343,11 @@ class Engine:
         # New tokens up to the first query are visible to every query; only the later ones
         # (this chunk's own) need the causal mask, and a decode step (one query) has none.
         split = int(pos[0]) + 1 - new_start
-        n = k_new.shape[1]
+        n = 0 if k_new is None else k_new.shape[1]
         for lo, hi in ((0, min(split, n)), (min(split, n), n)):
             for a in range(lo, hi, max_tokens):
                 b = min(hi, a + max_tokens)
+                assert k_new is not None and v_new is not None
                 k, v = k_new[:, a:b].to(q.dtype), v_new[:, a:b].to(q.dtype)
                 if lo == split:
                     k_pos = torch.arange(new_start + a, new_start + b, device=q.device)

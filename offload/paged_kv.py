@@ -480,6 +480,21 @@ class PagedKV:
                     chunks += self._chunks_of(layer, i, slots)
         self.readahead.plan(chunks)
 
+    def time_disk_reads(self, seq: KVSequence) -> tuple[int, float]:
+        """Read every DISK page of the sequence once, as a decode step does (same chunks, same
+        staging depth, same threads), without compute: (bytes, seconds)."""
+        if self.readahead is None:
+            return 0, 0.0
+        self.flush_writes()
+        chunks = [c for layer in range(self.num_layers) for i, _, slots in self._disk_chunks(seq, layer)
+                  if seq.table.tiers(layer)[i] == Tier.DISK for c in self._chunks_of(layer, i, slots)]
+        t0 = time.perf_counter()
+        self.readahead.plan(chunks)
+        for c in chunks:
+            buf, _ = self.readahead.take(c)
+            self.readahead.give_back(buf)
+        return sum(c.num_pages for c in chunks) * self.disk.disk_page_bytes, time.perf_counter() - t0
+
     def groups(self, seq: KVSequence, layer: int, max_tokens: int) -> Iterator[PageGroup]:
         """The layer's stored tokens as groups of consecutive pages of at most ``max_tokens``
         tokens (at least one page each), on the compute device."""

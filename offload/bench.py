@@ -1,0 +1,254 @@
+"""`offload bench` (first version): one prompt length, every placement and the HF peers, in one run.
+
+Configurations, declared (printed) before anything is measured:
+- all-DEVICE: every page in the DEVICE arena;
+- HOST spill: every full page on HOST (on a CPU-only machine HOST is the same RAM and its pages
+  are attended in place, never copied: the row says so);
+- DISK spill: every full page on DISK, read ahead while earlier layers compute;
+- overlap pair: a DEVICE/DISK split chosen so one step's disk reads take about as long as its
+  compute, run with the read-ahead (pipelined) and without it (``--no-overlap``: each chunk
+  read when needed), to show what the overlap buys;
+- peers: transformers with its default DynamicCache and with a StaticCache (what
+  ``generate(cache_implementation="static")`` builds), timed as manual greedy loops over the
+  same cache classes (checked token-identical to ``generate`` on a short prompt); the faster
+  one is the peer of the ratios.
+
+Each configuration is repeated (default 3): prefill of the prompt, then N decode steps on a
+copy-on-write fork of it; median and [min-max] are printed. Cold read bandwidth is measured
+in the same run by reading the DISK spill's pages exactly as a decode step does (same chunks,
+staging depth and threads, no compute); the disk bound of a step is its disk bytes divided by
+that bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offload.config import RuntimeConfig
+from offload.engine import Engine
+from offload.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
+from offload.placement import Placement
+from offload.stats import RunStats
+from storage import Tier
+
+__all__ = ["main"]
+
+
+@dataclasses.dataclass
+class Result:
+    """Repeated measurements of one configuration."""
+
+    name: str
+    note: str
+    prefill_s: list[float] = dataclasses.field(default_factory=list)
+    decode_s: list[float] = dataclasses.field(default_factory=list)
+    fetch_wait_s: list[float] = dataclasses.field(default_factory=list)
+    bytes_per_token: dict[str, int] = dataclasses.field(default_factory=dict)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    if not xs:
+        return "-"
+    vals = [scale / x for x in xs] if scale else xs
+    return f"{statistics.median(vals):.{digits}f} [{min(vals):.{digits}f}-{max(vals):.{digits}f}]"
+
+
+def _prompt(source: ModelSource, n: int) -> list[int]:
+    from offload.demo import essays_dir
+    from offload.text import load_codec
+
+    codec = load_codec(source.tokenizer_dir, source.config.vocab_size, source.config.eos_token_ids)
+    text, ids = "", []
+    for path in sorted(essays_dir().glob("*.txt")):
+        text += path.read_text(encoding="utf-8") + "\n\n"
+        if len(text) > 6 * n:
+            ids = codec.encode(text)
+            if len(ids) >= n:
+                break
+    ids = codec.encode(text) if not ids else ids
+    while len(ids) < n:  # short essays: repeat
+        ids = ids + ids
+    return ids[:n]
+
+
+def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Result, progress) -> None:
+    for _ in range(reps):
+        doc = engine.new_sequence()
+        t0 = time.perf_counter()
+        logits = engine.forward(doc, ids)
+        engine.kv.flush_writes()
+        res.prefill_s.append(time.perf_counter() - t0)
+        fork = engine.fork(doc)
+        stats = RunStats()
+        tok = int(torch.argmax(logits[-1]))
+        toks = list(engine.generate(fork, [tok], max_new_tokens=decode + 1, stats=stats))
+        res.decode_s.append(stats.decode_s / max(1, stats.decode_tokens) * decode)
+        res.fetch_wait_s.append(stats.fetch_wait_s)
+        res.bytes_per_token = stats.bytes_read_per_token
+        res.tokens = [tok] + toks
+        engine.release(fork)
+        engine.release(doc)
+        progress()
+
+
+def _hf_loop(model: Any, cache: Any, ids: list[int], decode: int) -> tuple[float, float, list[int]]:
+    # past_key_values= works in every transformers 5.x (its rename to cache= warns in 5.24)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(torch.tensor([ids]), past_key_values=cache, logits_to_keep=1, use_cache=True)
+        tok = int(out.logits[0, -1].argmax())
+        t1 = time.perf_counter()
+        toks = [tok]
+        for i in range(decode):
+            pos = torch.tensor([len(ids) + i])
+            out = model(torch.tensor([[tok]]), past_key_values=cache, cache_position=pos, use_cache=True)
+            tok = int(out.logits[0, -1].argmax())
+            toks.append(tok)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, toks
+
+
+def _run_hf(source: ModelSource, ids: list[int], decode: int, reps: int, results: dict[str, Result],
+            progress) -> None:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source.weights_dir), dtype=torch.float32).eval()
+    makers = {
+        "HF DynamicCache": lambda: transformers.DynamicCache(config=model.config),
+        "HF StaticCache": lambda: transformers.StaticCache(config=model.config, max_cache_len=len(ids) + decode + 1),
+    }
+    for name, make in makers.items():
+        res = results[name]
+        for _ in range(reps):
+            pre, dec, toks = _hf_loop(model, make(), ids, decode)
+            res.prefill_s.append(pre)
+            res.decode_s.append(dec)
+            res.tokens = toks
+            progress()
+
+
+def _overlap_placement(engine: Engine, n_tokens: int, step_s: float, read_gbps: float) -> Placement:
+    """DEVICE/DISK split whose disk reads per step take about ``step_s`` (the compute time)."""
+    ps, layers = engine.config.page_size, engine.model_config.num_layers
+    pages = -(-n_tokens // ps)
+    disk_pages = int(step_s * read_gbps * 1e9 / (engine.arena.slot_bytes * layers))
+    disk_pages = max(1, min(pages - 1, disk_pages))
+    return Placement(device_pages=pages - disk_pages, host_pages=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="offload bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--tokens", type=int, default=8192, help="prompt tokens (default 8192)")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers peers")
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.reps < 3:
+        print("offload bench: error: --reps must be >= 3 (median and spread need repeats)", file=sys.stderr)
+        return 2
+    cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
+    source = resolve_model(args.model, cache_dir=cache, show_progress=not args.quiet)
+    ids = _prompt(source, args.tokens)
+    kv_dir = str(cache / "kv")
+    n_configs = 5 + (0 if args.no_hf else 2)
+    print(f"offload bench: {args.model}, fp32 on cpu, {torch.get_num_threads()} threads, prompt {len(ids)} tokens "
+          f"(essays), {args.decode_tokens} decode steps, {args.reps} repetitions each; torch {torch.__version__}")
+    print("configurations: all-DEVICE | HOST spill (CPU-only: HOST is RAM, pages attended in place, not copied) | "
+          "DISK spill (read-ahead) | DEVICE/DISK split with compute ~ disk time, pipelined and --no-overlap | "
+          + ("HF DynamicCache, HF StaticCache (manual greedy loops)" if not args.no_hf else "no HF peers"))
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_configs * args.reps, desc="bench", disable=args.quiet, leave=False)
+    results: dict[str, Result] = {}
+
+    def run(name: str, note: str, **kw: Any) -> Engine:
+        engine = Engine(source, RuntimeConfig(device="cpu", kv_dir=kv_dir, **kw))
+        results[name] = Result(name, note)
+        _run_ours(engine, ids, args.decode_tokens, args.reps, results[name], bar.update)
+        return engine
+
+    run("all-DEVICE", "every page in the DEVICE arena").close()
+    run("HOST spill", "HOST = RAM here: attended in place", placement=Placement.all_on(Tier.HOST),
+        host_memory_bytes=2 * len(ids) * 60_000 + 64 * 2**20).close()
+    disk = run("DISK spill", "all full pages on DISK, read ahead", placement=Placement.all_on(Tier.DISK))
+    # Cold read bandwidth, same pattern as a decode step, in this run.
+    seq = disk.new_sequence()
+    disk.forward(seq, ids)
+    reads = [disk.kv.time_disk_reads(seq) for _ in range(3)]
+    read_gbps = _median([b / s / 1e9 for b, s in reads])
+    disk_bytes = reads[0][0]
+    cold = disk.disk.cold_read_mode if disk.disk is not None else "none"
+    disk.release(seq)
+    disk.close()
+    step_s = _median(results["all-DEVICE"].decode_s) / args.decode_tokens
+    split = _overlap_placement(disk, len(ids), step_s, read_gbps)
+    run("split, pipelined", f"pages >= {split.device_pages} on DISK", placement=split).close()
+    run("split, --no-overlap", "same, each chunk read when needed", placement=split, overlap=False).close()
+    if not args.no_hf:
+        for name in ("HF DynamicCache", "HF StaticCache"):
+            results[name] = Result(name, "transformers")
+        _run_hf(source, ids, args.decode_tokens, args.reps, results, bar.update)
+    bar.close()
+    _report(args, results, ids, read_gbps, disk_bytes, cold, step_s)
+    return 0
+
+
+def _report(args: argparse.Namespace, results: dict[str, Result], ids: list[int], read_gbps: float,
+            disk_bytes: int, cold: str, step_s: float) -> None:
+    n, d = len(ids), args.decode_tokens
+    peers = [r for k, r in results.items() if k.startswith("HF")]
+    peer = min(peers, key=lambda r: _median(r.decode_s)) if peers else None
+    print(f"cold read bandwidth ({cold}, decode's chunks and staging depth): {read_gbps:.2f} GB/s over "
+          f"{disk_bytes / 2**20:.0f} MiB; disk bound of an all-DISK step: {disk_bytes / read_gbps / 1e9 * 1e3:.0f} ms")
+    print(f"{'configuration':22} {'prefill tok/s':>22} {'decode tok/s':>20} {'wait/decode':>11} "
+          f"{'MiB/token dev/host/disk':>24}  note")
+    for r in results.values():
+        wait = f"{_median(r.fetch_wait_s) / _median(r.decode_s):.0%}" if r.fetch_wait_s else "-"
+        b = r.bytes_per_token
+        mib = "/".join(f"{b.get(t, 0) / 2**20:.1f}" for t in ("device", "host", "disk")) if b else "-"
+        print(f"{r.name:22} {_fmt(r.prefill_s, n, 0):>22} {_fmt(r.decode_s, d, 2):>20} {wait:>11} {mib:>24}  {r.note}")
+    if peer is not None:
+        print(f"ratios to the peer ({peer.name}, the faster HF decode), medians:")
+        for r in results.values():
+            if r in peers:
+                continue
+            print(f"  {r.name:22} prefill {_median(peer.prefill_s) / _median(r.prefill_s):.2f}x  "
+                  f"decode {_median(peer.decode_s) / _median(r.decode_s):.2f}x  (ours / {peer.name})")
+    pipe, serial = results["split, pipelined"], results["split, --no-overlap"]
+    ratio = _median(pipe.decode_s) / _median(serial.decode_s)
+    wait = _median(pipe.fetch_wait_s) / _median(pipe.decode_s)
+    disk_step = _median(results["DISK spill"].decode_s) / d
+    bound = max(step_s, disk_bytes / read_gbps / 1e9)
+    print(f"overlap: pipelined / serial decode time = {ratio:.2f} (target <= 0.75); fetch wait = {wait:.0%} of "
+          f"pipelined decode (target <= 15%)")
+    print(f"all-DISK step {disk_step * 1e3:.0f} ms / max(compute-only step {step_s * 1e3:.0f} ms, disk bound "
+          f"{disk_bytes / read_gbps / 1e6:.0f} ms) = {disk_step / bound:.2f} (target <= 1.3)")
+    if args.json_out is not None:
+        blob = {"tokens": n, "decode_tokens": d, "read_gbps": read_gbps, "disk_bytes_per_step": disk_bytes,
+                "cold_reads": cold, "results": {k: dataclasses.asdict(r) for k, r in results.items()}}
+        args.json_out.write_text(json.dumps(blob, indent=1))
+        print(f"raw timings: {args.json_out}")

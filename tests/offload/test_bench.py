@@ -1,0 +1,21 @@
+"""`offload bench` runs end to end at a small size and prints every configuration (speed targets
+live in its output, never in tests)."""
+from __future__ import annotations
+
+from offload.cli import main
+
+
+def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cache_dir, tmp_path):
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "--tokens", "200", "--decode-tokens", "2", "--reps", "3", "--no-hf", "--quiet",
+                 "--cache-dir", str(cache_dir), "--json-out", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    for row in ("all-DEVICE", "HOST spill", "DISK spill", "split, pipelined", "split, --no-overlap",
+                "cold read bandwidth", "overlap: pipelined / serial", "disk bound"):
+        assert row in out
+    assert out_json.is_file()
+
+
+def test_bench_refuses_fewer_than_three_repetitions(capsys):
+    assert main(["bench", "--reps", "2"]) == 2
+    assert "--reps must be >= 3" in capsys.readouterr().err
