@@ -125,6 +125,7 @@ class IOCounters:
     bytes_read: dict[str, int] = dataclasses.field(default_factory=lambda: {t.value: 0 for t in Tier})
     fetch_wait_s: float = 0.0
     disk_bytes_written: int = 0
+    evicted_pages: int = 0
 
 
 class _DiskSlots:
@@ -360,6 +361,9 @@ class PagedKV:
         placement = placement or Placement()
         new_ids = list(range(have, need))
         tiers = [Tier.DEVICE if (pid == need - 1 and end % ps) else placement.tier_of(pid) for pid in new_ids]
+        short = tiers.count(Tier.DEVICE) - self.free_slots(Tier.DEVICE)
+        if short > 0:
+            self._evict(seq, layer, short)
         taken: dict[Tier, collections.deque[int]] = {}
         try:
             for tier in dict.fromkeys(tiers):
@@ -376,6 +380,36 @@ class PagedKV:
         else:
             self._write_tokens(layer, table_tiers, table_slots, start, end, k, v)
         seq.lengths[layer] = end
+
+    def _evict(self, seq: KVSequence, layer: int, count: int) -> None:
+        """Make room on DEVICE for new tail pages: move up to ``count`` of this layer's oldest
+        full DEVICE pages (never page 0, the attention sink; never a page another sequence
+        shares) to HOST if it has room, else DISK. Moves nothing it cannot place."""
+        ps = self.page_size
+        full = seq.lengths[layer] // ps
+        tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        for pid in range(1, full):
+            if count == 0:
+                return
+            if tiers[pid] != Tier.DEVICE or self.arena.refcount(slots[pid]) != 1:
+                continue
+            target = Tier.HOST if self.free_slots(Tier.HOST) > 0 else Tier.DISK
+            if target == Tier.DISK and self.free_slots(Tier.DISK) <= 0:
+                return
+            old = slots[pid]
+            (new,) = self._allocate(target, layer, 1, ps)
+            if target == Tier.HOST:
+                assert self.host_arena is not None
+                self.host_arena.k[:, new].copy_(self.arena.k[:, old])
+                self.host_arena.v[:, new].copy_(self.arena.v[:, old])
+            else:
+                k = self.arena.k[:, old].transpose(0, 1).cpu()  # [page_size, nkv, hd]
+                v = self.arena.v[:, old].transpose(0, 1).cpu()
+                self._submit_disk_write(layer, new, k, v, 1)
+            self.arena.free([old])
+            seq.table.replace(layer, pid, PageLocation(target, new))
+            self.io.evicted_pages += 1
+            count -= 1
 
     def _write_tokens(self, layer: int, tiers: list[Tier], slots: list[int], start: int, end: int,
                       k: torch.Tensor, v: torch.Tensor) -> None:

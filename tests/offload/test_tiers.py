@@ -185,3 +185,26 @@ def test_close_removes_the_disk_tier_files(tiny, tmp_path):
     assert any(root.iterdir())
     engine.close()
     assert not root.exists()
+
+
+def test_decode_growth_writes_older_pages_back_when_device_is_full(tiny, tmp_path):
+    """A DEVICE budget of 4 pages per layer, a 40-token prompt (3 pages) and 60 new tokens:
+    older non-sink pages move to DISK as the tail grows, and the tokens stay those of the
+    in-memory run."""
+    folder, ids = tiny
+    reference = _engine(folder, tmp_path / "ref")
+    seq = reference.new_sequence()
+    want = list(reference.generate(seq, ids[:40], max_new_tokens=60))
+    slot = reference.arena.slot_bytes
+    layers = reference.model_config.num_layers
+    engine = _engine(folder, tmp_path, device_memory_bytes=4 * layers * slot)
+    try:
+        seq = engine.new_sequence()
+        got = list(engine.generate(seq, ids[:40], max_new_tokens=60))
+        assert got == want
+        assert engine.kv.io.evicted_pages > 0
+        tiers0 = seq.table.tiers(0)
+        assert tiers0[0] == Tier.DEVICE and tiers0[-1] == Tier.DEVICE  # sink and tail stay
+        assert Tier.DISK in tiers0
+    finally:
+        engine.close()
