@@ -287,37 +287,45 @@ class Engine:
         positions = torch.arange(start, start + t, device=self.device)
         h = self.runner.embed(ids_t)
         num_layers = self.model_config.num_layers
-        chunk = self.config.prefill_chunk_tokens
         placement = self.placement_for(seq, t)
-        if t <= chunk and self.config.overlap:  # one pass per layer: read DISK pages ahead
-            self.kv.plan_reads(seq)
-        cfg = self.model_config
+        if t <= self.config.prefill_chunk_tokens and self.config.overlap:
+            self.kv.plan_reads(seq)  # one pass over the stored pages per layer: read DISK ahead
         for layer in range(num_layers):
             if t == 1:
-                # Decode: the token's K/V go straight to the DEVICE tail page, and its query
-                # attends over the stored pages, itself included (one partial fewer).
-                q, k, v = self.runner.qkv(layer, h, positions)
-                self.kv.append(seq, layer, k, v, placement)
-                h = self.runner.finish_layer(layer, h, self._attend(seq, layer, q, positions, None, None, start))
-                if on_layer is not None:
-                    on_layer(layer + 1, num_layers)
-                continue
-            # This layer's K/V of the new tokens: the layer's working set. Queries attend to the
-            # stored pages (earlier tokens) and to this buffer; its tokens join the pages after
-            # the layer, so a layer's keys are never read back from slower tiers during prefill.
-            kbuf = torch.empty(cfg.num_kv_heads, t, cfg.head_dim, dtype=self.kv_dtype, device=self.device)
-            vbuf = torch.empty_like(kbuf)
-            for c0 in range(0, t, chunk):
-                c1 = min(t, c0 + chunk)
-                q, k, v = self.runner.qkv(layer, h[c0:c1], positions[c0:c1])
-                kbuf[:, c0:c1] = k.transpose(0, 1)
-                vbuf[:, c0:c1] = v.transpose(0, 1)
-                attn = self._attend(seq, layer, q, positions[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start)
-                h[c0:c1] = self.runner.finish_layer(layer, h[c0:c1], attn)
-            self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
+                h = self._decode_layer(seq, layer, h, positions, start, placement)
+            else:
+                self._prefill_layer(seq, layer, h, positions, start, placement)
             if on_layer is not None:
                 on_layer(layer + 1, num_layers)
         return self.runner.logits(h[t - min(num_logits, t):])
+
+    def _decode_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
+                      placement: Placement) -> torch.Tensor:
+        """One token: its K/V go straight to the DEVICE tail page and its query attends over
+        the stored pages, itself included."""
+        q, k, v = self.runner.qkv(layer, h, pos)
+        self.kv.append(seq, layer, k, v, placement)
+        return self.runner.finish_layer(layer, h, self._attend(seq, layer, q, pos, None, None, start))
+
+    def _prefill_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
+                       placement: Placement) -> None:
+        """Several tokens, in chunks; h [T, hidden] is updated in place.
+
+        The new tokens' K/V of this layer are its working set: queries attend to the stored
+        pages (earlier tokens) and to this buffer, and the tokens join the pages after the
+        layer, so a layer's keys are never read back from slower tiers during prefill.
+        """
+        cfg, t, chunk = self.model_config, h.shape[0], self.config.prefill_chunk_tokens
+        kbuf = torch.empty(cfg.num_kv_heads, t, cfg.head_dim, dtype=self.kv_dtype, device=self.device)
+        vbuf = torch.empty_like(kbuf)
+        for c0 in range(0, t, chunk):
+            c1 = min(t, c0 + chunk)
+            q, k, v = self.runner.qkv(layer, h[c0:c1], pos[c0:c1])
+            kbuf[:, c0:c1] = k.transpose(0, 1)
+            vbuf[:, c0:c1] = v.transpose(0, 1)
+            attn = self._attend(seq, layer, q, pos[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start)
+            h[c0:c1] = self.runner.finish_layer(layer, h[c0:c1], attn)
+        self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
 
     def _attend(self, seq: KVSequence, layer: int, q: torch.Tensor, pos: torch.Tensor,
                 k_new: torch.Tensor | None, v_new: torch.Tensor | None, new_start: int) -> torch.Tensor:
@@ -342,8 +350,8 @@ class Engine:
             lses.append(lse)
         # New tokens up to the first query are visible to every query; only the later ones
         # (this chunk's own) need the causal mask, and a decode step (one query) has none.
-        split = int(pos[0]) + 1 - new_start
         n = 0 if k_new is None else k_new.shape[1]
+        split = int(pos[0]) + 1 - new_start if n else 0  # (no device sync in decode)
         for lo, hi in ((0, min(split, n)), (min(split, n), n)):
             for a in range(lo, hi, max_tokens):
                 b = min(hi, a + max_tokens)
