@@ -32,7 +32,18 @@ has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
     echo "skipped: no CUDA"
   fi
 
-  echo "== 3. the CPU test suite on this machine's Python (portability; real-model tests skip without the packages)"
+  echo "== 3. tiers on CUDA: llama-3.1-8b shape, 4 layers, bf16, 32K-token prompt, --device-memory 256MiB --host-memory 1GiB"
+  if [ "$has_cuda" = 1 ]; then
+    $PY -c "import random; random.seed(1); print(''.join(random.choice('abcdefghij ') for _ in range(32768)), end='')" > "$tmp/p32k.txt"
+    timeout 240 $PY -m offload generate --model llama-3.1-8b --random-weights --num-layers 4 --dtype bf16 \
+      --prompt-file "$tmp/p32k.txt" --max-new-tokens 16 --ignore-eos --json --quiet --cache-dir "$tmp/cache" \
+      --device-memory 256MiB --host-memory 1GiB \
+      | $PY -c "import json,sys; s=json.load(sys.stdin)['stats']; print({k: s[k] for k in ('prefill_tok_s','decode_tok_s','peak_bytes','bytes_read_per_token','fetch_wait_s','compute_s','cold_reads')})"
+  else
+    echo "skipped: no CUDA"
+  fi
+
+  echo "== 4. the CPU test suite on this machine's Python (portability; real-model tests skip without the packages)"
   timeout 240 $PY -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
   echo "== done"
 } 2>&1 | tee "$LOG"
