@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import logging
 import time
 from collections.abc import Iterator
@@ -30,7 +29,9 @@ from collections.abc import Iterator
 import torch
 
 from offload.errors import CapacityError
+from offload.page_table import DiskSlots, KVSequence, PageLocation, PageTable, group_pages
 from offload.placement import Placement
+from offload.readahead import Chunk, ReadAhead
 from storage import PageArena, Tier
 from storage.aligned import AlignedBuffer
 from storage.disk_store import DiskExtentStore, TransferHandle
@@ -39,69 +40,6 @@ __all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup", "I
 
 logger = logging.getLogger(__name__)
 
-# Runs of at least this many consecutive slots are attended through views; shorter runs are
-# gathered together (one copy) so a fragmented table does not become many tiny matmuls.
-MIN_VIEW_PAGES = 4
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PageLocation:
-    tier: Tier
-    slot: int
-
-
-class PageTable:
-    """(layer, page_id) -> PageLocation for one sequence. page_ids of a layer are dense from 0."""
-
-    def __init__(self, num_layers: int) -> None:
-        # Parallel lists per layer (tier and slot of each page), so the hot path reads a
-        # layer's slots without building objects.
-        self._tiers: list[list[Tier]] = [[] for _ in range(num_layers)]
-        self._slots: list[list[int]] = [[] for _ in range(num_layers)]
-
-    def lookup(self, layer: int, page_id: int) -> PageLocation:
-        return PageLocation(self._tiers[layer][page_id], self._slots[layer][page_id])
-
-    def num_pages(self, layer: int) -> int:
-        return len(self._slots[layer])
-
-    def append(self, layer: int, loc: PageLocation) -> None:
-        self._tiers[layer].append(loc.tier)
-        self._slots[layer].append(loc.slot)
-
-    def replace(self, layer: int, page_id: int, loc: PageLocation) -> None:
-        self._tiers[layer][page_id] = loc.tier
-        self._slots[layer][page_id] = loc.slot
-
-    def slots(self, layer: int) -> list[int]:
-        """The layer's slots in page order (the table's own list: do not modify it)."""
-        return self._slots[layer]
-
-    def tiers(self, layer: int) -> list[Tier]:
-        """The layer's tiers in page order (the table's own list: do not modify it)."""
-        return self._tiers[layer]
-
-    def copy(self) -> "PageTable":
-        other = PageTable(len(self._slots))
-        other._tiers = [list(layer) for layer in self._tiers]
-        other._slots = [list(layer) for layer in self._slots]
-        return other
-
-
-@dataclasses.dataclass(slots=True)
-class KVSequence:
-    """A sequence's pages and how many tokens each layer holds.
-
-    During layer-wise prefill the layers' lengths differ; between forward passes they are equal.
-    """
-
-    table: PageTable
-    lengths: list[int]
-    released: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return self.lengths[-1]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,122 +64,6 @@ class IOCounters:
     fetch_wait_s: float = 0.0
     disk_bytes_written: int = 0
     evicted_pages: int = 0
-
-
-class _DiskSlots:
-    """Reference-counted page positions in one layer's file; new runs are contiguous."""
-
-    def __init__(self) -> None:
-        self.next = 0
-        self.free: list[int] = []
-        self.refs: dict[int, int] = {}
-
-    def allocate(self, n: int) -> list[int]:
-        if n == 1 and self.free:
-            slots = [heapq.heappop(self.free)]
-        else:  # a fresh contiguous run: one extent, one read
-            slots = list(range(self.next, self.next + n))
-            self.next += n
-        for s in slots:
-            self.refs[s] = 1
-        return slots
-
-    def incref(self, slots: list[int]) -> None:
-        for s in slots:
-            self.refs[s] += 1
-
-    def free_slots(self, slots: list[int]) -> int:
-        """Drop references; returns how many slots became free."""
-        freed = 0
-        for s in slots:
-            self.refs[s] -= 1
-            if self.refs[s] == 0:
-                del self.refs[s]
-                heapq.heappush(self.free, s)
-                freed += 1
-        return freed
-
-    @property
-    def num_used(self) -> int:
-        return len(self.refs)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Chunk:
-    """A run of DISK pages of one layer read as one unit into one staging buffer."""
-
-    layer: int
-    first_page: int
-    disk_slot: int
-    num_pages: int
-
-
-class ReadAhead:
-    """Reads planned DISK chunks into a fixed set of staging buffers, ahead of their use.
-
-    The consumer takes chunks in the planned order; each ``give_back`` of a buffer starts the
-    next planned read, so reads of later chunks (and later layers) overlap the compute on
-    earlier ones. A chunk asked for out of plan drops the plan and is read synchronously.
-    Owned by the engine's thread; the store's threads only fill the buffers.
-    """
-
-    def __init__(self, store: DiskExtentStore, *, num_buffers: int, chunk_pages: int) -> None:
-        self.store = store
-        self.chunk_pages = chunk_pages
-        self.buffers = [AlignedBuffer(chunk_pages * store.disk_page_bytes) for _ in range(num_buffers)]
-        self._free = list(self.buffers)
-        self._planned: collections.deque[_Chunk] = collections.deque()
-        self._inflight: collections.deque[tuple[_Chunk, AlignedBuffer, TransferHandle]] = collections.deque()
-
-    @property
-    def staging_bytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
-
-    def plan(self, chunks: list[_Chunk]) -> None:
-        self.reset()
-        self._planned.extend(chunks)
-        self._pump()
-
-    def _read(self, c: _Chunk, buf: AlignedBuffer) -> TransferHandle:
-        view = buf.memoryview()[: c.num_pages * self.store.disk_page_bytes]
-        return self.store.submit_read(c.layer, c.disk_slot, c.num_pages, view)
-
-    def _pump(self) -> None:
-        while self._free and self._planned:
-            c = self._planned.popleft()
-            buf = self._free.pop()
-            self._inflight.append((c, buf, self._read(c, buf)))
-
-    def take(self, c: _Chunk) -> tuple[AlignedBuffer, float]:
-        """The staging buffer holding chunk ``c`` and the seconds spent waiting for it."""
-        if not (self._inflight and self._inflight[0][0] == c):
-            self.reset()
-            buf = self._free.pop()
-            self._inflight.append((c, buf, self._read(c, buf)))
-        _, buf, handle = self._inflight.popleft()
-        t0 = time.perf_counter()
-        try:
-            handle.wait()
-        except BaseException:
-            self._free.append(buf)
-            self.reset()
-            raise
-        return buf, time.perf_counter() - t0
-
-    def give_back(self, buf: AlignedBuffer) -> None:
-        self._free.append(buf)
-        self._pump()
-
-    def reset(self) -> None:
-        """Drop the plan; wait for reads in flight (their errors no longer matter)."""
-        self._planned.clear()
-        while self._inflight:
-            _, buf, handle = self._inflight.popleft()
-            try:
-                handle.wait()
-            except OSError:
-                pass
-            self._free.append(buf)
 
 
 class PagedKV:
@@ -269,7 +91,7 @@ class PagedKV:
         self.page_size = arena.page_size
         self.compute_device = compute_device or arena.device
         self._shuffle = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
-        self._disk_slots = [_DiskSlots() for _ in range(num_layers)]
+        self._disk_slots = [DiskSlots() for _ in range(num_layers)]
         self.disk_slots_limit = disk_slots_limit
         self._disk_peak = 0
         self.readahead = (ReadAhead(disk, num_buffers=staging_buffers, chunk_pages=staging_chunk_pages)
@@ -487,18 +309,18 @@ class PagedKV:
             yield i, j, slots[i:j]
             i = j
 
-    def _chunks_of(self, layer: int, first: int, slots: list[int]) -> list[_Chunk]:
+    def _chunks_of(self, layer: int, first: int, slots: list[int]) -> list[Chunk]:
         assert self.readahead is not None
-        out: list[_Chunk] = []
+        out: list[Chunk] = []
         limit = self.readahead.chunk_pages
         start, n = 0, 0
         for p, s in enumerate(slots):
             if n and (n == limit or slots[start] + n != s):
-                out.append(_Chunk(layer, first + start, slots[start], n))
+                out.append(Chunk(layer, first + start, slots[start], n))
                 start, n = p, 0
             n += 1
         if n:
-            out.append(_Chunk(layer, first + start, slots[start], n))
+            out.append(Chunk(layer, first + start, slots[start], n))
         return out
 
     def plan_reads(self, seq: KVSequence) -> None:
@@ -507,7 +329,7 @@ class PagedKV:
         if self.readahead is None:
             return
         self.flush_writes()
-        chunks: list[_Chunk] = []
+        chunks: list[Chunk] = []
         for layer in range(self.num_layers):
             for i, _, slots in self._disk_chunks(seq, layer):
                 if seq.table.tiers(layer)[i] == Tier.DISK:
@@ -541,7 +363,7 @@ class PagedKV:
                 yield from self._disk_groups(layer, i, slots, length, max_pages)
                 continue
             pool = self._pool(tier)
-            for first, group, contiguous in _group_pages(slots, max_pages):
+            for first, group, contiguous in group_pages(slots, max_pages):
                 first += i
                 n_tokens = min(len(group) * ps, length - first * ps)
                 k, v = pool.read(group, n_tokens, contiguous=contiguous)
@@ -646,37 +468,3 @@ class PagedKV:
         if self.readahead is not None:
             self.readahead.reset()
         self.flush_writes()
-
-
-def _group_pages(slots: list[int], max_pages: int) -> Iterator[tuple[int, list[int], bool]]:
-    """Split a layer's slots into (first page_id, slots, contiguous) groups of <= max_pages
-    pages; ``contiguous`` says the group's slots are consecutive ascending.
-
-    Long runs of consecutive slots become their own groups (read as views); short runs are
-    packed together (read by one gather).
-    """
-    pending: list[int] = []
-    pending_first = 0
-    i = 0
-    n = len(slots)
-    while i < n:
-        j = i + 1
-        while j < n and slots[j] == slots[j - 1] + 1:
-            j += 1
-        if j - i >= MIN_VIEW_PAGES:
-            if pending:
-                yield pending_first, pending, False
-                pending = []
-            for s in range(i, j, max_pages):
-                yield s, slots[s : min(j, s + max_pages)], True
-        else:
-            for p in range(i, j):
-                if not pending:
-                    pending_first = p
-                pending.append(slots[p])
-                if len(pending) == max_pages:
-                    yield pending_first, pending, False
-                    pending = []
-        i = j
-    if pending:
-        yield pending_first, pending, False

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from offload.errors import CapacityError
-from offload.paged_kv import MIN_VIEW_PAGES, PagedKV, _group_pages
+from offload.page_table import MIN_VIEW_PAGES, group_pages
+from offload.paged_kv import PagedKV
 from storage import PageArena
 
 NUM_KV_HEADS = 2
@@ -68,7 +69,7 @@ def _append_all(kv: PagedKV, seq, chunks):
 @pytest.mark.parametrize("max_pages", MAX_PAGES)
 @pytest.mark.parametrize("slots", SLOT_LISTS)
 def test_group_pages_cover_every_page_once_in_order(slots, max_pages):
-    groups = list(_group_pages(slots, max_pages))
+    groups = list(group_pages(slots, max_pages))
     page = 0
     for first, group, contiguous in groups:
         assert first == page
@@ -84,20 +85,20 @@ def test_group_pages_cover_every_page_once_in_order(slots, max_pages):
 def test_group_pages_keep_long_runs_contiguous(max_pages):
     run = list(range(20, 20 + 2 * MIN_VIEW_PAGES + 1))
     slots = [3, 9, *run, 1]
-    for first, group, contiguous in _group_pages(slots, max_pages):
+    for first, group, contiguous in group_pages(slots, max_pages):
         pages = range(first, first + len(group))
         if any(2 <= p < 2 + len(run) for p in pages):
             # a group touching the run lies inside it and is itself one run of slots
             assert all(2 <= p < 2 + len(run) for p in pages)
             assert group == list(range(group[0], group[0] + len(group)))
             assert contiguous
-    run_groups = [g for f, g, _ in _group_pages(slots, max_pages) if 2 <= f < 2 + len(run)]
+    run_groups = [g for f, g, _ in group_pages(slots, max_pages) if 2 <= f < 2 + len(run)]
     assert len(run_groups) == -(-len(run) // max_pages)
 
 
 def test_group_pages_pack_short_runs_together():
     slots = [8, 2, 5, 6, 0]
-    assert list(_group_pages(slots, 3)) == [(0, [8, 2, 5], False), (3, [6, 0], False)]
+    assert list(group_pages(slots, 3)) == [(0, [8, 2, 5], False), (3, [6, 0], False)]
 
 
 @pytest.mark.parametrize("max_tokens", [1, PAGE_SIZE, 3 * PAGE_SIZE - 1, 1000])

@@ -1,0 +1,146 @@
+"""Page tables: where each page of a sequence lives, and the sequence's lengths per layer."""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Iterator
+
+from storage import Tier
+
+__all__ = ["PageLocation", "PageTable", "KVSequence", "DiskSlots", "group_pages", "MIN_VIEW_PAGES"]
+
+# Runs of at least this many consecutive slots are attended through views; shorter runs are
+# gathered together (one copy) so a fragmented table does not become many tiny matmuls.
+MIN_VIEW_PAGES = 4
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageLocation:
+    tier: Tier
+    slot: int
+
+
+class PageTable:
+    """(layer, page_id) -> PageLocation for one sequence. page_ids of a layer are dense from 0."""
+
+    def __init__(self, num_layers: int) -> None:
+        # Parallel lists per layer (tier and slot of each page), so the hot path reads a
+        # layer's slots without building objects.
+        self._tiers: list[list[Tier]] = [[] for _ in range(num_layers)]
+        self._slots: list[list[int]] = [[] for _ in range(num_layers)]
+
+    def lookup(self, layer: int, page_id: int) -> PageLocation:
+        return PageLocation(self._tiers[layer][page_id], self._slots[layer][page_id])
+
+    def num_pages(self, layer: int) -> int:
+        return len(self._slots[layer])
+
+    def append(self, layer: int, loc: PageLocation) -> None:
+        self._tiers[layer].append(loc.tier)
+        self._slots[layer].append(loc.slot)
+
+    def replace(self, layer: int, page_id: int, loc: PageLocation) -> None:
+        self._tiers[layer][page_id] = loc.tier
+        self._slots[layer][page_id] = loc.slot
+
+    def slots(self, layer: int) -> list[int]:
+        """The layer's slots in page order (the table's own list: do not modify it)."""
+        return self._slots[layer]
+
+    def tiers(self, layer: int) -> list[Tier]:
+        """The layer's tiers in page order (the table's own list: do not modify it)."""
+        return self._tiers[layer]
+
+    def copy(self) -> "PageTable":
+        other = PageTable(len(self._slots))
+        other._tiers = [list(layer) for layer in self._tiers]
+        other._slots = [list(layer) for layer in self._slots]
+        return other
+
+
+@dataclasses.dataclass(slots=True)
+class KVSequence:
+    """A sequence's pages and how many tokens each layer holds.
+
+    During layer-wise prefill the layers' lengths differ; between forward passes they are equal.
+    """
+
+    table: PageTable
+    lengths: list[int]
+    released: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.lengths[-1]
+
+
+class DiskSlots:
+    """Reference-counted page positions in one layer's file; new runs are contiguous."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.free: list[int] = []
+        self.refs: dict[int, int] = {}
+
+    def allocate(self, n: int) -> list[int]:
+        if n == 1 and self.free:
+            slots = [heapq.heappop(self.free)]
+        else:  # a fresh contiguous run: one extent, one read
+            slots = list(range(self.next, self.next + n))
+            self.next += n
+        for s in slots:
+            self.refs[s] = 1
+        return slots
+
+    def incref(self, slots: list[int]) -> None:
+        for s in slots:
+            self.refs[s] += 1
+
+    def free_slots(self, slots: list[int]) -> int:
+        """Drop references; returns how many slots became free."""
+        freed = 0
+        for s in slots:
+            self.refs[s] -= 1
+            if self.refs[s] == 0:
+                del self.refs[s]
+                heapq.heappush(self.free, s)
+                freed += 1
+        return freed
+
+    @property
+    def num_used(self) -> int:
+        return len(self.refs)
+
+
+def group_pages(slots: list[int], max_pages: int) -> Iterator[tuple[int, list[int], bool]]:
+    """Split a layer's slots into (first page_id, slots, contiguous) groups of <= max_pages
+    pages; ``contiguous`` says the group's slots are consecutive ascending.
+
+    Long runs of consecutive slots become their own groups (read as views); short runs are
+    packed together (read by one gather).
+    """
+    pending: list[int] = []
+    pending_first = 0
+    i = 0
+    n = len(slots)
+    while i < n:
+        j = i + 1
+        while j < n and slots[j] == slots[j - 1] + 1:
+            j += 1
+        if j - i >= MIN_VIEW_PAGES:
+            if pending:
+                yield pending_first, pending, False
+                pending = []
+            for s in range(i, j, max_pages):
+                yield s, slots[s : min(j, s + max_pages)], True
+        else:
+            for p in range(i, j):
+                if not pending:
+                    pending_first = p
+                pending.append(slots[p])
+                if len(pending) == max_pages:
+                    yield pending_first, pending, False
+                    pending = []
+        i = j
+    if pending:
+        yield pending_first, pending, False
