@@ -336,6 +336,13 @@ def test_a_page_is_readable_once_its_write_completed(make_store, rng):
 FAULTS = [("read", errno.EIO), ("write", errno.EIO), ("write", errno.ENOSPC)]
 
 
+def _submit(store, op, layer, first, src, num_pages=3):
+    """Read pages into a fresh buffer, or write ``src``, as ``op`` says."""
+    if op == "read":
+        return store.submit_read(layer, first, num_pages, AlignedBuffer(num_pages * 4096).memoryview())
+    return store.submit_write(layer, first, src.memoryview(), num_pages)
+
+
 @pytest.mark.parametrize("op,code", FAULTS)
 def test_os_error_surfaces_from_wait(make_store, rng, op, code):
     io = FaultyIO(op, code=code)
@@ -343,10 +350,7 @@ def test_os_error_surfaces_from_wait(make_store, rng, op, code):
     src = _random_buffer(store, 3, rng)
     _write(store, 2, 4, src, 3)
     io.armed = True
-    if op == "read":
-        handle = store.submit_read(2, 4, 3, AlignedBuffer(3 * 4096).memoryview())
-    else:
-        handle = store.submit_write(2, 4, src.memoryview(), 3)
+    handle = _submit(store, op, 2, 4, src)
     with pytest.raises(StorageIOError) as info:
         handle.wait()
     err = info.value
@@ -372,10 +376,7 @@ def test_short_transfer_surfaces_from_wait(make_store, rng, op, text):
     src = _random_buffer(store, 3, rng)
     _write(store, 0, 0, src, 3)
     io.armed = True
-    if op == "read":
-        handle = store.submit_read(0, 0, 3, AlignedBuffer(3 * 4096).memoryview())
-    else:
-        handle = store.submit_write(0, 0, src.memoryview(), 3)
+    handle = _submit(store, op, 0, 0, src)
     with pytest.raises(StorageIOError, match=rf"{op} of pages 0-2 of layer 0 .* failed: "
                                              + text.replace("(", r"\(").replace(")", r"\)")):
         handle.wait()
