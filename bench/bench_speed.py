@@ -1,7 +1,7 @@
 """Prefill and decode speed of our engine beside Hugging Face transformers, in one run.
 
     .venv/bin/python bench/bench_speed.py                       # SmolLM2-135M fp32, 8192-token context
-    .venv/bin/python bench/bench_speed.py --tokens 1024 --decode-tokens 8 --json-out /tmp/speed.json
+    .venv/bin/python bench/bench_speed.py --tokens 1024 --decode-tokens 8 --json-out speed.json
 
 Three systems run on the same prompt (real text: Paul Graham essays tokenized with the model's
 tokenizer), the same weights (our converted fp32 checkpoint), the same threads, in the same
