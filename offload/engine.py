@@ -92,14 +92,11 @@ class Engine:
             dtype=self.kv_dtype,
             device=self.device,
         )
-        self.disk = self._make_disk()
+        self.disk, disk_limit = self._make_disk()
         staging = (self.config.staging_buffers * self.config.staging_chunk_pages * self.disk.disk_page_bytes
                    if self.disk is not None else 0)
         write_staging = WRITE_STAGING_BYTES if self.disk is not None else 0
         self.host_arena = self._make_host_arena(reserved=staging + write_staging)
-        disk_limit = None
-        if self.disk is not None and self._disk_budget is not None:
-            disk_limit = self._disk_budget // self.disk.disk_page_bytes
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
                           disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
@@ -116,13 +113,13 @@ class Engine:
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * cfg.num_kv_heads * self.config.page_size * cfg.head_dim * elem
 
-    def _make_disk(self) -> DiskExtentStore | None:
+    def _make_disk(self) -> tuple[DiskExtentStore | None, int | None]:
+        """The DISK tier's store and its budget in pages, or (None, None) without one."""
         c = self.config
         uses_disk = c.placement is not None and c.placement.tier_of(1 << 40) == Tier.DISK
         spill = c.device_memory_bytes is not None or c.disk_space_bytes is not None or uses_disk
-        self._disk_budget: int | None = None
         if c.disk_space_bytes == 0 or not spill:
-            return None
+            return None, None
         base = Path(c.kv_dir) if c.kv_dir else default_cache_dir() / "kv"
         root = base / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
@@ -130,10 +127,10 @@ class Engine:
         except OSError as e:
             raise CacheDirError(f"cannot create the DISK tier directory {root} ({e.strerror}); "
                                 "pass --cache-dir with a writable directory") from None
-        self._disk_budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
+        budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
         store = DiskExtentStore(root, num_layers=self.model_config.num_layers, page_bytes=self._slot_bytes())
         self._finalizer = weakref.finalize(self, _remove_disk_tier, store, root)
-        return store
+        return store, budget // store.disk_page_bytes
 
     def _make_host_arena(self, *, reserved: int) -> PageArena | None:
         budget = self.config.host_memory_bytes or 0
@@ -184,7 +181,7 @@ class Engine:
 
     def _arena_slots(self) -> int:
         cfg, ps = self.model_config, self.config.page_size
-        slot_bytes = 2 * cfg.num_kv_heads * ps * cfg.head_dim * torch.empty((), dtype=self.kv_dtype).element_size()
+        slot_bytes = self._slot_bytes()
         budget = self.config.device_memory_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -224,7 +221,7 @@ class Engine:
                 "the input, lower --max-new-tokens, or pass --allow-long-context to go past it anyway"
             )
         need = self.pages_needed(seq, prompt_tokens + max_new_tokens)
-        free = self.arena.num_slots - self.arena.num_used
+        free = self.kv.free_slots(Tier.DEVICE)
         if self.disk is None and self.host_arena is None and need > free:
             minimum = (self.arena.num_used + need) * self.arena.slot_bytes
             raise CapacityError(

@@ -102,8 +102,7 @@ class PagedKV:
         self.max_write_bytes = max_write_bytes
         self.io = IOCounters()
         self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None
-        elem = torch.empty((), dtype=arena.dtype).element_size()
-        self.page_bytes = 2 * arena.num_kv_heads * self.page_size * arena.head_dim * elem
+        self.page_bytes = arena.slot_bytes  # K and V of one page, as a DEVICE or HOST slot holds it
 
     # ----- sizes --------------------------------------------------------------------------
     def _pool(self, tier: Tier) -> PageArena:
@@ -419,7 +418,7 @@ class PagedKV:
     def fork(self, seq: KVSequence) -> KVSequence:
         """A sequence sharing ``seq``'s pages; its appends never modify ``seq``'s pages."""
         partial = sum(1 for n in seq.lengths if n % self.page_size)
-        free = self.arena.num_slots - self.arena.num_used
+        free = self.free_slots(Tier.DEVICE)
         if partial > free:
             # Checked before any reference is taken, so a refused fork changes nothing.
             raise CapacityError(
