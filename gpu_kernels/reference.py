@@ -9,7 +9,31 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_partial_ref", "merge_partials_ref"]
+# The references of the scoring and 4-bit ops live in their own module (this one would pass
+# 500 lines); they are part of the one reference set and are exported from here too.
+from gpu_kernels.reference_sparse import (  # noqa: E402
+    Quant4Pages,
+    dequantize_pages_4bit_ref,
+    page_key_bounds_ref,
+    paged_decode_attention_4bit_ref,
+    partial_key_page_scores_ref,
+    quantize_pages_4bit_ref,
+    quest_page_scores_ref,
+)
+
+__all__ = [
+    "attention_partial_ref",
+    "merge_partials_ref",
+    "paged_decode_attention_ref",
+    "sparse_paged_decode_attention_ref",
+    "Quant4Pages",
+    "quantize_pages_4bit_ref",
+    "dequantize_pages_4bit_ref",
+    "paged_decode_attention_4bit_ref",
+    "quest_page_scores_ref",
+    "partial_key_page_scores_ref",
+    "page_key_bounds_ref",
+]
 
 
 def attention_partial_ref(
@@ -86,3 +110,126 @@ def merge_partials_ref(
     weights = torch.exp(lse_all - ref)  # exp(-inf) = 0 for empty pieces
     out = (weights.unsqueeze(-1) * torch.stack(outs)).sum(dim=0)
     return out, lse
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of one query per sequence over its paged keys, returning ``(out, lse)``.
+
+    The spec of ``gpu_kernels.paged_attention.paged_decode_attention`` (same arguments; the
+    launcher validates them). Sequence b's keys are positions ``0 .. seq_lens[b]-1``; position
+    t lives in page ``t // page_size`` at slot ``block_table[b, t // page_size]``, row
+    ``t % page_size``. The query comes after all of them.
+
+    Args:
+        q: [B, num_heads, head_dim] float32/float16/bfloat16; head ``h*group + j`` uses KV head h.
+        k_cache, v_cache: [num_kv_heads, num_slots, page_size, head_dim], q's dtype.
+        block_table: [B, max_pages] int32 slots.
+        seq_lens: [B] int32 key counts (0 allowed).
+        scale: softmax scale applied to q·k.
+        window: when given, only the last ``window`` keys of each sequence are visible.
+        num_splits: ignored (the reference does not split the keys).
+        out, lse: optional float32 destinations [B, num_heads, head_dim] and [B, num_heads].
+
+    Returns:
+        out [B, num_heads, head_dim] float32 (zeros where no key is visible) and lse
+        [B, num_heads] float32 (-inf there).
+    """
+    del num_splits
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_cache.shape
+    res_out = torch.zeros(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    res_lse = torch.full((batch, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        n = int(seq_lens[b])
+        lo = 0 if window is None else max(0, n - window)
+        if n <= lo:
+            continue
+        pages = block_table[b, : -(-n // page_size)].long()
+        k = k_cache[:, pages].reshape(num_kv_heads, -1, head_dim)[:, lo:n]  # [nkv, L, hd]
+        v = v_cache[:, pages].reshape(num_kv_heads, -1, head_dim)[:, lo:n]
+        res_out[b], res_lse[b] = _grouped_attention(q[b], k, v, scale)
+    return _into(res_out, res_lse, out, lse)
+
+
+def sparse_paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected: torch.Tensor,
+    num_selected: torch.Tensor,
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over selected pages only (Quest, Tang et al. 2024; InfiniGen, Lee et
+    al. 2024): the spec of ``sparse_paged_decode_attention``.
+
+    Args: as ``paged_decode_attention_ref`` (no window), plus
+        selected: [B, num_kv_heads, max_selected] int32 logical page ids; KV head h of
+            sequence b (with its query heads) sees only the tokens of pages
+            ``selected[b, h, :num_selected[b, h]]`` (any order, no duplicates) that lie
+            before ``seq_lens[b]``.
+        num_selected: [B, num_kv_heads] int32.
+
+    Returns:
+        out [B, num_heads, head_dim] float32 and lse [B, num_heads] float32 (zeros and -inf
+        for a head group that selected nothing).
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    res_out = torch.zeros(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    res_lse = torch.full((batch, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    rows = torch.arange(page_size, device=q.device)
+    for b in range(batch):
+        n = int(seq_lens[b])
+        for h in range(num_kv_heads):
+            pages = selected[b, h, : int(num_selected[b, h])].long()
+            if pages.numel() == 0:
+                continue
+            visible = (pages[:, None] * page_size + rows[None, :]) < n  # [num_sel, page_size]
+            slots = block_table[b, pages].long()
+            k = k_cache[h, slots][visible]  # [L, hd]
+            v = v_cache[h, slots][visible]
+            heads = slice(h * group, (h + 1) * group)
+            res_out[b, heads], res_lse[b, heads] = _grouped_attention(q[b, heads], k[None],
+                                                                      v[None], scale)
+    return _into(res_out, res_lse, out, lse)
+
+
+def _grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per head over [nkv, L, hd] keys, all in fp32: q [nkv*group, hd] ->
+    out [nkv*group, hd], lse [nkv*group]."""
+    num_kv_heads, _, head_dim = k.shape
+    qg = q.float().reshape(num_kv_heads, -1, head_dim)  # [nkv, group, hd]
+    scores = torch.matmul(qg, k.float().transpose(1, 2)) * scale  # [nkv, group, L]
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
+    return out.reshape(-1, head_dim), torch.logsumexp(scores, dim=-1).reshape(-1)
+
+
+def _into(
+    res_out: torch.Tensor, res_lse: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The results, copied into the caller's destinations where given."""
+    if out is not None:
+        res_out = out.copy_(res_out)
+    if lse is not None:
+        res_lse = lse.copy_(res_lse)
+    return res_out, res_lse

@@ -2,13 +2,30 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 
 import torch
 
 from offload.placement import Placement
 
-__all__ = ["RuntimeConfig", "parse_size", "parse_dtype", "DTYPES"]
+__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "parse_size", "parse_dtype", "DTYPES"]
+
+
+class DecodeKernel(enum.Enum):
+    """The kernel that attends DEVICE pages in decode."""
+
+    AUTO = "auto"  # CUDA: Triton; CPU: Numba
+    TRITON = "triton"  # also runs in Triton's interpreter on a CPU (tests)
+    NUMBA = "numba"  # CPU only: in place over the arena
+    TORCH = "torch"  # torch's fused CPU flash op (or the reference) over page groups
+
+
+class HostAttention(enum.Enum):
+    """Where attention over HOST pages runs when the engine places pages itself."""
+
+    CPU = "cpu"  # delegated: the Numba kernel where the pages are; q and (out, lse) move
+    DEVICE = "device"  # the pages are copied to the compute device
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -65,6 +82,9 @@ class RuntimeConfig:
             when it is needed, serially; for measuring what the overlap buys).
         shuffle_pages_seed: if set, pages take random arena slots (tests of real paging).
         seed: seed of random weights.
+        decode_kernel: the kernel for DEVICE pages in decode (AUTO: Triton on CUDA, Numba on CPU).
+        host_attention: where HOST pages are attended when ``placement`` is None (CPU =
+            delegation in every layer); a given ``placement`` says it itself.
     """
 
     device: str | None = None
@@ -83,6 +103,8 @@ class RuntimeConfig:
     overlap: bool = True
     shuffle_pages_seed: int | None = None
     seed: int = 0
+    decode_kernel: DecodeKernel = DecodeKernel.AUTO
+    host_attention: HostAttention = HostAttention.CPU
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 4096:

@@ -32,7 +32,8 @@ import torch
 
 from cpu_kernels import flash_torch
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
-from offload.config import RuntimeConfig
+from offload.attend import DecodeAttention
+from offload.config import HostAttention, RuntimeConfig
 from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError
 from offload.llama import LlamaRunner
 from offload.model_config import ModelConfig
@@ -101,6 +102,9 @@ class Engine:
                           disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
                           shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging)
+        self.decode_attention = DecodeAttention(
+            self.kv, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size, head_dim=cfg.head_dim,
+            scale=self.runner.scale, device=self.device, kernel=self.config.decode_kernel)
         logger.info(
             "engine: %s on %s, %s weights %.2f GiB, KV arena %d pages of %d tokens (%.2f GiB, %s)",
             source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
@@ -151,6 +155,12 @@ class Engine:
         HOST, then DISK in proportion to free space (same split in every layer)."""
         if self.config.placement is not None:
             return self.config.placement
+        placement = self._fill_placement(seq, new_tokens)
+        if self.config.host_attention == HostAttention.CPU:
+            placement = placement.with_delegation(range(self.model_config.num_layers))
+        return placement
+
+    def _fill_placement(self, seq: KVSequence, new_tokens: int) -> Placement:
         cfg, ps = self.model_config, self.config.page_size
         have = -(-seq.num_tokens // ps)
         new_pages = -(-(seq.num_tokens + new_tokens) // ps) - have
@@ -302,7 +312,8 @@ class Engine:
         the stored pages, itself included."""
         q, k, v = self.runner.qkv(layer, h, pos)
         self.kv.append(seq, layer, k, v, placement)
-        return self.runner.finish_layer(layer, h, self._attend(seq, layer, q, pos, None, None, start))
+        attn = self.decode_attention(seq, layer, q, delegate_host=placement.delegates(layer))
+        return self.runner.finish_layer(layer, h, attn)
 
     def _prefill_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
                        placement: Placement) -> None:
@@ -404,7 +415,7 @@ class Engine:
         if record_logits is not None:
             record_logits.append(logits)
         self.fill_stats(stats, seq)
-        io0 = (dict(self.kv.io.bytes_read), self.kv.io.fetch_wait_s)
+        io0 = self._io_snapshot()
         stats.generated_tokens = 1
         stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
         yield tok
@@ -422,9 +433,17 @@ class Engine:
             stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
             yield tok
 
-    def _decode_io(self, stats: RunStats, bytes_before: dict[str, int], wait_before: float) -> None:
+    def _io_snapshot(self) -> tuple[dict[str, int], dict[str, int], int, float]:
+        io = self.kv.io
+        return dict(io.bytes_read), dict(io.cpu_attended_bytes), io.copied_to_device_bytes, io.fetch_wait_s
+
+    def _decode_io(self, stats: RunStats, bytes_before: dict[str, int], cpu_before: dict[str, int],
+                   copied_before: int, wait_before: float) -> None:
         n = max(1, stats.decode_tokens)
-        stats.bytes_read_per_token = {t: (b - bytes_before[t]) // n for t, b in self.kv.io.bytes_read.items()}
+        io = self.kv.io
+        stats.bytes_read_per_token = {t: (b - bytes_before[t]) // n for t, b in io.bytes_read.items()}
+        stats.cpu_attended_bytes_per_token = {t: (b - cpu_before[t]) // n for t, b in io.cpu_attended_bytes.items()}
+        stats.copied_to_device_bytes_per_token = (io.copied_to_device_bytes - copied_before) // n
         stats.fetch_wait_s = self.kv.io.fetch_wait_s - wait_before
         stats.compute_s = max(0.0, stats.decode_s - stats.fetch_wait_s)
 

@@ -59,9 +59,12 @@ class PageGroup:
 
 @dataclasses.dataclass(slots=True)
 class IOCounters:
-    """Bytes of KV pages read per tier for attention, and time spent waiting for DISK reads."""
+    """Bytes of KV pages read per tier for attention, of those attended in place by the CPU
+    kernel (HOST delegation), copied to the compute device, and time spent waiting for DISK."""
 
     bytes_read: dict[str, int] = dataclasses.field(default_factory=lambda: {t.value: 0 for t in Tier})
+    cpu_attended_bytes: dict[str, int] = dataclasses.field(default_factory=lambda: {t.value: 0 for t in Tier})
+    copied_to_device_bytes: int = 0
     fetch_wait_s: float = 0.0
     disk_bytes_written: int = 0
     evicted_pages: int = 0
@@ -105,6 +108,10 @@ class PagedKV:
         self.page_bytes = arena.slot_bytes  # K and V of one page, as a DEVICE or HOST slot holds it
 
     # ----- sizes --------------------------------------------------------------------------
+    def pool(self, tier: Tier) -> PageArena:
+        """The page arena of DEVICE or HOST (CapacityError if that tier is not configured)."""
+        return self._pool(tier)
+
     def _pool(self, tier: Tier) -> PageArena:
         pool = self.arena if tier == Tier.DEVICE else self.host_arena
         if pool is None:
@@ -349,27 +356,39 @@ class PagedKV:
             self.readahead.give_back(buf)
         return sum(c.num_pages for c in chunks) * self.disk.disk_page_bytes, time.perf_counter() - t0
 
+    def segments(self, seq: KVSequence, layer: int) -> Iterator[tuple[Tier, int, list[int]]]:
+        """(tier, first page id, slots) of each run of the layer's stored pages on one tier."""
+        tiers = seq.table.tiers(layer)
+        for i, _, slots in self._tier_segments(seq, layer):
+            yield tiers[i], i, slots
+
     def groups(self, seq: KVSequence, layer: int, max_tokens: int) -> Iterator[PageGroup]:
         """The layer's stored tokens as groups of consecutive pages of at most ``max_tokens``
         tokens (at least one page each), on the compute device."""
+        for tier, first, slots in self.segments(seq, layer):
+            yield from self.page_groups(seq, layer, tier, first, slots, max_tokens)
+
+    def page_groups(self, seq: KVSequence, layer: int, tier: Tier, first: int, slots: list[int],
+                    max_tokens: int) -> Iterator[PageGroup]:
+        """Groups of one segment (from ``segments``) on the compute device: views or gathers
+        of an arena (copied to the device for CUDA HOST pages), or staged DISK chunks."""
         length = seq.lengths[layer]
         ps = self.page_size
         max_pages = max(1, max_tokens // ps)
-        for i, j, slots in self._tier_segments(seq, layer):
-            tier = seq.table.tiers(layer)[i]
-            if tier == Tier.DISK:
-                yield from self._disk_groups(layer, i, slots, length, max_pages)
-                continue
-            pool = self._pool(tier)
-            for first, group, contiguous in group_pages(slots, max_pages):
-                first += i
-                n_tokens = min(len(group) * ps, length - first * ps)
-                k, v = pool.read(group, n_tokens, contiguous=contiguous)
-                self.io.bytes_read[tier.value] += len(group) * self.page_bytes
-                if k.device != self.compute_device:
-                    k = k.to(self.compute_device, non_blocking=True)
-                    v = v.to(self.compute_device, non_blocking=True)
-                yield PageGroup(k, v, first * ps, tier)
+        if tier == Tier.DISK:
+            yield from self._disk_groups(layer, first, slots, length, max_pages)
+            return
+        pool = self._pool(tier)
+        for start, group, contiguous in group_pages(slots, max_pages):
+            start += first
+            n_tokens = min(len(group) * ps, length - start * ps)
+            k, v = pool.read(group, n_tokens, contiguous=contiguous)
+            self.io.bytes_read[tier.value] += len(group) * self.page_bytes
+            if k.device != self.compute_device:
+                k = k.to(self.compute_device, non_blocking=True)
+                v = v.to(self.compute_device, non_blocking=True)
+                self.io.copied_to_device_bytes += len(group) * self.page_bytes
+            yield PageGroup(k, v, start * ps, tier)
 
     def _unpack_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [num_kv_heads, chunk tokens, head_dim] that DISK chunks are unpacked into.
@@ -409,7 +428,10 @@ class PagedKV:
             finally:
                 self.readahead.give_back(buf)
             n_tokens = min(n * ps, length - c.first_page * ps)
-            k, v = k[:, :n_tokens].to(self.compute_device), v[:, :n_tokens].to(self.compute_device)
+            k, v = k[:, :n_tokens], v[:, :n_tokens]
+            if k.device != self.compute_device:
+                k, v = k.to(self.compute_device), v.to(self.compute_device)
+                self.io.copied_to_device_bytes += n * self.page_bytes
             for s in range(0, n_tokens, max_pages * ps):
                 e = min(n_tokens, s + max_pages * ps)
                 yield PageGroup(k[:, s:e], v[:, s:e], c.first_page * ps + s, Tier.DISK)

@@ -10,6 +10,10 @@ from each tier (what a pipelined fetch of layer l+1 during layer l wants)::
 
 The first pages (attention sinks) stay closest. A sequence's last, partly filled page is
 always on DEVICE: it is where new tokens are appended.
+
+A placement also says where attention over HOST pages runs: in ``delegated_layers`` it runs
+on the CPU where the pages are (only the query and the ``(out, lse)`` partial move: FlexGen's
+CPU delegation); elsewhere the pages are copied to the compute device.
 """
 from __future__ import annotations
 
@@ -23,16 +27,25 @@ __all__ = ["Placement", "fill_order_placement"]
 @dataclasses.dataclass(frozen=True, slots=True)
 class Placement:
     """Pages [0, device_pages) of every layer on DEVICE, the next host_pages on HOST, the rest
-    on DISK. None means unbounded (everything that remains)."""
+    on DISK. None means unbounded (everything that remains). HOST pages of the layers in
+    ``delegated_layers`` are attended on the CPU."""
 
     device_pages: int | None = None
     host_pages: int | None = 0
+    delegated_layers: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         for name in ("device_pages", "host_pages"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Placement.{name} must be >= 0 or None, got {value}")
+
+    def delegates(self, layer: int) -> bool:
+        """True when the layer's HOST pages are attended on the CPU, not fetched."""
+        return layer in self.delegated_layers
+
+    def with_delegation(self, layers: range | frozenset[int]) -> "Placement":
+        return dataclasses.replace(self, delegated_layers=frozenset(layers))
 
     def tier_of(self, page_id: int) -> Tier:
         if self.device_pages is None or page_id < self.device_pages:

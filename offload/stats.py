@@ -19,6 +19,10 @@ class RunStats:
         peak_bytes: high-water mark of KV pages held per tier, in bytes.
         weights_bytes: bytes of model weights (not part of the KV budgets).
         bytes_read_per_token: KV bytes attended per decoded token, by tier.
+        cpu_attended_bytes_per_token: of those, bytes attended in place by the CPU page kernel
+            (HOST pages under delegation; on a CPU-only machine also DEVICE pages), by tier.
+        copied_to_device_bytes_per_token: KV bytes copied to the compute device per decoded
+            token (0 on a CPU-only machine; HOST pages under delegation are not copied).
         fetch_wait_s / compute_s: decode time spent waiting for DISK reads / the rest.
         cold_reads: how DISK reads were kept cold ("o_direct" or "fadvise_dontneed").
         disk_bytes_written: DISK bytes written by the engine so far.
@@ -40,6 +44,8 @@ class RunStats:
     kv_dtype: str = ""
     stop_reason: str = ""
     bytes_read_per_token: dict[str, int] = dataclasses.field(default_factory=dict)
+    cpu_attended_bytes_per_token: dict[str, int] = dataclasses.field(default_factory=dict)
+    copied_to_device_bytes_per_token: int = 0
     fetch_wait_s: float = 0.0
     compute_s: float = 0.0
     cold_reads: str = ""

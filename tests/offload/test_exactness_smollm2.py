@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from offload.config import RuntimeConfig
+from offload.config import DecodeKernel, RuntimeConfig
 from offload.engine import Engine
 from offload.placement import Placement
 from storage import Tier
@@ -87,17 +87,24 @@ def test_shuffled_noncontiguous_pages_stay_exact(smollm2_source, hf_reference, e
     _check(engine, hf_reference, essay_prompt, 1024)
 
 
-# Placements of the Tiers issue: every full page on HOST, on DISK, and a mix of all three.
+# Placements of the Tiers issue: every full page on HOST, on DISK, and a mix of all three;
+# and the Kernels issue's CPU delegation: HOST pages attended by the Numba page kernel and
+# merged with the DEVICE part computed by another kernel (torch's fused op), in every layer
+# or in every other layer.
 PLACEMENTS = {
     "all-host": Placement.all_on(Tier.HOST),
     "all-disk": Placement.all_on(Tier.DISK),
     "mixed": Placement(device_pages=8, host_pages=8),  # pages 16.. on DISK
+    "host-delegated": Placement(device_pages=8, host_pages=None).with_delegation(range(30)),
+    "mixed-delegated": Placement(device_pages=8, host_pages=8).with_delegation(range(0, 30, 2)),
 }
+KERNELS = {"host-delegated": DecodeKernel.TORCH, "mixed-delegated": DecodeKernel.TORCH}
 
 
 def _tiered_engine(source, tmp_path, name, **kw) -> Engine:
+    kernel = KERNELS.get(name, DecodeKernel.AUTO)
     return Engine(source, RuntimeConfig(device="cpu", placement=PLACEMENTS[name], host_memory_bytes=512 * 2**20,
-                                        kv_dir=str(tmp_path), staging_chunk_pages=16, **kw))
+                                        kv_dir=str(tmp_path), staging_chunk_pages=16, decode_kernel=kernel, **kw))
 
 
 @pytest.mark.parametrize("name", list(PLACEMENTS))
@@ -107,10 +114,13 @@ def test_tiered_placements_match_transformers(smollm2_source, hf_reference, essa
     try:
         _check(engine, hf_reference, essay_prompt, n)
         read = engine.kv.io.bytes_read
-        if name != "all-host":
+        if name not in ("all-host", "host-delegated"):
             assert read["disk"] > 0
         if name != "all-disk":
             assert read["host"] > 0
+        if name.endswith("delegated"):  # HOST pages went through the CPU page kernel, in place
+            assert engine.kv.io.cpu_attended_bytes["host"] > 0
+            assert engine.kv.io.cpu_attended_bytes["device"] == 0  # the DEVICE part: torch's op
     finally:
         engine.close()
 

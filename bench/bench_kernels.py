@@ -1,0 +1,219 @@
+"""Achieved read bandwidth of the attention kernels beside the machine's own, in one run.
+
+    .venv/bin/python bench/bench_kernels.py                  # CPU kernels (Numba), 2 threads
+    .venv/bin/python bench/bench_kernels.py --json-out k.json
+    python3 bench/bench_kernels.py --device cuda             # Triton kernels (GPU machine)
+
+Each kernel's ratio is (bytes it must read) / median time / (read bandwidth of this device
+measured in the same run), so shared-machine noise hits both sides alike:
+
+- CPU reference: a Numba ``prange`` sum over a float32 array of ``--probe-mib`` MiB (much
+  larger than the last-level cache), with the same thread count as the kernels.
+- GPU reference: ``torch.sum`` over a ``--probe-mib`` MiB device tensor (a large device-memory
+  reduction); a device-to-device copy is printed beside it.
+
+Configurations are printed before measuring; each measurement is repeated ``--repeat`` times
+(after one warm-up call) and reported as median and spread (min-max). Never imported by the
+packages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def timed(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> list[float]:
+    fn()
+    sync()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def row(name: str, config: str, nbytes: int, times: list[float], ref_gbps: float) -> dict[str, Any]:
+    med = statistics.median(times)
+    gbps = nbytes / med / 1e9
+    r = {"kernel": name, "config": config, "bytes": nbytes, "median_ms": med * 1e3,
+         "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "gbps": gbps,
+         "ratio_to_read_bw": gbps / ref_gbps}
+    print(f"{name:<28} {config:<44} {r['median_ms']:9.3f} ms [{r['min_ms']:.3f}-{r['max_ms']:.3f}] "
+          f"{gbps:7.2f} GB/s  {r['ratio_to_read_bw']:6.1%} of read bw", flush=True)
+    return r
+
+
+# ----- CPU -----------------------------------------------------------------------------------
+def cpu_read_bandwidth(probe_mib: int, repeat: int) -> tuple[float, list[float]]:
+    import numba
+
+    @numba.njit(parallel=True, cache=True)
+    def _sum_nb(a):
+        n = a.shape[0]
+        chunks = numba.get_num_threads() * 8
+        step = (n + chunks - 1) // chunks
+        parts = np.zeros(chunks, dtype=np.float64)
+        for c in numba.prange(chunks):
+            s = np.float32(0.0)
+            for i in range(c * step, min(n, (c + 1) * step)):
+                s += a[i]
+            parts[c] = s
+        return parts.sum()
+
+    a = np.ones(probe_mib * 2**20 // 4, dtype=np.float32)
+    times = timed(lambda: _sum_nb(a), repeat, lambda: None)
+    return a.nbytes / statistics.median(times) / 1e9, times
+
+
+def bench_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import numba
+
+    import cpu_kernels
+
+    numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    ps, nkv, nq, hd = 32, 3, 9, 64
+    configs = [(n, dt) for n in args.cpu_tokens for dt in ("fp32", "bf16")]
+    print(f"CPU: {args.threads} threads; attention shape SmolLM2 ({nq} query / {nkv} KV heads, head_dim "
+          f"{hd}), page {ps}, pages at shuffled slots; contexts {args.cpu_tokens}; repeat {args.repeat}")
+    bw, bw_times = cpu_read_bandwidth(args.probe_mib, args.repeat)
+    print(f"read bandwidth reference: {bw:.2f} GB/s (Numba prange sum over {args.probe_mib} MiB, median of "
+          f"{args.repeat}, spread {min(bw_times) * 1e3:.1f}-{max(bw_times) * 1e3:.1f} ms)")
+    rows = []
+    rng = np.random.default_rng(0)
+    for tokens, dt in configs:
+        pages = -(-tokens // ps)
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        k = torch.randn(nkv, pages + 7, ps, hd).to(dtype)
+        v = torch.randn(nkv, pages + 7, ps, hd).to(dtype)
+        slots = rng.permutation(pages + 7)[:pages].astype(np.int32)
+        q = np.random.default_rng(1).standard_normal((nq, hd)).astype(np.float32)
+        nbytes = 2 * nkv * tokens * hd * k.element_size()
+        times = timed(lambda: cpu_kernels.attention_contiguous_pages(q, k, v, slots, tokens, scale=hd**-0.5),
+                      args.repeat, lambda: None)
+        rows.append(row("numba attention_pages", f"{tokens} tokens {dt}", nbytes, times, bw))
+    # Page scoring (Quest bounds) and 4-bit quantization of one layer's pages at the largest context.
+    tokens = max(args.cpu_tokens)
+    pages = tokens // ps
+    k = np.random.default_rng(2).standard_normal((nkv, pages, ps, hd)).astype(np.float32)
+    v = np.random.default_rng(3).standard_normal((nkv, pages, ps, hd)).astype(np.float32)
+    kmin, kmax = k.min(axis=2), k.max(axis=2)
+    slots = np.arange(pages, dtype=np.int32)
+    q = np.random.default_rng(4).standard_normal((nq, hd)).astype(np.float32)
+    times = timed(lambda: cpu_kernels.quest_page_scores(q, kmin, kmax, slots), args.repeat, lambda: None)
+    rows.append(row("numba quest_page_scores", f"{pages} pages", kmin.nbytes + kmax.nbytes, times, bw))
+    times = timed(lambda: cpu_kernels.quantize_pages_4bit(k, v), args.repeat, lambda: None)
+    rows.append(row("numba quantize_pages_4bit", f"{pages} pages fp32", k.nbytes + v.nbytes, times, bw))
+    qp = cpu_kernels.quantize_pages_4bit(k, v)
+    times = timed(lambda: cpu_kernels.dequantize_pages_4bit(qp), args.repeat, lambda: None)
+    rows.append(row("numba dequantize_pages_4bit", f"{pages} pages", qp.nbytes, times, bw))
+    return rows
+
+
+# ----- GPU -----------------------------------------------------------------------------------
+def bench_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from gpu_kernels.paged_attention import paged_decode_attention, sparse_paged_decode_attention
+
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize
+    ps, nkv, nq, hd = 32, 8, 32, 128
+    print(f"GPU: {torch.cuda.get_device_name(dev)}; Llama-3.1-8B attention shape ({nq} query / {nkv} KV heads, "
+          f"head_dim {hd}), bf16, page {ps}, shuffled slots; contexts {args.gpu_tokens}; repeat {args.repeat}")
+    probe = torch.ones(args.probe_mib * 2**20 // 4, dtype=torch.float32, device=dev)
+    sum_times = timed(lambda: probe.sum(), args.repeat, sync)
+    bw = probe.nbytes / statistics.median(sum_times) / 1e9
+    dst = torch.empty_like(probe)
+    copy_times = timed(lambda: dst.copy_(probe), args.repeat, sync)
+    copy_bw = 2 * probe.nbytes / statistics.median(copy_times) / 1e9
+    print(f"read bandwidth reference: {bw:.1f} GB/s (torch.sum over {args.probe_mib} MiB); device copy "
+          f"{copy_bw:.1f} GB/s (read + write)")
+    del dst
+    rows = []
+    for tokens in args.gpu_tokens:
+        pages = tokens // ps
+        k = torch.randn(nkv, pages + 5, ps, hd, device=dev, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        table = torch.randperm(pages + 5, device=dev)[:pages].to(torch.int32).view(1, -1)
+        lens = torch.tensor([tokens], dtype=torch.int32, device=dev)
+        q = torch.randn(1, nq, hd, device=dev, dtype=torch.bfloat16)
+        nbytes = 2 * nkv * tokens * hd * 2
+        times = timed(lambda: paged_decode_attention(q, k, v, table, lens, scale=hd**-0.5), args.repeat, sync)
+        rows.append(row("triton paged_decode", f"{tokens} tokens bf16", nbytes, times, bw))
+        sel = max(1, pages // 8)
+        selected = torch.stack([torch.randperm(pages, device=dev)[:sel] for _ in range(nkv)]).to(torch.int32)
+        num = torch.full((1, nkv), sel, dtype=torch.int32, device=dev)
+        times = timed(lambda: sparse_paged_decode_attention(q, k, v, table, lens, selected.view(1, nkv, sel), num,
+                                                            scale=hd**-0.5), args.repeat, sync)
+        rows.append(row("triton sparse_paged_decode", f"{tokens} tokens, 1/8 of pages", sel * ps * nkv * hd * 4,
+                        times, bw))
+        del k, v
+    rows += bench_gpu_sparse(args, dev, bw)
+    return rows
+
+
+def bench_gpu_sparse(args: argparse.Namespace, dev: torch.device, bw: float) -> list[dict[str, Any]]:
+    """Scoring and 4-bit kernels at the largest context (skipped if not built)."""
+    try:
+        from gpu_kernels.paged_attention_4bit import paged_decode_attention_4bit
+        from gpu_kernels.quant4 import quantize_pages_4bit
+        from gpu_kernels.scoring import quest_page_scores
+    except ImportError as e:
+        print(f"scoring / 4-bit kernels not measured: {e}")
+        return []
+    sync = torch.cuda.synchronize
+    ps, nkv, nq, hd = 32, 8, 32, 128
+    tokens = max(args.gpu_tokens)
+    pages = tokens // ps
+    k = torch.randn(nkv, pages, ps, hd, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(1, nq, hd, device=dev, dtype=torch.bfloat16)
+    table = torch.arange(pages, device=dev, dtype=torch.int32).view(1, -1)
+    lens = torch.tensor([tokens], dtype=torch.int32, device=dev)
+    kmin, kmax = k.amin(2), k.amax(2)
+    num_pages = torch.tensor([pages], dtype=torch.int32, device=dev)
+    rows = []
+    times = timed(lambda: quest_page_scores(q, kmin, kmax, table, num_pages), args.repeat, sync)
+    rows.append(row("triton quest_page_scores", f"{pages} pages", 2 * kmin.numel() * 2, times, bw))
+    times = timed(lambda: quantize_pages_4bit(k, v), args.repeat, sync)
+    rows.append(row("triton quantize_pages_4bit", f"{tokens} tokens bf16", 2 * k.numel() * 2, times, bw))
+    qp = quantize_pages_4bit(k, v)
+    times = timed(lambda: paged_decode_attention_4bit(q, qp, table, lens, scale=hd**-0.5), args.repeat, sync)
+    rows.append(row("triton paged_decode_4bit", f"{tokens} tokens", qp.nbytes, times, bw))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu (Numba kernels) or cuda (Triton kernels)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads (default 2)")
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--probe-mib", type=int, default=512, help="size of the read-bandwidth probe")
+    p.add_argument("--cpu-tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--gpu-tokens", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--json-out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.repeat < 3:
+        p.error("--repeat must be >= 3")
+    rows = bench_gpu(args) if args.device.startswith("cuda") else bench_cpu(args)
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""4-bit KV pages on the CPU (Numba): quantize full pages and dequantize them.
+
+The format is shared with the Triton kernels (``gpu_kernels.quant4``); only full pages are
+quantized:
+
+- keys per channel over the page's tokens (KIVI, Liu et al. 2024): ``k_scale``, ``k_min``
+  float16 [num_kv_heads, P, head_dim];
+- values per token in groups of G consecutive channels (FlexGen, Sheng et al. 2023), G = 32
+  if head_dim % 32 == 0 else 16: ``v_scale``, ``v_min`` float16 [num_kv_heads, P, page_size,
+  head_dim // G];
+- lo / hi are the group's min / max in float32, scale = (hi - lo) / 15 and min = lo are stored
+  rounded to float16; with s, m those float16 values back in float32,
+  code = clamp(floor((x - m) / s + 0.5), 0, 15), and 0 where s == 0;
+- codes two per byte, ``k_q`` / ``v_q`` uint8 [num_kv_heads, P, page_size, head_dim // 2]:
+  byte j holds channel 2j in its low nibble and channel 2j + 1 in its high nibble;
+- dequantized x = code * s + m in float32.
+
+The kernels use no fast-math: every division is IEEE float32, as in the references, so codes
+match them bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from cpu_kernels.halfbits import f16_bits_to_f32, f32_to_f16_bits, load_page
+from cpu_kernels.inputs import kernel_pages
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QUANT4_LEVELS", "Quant4PagesNp", "dequantize_pages_4bit", "quantize_pages_4bit",
+           "value_group_size"]
+
+QUANT4_LEVELS = 15  # codes 0..15
+
+
+def value_group_size(head_dim: int) -> int:
+    """Channels per value group: 32 if head_dim % 32 == 0 else 16.
+
+    Raises:
+        ValueError: head_dim is not a positive multiple of 16.
+    """
+    if head_dim < 16 or head_dim % 16:
+        raise ValueError(f"head_dim must be a positive multiple of 16 for 4-bit pages, got {head_dim}")
+    return 32 if head_dim % 32 == 0 else 16
+
+
+@dataclass(frozen=True, slots=True)
+class Quant4PagesNp:
+    """4-bit K/V pages as numpy arrays; page p of the input is index p (format: module doc).
+
+    Invariants (checked on construction): codes are uint8, scales and mins float16, shapes
+    agree as documented and head_dim is a multiple of 16.
+    """
+
+    k_q: np.ndarray  # [num_kv_heads, P, page_size, head_dim // 2] uint8
+    k_scale: np.ndarray  # [num_kv_heads, P, head_dim] float16
+    k_min: np.ndarray  # [num_kv_heads, P, head_dim] float16
+    v_q: np.ndarray  # [num_kv_heads, P, page_size, head_dim // 2] uint8
+    v_scale: np.ndarray  # [num_kv_heads, P, page_size, head_dim // G] float16
+    v_min: np.ndarray  # [num_kv_heads, P, page_size, head_dim // G] float16
+
+    def __post_init__(self) -> None:
+        if self.k_q.ndim != 4 or self.k_q.dtype != np.uint8:
+            raise ValueError(f"k_q must be uint8 [num_kv_heads, P, page_size, head_dim // 2], "
+                             f"got {self.k_q.dtype} {self.k_q.shape}")
+        nkv, num_pages, page_size, half = self.k_q.shape
+        group = value_group_size(2 * half)
+        stats = (nkv, num_pages, 2 * half)
+        vstats = (nkv, num_pages, page_size, 2 * half // group)
+        for name, shape, dtype in (("k_scale", stats, np.float16), ("k_min", stats, np.float16),
+                                   ("v_q", self.k_q.shape, np.uint8),
+                                   ("v_scale", vstats, np.float16), ("v_min", vstats, np.float16)):
+            arr = getattr(self, name)
+            if arr.shape != shape or arr.dtype != dtype:
+                raise ValueError(f"{name} must be {np.dtype(dtype)} {shape}, got {arr.dtype} {arr.shape}")
+
+    @property
+    def head_dim(self) -> int:
+        return 2 * self.k_q.shape[3]
+
+    @property
+    def group_size(self) -> int:
+        """Channels per value group (G)."""
+        return value_group_size(self.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the six arrays together."""
+        return sum(a.nbytes for a in (self.k_q, self.k_scale, self.k_min, self.v_q,
+                                      self.v_scale, self.v_min))
+
+
+@njit(cache=True, nogil=True)
+def _quantize_group_nb(lo, hi):
+    """fp16 bits of (scale, min) for float32 lo / hi, and the scale / min back in float32."""
+    s16 = f32_to_f16_bits((hi - lo) / np.float32(QUANT4_LEVELS))
+    m16 = f32_to_f16_bits(lo)
+    return s16, m16, f16_bits_to_f32(s16), f16_bits_to_f32(m16)
+
+
+@njit(cache=True, nogil=True)
+def _code_nb(x, s, m):
+    """The 4-bit code of float32 x for float32 scale s and min m."""
+    if s == 0.0:
+        return 0
+    c = np.floor((x - m) / s + np.float32(0.5))
+    return int(min(max(c, np.float32(0.0)), np.float32(QUANT4_LEVELS)))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_keys_page_nb(page, q_out, s_out, m_out, stats):
+    page_size, head_dim = page.shape
+    lo, hi = stats[0], stats[1]
+    # Step 1: per-channel min / max over the tokens (rows), then fp16 scale and min; stats
+    # rows 0 / 1 become the float32 values of those fp16 numbers.
+    lo[:] = page[0]
+    hi[:] = page[0]
+    for t in range(1, page_size):
+        for c in range(head_dim):
+            lo[c] = min(lo[c], page[t, c])
+            hi[c] = max(hi[c], page[t, c])
+    for c in range(head_dim):
+        s_out[c], m_out[c], hi[c], lo[c] = _quantize_group_nb(lo[c], hi[c])
+    # Step 2: codes of channels 2j (low nibble) and 2j + 1 (high nibble) per byte.
+    for t in range(page_size):
+        for j in range(head_dim // 2):
+            low = _code_nb(page[t, 2 * j], hi[2 * j], lo[2 * j])
+            high = _code_nb(page[t, 2 * j + 1], hi[2 * j + 1], lo[2 * j + 1])
+            q_out[t, j] = low | (high << 4)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_values_page_nb(page, group, q_out, s_out, m_out):
+    page_size, head_dim = page.shape
+    for t in range(page_size):
+        for gi in range(head_dim // group):
+            c0 = gi * group
+            # Step 1: min / max of the token's group; fp16 scale and min.
+            lo = page[t, c0]
+            hi = page[t, c0]
+            for c in range(c0 + 1, c0 + group):
+                lo = min(lo, page[t, c])
+                hi = max(hi, page[t, c])
+            s_out[t, gi], m_out[t, gi], s, m = _quantize_group_nb(lo, hi)
+            # Step 2: packed codes of the group (G is even, so bytes never straddle groups).
+            for j in range(c0 // 2, (c0 + group) // 2):
+                q_out[t, j] = _code_nb(page[t, 2 * j], s, m) | (_code_nb(page[t, 2 * j + 1], s, m) << 4)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _quantize_pages_nb(k_pages, v_pages, group, k_q, k_scale, k_min, v_q, v_scale, v_min):
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    for it in prange(num_kv_heads * num_pages):
+        h, p = it // num_pages, it % num_pages
+        buf = np.empty((page_size, head_dim), dtype=np.float32)
+        stats = np.empty((2, head_dim), dtype=np.float32)
+        _quantize_keys_page_nb(load_page(k_pages, h, p, page_size, buf), k_q[h, p],
+                               k_scale[h, p], k_min[h, p], stats)
+        _quantize_values_page_nb(load_page(v_pages, h, p, page_size, buf), group, v_q[h, p],
+                                 v_scale[h, p], v_min[h, p])
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _dequantize_pages_nb(k_q, k_scale, k_min, v_q, v_scale, v_min, group, k_out, v_out):
+    num_kv_heads, num_pages, page_size, half = k_q.shape
+    for it in prange(num_kv_heads * num_pages):
+        h, p = it // num_pages, it % num_pages
+        for t in range(page_size):
+            for j in range(half):
+                # Keys: per-channel scale / min; values: per (token, group).
+                kb = k_q[h, p, t, j]
+                c = 2 * j
+                k_out[h, p, t, c] = (np.float32(kb & 15) * f16_bits_to_f32(k_scale[h, p, c])
+                                     + f16_bits_to_f32(k_min[h, p, c]))
+                k_out[h, p, t, c + 1] = (np.float32(kb >> 4) * f16_bits_to_f32(k_scale[h, p, c + 1])
+                                         + f16_bits_to_f32(k_min[h, p, c + 1]))
+                vb = v_q[h, p, t, j]
+                gi = 2 * j // group
+                s = f16_bits_to_f32(v_scale[h, p, t, gi])
+                m = f16_bits_to_f32(v_min[h, p, t, gi])
+                v_out[h, p, t, 2 * j] = np.float32(vb & 15) * s + m
+                v_out[h, p, t, 2 * j + 1] = np.float32(vb >> 4) * s + m
+
+
+def quantize_pages_4bit(k_pages: Any, v_pages: Any) -> Quant4PagesNp:
+    """Quantize full K/V pages to the 4-bit format of the module docstring.
+
+    Args:
+        k_pages, v_pages: [num_kv_heads, P, page_size, head_dim] pages, every one full (the
+            runtime keeps a partial tail page in full precision): numpy float32/float16 or CPU
+            torch float32/float16/bfloat16, one dtype, any strides. head_dim must be a multiple
+            of 16 and the values lie within float16's range (scales and mins are float16).
+
+    Returns:
+        The quantized pages as numpy arrays (new memory).
+
+    Raises:
+        ValueError: a bad dtype, shape or head_dim.
+    """
+    k = kernel_pages(k_pages, "k_pages", 4)
+    v = kernel_pages(v_pages, "v_pages", 4)
+    if k.shape != v.shape or k.dtype != v.dtype:
+        raise ValueError(f"k_pages and v_pages must share shape and dtype, got {k.shape} {k.dtype} "
+                         f"and {v.shape} {v.dtype}")
+    nkv, num_pages, page_size, head_dim = k.shape
+    group = value_group_size(head_dim)
+    if page_size == 0:
+        raise ValueError("page_size must be positive")
+    k_q = np.empty((nkv, num_pages, page_size, head_dim // 2), dtype=np.uint8)
+    v_q = np.empty_like(k_q)
+    k_scale = np.empty((nkv, num_pages, head_dim), dtype=np.float16)
+    k_min = np.empty_like(k_scale)
+    v_scale = np.empty((nkv, num_pages, page_size, head_dim // group), dtype=np.float16)
+    v_min = np.empty_like(v_scale)
+    _quantize_pages_nb(k, v, group, k_q, k_scale.view(np.uint16), k_min.view(np.uint16), v_q,
+                       v_scale.view(np.uint16), v_min.view(np.uint16))
+    return Quant4PagesNp(k_q, k_scale, k_min, v_q, v_scale, v_min)
+
+
+def dequantize_pages_4bit(qp: Quant4PagesNp) -> tuple[np.ndarray, np.ndarray]:
+    """(K, V) float32 [num_kv_heads, P, page_size, head_dim] of 4-bit pages: code * s + m.
+
+    Raises:
+        ValueError: ``qp`` is not a Quant4PagesNp.
+    """
+    if not isinstance(qp, Quant4PagesNp):
+        raise ValueError(f"qp must be a Quant4PagesNp, got {type(qp).__name__}")
+    nkv, num_pages, page_size, half = qp.k_q.shape
+    k = np.empty((nkv, num_pages, page_size, 2 * half), dtype=np.float32)
+    v = np.empty_like(k)
+    _dequantize_pages_nb(qp.k_q, qp.k_scale.view(np.uint16), qp.k_min.view(np.uint16), qp.v_q,
+                         qp.v_scale.view(np.uint16), qp.v_min.view(np.uint16), qp.group_size, k, v)
+    return k, v

@@ -1,0 +1,124 @@
+"""Decode attention computed where the pages are, merged by log-sum-exp.
+
+One decode query of a layer attends over the layer's stored pages, tier by tier::
+
+    DEVICE pages  -> one in-place paged kernel over the arena (no gather):
+                       CUDA: Triton paged decode attention (split-KV);
+                       CPU:  the Numba page kernel (or torch's fused flash op over views)
+    HOST pages    -> delegated: the Numba page kernel on the CPU, in place in the HOST arena;
+                       only q goes there and (out, lse) comes back (FlexGen's CPU delegation);
+                     not delegated: copied to the compute device by groups, attended there
+    DISK pages    -> staged chunks (``PagedKV.disk_groups``), attended on the compute device
+    all pieces    -> merged by log-sum-exp
+
+Which layers delegate is the ``Placement``'s decision (``delegated_layers``). On a CPU-only
+machine HOST and DEVICE are the same RAM, so both are attended in place either way.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from cpu_kernels import flash_torch
+from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
+from offload.config import DecodeKernel
+from offload.paged_kv import KVSequence, PagedKV
+from storage import PageArena, Tier
+
+__all__ = ["DecodeKernel", "DecodeAttention"]
+
+Partial = tuple[torch.Tensor, torch.Tensor]
+
+
+class DecodeAttention:
+    """Attention of one decode query over a layer's stored pages.
+
+    Args:
+        kv: the paged KV (arenas, tables, DISK staging).
+        num_kv_heads, group_size, head_dim: the model's attention shape.
+        scale: softmax scale.
+        device: the compute device.
+        kernel: the kernel for DEVICE pages.
+    """
+
+    def __init__(self, kv: PagedKV, *, num_kv_heads: int, group_size: int, head_dim: int, scale: float,
+                 device: torch.device, kernel: DecodeKernel = DecodeKernel.AUTO) -> None:
+        self.kv = kv
+        self.num_kv_heads, self.group_size, self.head_dim = num_kv_heads, group_size, head_dim
+        self.scale = scale
+        self.device = device
+        if kernel == DecodeKernel.AUTO:
+            kernel = DecodeKernel.TRITON if device.type == "cuda" else DecodeKernel.NUMBA
+        self.kernel = kernel
+
+    def __call__(self, seq: KVSequence, layer: int, q: torch.Tensor, *, delegate_host: bool) -> torch.Tensor:
+        """q [1, num_heads, head_dim] on the compute device -> [1, num_heads * head_dim]."""
+        ps = self.kv.page_size
+        length = seq.lengths[layer]
+        in_place: dict[Tier, tuple[list[int], int]] = {}  # tier -> (slots, tokens)
+        outs: list[torch.Tensor] = []
+        lses: list[torch.Tensor] = []
+        for tier, first, slots in self.kv.segments(seq, layer):
+            tokens = min(len(slots) * ps, length - first * ps)
+            if tier == Tier.DEVICE and self.kernel != DecodeKernel.TORCH:
+                self._collect(in_place, tier, slots, tokens)
+            elif tier == Tier.HOST and (delegate_host or self.device.type == "cpu"
+                                        and self.kernel == DecodeKernel.NUMBA):
+                self._collect(in_place, tier, slots, tokens)
+            else:
+                for g in self.kv.page_groups(seq, layer, tier, first, slots, self._max_group_tokens()):
+                    out, lse = self._group_partial(q, g.k, g.v)
+                    outs.append(out)
+                    lses.append(lse)
+        for tier, (slots, tokens) in in_place.items():
+            pool = self.kv.pool(tier)
+            if tier == Tier.DEVICE and self.kernel == DecodeKernel.TRITON:
+                out, lse = self._triton_pages(q, pool, slots, tokens)
+            else:
+                out, lse = self._numba_pages(q, pool, slots, tokens)
+                self.kv.io.cpu_attended_bytes[tier.value] += len(slots) * self.kv.page_bytes
+            self.kv.io.bytes_read[tier.value] += len(slots) * self.kv.page_bytes
+            outs.append(out)
+            lses.append(lse)
+        out = outs[0] if len(outs) == 1 else merge_partials_ref(outs, lses)[0]
+        return out.reshape(1, -1).to(q.dtype)
+
+    @staticmethod
+    def _collect(acc: dict[Tier, tuple[list[int], int]], tier: Tier, slots: list[int], tokens: int) -> None:
+        # Only a sequence's last page can be partial, and it is always on DEVICE, so the
+        # DEVICE segments concatenated in page order keep every full page before it.
+        have, n = acc.get(tier, ([], 0))
+        acc[tier] = (have + slots, n + tokens)
+
+    def _max_group_tokens(self) -> int:
+        return 65536 if flash_torch.is_available(self.device) else 8192
+
+    def _group_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
+        """(out, lse) [num_heads, head_dim] / [num_heads] over a [nkv, n, hd] piece."""
+        qg = q.view(self.num_kv_heads, self.group_size, 1, self.head_dim)
+        fn: Callable[..., Partial] = (flash_torch.attention_partial_flash if flash_torch.is_available(q.device)
+                                      else attention_partial_ref)
+        out, lse = fn(qg, k.to(q.dtype), v.to(q.dtype), scale=self.scale)
+        return out.reshape(-1, self.head_dim), lse.reshape(-1)
+
+    def _numba_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
+        """In place over a CPU arena (DEVICE on a CPU machine, or HOST): only q moves."""
+        from cpu_kernels import attention_contiguous_pages
+
+        q_cpu = q.reshape(-1, self.head_dim).float().cpu().numpy()
+        out, lse = attention_contiguous_pages(q_cpu, pool.k, pool.v, np.asarray(slots, dtype=np.int32), tokens,
+                                              scale=self.scale)
+        return (torch.from_numpy(out).to(self.device, non_blocking=True),
+                torch.from_numpy(lse).to(self.device, non_blocking=True))
+
+    def _triton_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
+        """In place over the DEVICE arena through a one-row block table."""
+        from gpu_kernels.paged_attention import paged_decode_attention
+
+        table = torch.tensor([slots], dtype=torch.int32).to(self.device, non_blocking=True)
+        lens = torch.tensor([tokens], dtype=torch.int32).to(self.device, non_blocking=True)
+        out, lse = paged_decode_attention(q.reshape(1, -1, self.head_dim), pool.k, pool.v, table, lens,
+                                          scale=self.scale)
+        return out[0], lse[0]
