@@ -7,9 +7,13 @@ result ``(out, lse)`` moves, to be merged with the device part by log-sum-exp.
 Work is split flash-decoding style: every KV head's page list is cut into page ranges, one
 range per parallel item, so two threads have work even with one KV head. An item streams its
 pages once: each page of K and V is read while all query heads of the KV group use it (GQA),
-with an online softmax rescaled once per page. The per-range partials are merged by
-log-sum-exp at the end. Layout of the page arena: ``docs/layout.md`` (head-major
-``[num_kv_heads, num_slots, page_size, head_dim]``).
+with an online softmax rescaled once per page, and the next listed page is prefetched row by
+row meanwhile (listed pages sit at scattered slots, which defeats the hardware prefetcher).
+The per-range partials are merged by log-sum-exp at the end. Layout of the page arena:
+``docs/layout.md`` (head-major ``[num_kv_heads, num_slots, page_size, head_dim]``).
+
+Speed (this 2-core machine, 2 threads, SmolLM2 shapes, 8K tokens of fp32 pages at shuffled
+slots read from memory): ~0.45-0.5 ms per call, ~25-28 GB/s of K and V.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from cpu_kernels.inputs import (
     numba_threads,
     query_matrix,
 )
-from cpu_kernels.prefetch import prefetch_page
+from cpu_kernels.prefetch import prefetch_rows
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +50,12 @@ _EXP_FLOOR = np.float32(-87.0)  # exp below this is under float32's smallest nor
 
 @njit(inline="always", nogil=True, fastmath=_FASTMATH)
 def _exp_nonpositive(x):
-    """exp(x) for float32 x <= 0 (-inf gives 0) within 3 ulp, branch-free so loops vectorize.
+    """exp(x) for float32 x <= 0 (0 below -87, so -inf gives 0); branch-free so the loop over
+    a page's scores vectorizes (libm's expf is a call per element).
 
     Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, then a degree-7 Taylor polynomial
-    (truncation error < 1e-8) scaled by 2**k built from its exponent bits.
+    (truncation error < 1e-8) scaled by 2**k built from its exponent bits. Relative error
+    measured against float64 exp: below 3e-7 (about 2 ulp).
     """
     xc = max(x, _EXP_FLOOR)
     k = np.floor(xc * _LOG2E + np.float32(0.5))
@@ -86,13 +92,15 @@ def _attend_range_nb(q, k_pages, v_pages, slots, lens, h, start, stop, scale, ac
         if n <= 0:
             continue
         slot = slots[h, i]
-        # Step 0: ask for the next listed page while this one is computed on.
-        if i + 1 < stop and lens[h, i + 1] > 0:
-            prefetch_page(k_pages, h, slots[h, i + 1], lens[h, i + 1])
-            prefetch_page(v_pages, h, slots[h, i + 1], lens[h, i + 1])
+        # The next listed page's rows are requested one row per row computed here (a hint
+        # spread over the work); rows it has beyond this page's n go at the end.
+        next_n = lens[h, i + 1] if i + 1 < stop else 0
+        next_slot = slots[h, i + 1] if next_n > 0 else slot
         # Step 1: scores of every query head of the group against the page's valid keys.
         kp = load_page(k_pages, h, slot, n, kbuf)
         for t in range(n):
+            if t < next_n:
+                prefetch_rows(k_pages, h, next_slot, t, t + 1)
             for g in range(group):
                 dot = np.float32(0.0)
                 for d in range(head_dim):
@@ -118,10 +126,15 @@ def _attend_range_nb(q, k_pages, v_pages, slots, lens, h, start, stop, scale, ac
         # Step 3: accumulate p * v while the page's values are in cache.
         vp = load_page(v_pages, h, slot, n, vbuf)
         for t in range(n):
+            if t < next_n:
+                prefetch_rows(v_pages, h, next_slot, t, t + 1)
             for g in range(group):
                 p = s[g, t]
                 for d in range(head_dim):
                     acc[g, d] += p * vp[t, d]
+        if next_n > n:
+            prefetch_rows(k_pages, h, next_slot, n, next_n)
+            prefetch_rows(v_pages, h, next_slot, n, next_n)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)

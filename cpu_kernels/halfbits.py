@@ -100,31 +100,14 @@ def load_row(src, h, slot, buf):  # pragma: no cover - replaced by the overload 
 
 
 @njit(cache=True, nogil=True)
-def _f16_to_buf(row, out):
-    for c in range(row.shape[0]):
-        out[c] = f16_bits_to_f32(row[c])
+def _f32_value(x):
+    return x
 
 
-@njit(cache=True, nogil=True)
-def _bf16_to_buf(row, out):
-    for c in range(row.shape[0]):
-        out[c] = np.uint32(np.uint32(row[c]) << np.uint32(16)).view(np.float32)
-
-
-@njit(cache=True, nogil=True)
-def _f32_to_buf(row, out):
-    for c in range(row.shape[0]):
-        out[c] = row[c]
-
-
-def _row_converter(dtype):
-    if dtype == types.float32:
-        return _f32_to_buf
-    if dtype == types.uint16:
-        return _f16_to_buf
-    if dtype == types.int16:
-        return _bf16_to_buf
-    return None
+def _element_converter(dtype):
+    """The njit function widening one element of ``dtype`` to float32 (None: unsupported)."""
+    return {types.float32: _f32_value, types.uint16: f16_bits_to_f32,
+            types.int16: bf16_bits_to_f32}.get(dtype)
 
 
 @overload(load_page, jit_options={"nogil": True})
@@ -133,14 +116,15 @@ def _load_page_impl(src, h, slot, n, buf):
         def view(src, h, slot, n, buf):
             return src[h, slot]
         return view
-    convert = _row_converter(src.dtype)
+    convert = _element_converter(src.dtype)
     if convert is None:
         return None
 
     def copy(src, h, slot, n, buf):
         page = src[h, slot]
         for t in range(n):
-            convert(page[t], buf[t])
+            for c in range(buf.shape[1]):
+                buf[t, c] = convert(page[t, c])
         return buf
     return copy
 
@@ -151,11 +135,13 @@ def _load_row_impl(src, h, slot, buf):
         def view(src, h, slot, buf):
             return src[h, slot]
         return view
-    convert = _row_converter(src.dtype)
+    convert = _element_converter(src.dtype)
     if convert is None:
         return None
 
     def copy(src, h, slot, buf):
-        convert(src[h, slot], buf)
+        row = src[h, slot]
+        for c in range(buf.shape[0]):
+            buf[c] = convert(row[c])
         return buf
     return copy

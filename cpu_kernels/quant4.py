@@ -105,15 +105,23 @@ def _quantize_group_nb(lo, hi):
 
 @njit(cache=True, nogil=True)
 def _code_nb(x, s, m):
-    """The 4-bit code of float32 x for float32 scale s and min m."""
-    if s == 0.0:
-        return 0
-    c = np.floor((x - m) / s + np.float32(0.5))
-    return int(min(max(c, np.float32(0.0)), np.float32(QUANT4_LEVELS)))
+    """The 4-bit code (uint8) of float32 x for float32 scale s and min m; selects only, so
+    loops over a row vectorize."""
+    safe = s if s != 0.0 else np.float32(1.0)
+    c = np.floor((x - m) / safe + np.float32(0.5))
+    c = min(max(c, np.float32(0.0)), np.float32(QUANT4_LEVELS))
+    return np.uint8(c if s != 0.0 else np.float32(0.0))
+
+
+@njit(cache=True, nogil=True)
+def _pack_row_nb(codes, q_out):
+    """Byte j = codes[2j] | codes[2j + 1] << 4."""
+    for j in range(q_out.shape[0]):
+        q_out[j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_keys_page_nb(page, q_out, s_out, m_out, stats):
+def _quantize_keys_page_nb(page, q_out, s_out, m_out, stats, codes):
     page_size, head_dim = page.shape
     lo, hi = stats[0], stats[1]
     # Step 1: per-channel min / max over the tokens (rows), then fp16 scale and min; stats
@@ -126,16 +134,15 @@ def _quantize_keys_page_nb(page, q_out, s_out, m_out, stats):
             hi[c] = max(hi[c], page[t, c])
     for c in range(head_dim):
         s_out[c], m_out[c], hi[c], lo[c] = _quantize_group_nb(lo[c], hi[c])
-    # Step 2: codes of channels 2j (low nibble) and 2j + 1 (high nibble) per byte.
+    # Step 2: a row of codes, then channels 2j (low nibble) and 2j + 1 (high) per byte.
     for t in range(page_size):
-        for j in range(head_dim // 2):
-            low = _code_nb(page[t, 2 * j], hi[2 * j], lo[2 * j])
-            high = _code_nb(page[t, 2 * j + 1], hi[2 * j + 1], lo[2 * j + 1])
-            q_out[t, j] = low | (high << 4)
+        for c in range(head_dim):
+            codes[c] = _code_nb(page[t, c], hi[c], lo[c])
+        _pack_row_nb(codes, q_out[t])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_values_page_nb(page, group, q_out, s_out, m_out):
+def _quantize_values_page_nb(page, group, q_out, s_out, m_out, codes):
     page_size, head_dim = page.shape
     for t in range(page_size):
         for gi in range(head_dim // group):
@@ -147,9 +154,10 @@ def _quantize_values_page_nb(page, group, q_out, s_out, m_out):
                 lo = min(lo, page[t, c])
                 hi = max(hi, page[t, c])
             s_out[t, gi], m_out[t, gi], s, m = _quantize_group_nb(lo, hi)
-            # Step 2: packed codes of the group (G is even, so bytes never straddle groups).
-            for j in range(c0 // 2, (c0 + group) // 2):
-                q_out[t, j] = _code_nb(page[t, 2 * j], s, m) | (_code_nb(page[t, 2 * j + 1], s, m) << 4)
+            # Step 2: the group's codes; the row is packed once all groups are done.
+            for c in range(c0, c0 + group):
+                codes[c] = _code_nb(page[t, c], s, m)
+        _pack_row_nb(codes, q_out[t])
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
@@ -159,10 +167,36 @@ def _quantize_pages_nb(k_pages, v_pages, group, k_q, k_scale, k_min, v_q, v_scal
         h, p = it // num_pages, it % num_pages
         buf = np.empty((page_size, head_dim), dtype=np.float32)
         stats = np.empty((2, head_dim), dtype=np.float32)
+        codes = np.empty(head_dim, dtype=np.uint8)
         _quantize_keys_page_nb(load_page(k_pages, h, p, page_size, buf), k_q[h, p],
-                               k_scale[h, p], k_min[h, p], stats)
+                               k_scale[h, p], k_min[h, p], stats, codes)
         _quantize_values_page_nb(load_page(v_pages, h, p, page_size, buf), group, v_q[h, p],
-                                 v_scale[h, p], v_min[h, p])
+                                 v_scale[h, p], v_min[h, p], codes)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _dequantize_keys_page_nb(codes, scale16, min16, out, s, m):
+    """One page's keys: per-channel scale / min (widened once into s, m), then code * s + m."""
+    for c in range(s.shape[0]):
+        s[c] = f16_bits_to_f32(scale16[c])
+        m[c] = f16_bits_to_f32(min16[c])
+    for t in range(codes.shape[0]):
+        for j in range(codes.shape[1]):
+            out[t, 2 * j] = np.float32(codes[t, j] & 15) * s[2 * j] + m[2 * j]
+            out[t, 2 * j + 1] = np.float32(codes[t, j] >> 4) * s[2 * j + 1] + m[2 * j + 1]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _dequantize_values_page_nb(codes, scale16, min16, group, out):
+    """One page's values: per (token, group) scale / min, then code * s + m."""
+    half_group = group // 2
+    for t in range(codes.shape[0]):
+        for gi in range(scale16.shape[1]):
+            s = f16_bits_to_f32(scale16[t, gi])
+            m = f16_bits_to_f32(min16[t, gi])
+            for j in range(gi * half_group, (gi + 1) * half_group):
+                out[t, 2 * j] = np.float32(codes[t, j] & 15) * s + m
+                out[t, 2 * j + 1] = np.float32(codes[t, j] >> 4) * s + m
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
@@ -170,21 +204,10 @@ def _dequantize_pages_nb(k_q, k_scale, k_min, v_q, v_scale, v_min, group, k_out,
     num_kv_heads, num_pages, page_size, half = k_q.shape
     for it in prange(num_kv_heads * num_pages):
         h, p = it // num_pages, it % num_pages
-        for t in range(page_size):
-            for j in range(half):
-                # Keys: per-channel scale / min; values: per (token, group).
-                kb = k_q[h, p, t, j]
-                c = 2 * j
-                k_out[h, p, t, c] = (np.float32(kb & 15) * f16_bits_to_f32(k_scale[h, p, c])
-                                     + f16_bits_to_f32(k_min[h, p, c]))
-                k_out[h, p, t, c + 1] = (np.float32(kb >> 4) * f16_bits_to_f32(k_scale[h, p, c + 1])
-                                         + f16_bits_to_f32(k_min[h, p, c + 1]))
-                vb = v_q[h, p, t, j]
-                gi = 2 * j // group
-                s = f16_bits_to_f32(v_scale[h, p, t, gi])
-                m = f16_bits_to_f32(v_min[h, p, t, gi])
-                v_out[h, p, t, 2 * j] = np.float32(vb & 15) * s + m
-                v_out[h, p, t, 2 * j + 1] = np.float32(vb >> 4) * s + m
+        s = np.empty(2 * half, dtype=np.float32)
+        m = np.empty(2 * half, dtype=np.float32)
+        _dequantize_keys_page_nb(k_q[h, p], k_scale[h, p], k_min[h, p], k_out[h, p], s, m)
+        _dequantize_values_page_nb(v_q[h, p], v_scale[h, p], v_min[h, p], group, v_out[h, p])
 
 
 def quantize_pages_4bit(k_pages: Any, v_pages: Any) -> Quant4PagesNp:

@@ -8,7 +8,8 @@ One decode query of a layer attends over the layer's stored pages, tier by tier:
     HOST pages    -> delegated: the Numba page kernel on the CPU, in place in the HOST arena;
                        only q goes there and (out, lse) comes back (FlexGen's CPU delegation);
                      not delegated: copied to the compute device by groups, attended there
-    DISK pages    -> staged chunks (``PagedKV.disk_groups``), attended on the compute device
+    DISK pages    -> staged chunks (``PagedKV.page_groups``), attended on the compute device
+                     (CUDA: the same Triton kernel, a chunk read as one-token pages)
     all pieces    -> merged by log-sum-exp
 
 Which layers delegate is the ``Placement``'s decision (``delegated_layers``). On a CPU-only
@@ -52,6 +53,7 @@ class DecodeAttention:
         if kernel == DecodeKernel.AUTO:
             kernel = DecodeKernel.TRITON if device.type == "cuda" else DecodeKernel.NUMBA
         self.kernel = kernel
+        self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
 
     def __call__(self, seq: KVSequence, layer: int, q: torch.Tensor, *, delegate_host: bool) -> torch.Tensor:
         """q [1, num_heads, head_dim] on the compute device -> [1, num_heads * head_dim]."""
@@ -97,6 +99,8 @@ class DecodeAttention:
 
     def _group_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
         """(out, lse) [num_heads, head_dim] / [num_heads] over a [nkv, n, hd] piece."""
+        if self.kernel == DecodeKernel.TRITON:
+            return self._triton_tokens(q, k, v)
         qg = q.view(self.num_kv_heads, self.group_size, 1, self.head_dim)
         fn: Callable[..., Partial] = (flash_torch.attention_partial_flash if flash_torch.is_available(q.device)
                                       else attention_partial_ref)
@@ -112,6 +116,21 @@ class DecodeAttention:
                                               scale=self.scale)
         return (torch.from_numpy(out).to(self.device, non_blocking=True),
                 torch.from_numpy(lse).to(self.device, non_blocking=True))
+
+    def _triton_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
+        """A fetched piece [nkv, n, hd] through the same paged kernel, read as n one-token
+        pages (a view: no padding copy for a partial last page; the table costs 4 bytes per
+        token beside 2 * nkv * hd * dtype bytes of K and V)."""
+        from gpu_kernels.paged_attention import paged_decode_attention
+
+        n = k.shape[1]
+        if self._token_table is None or self._token_table.shape[1] < n:
+            self._token_table = torch.arange(max(n, 4096), dtype=torch.int32, device=self.device).view(1, -1)
+        lens = torch.tensor([n], dtype=torch.int32).to(self.device, non_blocking=True)
+        out, lse = paged_decode_attention(q.reshape(1, -1, self.head_dim), k.unsqueeze(2).to(q.dtype),
+                                          v.unsqueeze(2).to(q.dtype), self._token_table[:, :n], lens,
+                                          scale=self.scale)
+        return out[0], lse[0]
 
     def _triton_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
         """In place over the DEVICE arena through a one-row block table."""

@@ -17,7 +17,6 @@ from tests.cpu_kernels.arenas import (
     NUM_KV_HEADS,
     Selection,
     make_selection,
-    nan_arena,
     page_lens,
     to_numpy_f32,
 )

@@ -66,8 +66,8 @@ def test_kernels_compiled_for_haswell(tmp_path):
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     tols = [*KERNEL_TOL[torch.float32], LSE_ATOL[torch.float32]]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, tols)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, tols)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
