@@ -84,6 +84,10 @@ def cpu_read_bandwidth(probe_mib: int, repeat: int) -> tuple[float, list[float]]
         print(f"  read probe {name:<18} {gbps:6.2f} GB/s (median of {repeat}, {min(times) * 1e3:.1f}-"
               f"{max(times) * 1e3:.1f} ms over {probe_mib} MiB)")
         best = max(best, (gbps, times))
+    dst = np.empty_like(a)
+    times = timed(lambda: np.copyto(dst, a), repeat, lambda: None)
+    print(f"  (for comparison: numpy copy of {probe_mib} MiB {2 * a.nbytes / statistics.median(times) / 1e9:.2f} "
+          "GB/s read + write, one thread)")
     return best
 
 
