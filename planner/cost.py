@@ -1,0 +1,259 @@
+"""Cost model: predicted decode step and prefill time of a problem under a placement.
+
+The shape follows FlexGen (Sheng et al. 2023): per layer, a compute time and one time per
+I/O leg, each linear in the placement; the layer takes the time of its slowest chain of legs
+that cannot overlap; a step is the sum over layers. Because every leg is linear and the layer
+time is a max of sums of legs, the LP in ``planner.lp`` minimises exactly this model.
+
+Legs of one decode layer (``s`` = sparse fraction, ``K`` = K/V bytes of the layer over the
+batch, fractions of the layer's pages: ``dev``/``host``/``disk``, of which ``deleg`` HOST
+pages attended on the CPU and ``recomp`` HOST pages kept as activations)::
+
+    compute      weights: max(weight bytes / device GB/s, 2 * params * batch / device FLOP/s)
+                 + s * K * (1 - deleg) / device attention GB/s
+                 + s * recomp * tokens * 2 * hidden * (2 * kv_heads * head_dim) / device FLOP/s
+    cpu attn     s * K * deleg / CPU attention GB/s      (only q and (out, lse) move: neglected)
+    host->device s * K * (host - deleg - recomp + recomp * act/kv) / pinned GB/s
+                 + s * K * disk / pageable GB/s          (DISK pages pass a pageable staging buffer)
+    disk->host   s * K * disk / disk read GB/s at the extent size
+    writes       the step's new K/V (batch tokens) as they reach HOST and DISK
+    overhead     fixed per layer (the profile's layer_overhead_s)
+
+On a CPU-only machine (``profile.device_is_host``) nothing crosses a link: HOST pages are
+attended in place and DISK pages in their staging buffers, so the host->device leg is 0.
+
+Recompute ships activations (``hidden`` bytes per token) instead of K/V
+(``2 * kv_heads * head_dim`` per token): it moves fewer bytes only when
+``num_heads / num_kv_heads < 2``.
+
+Which legs overlap is ``OverlapModel``: legs the engine pipelines combine by max, legs it
+serialises add up. A prefill layer has the compute leg (matmuls and causal attention over the
+prompt), the writes of its pages to HOST and DISK and the overhead, combined the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections.abc import Sequence
+
+from planner.problem import PlanProblem
+from planner.profile import HardwareProfile
+
+__all__ = ["Leg", "LayerSplit", "OverlapModel", "CostModel", "StepBreakdown"]
+
+logger = logging.getLogger(__name__)
+
+_TOL = 1e-9
+
+
+class Leg(enum.Enum):
+    COMPUTE = "device compute"
+    CPU_ATTENTION = "cpu attention"
+    HOST_TO_DEVICE = "host->device"
+    DISK_READ = "disk->host"
+    WRITE = "writes"
+    OVERHEAD = "overhead"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerSplit:
+    """Fractions of one layer's pages: ``device + host + disk = 1``; ``delegated`` and
+    ``recomputed`` are shares of all pages taken from the HOST ones
+    (``delegated + recomputed <= host``)."""
+
+    device: float
+    host: float
+    disk: float
+    delegated: float = 0.0
+    recomputed: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in ("device", "host", "disk", "delegated", "recomputed"):
+            if not -_TOL <= getattr(self, f) <= 1 + _TOL:
+                raise ValueError(f"LayerSplit.{f} must be a fraction in [0, 1], got {getattr(self, f)!r}")
+        if abs(self.device + self.host + self.disk - 1) > 1e-6:
+            raise ValueError(f"LayerSplit fractions must add up to 1, got device {self.device} + host "
+                             f"{self.host} + disk {self.disk}")
+        if self.delegated + self.recomputed > self.host + 1e-6:
+            raise ValueError(f"LayerSplit.delegated ({self.delegated}) + recomputed ({self.recomputed}) must "
+                             f"be <= host ({self.host}): both are shares of the HOST pages")
+
+    @classmethod
+    def from_pages(cls, device: int, host: int, disk: int, delegated: int = 0, recomputed: int = 0) -> LayerSplit:
+        total = device + host + disk
+        if total < 1:
+            raise ValueError(f"a layer needs at least one page, got {device}+{host}+{disk}")
+        return cls(device / total, host / total, disk / total, delegated / total, recomputed / total)
+
+    def as_tuple(self) -> tuple[float, float, float, float, float]:
+        return (self.device, self.host, self.disk, self.delegated, self.recomputed)
+
+
+Path = frozenset[Leg]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OverlapModel:
+    """Which legs of a layer run at the same time (max) and which one after another (sum).
+
+    Attributes:
+        io_with_compute: the fetches of a layer overlap compute (prefetch of layer l+1 during
+            layer l; FlexGen's idealised pipeline). False: fetch, then compute.
+        disk_with_host_link: DISK reads overlap the host->device copies. False (FlexGen): the
+            disk leg is added to the host->device leg (a page is read, then copied).
+        cpu_with_device: CPU-delegated attention runs beside device compute. False on a
+            CPU-only machine, where both use the same cores.
+        writes_with_reads: write-back runs beside the reads (PCIe is full duplex, the disk
+            writer is its own thread). False: writes add to the read legs.
+    """
+
+    io_with_compute: bool = True
+    disk_with_host_link: bool = False
+    cpu_with_device: bool = True
+    writes_with_reads: bool = True
+
+    @classmethod
+    def for_profile(cls, profile: HardwareProfile) -> OverlapModel:
+        """The pipelined model, with CPU attention serial to compute on a CPU-only machine."""
+        return cls(cpu_with_device=not profile.device_is_host)
+
+    @classmethod
+    def serial(cls) -> OverlapModel:
+        """Every leg after the other (an engine without any overlap)."""
+        return cls(False, False, False, False)
+
+    def paths(self) -> tuple[Path, ...]:
+        """The chains of legs whose sums the layer time is the max of (overhead in each)."""
+        io = _combine([frozenset({Leg.HOST_TO_DEVICE})], [frozenset({Leg.DISK_READ})], self.disk_with_host_link)
+        io = _combine(io, [frozenset({Leg.WRITE})], self.writes_with_reads)
+        dev = _combine([frozenset({Leg.COMPUTE})], [frozenset({Leg.CPU_ATTENTION})], self.cpu_with_device)
+        layer = _combine(dev, io, self.io_with_compute)
+        return tuple(dict.fromkeys(p | {Leg.OVERHEAD} for p in layer))
+
+
+def _combine(a: list[Path], b: list[Path], parallel: bool) -> list[Path]:
+    """max(A, B) -> the paths of both; A + B -> every path of A joined with every path of B."""
+    return a + b if parallel else [x | y for x in a for y in b]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepBreakdown:
+    """Seconds per leg summed over layers, the step time, the slowest layer's critical path and
+    its largest leg (the bottleneck)."""
+
+    step_s: float
+    leg_s: dict[Leg, float]
+    critical_path: tuple[Leg, ...]
+    bottleneck: Leg
+
+
+class CostModel:
+    """Predicted times of one problem on one profile.
+
+    Args:
+        problem: the workload.
+        profile: the hardware constants.
+        overlap: which legs overlap; None = ``OverlapModel.for_profile(profile)``.
+    """
+
+    def __init__(self, problem: PlanProblem, profile: HardwareProfile, overlap: OverlapModel | None = None) -> None:
+        self.problem = problem
+        self.profile = profile
+        self.overlap = overlap or OverlapModel.for_profile(profile)
+        self.paths = self.overlap.paths()
+
+    # ----- decode -------------------------------------------------------------------------
+    def decode_legs(self, split: LayerSplit) -> dict[Leg, float]:
+        """Seconds of each leg of one decode layer."""
+        return self.decode_legs_raw(*split.as_tuple())
+
+    def decode_legs_raw(self, device: float, host: float, disk: float, delegated: float,
+                        recomputed: float) -> dict[Leg, float]:
+        """``decode_legs`` without validation: affine in its arguments (the LP reads its
+        coefficients from it)."""
+        p, hw = self.problem, self.profile
+        del device  # DEVICE pages cost only their attention, counted with every non-delegated page
+        read = p.sparse_fraction * p.kv_layer_bytes  # K/V bytes a step reads from the layer
+        tokens = p.pages_per_layer * p.page_size
+        flops_s = hw.device_matmul_tflops * 1e12
+        weights_s = max(p.weight_bytes / p.num_layers / (hw.device_attention_gbps * 1e9),
+                        2 * p.params_per_layer * p.batch_size / flops_s)
+        recompute_flops = p.sparse_fraction * recomputed * tokens * 2 * p.hidden_size * 2 * p.num_kv_heads * p.head_dim
+        act_ratio = p.activation_page_bytes / p.page_bytes
+        shipped_host = host - delegated - recomputed + recomputed * act_ratio
+        new_kv = p.batch_size * 2 * p.num_kv_heads * p.head_dim * p.kv_dtype_bytes  # this step's tokens
+        return {
+            Leg.COMPUTE: weights_s + read * (1 - delegated) / (hw.device_attention_gbps * 1e9)
+            + recompute_flops / flops_s,
+            Leg.CPU_ATTENTION: read * delegated / (hw.cpu_attention_gbps * 1e9),
+            Leg.HOST_TO_DEVICE: 0.0 if hw.device_is_host else (
+                read * shipped_host / (hw.host_to_device_pinned_gbps * 1e9)
+                + read * disk / (hw.host_to_device_pageable_gbps * 1e9)),
+            Leg.DISK_READ: read * disk / (hw.disk_read_gbps(p.disk_extent_bytes) * 1e9),
+            Leg.WRITE: new_kv * (host / (hw.host_to_device_pinned_gbps * 1e9)
+                                 + disk / (hw.host_to_device_pageable_gbps * 1e9)
+                                 + disk / (hw.disk_write_gbps * 1e9)),
+            Leg.OVERHEAD: hw.layer_overhead_s,
+        }
+
+    def layer_s(self, legs: dict[Leg, float]) -> float:
+        """A layer's time: the max over the overlap model's paths of the sum of their legs."""
+        return max(sum(legs[leg] for leg in path) for path in self.paths)
+
+    def decode_step_s(self, splits: Sequence[LayerSplit]) -> float:
+        """Predicted seconds of one decode step (one token for each sequence of the batch).
+
+        Args:
+            splits: one per layer (``problem.num_layers`` of them).
+        """
+        self._check_layers(splits)
+        return sum(self.layer_s(self.decode_legs(s)) for s in splits)
+
+    def decode_breakdown(self, splits: Sequence[LayerSplit]) -> StepBreakdown:
+        self._check_layers(splits)
+        return self._breakdown([self.decode_legs(s) for s in splits])
+
+    # ----- prefill ------------------------------------------------------------------------
+    def prefill_legs(self, split: LayerSplit) -> dict[Leg, float]:
+        """Seconds of each leg of one prefill layer over the whole prompt (all sequences)."""
+        p, hw = self.problem, self.profile
+        flops_s = hw.device_matmul_tflops * 1e12
+        tokens = p.batch_size * p.context_tokens
+        # Causal attention: QK^T and PV over half of the T x T scores, per query head.
+        attn_flops = p.batch_size * 2 * p.context_tokens**2 * p.num_heads * p.head_dim
+        compute = max(p.weight_bytes / p.num_layers / (hw.device_attention_gbps * 1e9),
+                      2 * p.params_per_layer * tokens / flops_s) + attn_flops / flops_s
+        act_ratio = p.activation_page_bytes / p.page_bytes
+        to_host = p.kv_layer_bytes * (split.host - split.recomputed + split.recomputed * act_ratio)
+        to_disk = p.kv_layer_bytes * split.disk
+        writes = (to_host / (hw.host_to_device_pinned_gbps * 1e9) + to_disk / (hw.host_to_device_pageable_gbps * 1e9)
+                  + to_disk / (hw.disk_write_gbps * 1e9))
+        legs = dict.fromkeys(Leg, 0.0)
+        legs.update({Leg.COMPUTE: compute, Leg.WRITE: writes, Leg.OVERHEAD: hw.layer_overhead_s})
+        return legs
+
+    def prefill_s(self, splits: Sequence[LayerSplit]) -> float:
+        """Predicted seconds of the prefill of the whole context under the placement."""
+        self._check_layers(splits)
+        return sum(self.layer_s(self.prefill_legs(s)) for s in splits)
+
+    # ----- helpers ------------------------------------------------------------------------
+    def _check_layers(self, splits: Sequence[LayerSplit]) -> None:
+        if len(splits) != self.problem.num_layers:
+            raise ValueError(f"splits must hold one LayerSplit per layer ({self.problem.num_layers}), "
+                             f"got {len(splits)}")
+
+    def _breakdown(self, per_layer: list[dict[Leg, float]]) -> StepBreakdown:
+        totals = dict.fromkeys(Leg, 0.0)
+        for legs in per_layer:
+            for leg, t in legs.items():
+                totals[leg] += t
+        times = [self.layer_s(legs) for legs in per_layer]
+        slowest = per_layer[max(range(len(times)), key=times.__getitem__)]
+        path = max(self.paths, key=lambda pa: sum(slowest[leg] for leg in pa))
+        candidates = [leg for leg in Leg if leg in path and leg != Leg.OVERHEAD]
+        bottleneck = max(candidates, key=lambda leg: slowest[leg])
+        # Legs of zero time are left out of the path (an unused tier's leg explains nothing).
+        ordered = tuple(leg for leg in Leg if leg in path and slowest[leg] > 0) or (bottleneck,)
+        return StepBreakdown(sum(times), totals, ordered, bottleneck)
