@@ -28,9 +28,23 @@ from offload.config import DecodeKernel
 from offload.paged_kv import KVSequence, PagedKV
 from storage import PageArena, Tier
 
-__all__ = ["DecodeKernel", "DecodeAttention"]
+__all__ = ["DecodeKernel", "DecodeAttention", "group_partial_fn"]
 
 Partial = tuple[torch.Tensor, torch.Tensor]
+PartialFn = Callable[..., Partial]
+
+# Largest page group one fused attention partial covers.
+FUSED_GROUP_TOKENS = 65536
+
+
+def group_partial_fn(device: torch.device, *, num_heads: int, num_queries: int,
+                     scores_bytes: int) -> tuple[PartialFn, int]:
+    """The partial over a group of keys on ``device`` and the most keys one group may hold:
+    torch's fused CPU flash op (tiled, no score matrix: groups bounded only by gather copies),
+    else the reference, whose [heads, queries, keys] fp32 scores stay within ``scores_bytes``."""
+    if flash_torch.is_available(device):
+        return flash_torch.attention_partial_flash, FUSED_GROUP_TOKENS
+    return attention_partial_ref, max(1, scores_bytes // (4 * num_heads * num_queries))
 
 
 class DecodeAttention:
@@ -41,11 +55,12 @@ class DecodeAttention:
         num_kv_heads, group_size, head_dim: the model's attention shape.
         scale: softmax scale.
         device: the compute device.
+        scores_bytes: bound on the score matrix of one reference partial (groups of pages).
         kernel: the kernel for DEVICE pages.
     """
 
     def __init__(self, kv: PagedKV, *, num_kv_heads: int, group_size: int, head_dim: int, scale: float,
-                 device: torch.device, kernel: DecodeKernel = DecodeKernel.AUTO) -> None:
+                 device: torch.device, scores_bytes: int, kernel: DecodeKernel = DecodeKernel.AUTO) -> None:
         self.kv = kv
         self.num_kv_heads, self.group_size, self.head_dim = num_kv_heads, group_size, head_dim
         self.scale = scale
@@ -54,6 +69,8 @@ class DecodeAttention:
             kernel = DecodeKernel.TRITON if device.type == "cuda" else DecodeKernel.NUMBA
         self.kernel = kernel
         self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
+        self._partial, self._max_group_tokens = group_partial_fn(
+            device, num_heads=num_kv_heads * group_size, num_queries=1, scores_bytes=scores_bytes)
 
     def __call__(self, seq: KVSequence, layer: int, q: torch.Tensor, *, delegate_host: bool) -> torch.Tensor:
         """q [1, num_heads, head_dim] on the compute device -> [1, num_heads * head_dim]."""
@@ -70,7 +87,7 @@ class DecodeAttention:
                                         and self.kernel == DecodeKernel.NUMBA):
                 self._collect(in_place, tier, slots, tokens)
             else:
-                for g in self.kv.page_groups(seq, layer, tier, first, slots, self._max_group_tokens()):
+                for g in self.kv.page_groups(seq, layer, tier, first, slots, self._max_group_tokens):
                     out, lse = self._group_partial(q, g.k, g.v)
                     outs.append(out)
                     lses.append(lse)
@@ -94,17 +111,12 @@ class DecodeAttention:
         have, n = acc.get(tier, ([], 0))
         acc[tier] = (have + slots, n + tokens)
 
-    def _max_group_tokens(self) -> int:
-        return 65536 if flash_torch.is_available(self.device) else 8192
-
     def _group_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
         """(out, lse) [num_heads, head_dim] / [num_heads] over a [nkv, n, hd] piece."""
         if self.kernel == DecodeKernel.TRITON:
             return self._triton_tokens(q, k, v)
         qg = q.view(self.num_kv_heads, self.group_size, 1, self.head_dim)
-        fn: Callable[..., Partial] = (flash_torch.attention_partial_flash if flash_torch.is_available(q.device)
-                                      else attention_partial_ref)
-        out, lse = fn(qg, k.to(q.dtype), v.to(q.dtype), scale=self.scale)
+        out, lse = self._partial(qg, k.to(q.dtype), v.to(q.dtype), scale=self.scale)
         return out.reshape(-1, self.head_dim), lse.reshape(-1)
 
     def _numba_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:

@@ -30,9 +30,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from cpu_kernels import flash_torch
-from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
-from offload.attend import DecodeAttention
+from gpu_kernels.reference import merge_partials_ref
+from offload.attend import DecodeAttention, group_partial_fn
 from offload.config import HostAttention, RuntimeConfig
 from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError
 from offload.llama import LlamaRunner
@@ -52,8 +51,6 @@ logger = logging.getLogger(__name__)
 
 LayerCallback = Callable[[int, int], None]  # (layers done, num layers)
 
-# Largest page group one fused attention partial covers.
-FUSED_GROUP_TOKENS = 65536
 # DEVICE pages per layer kept free when pages spill: tails, forks' copies, decode growth.
 DEVICE_RESERVE_PAGES = 8
 # Bytes of DISK writes in flight at most (counted in the HOST budget).
@@ -104,7 +101,8 @@ class Engine:
                           shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging)
         self.decode_attention = DecodeAttention(
             self.kv, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size, head_dim=cfg.head_dim,
-            scale=self.runner.scale, device=self.device, kernel=self.config.decode_kernel)
+            scale=self.runner.scale, device=self.device, scores_bytes=self.config.attn_scores_bytes,
+            kernel=self.config.decode_kernel)
         logger.info(
             "engine: %s on %s, %s weights %.2f GiB, KV arena %d pages of %d tokens (%.2f GiB, %s)",
             source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
@@ -343,12 +341,8 @@ class Engine:
         cfg = self.model_config
         t = q.shape[0]
         qg = q.view(t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim).permute(1, 2, 0, 3)
-        if flash_torch.is_available(q.device):
-            # Fused and tiled: no score matrix, so groups are bounded only by gather copies.
-            partial, max_tokens = flash_torch.attention_partial_flash, FUSED_GROUP_TOKENS
-        else:
-            partial = attention_partial_ref
-            max_tokens = max(1, self.config.attn_scores_bytes // (4 * cfg.num_heads * t))
+        partial, max_tokens = group_partial_fn(q.device, num_heads=cfg.num_heads, num_queries=t,
+                                               scores_bytes=self.config.attn_scores_bytes)
         scale = self.runner.scale
         outs, lses = [], []
         # Stored tokens precede every query: no mask.
