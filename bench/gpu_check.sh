@@ -52,8 +52,14 @@ has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
     echo "skipped: no CUDA"
   fi
 
+  echo "== 5. planner on this machine: offload profile --quick (CUDA copies, Triton attention, GEMV probes), then offload plan with it"
+  ptmp=$(mktemp -d)
+  timeout 60 $PY -m offload profile --quick --cache-dir "$ptmp" 2>&1 | tail -14
+  timeout 30 $PY -m offload plan --model llama-3.1-8b --context 131072 --device-memory 24GiB --host-memory 64GiB \
+    --cache-dir "$ptmp" --quiet --greedy 2>&1 | grep -E "Plan|device |host |disk |Predicted|bottleneck|Greedy"
+
   if [ "${1:-}" = "--full" ]; then
-    echo "== 5. the CPU test suite on this machine's Python (portability; real-model tests skip without the packages)"
+    echo "== 6. the CPU test suite on this machine's Python (portability; real-model tests skip without the packages)"
     timeout 240 $PY -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5
   fi
   echo "== done"

@@ -109,6 +109,8 @@ class LongDocQA:
         config = config or RuntimeConfig()
         if config.kv_dir is None:  # DISK tier files live beside the converted models
             config = dataclasses.replace(config, kv_dir=str(cache / "kv"))
+        if config.profile_dir is None:  # and so does the planner's hardware profile
+            config = dataclasses.replace(config, profile_dir=str(cache))
         self.engine = Engine(self.source, config)
         cfg = self.source.config
         self.codec = load_codec(self.source.tokenizer_dir, cfg.vocab_size, cfg.eos_token_ids)

@@ -8,12 +8,15 @@ One decode query of a layer attends over the layer's stored pages, tier by tier:
     HOST pages    -> delegated: the Numba page kernel on the CPU, in place in the HOST arena;
                        only q goes there and (out, lse) comes back (FlexGen's CPU delegation);
                      not delegated: copied to the compute device by groups, attended there
-    DISK pages    -> staged chunks (``PagedKV.page_groups``), attended on the compute device
-                     (CUDA: the same Triton kernel, a chunk read as one-token pages)
+    DISK pages    -> staged chunks, attended on the compute device: CPU (Numba kernel): in
+                     place in the staging buffer (``PagedKV.staged_pages``, no unpack copy);
+                     CUDA: unpacked and copied (``PagedKV.page_groups``), then the same Triton
+                     kernel, a chunk read as one-token pages
     all pieces    -> merged by log-sum-exp
 
-Which layers delegate is the ``Placement``'s decision (``delegated_layers``). On a CPU-only
-machine HOST and DEVICE are the same RAM, so both are attended in place either way.
+Which HOST pages are attended on the CPU is the placement's decision (a share of each layer's
+HOST pages, the first ones in page order). On a CPU-only machine HOST and DEVICE are the same
+RAM, so both are attended in place either way.
 """
 from __future__ import annotations
 
@@ -68,25 +71,45 @@ class DecodeAttention:
         if kernel == DecodeKernel.AUTO:
             kernel = DecodeKernel.TRITON if device.type == "cuda" else DecodeKernel.NUMBA
         self.kernel = kernel
+        # On a CPU-only machine with the Numba kernel, HOST pages and staged DISK chunks are
+        # attended where they lie (no copy into attention order).
+        self._numba_in_ram = device.type == "cpu" and kernel == DecodeKernel.NUMBA
         self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
         self._partial, self._max_group_tokens = group_partial_fn(
             device, num_heads=num_kv_heads * group_size, num_queries=1, scores_bytes=scores_bytes)
 
-    def __call__(self, seq: KVSequence, layer: int, q: torch.Tensor, *, delegate_host: bool) -> torch.Tensor:
-        """q [1, num_heads, head_dim] on the compute device -> [1, num_heads * head_dim]."""
+    def __call__(self, seq: KVSequence, layer: int, q: torch.Tensor, *, host_share: float = 1.0) -> torch.Tensor:
+        """q [1, num_heads, head_dim] on the compute device -> [1, num_heads * head_dim].
+
+        ``host_share``: the share of the layer's HOST pages (the first ones in page order)
+        attended on the CPU where they lie; the others are copied to the compute device. On a
+        CPU-only machine with the Numba kernel every HOST page is attended in place."""
         ps = self.kv.page_size
         length = seq.lengths[layer]
+        segments = list(self.kv.segments(seq, layer))
+        if self._numba_in_ram:
+            host_share = 1.0
+        host_pages = sum(len(slots) for tier, _, slots in segments if tier == Tier.HOST)
+        delegated = round(host_share * host_pages)
         in_place: dict[Tier, tuple[list[int], int]] = {}  # tier -> (slots, tokens)
         outs: list[torch.Tensor] = []
         lses: list[torch.Tensor] = []
-        for tier, first, slots in self.kv.segments(seq, layer):
-            tokens = min(len(slots) * ps, length - first * ps)
+        for tier, first, slots in segments:
             if tier == Tier.DEVICE and self.kernel != DecodeKernel.TORCH:
-                self._collect(in_place, tier, slots, tokens)
-            elif tier == Tier.HOST and (delegate_host or self.device.type == "cpu"
-                                        and self.kernel == DecodeKernel.NUMBA):
-                self._collect(in_place, tier, slots, tokens)
-            else:
+                self._collect(in_place, tier, slots, min(len(slots) * ps, length - first * ps))
+                continue
+            if tier == Tier.HOST and delegated:
+                mine, slots = slots[:delegated], slots[delegated:]
+                delegated -= len(mine)
+                self._collect(in_place, tier, mine, min(len(mine) * ps, length - first * ps))
+                first += len(mine)
+            if tier == Tier.DISK and self._numba_in_ram:
+                for k, v, tokens in self.kv.staged_pages(seq, layer, first, slots):
+                    out, lse = self._numba_arena(q, k, v, list(range(k.shape[1])), tokens)
+                    self.kv.io.cpu_attended_bytes[tier.value] += k.shape[1] * self.kv.page_bytes
+                    outs.append(out)
+                    lses.append(lse)
+            elif slots:
                 for g in self.kv.page_groups(seq, layer, tier, first, slots, self._max_group_tokens):
                     out, lse = self._group_partial(q, g.k, g.v)
                     outs.append(out)
@@ -121,10 +144,16 @@ class DecodeAttention:
 
     def _numba_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
         """In place over a CPU arena (DEVICE on a CPU machine, or HOST): only q moves."""
+        return self._numba_arena(q, pool.k, pool.v, slots, tokens)
+
+    def _numba_arena(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[int],
+                     tokens: int) -> Partial:
+        """The Numba page kernel over pages [nkv, slots, page, hd] of CPU memory (an arena or
+        a staging buffer), the first ``tokens`` tokens laid over ``slots`` in order."""
         from cpu_kernels import attention_contiguous_pages
 
         q_cpu = q.reshape(-1, self.head_dim).float().cpu().numpy()
-        out, lse = attention_contiguous_pages(q_cpu, pool.k, pool.v, np.asarray(slots, dtype=np.int32), tokens,
+        out, lse = attention_contiguous_pages(q_cpu, k, v, np.asarray(slots, dtype=np.int32), tokens,
                                               scale=self.scale)
         return (torch.from_numpy(out).to(self.device, non_blocking=True),
                 torch.from_numpy(lse).to(self.device, non_blocking=True))

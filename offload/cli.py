@@ -1,4 +1,4 @@
-"""The ``offload`` command line: ``ask`` and ``generate`` (more commands come with later issues).
+"""The ``offload`` command line: ``ask``, ``generate``, ``bench``, ``profile`` and ``plan``.
 
 Errors the user can fix print one line ``offload: error: ...`` on stderr and exit with
 status 2, without a traceback.
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     _add_model_args(gen)
     sub.add_parser("bench", help="prefill/decode of every placement beside the HF peers (offload bench --help)")
+    sub.add_parser("profile", help="measure this machine's hardware profile for the planner (offload profile --help)")
+    sub.add_parser("plan", help="plan where a model's KV cache lives, without running it (offload plan --help)")
     return parser
 
 
@@ -147,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         from offload import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["profile"]:
+        from offload import profile
+
+        return profile.main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from offload import plan_cmd
+
+        return plan_cmd.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

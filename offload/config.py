@@ -4,12 +4,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from offload.placement import Placement
 
-__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "parse_size", "parse_dtype", "DTYPES"]
+if TYPE_CHECKING:
+    from planner.profile import HardwareProfile
+
+__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "PLANNERS", "parse_size", "parse_dtype", "DTYPES"]
+
+PLANNERS = ("lp", "greedy")
 
 
 class DecodeKernel(enum.Enum):
@@ -74,7 +80,8 @@ class RuntimeConfig:
         disk_space_bytes: budget of the DISK tier. None = half the free space of ``kv_dir``'s
             file system when spilling is possible (a device budget or a placement is given),
             else no disk tier; 0 = no disk tier.
-        placement: fixed tiers for new pages (tests, planner); None = fill DEVICE, HOST, DISK.
+        placement: fixed tiers for new pages (tests, benchmarks); None = all DEVICE while the
+            pages fit, else the ``planner``'s placement.
         kv_dir: where DISK tier files go (a fresh subdirectory per engine, removed on close);
             None = ``<cache dir>/kv``.
         staging_chunk_pages / staging_buffers: DISK read staging (pages per chunk, chunks).
@@ -83,8 +90,16 @@ class RuntimeConfig:
         shuffle_pages_seed: if set, pages take random arena slots (tests of real paging).
         seed: seed of random weights.
         decode_kernel: the kernel for DEVICE pages in decode (AUTO: Triton on CUDA, Numba on CPU).
-        host_attention: where HOST pages are attended when ``placement`` is None (CPU =
-            delegation in every layer); a given ``placement`` says it itself.
+        host_attention: where HOST pages are attended when ``placement`` is None: CPU = the
+            planner may delegate them (on a CPU-only machine they are always attended in
+            place), DEVICE = never; a given ``placement`` says it itself.
+        planner: how spilled pages are placed when ``placement`` is None: "lp" (the LP
+            planner over the measured profile) or "greedy" (fill DEVICE, then HOST, then DISK,
+            layer by layer: the baseline).
+        profile: the hardware profile the planner prices with; None = this machine's saved
+            ``offload profile`` (a quick measurement is made and saved when there is none).
+        profile_dir: the cache dir where that profile is saved; None = ``$OFFLOAD_CACHE`` or
+            ``~/.cache/offload``.
     """
 
     device: str | None = None
@@ -105,8 +120,13 @@ class RuntimeConfig:
     seed: int = 0
     decode_kernel: DecodeKernel = DecodeKernel.AUTO
     host_attention: HostAttention = HostAttention.CPU
+    planner: str = "lp"
+    profile: HardwareProfile | None = None
+    profile_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.planner not in PLANNERS:
+            raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
         if not 1 <= self.page_size <= 4096:
             raise ValueError(f"page_size must be in [1, 4096], got {self.page_size}")
         if self.prefill_chunk_tokens < 1:

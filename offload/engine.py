@@ -26,6 +26,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
@@ -38,12 +39,17 @@ from offload.llama import LlamaRunner
 from offload.model_config import ModelConfig
 from offload.model_source import ModelSource, default_cache_dir
 from offload.paged_kv import KVSequence, PagedKV
-from offload.placement import Placement, fill_order_placement
+from offload.placement import Placement
+from offload.planning import (DEVICE_RESERVE_PAGES, WRITE_STAGING_BYTES, engine_problem, plan_placement,
+                              plan_summary, staging_bytes)
 from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
 from offload.weights import load_checkpoint, random_weights
 from storage import PageArena, Tier
 from storage.disk_store import DiskExtentStore
+
+if TYPE_CHECKING:
+    from planner import HardwareProfile, Plan, PlanProblem
 
 __all__ = ["Engine", "LayerCallback"]
 
@@ -51,10 +57,6 @@ logger = logging.getLogger(__name__)
 
 LayerCallback = Callable[[int, int], None]  # (layers done, num layers)
 
-# DEVICE pages per layer kept free when pages spill: tails, forks' copies, decode growth.
-DEVICE_RESERVE_PAGES = 8
-# Bytes of DISK writes in flight at most (counted in the HOST budget).
-WRITE_STAGING_BYTES = 8 * 2**20
 
 
 def _remove_disk_tier(store: DiskExtentStore, root: Path) -> None:
@@ -77,6 +79,8 @@ class Engine:
         self.kv_dtype = self.config.kv_dtype or self.dtype
         self.model_config: ModelConfig = source.config
         cfg = self.model_config
+        if self.config.placement is not None:
+            self.config.placement.check_layers(cfg.num_layers)
         if source.weights_dir is None:
             weights = random_weights(cfg, dtype=self.dtype, device=self.device, seed=self.config.seed)
         else:
@@ -91,14 +95,18 @@ class Engine:
             device=self.device,
         )
         self.disk, disk_limit = self._make_disk()
-        staging = (self.config.staging_buffers * self.config.staging_chunk_pages * self.disk.disk_page_bytes
-                   if self.disk is not None else 0)
+        staging = (staging_bytes(self._slot_bytes(), staging_chunk_pages=self.config.staging_chunk_pages,
+                                 staging_buffers=self.config.staging_buffers) if self.disk is not None else 0)
         write_staging = WRITE_STAGING_BYTES if self.disk is not None else 0
-        self.host_arena = self._make_host_arena(reserved=staging + write_staging)
+        self.host_arena = self._make_host_arena(reserved=staging)
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
                           disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
                           shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging)
+        self._profile: HardwareProfile | None = None
+        self._host_shares: tuple[float, ...] | None = None
+        self.last_problem: PlanProblem | None = None  # the problem of last_plan
+        self.last_plan: Plan | None = None  # the planner's last executed Plan (None while everything fits DEVICE)
         self.decode_attention = DecodeAttention(
             self.kv, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size, head_dim=cfg.head_dim,
             scale=self.runner.scale, device=self.device, scores_bytes=self.config.attn_scores_bytes,
@@ -118,7 +126,7 @@ class Engine:
     def _make_disk(self) -> tuple[DiskExtentStore | None, int | None]:
         """The DISK tier's store and its budget in pages, or (None, None) without one."""
         c = self.config
-        uses_disk = c.placement is not None and c.placement.tier_of(1 << 40) == Tier.DISK
+        uses_disk = c.placement is not None and c.placement.reaches_disk(self.model_config.num_layers)
         spill = c.device_memory_bytes is not None or c.disk_space_bytes is not None or uses_disk
         if c.disk_space_bytes == 0 or not spill:
             return None, None
@@ -149,28 +157,65 @@ class Engine:
                          pin_memory=self.device.type == "cuda")
 
     def placement_for(self, seq: KVSequence, new_tokens: int) -> Placement:
-        """Where this step's new full pages go: the configured placement, or DEVICE, then
-        HOST, then DISK in proportion to free space (same split in every layer)."""
+        """Where this forward pass's new full pages go: the configured placement; all DEVICE
+        when they fit there (and for decode steps, whose new page is the DEVICE tail); else
+        the planner's placement of the new pages into the rooms the tiers have left."""
         if self.config.placement is not None:
             return self.config.placement
-        placement = self._fill_placement(seq, new_tokens)
-        if self.config.host_attention == HostAttention.CPU:
-            placement = placement.with_delegation(range(self.model_config.num_layers))
-        return placement
-
-    def _fill_placement(self, seq: KVSequence, new_tokens: int) -> Placement:
         cfg, ps = self.model_config, self.config.page_size
         have = -(-seq.num_tokens // ps)
         new_pages = -(-(seq.num_tokens + new_tokens) // ps) - have
-        device_free = self.kv.free_slots(Tier.DEVICE)
-        if device_free >= new_pages * cfg.num_layers:
+        if new_tokens == 1 or self.kv.free_slots(Tier.DEVICE) >= new_pages * cfg.num_layers:
             return Placement(None, 0)
+        plan = self._plan(new_pages)
+        placement = plan_placement(plan, first_page=have)
+        self._host_shares = placement.delegated_share
+        return placement
+
+    def _plan(self, new_pages: int) -> Plan:
+        """The planner's split of ``new_pages`` pages per layer (LP, or the greedy rule).
+
+        Raises:
+            CapacityError: no split fits (the planner's message says which tier is short)."""
+        from planner import PlanInfeasibleError, greedy_plan, plan
+
+        cfg, c = self.model_config, self.config
         reserve = DEVICE_RESERVE_PAGES * cfg.num_layers  # tails, forks and decode growth
-        p = fill_order_placement(pages_per_layer=new_pages, num_layers=cfg.num_layers,
-                                 device_free_slots=max(0, device_free - reserve),
-                                 host_free_slots=self.kv.free_slots(Tier.HOST), has_disk=self.disk is not None)
-        # The rule counts pages of this step; a Placement counts page ids from 0.
-        return Placement(None if p.device_pages is None else have + p.device_pages, p.host_pages)
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        problem = engine_problem(
+            cfg, new_pages=new_pages, page_size=c.page_size, dtype_bytes=self.runner.dtype.itemsize,
+            kv_dtype_bytes=elem, device_room_pages=max(0, self.kv.free_slots(Tier.DEVICE) - reserve),
+            host_room_pages=self.kv.free_slots(Tier.HOST),
+            disk_room_pages=min(self.kv.free_slots(Tier.DISK), 1 << 40),
+            staging_chunk_pages=c.staging_chunk_pages,
+            allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU)
+        try:
+            self.last_plan = (greedy_plan if c.planner == "greedy" else plan)(problem, self.hardware_profile())
+            self.last_problem = problem
+            return self.last_plan
+        except PlanInfeasibleError as e:
+            raise CapacityError(f"the KV tiers cannot place {new_pages} new pages per layer ({e}); raise "
+                                "--device-memory, --host-memory or --disk-space") from None
+
+    def hardware_profile(self) -> HardwareProfile:
+        """The profile the planner prices placements with: the configured one, else this
+        machine's saved ``offload profile`` (a quick measurement, saved, when there is none)."""
+        if self._profile is None:
+            from offload.profile import load_or_measure
+
+            where = Path(self.config.profile_dir) if self.config.profile_dir else None
+            self._profile = self.config.profile or load_or_measure(
+                device=self.device, dtype=self.kv_dtype, cache_dir=where, quick=True, progress=False)
+        return self._profile
+
+    def host_share(self, layer: int) -> float:
+        """Share of the layer's HOST pages attended on the CPU in decode: the configured
+        placement's, else the last executed plan's, else all or none by ``host_attention``."""
+        if self.config.placement is not None:
+            return self.config.placement.host_share(layer)
+        if self._host_shares is not None:
+            return self._host_shares[layer]
+        return 1.0 if self.config.host_attention == HostAttention.CPU else 0.0
 
     def close(self) -> None:
         """Finish DISK writes and remove the DISK tier's files (also done at exit)."""
@@ -310,7 +355,7 @@ class Engine:
         the stored pages, itself included."""
         q, k, v = self.runner.qkv(layer, h, pos)
         self.kv.append(seq, layer, k, v, placement)
-        attn = self.decode_attention(seq, layer, q, delegate_host=placement.delegates(layer))
+        attn = self.decode_attention(seq, layer, q, host_share=self.host_share(layer))
         return self.runner.finish_layer(layer, h, attn)
 
     def _prefill_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
@@ -445,6 +490,7 @@ class Engine:
         stats.peak_bytes = self.kv.peak_bytes()
         stats.cold_reads = self.disk.cold_read_mode if self.disk is not None else "none (no disk tier)"
         stats.disk_bytes_written = self.kv.io.disk_bytes_written
+        stats.plan = plan_summary(self.last_plan) if self.last_plan is not None else None
         stats.weights_bytes = self.runner.weights_bytes
         stats.kv_bytes_per_token = self.kv_bytes_per_token
         stats.page_size = self.config.page_size

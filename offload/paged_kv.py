@@ -189,7 +189,7 @@ class PagedKV:
         need = -(-end // ps)
         placement = placement or Placement()
         new_ids = list(range(have, need))
-        tiers = [Tier.DEVICE if (pid == need - 1 and end % ps) else placement.tier_of(pid) for pid in new_ids]
+        tiers = [Tier.DEVICE if (pid == need - 1 and end % ps) else placement.tier_of(pid, layer) for pid in new_ids]
         short = tiers.count(Tier.DEVICE) - self.free_slots(Tier.DEVICE)
         if short > 0:
             self._evict(seq, layer, short)
@@ -402,6 +402,28 @@ class PagedKV:
             shape = (a.num_kv_heads, self.readahead.chunk_pages * self.page_size, a.head_dim)
             self._unpack = (torch.empty(shape, dtype=a.dtype), torch.empty(shape, dtype=a.dtype))
         return self._unpack
+
+    def staged_pages(self, seq: KVSequence, layer: int, first: int,
+                     slots: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The DISK pages of one segment (from ``segments``) where the read-ahead staged them,
+        without unpacking: per chunk ``(k, v, tokens)`` with k and v strided views
+        [num_kv_heads, n, page_size, head_dim] into the staging buffer (a page arena of n
+        slots for an in-place CPU kernel). A view is valid until the next item is asked for."""
+        assert self.readahead is not None and self.disk is not None
+        if self._writes:
+            self.flush_writes()
+        length, ps = seq.lengths[layer], self.page_size
+        for c in self._chunks_of(layer, first, slots):
+            buf, waited = self.readahead.take(c)
+            self.io.fetch_wait_s += waited
+            self.io.bytes_read[Tier.DISK.value] += c.num_pages * self.page_bytes
+            try:
+                pages = self._page_view(buf, c.num_pages)
+                yield (pages[:, 0].transpose(0, 1), pages[:, 1].transpose(0, 1),
+                       min(c.num_pages * ps, length - c.first_page * ps))
+                del pages
+            finally:
+                self.readahead.give_back(buf)
 
     def _disk_groups(self, layer: int, first: int, slots: list[int], length: int,
                      max_pages: int) -> Iterator[PageGroup]:

@@ -1,19 +1,20 @@
-"""Placement: which tier each KV page lives on (plain data; the LP planner will produce it).
+"""Placement: which tier each KV page lives on, and where HOST pages are attended (plain data).
 
-The rule of this version, ``fill_order_placement``, fills DEVICE, then HOST, then DISK under the
-budgets, with the same split in every layer so each layer's decode step reads the same bytes
-from each tier (what a pipelined fetch of layer l+1 during layer l wants)::
+The planner (``offload.planning``, from ``planner``'s LP or its greedy rule) produces it; tests
+and benchmarks may give one directly. Pages of a layer are placed by page id::
 
     page_id:  0 .............. device_pages ........... +host_pages ............... last
               |---- DEVICE ----|-------- HOST ---------|---------- DISK -----------|tail
                                                                      (partly filled tail: DEVICE)
 
-The first pages (attention sinks) stay closest. A sequence's last, partly filled page is
-always on DEVICE: it is where new tokens are appended.
+``device_pages`` and ``host_pages`` are one count for every layer or a tuple with one count per
+layer (plans may split layers differently). The first pages (attention sinks) stay closest. A
+sequence's last, partly filled page is always on DEVICE: it is where new tokens are appended.
 
-A placement also says where attention over HOST pages runs: in ``delegated_layers`` it runs
-on the CPU where the pages are (only the query and the ``(out, lse)`` partial move: FlexGen's
-CPU delegation); elsewhere the pages are copied to the compute device.
+A placement also says where attention over HOST pages runs: in ``delegated_layers`` it runs on
+the CPU where the pages are (only the query and the ``(out, lse)`` partial move: FlexGen's CPU
+delegation); ``delegated_share`` refines that to a share of each layer's HOST pages (the
+first ones in page order); elsewhere the pages are copied to the compute device.
 """
 from __future__ import annotations
 
@@ -21,38 +22,70 @@ import dataclasses
 
 from storage import Tier
 
-__all__ = ["Placement", "fill_order_placement"]
+__all__ = ["Placement", "Count"]
+
+Count = int | None | tuple[int | None, ...]
+
+
+def _at(value: Count, layer: int) -> int | None:
+    return value[layer] if isinstance(value, tuple) else value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Placement:
-    """Pages [0, device_pages) of every layer on DEVICE, the next host_pages on HOST, the rest
-    on DISK. None means unbounded (everything that remains). HOST pages of the layers in
-    ``delegated_layers`` are attended on the CPU."""
+    """Pages [0, device_pages) of a layer on DEVICE, the next host_pages on HOST, the rest on
+    DISK. None means unbounded (everything that remains); a tuple gives one count per layer.
+    HOST pages of the layers in ``delegated_layers`` are attended on the CPU; with
+    ``delegated_share`` (one fraction per layer) only that share of them is."""
 
-    device_pages: int | None = None
-    host_pages: int | None = 0
+    device_pages: Count = None
+    host_pages: Count = 0
     delegated_layers: frozenset[int] = frozenset()
+    delegated_share: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("device_pages", "host_pages"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"Placement.{name} must be >= 0 or None, got {value}")
+            for v in value if isinstance(value, tuple) else (value,):
+                if v is not None and (not isinstance(v, int) or v < 0):
+                    raise ValueError(f"Placement.{name} must be ints >= 0 or None, got {value!r}")
+        if self.delegated_share is not None and not all(0.0 <= s <= 1.0 for s in self.delegated_share):
+            raise ValueError(f"Placement.delegated_share must hold fractions in [0, 1], got {self.delegated_share!r}")
+        lengths = {len(v) for v in (self.device_pages, self.host_pages, self.delegated_share) if isinstance(v, tuple)}
+        if len(lengths) > 1:
+            raise ValueError(f"Placement's per-layer tuples must have one length (one entry per layer), got {lengths}")
 
     def delegates(self, layer: int) -> bool:
-        """True when the layer's HOST pages are attended on the CPU, not fetched."""
-        return layer in self.delegated_layers
+        """True when some of the layer's HOST pages are attended on the CPU, not fetched."""
+        return self.host_share(layer) > 0
+
+    def host_share(self, layer: int) -> float:
+        """The share of the layer's HOST pages attended on the CPU (the first ones)."""
+        if self.delegated_share is not None:
+            return self.delegated_share[layer]
+        return 1.0 if layer in self.delegated_layers else 0.0
 
     def with_delegation(self, layers: range | frozenset[int]) -> "Placement":
-        return dataclasses.replace(self, delegated_layers=frozenset(layers))
+        return dataclasses.replace(self, delegated_layers=frozenset(layers), delegated_share=None)
 
-    def tier_of(self, page_id: int) -> Tier:
-        if self.device_pages is None or page_id < self.device_pages:
+    def tier_of(self, page_id: int, layer: int = 0) -> Tier:
+        device, host = _at(self.device_pages, layer), _at(self.host_pages, layer)
+        if device is None or page_id < device:
             return Tier.DEVICE
-        if self.host_pages is None or page_id < self.device_pages + self.host_pages:
+        if host is None or page_id < device + host:
             return Tier.HOST
         return Tier.DISK
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raises ValueError unless every per-layer tuple has ``num_layers`` entries."""
+        for name in ("device_pages", "host_pages", "delegated_share"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != num_layers:
+                raise ValueError(f"Placement.{name} must have one entry per layer ({num_layers}), got {len(value)}")
+
+    def reaches_disk(self, num_layers: int) -> bool:
+        """True when some layer's later pages go to DISK."""
+        return any(self.tier_of(1 << 40, layer) == Tier.DISK for layer in range(num_layers))
 
     @classmethod
     def all_on(cls, tier: Tier) -> "Placement":
@@ -62,20 +95,3 @@ class Placement:
         if tier == Tier.HOST:
             return cls(0, None)
         return cls(0, 0)
-
-
-def fill_order_placement(*, pages_per_layer: int, num_layers: int, device_free_slots: int,
-                         host_free_slots: int, has_disk: bool) -> Placement:
-    """DEVICE first, then HOST, then DISK, the same split in every layer.
-
-    ``device_free_slots`` must already exclude what the device must keep for tails and
-    staging. Without a disk every page must fit on DEVICE and HOST together; callers check
-    capacity with the returned placement.
-    """
-    per_layer_device = device_free_slots // num_layers
-    if per_layer_device >= pages_per_layer:
-        return Placement(None, 0)
-    per_layer_host = host_free_slots // num_layers
-    if not has_disk or per_layer_device + per_layer_host >= pages_per_layer:
-        return Placement(per_layer_device, None)
-    return Placement(per_layer_device, per_layer_host)

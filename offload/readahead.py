@@ -28,15 +28,23 @@ class ReadAhead:
     next planned read, so reads of later chunks (and later layers) overlap the compute on
     earlier ones. A chunk asked for out of plan drops the plan and is read synchronously.
     Owned by the engine's thread; the store's threads only fill the buffers.
+
+    Each chunk is read as ``split`` pieces submitted at once, so the store's reader threads
+    stay busy even while the consumer holds a buffer (one read per chunk left the disk idle
+    whenever the buffers in flight were fewer than the threads: a 2-core VM's disk delivered
+    about 1.5 GB/s that way and 2.1-2.4 GB/s with the pieces in flight).
     """
 
-    def __init__(self, store: DiskExtentStore, *, num_buffers: int, chunk_pages: int) -> None:
+    def __init__(self, store: DiskExtentStore, *, num_buffers: int, chunk_pages: int, split: int = 4) -> None:
+        if split < 1:
+            raise ValueError(f"split must be >= 1, got {split}")
         self.store = store
         self.chunk_pages = chunk_pages
+        self.piece_pages = -(-chunk_pages // split)
         self.buffers = [AlignedBuffer(chunk_pages * store.disk_page_bytes) for _ in range(num_buffers)]
         self._free = list(self.buffers)
         self._planned: collections.deque[Chunk] = collections.deque()
-        self._inflight: collections.deque[tuple[Chunk, AlignedBuffer, TransferHandle]] = collections.deque()
+        self._inflight: collections.deque[tuple[Chunk, AlignedBuffer, list[TransferHandle]]] = collections.deque()
 
     @property
     def staging_bytes(self) -> int:
@@ -47,9 +55,26 @@ class ReadAhead:
         self._planned.extend(chunks)
         self._pump()
 
-    def _read(self, c: Chunk, buf: AlignedBuffer) -> TransferHandle:
-        view = buf.memoryview()[: c.num_pages * self.store.disk_page_bytes]
-        return self.store.submit_read(c.layer, c.disk_slot, c.num_pages, view)
+    def _read(self, c: Chunk, buf: AlignedBuffer) -> list[TransferHandle]:
+        dpb, mv = self.store.disk_page_bytes, buf.memoryview()
+        handles = []
+        for p in range(0, c.num_pages, self.piece_pages):
+            n = min(self.piece_pages, c.num_pages - p)
+            handles.append(self.store.submit_read(c.layer, c.disk_slot + p, n, mv[p * dpb:(p + n) * dpb]))
+        return handles
+
+    @staticmethod
+    def _wait_all(handles: list[TransferHandle]) -> None:
+        """Wait for every piece (none may still write into the buffer), then raise the first
+        error."""
+        first: BaseException | None = None
+        for h in handles:
+            try:
+                h.wait()
+            except BaseException as e:  # noqa: BLE001 - re-raised below once all pieces are done
+                first = first or e
+        if first is not None:
+            raise first
 
     def _pump(self) -> None:
         while self._free and self._planned:
@@ -63,10 +88,10 @@ class ReadAhead:
             self.reset()
             buf = self._free.pop()
             self._inflight.append((c, buf, self._read(c, buf)))
-        _, buf, handle = self._inflight.popleft()
+        _, buf, handles = self._inflight.popleft()
         t0 = time.perf_counter()
         try:
-            handle.wait()
+            self._wait_all(handles)
         except BaseException:
             self._free.append(buf)
             self.reset()
@@ -81,9 +106,9 @@ class ReadAhead:
         """Drop the plan; wait for reads in flight (their errors no longer matter)."""
         self._planned.clear()
         while self._inflight:
-            _, buf, handle = self._inflight.popleft()
+            _, buf, handles = self._inflight.popleft()
             try:
-                handle.wait()
+                self._wait_all(handles)
             except OSError:
                 pass
             self._free.append(buf)

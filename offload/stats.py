@@ -26,6 +26,9 @@ class RunStats:
         fetch_wait_s / compute_s: decode time spent waiting for DISK reads / the rest.
         cold_reads: how DISK reads were kept cold ("o_direct" or "fadvise_dontneed").
         disk_bytes_written: DISK bytes written by the engine so far.
+        plan: the planner's last executed plan (method, predicted decode step, bottleneck, KV
+            bytes per tier of the pages it placed, delegated share), or None while every page
+            fits DEVICE.
     """
 
     ttft_s: float = 0.0
@@ -50,6 +53,7 @@ class RunStats:
     compute_s: float = 0.0
     cold_reads: str = ""
     disk_bytes_written: int = 0
+    plan: dict[str, Any] | None = None
 
     @property
     def prefill_tok_s(self) -> float:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from offload.errors import ModelNotFoundError
 from offload.model_config import ModelConfig
 
-__all__ = ["load_checkpoint", "random_weights", "expected_shapes"]
+__all__ = ["load_checkpoint", "random_weights", "expected_shapes", "safetensors_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _safetensors_files(ckpt: Path) -> list[Path]:
+def safetensors_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
         with open(index) as f:
@@ -72,7 +72,7 @@ def load_checkpoint(
     """
     shapes = expected_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(ckpt):
+    for path in safetensors_files(ckpt):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 if name in shapes:

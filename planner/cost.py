@@ -9,7 +9,7 @@ Legs of one decode layer (``s`` = sparse fraction, ``K`` = K/V bytes of the laye
 batch, fractions of the layer's pages: ``dev``/``host``/``disk``, of which ``deleg`` HOST
 pages attended on the CPU and ``recomp`` HOST pages kept as activations)::
 
-    compute      weights: max(weight bytes / device GB/s, 2 * params * batch / device FLOP/s)
+    compute      weights: max(weight bytes / weight-stream GB/s, 2 * params * batch / device FLOP/s)
                  + s * K * (1 - deleg) / device attention GB/s
                  + s * recomp * tokens * 2 * hidden * (2 * kv_heads * head_dim) / device FLOP/s
     cpu attn     s * K * deleg / CPU attention GB/s      (only q and (out, lse) move: neglected)
@@ -17,7 +17,11 @@ pages attended on the CPU and ``recomp`` HOST pages kept as activations)::
                  + s * K * disk / pageable GB/s          (DISK pages pass a pageable staging buffer)
     disk->host   s * K * disk / disk read GB/s at the extent size
     writes       the step's new K/V (batch tokens) as they reach HOST and DISK
-    overhead     fixed per layer (the profile's layer_overhead_s)
+    overhead     fixed per layer (the profile's layer_overhead_s), plus piece_overhead_s for
+                 each extra attention piece: the HOST pages (two pieces when only a share of
+                 them is delegated) and every staged DISK chunk (extent) — in the LP the chunks
+                 count linearly (disk pages / pages per extent) and the HOST piece not at all
+                 (an indicator is not linear); whole-page plans are priced with both exactly
 
 On a CPU-only machine (``profile.device_is_host``) nothing crosses a link: HOST pages are
 attended in place and DISK pages in their staging buffers, so the host->device leg is 0.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 from collections.abc import Sequence
 
 from planner.problem import PlanProblem
@@ -165,19 +170,29 @@ class CostModel:
 
     # ----- decode -------------------------------------------------------------------------
     def decode_legs(self, split: LayerSplit) -> dict[Leg, float]:
-        """Seconds of each leg of one decode layer."""
-        return self.decode_legs_raw(*split.as_tuple())
+        """Seconds of each leg of one decode layer, the attention pieces counted exactly."""
+        legs = self.decode_legs_raw(*split.as_tuple())
+        p, hw = self.problem, self.profile
+        if hw.piece_overhead_s:
+            disk_pages = split.disk * p.pages_per_layer
+            host_pieces = int(split.host - split.recomputed > 1e-12)
+            if hw.device_is_host is False and 1e-12 < split.delegated < split.host - split.recomputed - 1e-12:
+                host_pieces += 1  # delegated and fetched HOST pages are attended apart
+            exact = host_pieces + math.ceil(disk_pages / p.pages_per_extent - 1e-9)
+            linear = disk_pages / p.pages_per_extent
+            legs[Leg.OVERHEAD] += hw.piece_overhead_s * (exact - linear)
+        return legs
 
     def decode_legs_raw(self, device: float, host: float, disk: float, delegated: float,
                         recomputed: float) -> dict[Leg, float]:
-        """``decode_legs`` without validation: affine in its arguments (the LP reads its
-        coefficients from it)."""
+        """The affine part of ``decode_legs``, without validation (the LP reads its coefficients
+        from it): DISK chunks counted linearly, no HOST piece."""
         p, hw = self.problem, self.profile
         del device  # DEVICE pages cost only their attention, counted with every non-delegated page
         read = p.sparse_fraction * p.kv_layer_bytes  # K/V bytes a step reads from the layer
         tokens = p.pages_per_layer * p.page_size
         flops_s = hw.device_matmul_tflops * 1e12
-        weights_s = max(p.weight_bytes / p.num_layers / (hw.device_attention_gbps * 1e9),
+        weights_s = max(p.weight_bytes / p.num_layers / (hw.weight_stream_gbps * 1e9),
                         2 * p.params_per_layer * p.batch_size / flops_s)
         recompute_flops = p.sparse_fraction * recomputed * tokens * 2 * p.hidden_size * 2 * p.num_kv_heads * p.head_dim
         act_ratio = p.activation_page_bytes / p.page_bytes
@@ -194,7 +209,7 @@ class CostModel:
             Leg.WRITE: new_kv * (host / (hw.host_to_device_pinned_gbps * 1e9)
                                  + disk / (hw.host_to_device_pageable_gbps * 1e9)
                                  + disk / (hw.disk_write_gbps * 1e9)),
-            Leg.OVERHEAD: hw.layer_overhead_s,
+            Leg.OVERHEAD: hw.layer_overhead_s + hw.piece_overhead_s * disk * p.pages_per_layer / p.pages_per_extent,
         }
 
     def layer_s(self, legs: dict[Leg, float]) -> float:
@@ -222,7 +237,7 @@ class CostModel:
         tokens = p.batch_size * p.context_tokens
         # Causal attention: QK^T and PV over half of the T x T scores, per query head.
         attn_flops = p.batch_size * 2 * p.context_tokens**2 * p.num_heads * p.head_dim
-        compute = max(p.weight_bytes / p.num_layers / (hw.device_attention_gbps * 1e9),
+        compute = max(p.weight_bytes / p.num_layers / (hw.weight_stream_gbps * 1e9),
                       2 * p.params_per_layer * tokens / flops_s) + attn_flops / flops_s
         act_ratio = p.activation_page_bytes / p.page_bytes
         to_host = p.kv_layer_bytes * (split.host - split.recomputed + split.recomputed * act_ratio)

@@ -31,8 +31,8 @@ import math
 import numpy as np
 from scipy.optimize import OptimizeResult, linprog
 
-from planner.cost import CostModel, Leg, OverlapModel
-from planner.greedy import fill_order_pages
+from planner.cost import CostModel, LayerSplit, Leg, OverlapModel
+from planner.greedy import fill_order_pages, layer_fill_pages
 from planner.plan import LayerPages, Plan, make_plan
 from planner.problem import Capacity, PlanInfeasibleError, PlanProblem, Tier, check_feasible
 from planner.profile import HardwareProfile
@@ -167,7 +167,9 @@ def _best_rounding(problem: PlanProblem, model: CostModel, cap: Capacity, groups
                    fractions: list[np.ndarray]) -> list[LayerPages]:
     """The fastest of: the groups' LP points rounded, their layer-weighted mean rounded in every
     group (the layers being identical, the mean is optimal too, by convexity, and rounds
-    without one group starving the next), and the fill-order split."""
+    without one group starving the next), the even fill split and the greedy layer-by-layer
+    fill (whole pages can make either beat the rounded LP point). Ties go to the split that
+    keeps pages closer (fewer HOST, then DISK pages), so equal-cost tiers fill in order."""
     mean: np.ndarray = np.sum([len(layers) * x for layers, x in zip(groups, fractions)], axis=0) / problem.num_layers
     options: list[list[LayerPages]] = []
     errors: list[PlanInfeasibleError] = []
@@ -179,9 +181,35 @@ def _best_rounding(problem: PlanProblem, model: CostModel, cap: Capacity, groups
     fill = fill_order_pages(problem, cap)
     if fill is not None:
         options.append([fill] * problem.num_layers)
+    for extra in (layer_fill_pages(problem, cap), _balanced_pages(problem, cap)):
+        if extra is not None:
+            options.append(extra)
     if not options:
         raise errors[0]
-    return min(options, key=lambda pages: _pages_cost(model, pages))
+    return min(options, key=lambda pages: (_pages_cost(model, pages), _distance(pages)))
+
+
+def _balanced_pages(problem: PlanProblem, cap: Capacity) -> list[LayerPages] | None:
+    """The even fill with the remainders spread too: every whole page of DEVICE and HOST room
+    used, layers differing by at most one page per tier (None if DISK cannot take the rest)."""
+    total, layers = problem.pages_per_layer, problem.num_layers
+    room = {t: max(0, math.floor(r / problem.page_bytes + 1e-9)) for t, r in cap.room_bytes.items()}
+    out: list[LayerPages] = []
+    left = dict(room)
+    for i in range(layers):
+        device = min(total, room[Tier.DEVICE] // layers + (i < room[Tier.DEVICE] % layers), left[Tier.DEVICE])
+        host = min(total - device, room[Tier.HOST] // layers + (i < room[Tier.HOST] % layers), left[Tier.HOST])
+        left[Tier.DEVICE] -= device
+        left[Tier.HOST] -= host
+        out.append((device, host, total - device - host, 0, 0))
+    if sum(p[2] for p in out) > room[Tier.DISK]:
+        return None
+    return out
+
+
+def _distance(pages: list[LayerPages]) -> int:
+    """How far the pages live: HOST pages count 1, DISK pages 2 (the tie-break)."""
+    return sum(p[1] + 2 * p[2] for p in pages)
 
 
 def _candidates(x: np.ndarray, total: int) -> list[LayerPages]:
@@ -205,7 +233,7 @@ def _stored(problem: PlanProblem, p: LayerPages) -> dict[Tier, float]:
 
 
 def _pages_cost(model: CostModel, pages: list[LayerPages]) -> float:
-    return sum(model.layer_s(model.decode_legs_raw(*(np.array(p[:5]) / sum(p[:3])))) for p in pages)
+    return sum(model.layer_s(model.decode_legs(LayerSplit.from_pages(*p))) for p in pages)
 
 
 def _round(problem: PlanProblem, model: CostModel, cap: Capacity, fractions: list[np.ndarray]) -> list[LayerPages]:

@@ -132,6 +132,11 @@ class PlanProblem:
         return 2 * self.num_kv_heads * self.page_size * self.head_dim * self.kv_dtype_bytes
 
     @property
+    def pages_per_extent(self) -> int:
+        """Pages one DISK read (and one staged chunk) holds."""
+        return max(1, self.disk_extent_bytes // self.page_bytes)
+
+    @property
     def activation_page_bytes(self) -> int:
         """Bytes of the layer inputs of one page's tokens (what recompute keeps instead)."""
         return self.page_size * self.hidden_size * self.kv_dtype_bytes

@@ -49,6 +49,10 @@ class HardwareProfile:
         device_is_host: True on a CPU-only machine (DEVICE is a RAM budget): the "device" and
             the CPU share the same cores, so CPU attention cannot run beside device compute.
         layer_overhead_s: fixed time per layer and step (launches, Python), 0 when unmeasured.
+        weights_gbps: the rate at which a decode step streams the layer weights (one token's
+            matrix-vector products); None = ``device_attention_gbps``.
+        piece_overhead_s: fixed time of each extra tier a layer's pages span in one decode step
+            (one more attention call, its merge, a staged chunk's hand-over), 0 when unmeasured.
     """
 
     name: str
@@ -65,6 +69,8 @@ class HardwareProfile:
     disk_free_bytes: int
     device_is_host: bool = False
     layer_overhead_s: float = 0.0
+    weights_gbps: float | None = None
+    piece_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("host_to_device_pinned_gbps", "host_to_device_pageable_gbps", "disk_write_gbps",
@@ -76,8 +82,14 @@ class HardwareProfile:
             value = getattr(self, f)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"HardwareProfile.{f} must be an int >= 0, got {value!r}")
-        if not (math.isfinite(self.layer_overhead_s) and self.layer_overhead_s >= 0):
-            raise ValueError(f"HardwareProfile.layer_overhead_s must be >= 0, got {self.layer_overhead_s!r}")
+        if self.weights_gbps is not None and not (
+                isinstance(self.weights_gbps, (int, float)) and math.isfinite(self.weights_gbps)
+                and self.weights_gbps > 0):
+            raise ValueError(f"HardwareProfile.weights_gbps must be a finite number > 0 or None, "
+                             f"got {self.weights_gbps!r}")
+        for f in ("layer_overhead_s", "piece_overhead_s"):
+            if not (math.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
+                raise ValueError(f"HardwareProfile.{f} must be >= 0, got {getattr(self, f)!r}")
         table = self.disk_read_gbps_by_extent
         if not table:
             raise ValueError("HardwareProfile.disk_read_gbps_by_extent is empty; give at least one "
@@ -89,6 +101,11 @@ class HardwareProfile:
             if i and extent <= table[i - 1][0]:
                 raise ValueError("HardwareProfile.disk_read_gbps_by_extent must have strictly increasing "
                                  f"extent sizes, got {[e for e, _ in table]}")
+
+    @property
+    def weight_stream_gbps(self) -> float:
+        """``weights_gbps``, or ``device_attention_gbps`` when it was not measured."""
+        return self.device_attention_gbps if self.weights_gbps is None else self.weights_gbps
 
     def disk_read_gbps(self, extent_bytes: int) -> float:
         """Cold read bandwidth at an extent size: linear in log2(extent) between the measured

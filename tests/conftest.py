@@ -32,6 +32,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offload_home(tmp_path_factory):
+    """Engines save what they measure (the planner's hardware profile) under $OFFLOAD_CACHE:
+    point it at a session directory unless the caller set it, never at the user's cache."""
+    if "OFFLOAD_CACHE" in os.environ:
+        yield
+        return
+    os.environ["OFFLOAD_CACHE"] = str(tmp_path_factory.mktemp("offload-home"))
+    try:
+        yield
+    finally:
+        os.environ.pop("OFFLOAD_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """Model cache for the session (OFFLOAD_TEST_CACHE reuses one across runs)."""

@@ -83,13 +83,14 @@ def test_engine_placement_delegates_by_config(tiny, tmp_path):
     folder, _ = tiny
     engine = _engine(folder, tmp_path, device_memory_bytes=1 << 20)
     try:
-        seq = engine.new_sequence()
-        assert engine.placement_for(seq, 64).delegated_layers == frozenset(range(engine.model_config.num_layers))
+        engine.placement_for(engine.new_sequence(), 64)
+        assert [engine.host_share(layer) for layer in range(engine.model_config.num_layers)] == [1.0] * 3
     finally:
         engine.close()
     engine = _engine(folder, tmp_path / "b", device_memory_bytes=1 << 20, host_attention=HostAttention.DEVICE)
     try:
-        assert engine.placement_for(engine.new_sequence(), 64).delegated_layers == frozenset()
+        engine.placement_for(engine.new_sequence(), 64)
+        assert [engine.host_share(layer) for layer in range(engine.model_config.num_layers)] == [0.0] * 3
     finally:
         engine.close()
 

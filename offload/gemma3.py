@@ -1,0 +1,497 @@
+"""Gemma 3 text decoder: config, per-layer math, checkpoint loading and a plain reference forward.
+
+Gemma 3 differs from the Llama family in every piece of a layer, so it has its own runner with
+``LlamaRunner``'s interface; RoPE and the safetensors file list are shared. Checked against
+transformers' ``Gemma3ForCausalLM``: each layer is sliding-window (query i sees keys
+i - window < j <= i) or global (causal) as ``layer_types`` says, with its own RoPE base; RMSNorm
+scales by ``1 + weight`` in fp32 before casting back, also per head on q and k, and on each
+sublayer's output before its residual add; embeddings are scaled by sqrt(hidden); the MLP is
+gelu-tanh gated; scores are scaled by ``query_pre_attn_scalar ** -0.5``; final logits are
+soft-capped (``cap * tanh(x / cap)``) when configured.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from offload.errors import ModelNotFoundError, UnsupportedModelError
+from offload.model_config import ModelConfig
+from offload.rope import RotaryEmbedding
+from offload.weights import safetensors_files
+
+__all__ = [
+    "LayerKind", "Gemma3Config", "Gemma3Runner", "gemma3_expected_shapes", "load_gemma3_checkpoint",
+    "causal_attention_ref", "reference_forward",
+]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+# Defaults of transformers' Gemma3TextConfig, for keys a (sparse, nested) config.json omits.
+_HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 131_072, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, "bos_token_id": 2,
+    "eos_token_id": 1, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+    "sliding_window_pattern": 6,
+}
+
+
+class LayerKind(enum.Enum):
+    """Attention kind of a layer; the values are transformers' ``layer_types`` strings."""
+
+    SLIDING = "sliding_attention"
+    GLOBAL = "full_attention"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gemma3Config:
+    """Shape and options of a Gemma 3 text decoder.
+
+    Attributes:
+        rope_theta / rope_scaling: RoPE base and scaling (None or ``{"rope_type": "linear",
+            "factor": f}``) of the global layers.
+        rope_local_base_freq / rope_local_scaling: the same for the sliding layers.
+        sliding_window: keys a sliding layer's query sees, itself included.
+        layer_types: one ``LayerKind`` per layer.
+        final_logit_softcapping / attn_logit_softcapping: soft-cap values, None when off.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_local_base_freq: float
+    sliding_window: int
+    layer_types: tuple[LayerKind, ...]
+    query_pre_attn_scalar: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = True
+    rope_scaling: dict[str, Any] | None = None
+    rope_local_scaling: dict[str, Any] | None = None
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        rules = [(n, "must be >= 1", lambda v: v >= 1) for n in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "sliding_window", "max_position_embeddings")]
+        rules += [(n, "must be > 0", lambda v: v > 0)
+                  for n in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")]
+        rules += [(n, "must be None or > 0", lambda v: v is None or v > 0)
+                  for n in ("final_logit_softcapping", "attn_logit_softcapping")]
+        for name, rule, ok in rules:
+            if not ok(getattr(self, name)):
+                raise ValueError(f"Gemma3Config.{name} {rule}, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"Gemma3Config.num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if len(self.layer_types) != self.num_layers or not all(isinstance(k, LayerKind) for k in self.layer_types):
+            raise ValueError(f"Gemma3Config.layer_types must hold num_layers ({self.num_layers}) LayerKind "
+                             f"values, got {self.layer_types!r}")
+        if self.hidden_activation not in SUPPORTED_ACTIVATIONS:
+            raise UnsupportedModelError(f"hidden_activation {self.hidden_activation!r} is not supported "
+                                        f"(only {', '.join(SUPPORTED_ACTIVATIONS)})")
+        for name in ("rope_scaling", "rope_local_scaling"):
+            s = getattr(self, name)
+            if s is not None and not (s.get("rope_type") == "linear" and float(s.get("factor", 0)) > 0):
+                raise ValueError(f"Gemma3Config.{name} must be None or linear with factor > 0, got {s!r}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA ratio)."""
+        return self.num_heads // self.num_kv_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] is LayerKind.SLIDING
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.layer_types) if k is LayerKind.GLOBAL)
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, k in enumerate(self.layer_types) if k is LayerKind.SLIDING)
+
+    def kv_bytes_per_token(self, dtype_bytes: int, kind: LayerKind) -> int:
+        """Bytes of K and V of one token over all layers of ``kind`` (sliding layers hold at
+        most ``sliding_window`` tokens, so only the global layers' KV grows with the document)."""
+        num = len(self.global_layers if kind is LayerKind.GLOBAL else self.sliding_layers)
+        return 2 * num * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def with_num_layers(self, num_layers: int) -> "Gemma3Config":
+        """The first ``num_layers`` layers (for quick runs); their kinds are kept."""
+        return dataclasses.replace(self, num_layers=num_layers, layer_types=self.layer_types[:num_layers])
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "Gemma3Config":
+        """Build from a HF ``config.json`` dict (``gemma3_text``, or ``gemma3`` with a
+        ``text_config``), with transformers 4.x keys (``rope_theta``, ``rope_local_base_freq``,
+        ``rope_scaling``, ``sliding_window_pattern``) or 5.x ones (``rope_parameters`` per
+        layer type, ``layer_types``); absent keys take transformers' defaults.
+
+        Raises:
+            UnsupportedModelError: not Gemma 3, or an option this runner does not implement.
+            ValueError: a value out of range (names the field).
+        """
+        model_type = d.get("model_type")
+        if model_type == "gemma3" and "text_config" in d:
+            d = dict(d["text_config"] or {})
+            model_type = d.get("model_type", "gemma3_text")
+        if model_type != "gemma3_text":
+            raise UnsupportedModelError(f"model_type {model_type!r} is not Gemma 3 (expected 'gemma3_text' "
+                                        "or 'gemma3' with a text_config)")
+        if d.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("use_bidirectional_attention is not supported (causal decoding only)")
+        g = {**_HF_DEFAULTS, **d}
+
+        def num(key: str, kind: type) -> Any:
+            if g[key] is None:
+                raise ValueError(f"config {key} is null; Gemma 3 needs a number there")
+            return kind(g[key])
+
+        theta, scaling, local_theta, local_scaling = _rope_from_hf(d)
+        eos = g["eos_token_id"]
+        return cls(
+            vocab_size=num("vocab_size", int), hidden_size=num("hidden_size", int),
+            intermediate_size=num("intermediate_size", int), num_layers=num("num_hidden_layers", int),
+            num_heads=num("num_attention_heads", int), num_kv_heads=num("num_key_value_heads", int),
+            head_dim=num("head_dim", int), rms_norm_eps=num("rms_norm_eps", float),
+            rope_theta=theta, rope_local_base_freq=local_theta, sliding_window=num("sliding_window", int),
+            layer_types=_layer_types(d, num("num_hidden_layers", int)),
+            query_pre_attn_scalar=num("query_pre_attn_scalar", float),
+            max_position_embeddings=num("max_position_embeddings", int),
+            tie_word_embeddings=bool(g["tie_word_embeddings"]),
+            rope_scaling=scaling, rope_local_scaling=local_scaling,
+            final_logit_softcapping=_opt_float(g.get("final_logit_softcapping")),
+            attn_logit_softcapping=_opt_float(g.get("attn_logit_softcapping")),
+            hidden_activation=str(g["hidden_activation"]), attention_bias=bool(g.get("attention_bias") or False),
+            bos_token_id=g.get("bos_token_id"),
+            eos_token_ids=_int_tuple(eos),
+        )
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _int_tuple(v: Any) -> tuple[int, ...]:
+    return () if v is None else tuple(int(e) for e in v) if isinstance(v, (list, tuple)) else (int(v),)
+
+
+def _layer_types(d: dict[str, Any], num_layers: int) -> tuple[LayerKind, ...]:
+    """``layer_types`` as given, or derived as transformers does: every ``pattern``-th layer
+    (1-based) is global, the others sliding."""
+    names = d.get("layer_types")
+    if names is None:
+        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern")
+                      or _HF_DEFAULTS["sliding_window_pattern"])
+        return tuple(LayerKind.GLOBAL if (i + 1) % pattern == 0 else LayerKind.SLIDING for i in range(num_layers))
+    known = {k.value: k for k in LayerKind}
+    for name in names:
+        if name not in known:
+            raise UnsupportedModelError(f"layer type {name!r} is not supported (supported: {', '.join(known)})")
+    return tuple(known[n] for n in names)
+
+
+def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float, dict[str, Any] | None]:
+    """(global theta, global scaling, sliding theta, sliding scaling). transformers 4.x's
+    ``rope_scaling`` applies to the global layers only."""
+    params = d.get("rope_parameters")
+    if params and set(params) <= {k.value for k in LayerKind}:
+        glob = dict(params.get(LayerKind.GLOBAL.value) or {})
+        loc = dict(params.get(LayerKind.SLIDING.value) or {})
+    else:
+        glob, loc = dict(params or d.get("rope_scaling") or {}), {}
+    glob.setdefault("rope_theta", d.get("rope_theta") or _HF_DEFAULTS["rope_theta"])
+    loc.setdefault("rope_theta", d.get("rope_local_base_freq") or _HF_DEFAULTS["rope_local_base_freq"])
+    return (*_one_rope(glob, LayerKind.GLOBAL), *_one_rope(loc, LayerKind.SLIDING))
+
+
+def _one_rope(p: dict[str, Any], kind: LayerKind) -> tuple[float, dict[str, Any] | None]:
+    if "rope_type" not in p and p.get("type", "default") != "default":
+        # transformers 5 reads only "rope_type" for Gemma 3 and would silently run default RoPE.
+        raise UnsupportedModelError(f"RoPE scaling on {kind.value} layers uses the legacy key 'type'; "
+                                    "write 'rope_type' so that transformers and this runner agree")
+    rope_type = p.get("rope_type", "default")
+    if rope_type == "default":
+        return float(p["rope_theta"]), None
+    if rope_type != "linear":
+        raise UnsupportedModelError(f"RoPE type {rope_type!r} on {kind.value} layers is not supported "
+                                    "(supported: default, linear)")
+    if "factor" not in p:
+        raise UnsupportedModelError(f"linear RoPE scaling on {kind.value} layers needs a 'factor'")
+    return float(p["rope_theta"]), {"rope_type": "linear", "factor": float(p["factor"])}
+
+
+_RopeSpec = collections.namedtuple("_RopeSpec", "head_dim rope_theta rope_scaling")  # one layer kind's RoPE
+
+
+def gemma3_expected_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the runner needs, in Hugging Face naming."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (q_out, h), p + "self_attn.k_proj.weight": (kv_out, h),
+            p + "self_attn.v_proj.weight": (kv_out, h), p + "self_attn.o_proj.weight": (h, q_out),
+            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
+        shapes |= {p + f"{n}.weight": (h,) for n in ("input_layernorm", "post_attention_layernorm",
+                                                     "pre_feedforward_layernorm", "post_feedforward_layernorm")}
+        if cfg.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
+                       p + "self_attn.v_proj.bias": (kv_out,), p + "self_attn.o_proj.bias": (h,)}
+    return shapes
+
+
+@dataclasses.dataclass(slots=True)
+class Gemma3LayerWeights:
+    """One decoder layer. Norm gains are stored as fp32 ``1 + weight`` (what Gemma's RMSNorm
+    multiplies by); q/k/v and gate/up are concatenated so each is one matmul."""
+
+    w_qkv: torch.Tensor  # [(nq + 2 nkv) * head_dim, hidden]
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor  # [hidden, nq * head_dim]
+    b_o: torch.Tensor | None
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    w_down: torch.Tensor  # [hidden, intermediate]
+    q_norm: torch.Tensor  # [head_dim] fp32
+    k_norm: torch.Tensor  # [head_dim] fp32
+    ln_in: torch.Tensor  # [hidden] fp32, before attention
+    ln_post_attn: torch.Tensor  # [hidden] fp32, on the attention output
+    ln_pre_ff: torch.Tensor  # [hidden] fp32, before the MLP
+    ln_post_ff: torch.Tensor  # [hidden] fp32, on the MLP output
+
+
+def _gain(w: torch.Tensor) -> torch.Tensor:
+    return 1.0 + w.float()
+
+
+class Gemma3Runner:
+    """Weights and per-layer math of a Gemma 3 text decoder (interface of ``LlamaRunner``).
+
+    Args:
+        weights: Hugging Face-named tensors (see ``gemma3_expected_shapes``), already on
+            ``device`` in the compute dtype; the dict is consumed.
+
+    Attributes:
+        scale: attention score scale, ``query_pre_attn_scalar ** -0.5``.
+        window: keys a sliding layer's query sees (itself included).
+        attn_softcap: attention-score soft-cap (None in released Gemma 3 configs).
+    """
+
+    def __init__(self, cfg: Gemma3Config, weights: dict[str, torch.Tensor], *, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.embed_tokens = weights.pop("model.embed_tokens.weight")
+        self.dtype = self.embed_tokens.dtype
+        # transformers rounds sqrt(hidden) to the compute dtype before multiplying.
+        self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=torch.float32).to(device, self.dtype)
+        self.norm = _gain(weights.pop("model.norm.weight"))
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else weights.pop("lm_head.weight")
+        self.layers = [self._take_layer(weights, i) for i in range(cfg.num_layers)]
+        # offload.rope reads only head_dim, rope_theta and rope_scaling of its config.
+        self.rope_global = RotaryEmbedding(cast(ModelConfig, _RopeSpec(cfg.head_dim, cfg.rope_theta,
+                                                                       cfg.rope_scaling)), device)
+        self.rope_sliding = RotaryEmbedding(cast(ModelConfig, _RopeSpec(cfg.head_dim, cfg.rope_local_base_freq,
+                                                                        cfg.rope_local_scaling)), device)
+        self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
+        self.window = cfg.sliding_window
+        self.attn_softcap = cfg.attn_logit_softcapping
+        self.weights_bytes = self._count_bytes()
+
+    def _count_bytes(self) -> int:
+        tensors = [self.embed_tokens, self.norm] + ([] if self.cfg.tie_word_embeddings else [self.lm_head])
+        for lw in self.layers:
+            tensors += [getattr(lw, f.name) for f in dataclasses.fields(lw)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _take_layer(self, w: dict[str, torch.Tensor], i: int) -> Gemma3LayerWeights:
+        p = f"model.layers.{i}."
+        biases = [w.pop(p + f"self_attn.{x}_proj.bias", None) for x in "qkvo"]
+        b_qkv = None if any(b is None for b in biases[:3]) else torch.cat(biases[:3], dim=0)  # type: ignore[arg-type]
+        return Gemma3LayerWeights(
+            w_qkv=torch.cat([w.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0),
+            b_qkv=b_qkv,
+            w_o=w.pop(p + "self_attn.o_proj.weight"),
+            b_o=biases[3],
+            w_gate_up=torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")], dim=0),
+            w_down=w.pop(p + "mlp.down_proj.weight"),
+            q_norm=_gain(w.pop(p + "self_attn.q_norm.weight")),
+            k_norm=_gain(w.pop(p + "self_attn.k_norm.weight")),
+            ln_in=_gain(w.pop(p + "input_layernorm.weight")),
+            ln_post_attn=_gain(w.pop(p + "post_attention_layernorm.weight")),
+            ln_pre_ff=_gain(w.pop(p + "pre_feedforward_layernorm.weight")),
+            ln_post_ff=_gain(w.pop(p + "post_feedforward_layernorm.weight")),
+        )
+
+    def layer_is_sliding(self, layer: int) -> bool:
+        return self.cfg.is_sliding(layer)
+
+    def rms_norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """Gemma RMSNorm over the last dim: normalize and scale in fp32, then cast back
+        (Llama casts before scaling)."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return (xf * gain).to(x.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T] int64 -> [T, hidden] in the compute dtype, scaled by sqrt(hidden)."""
+        return F.embedding(ids, self.embed_tokens) * self.embed_scale
+
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normed, projected, per-head-normed and rotated q [T, nq, hd], k [T, nkv, hd] and
+        v [T, nkv, hd] (v is neither normed nor rotated). positions: [T] int64."""
+        cfg, lw = self.cfg, self.layers[layer]
+        nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        t = h.shape[0]
+        qkv = F.linear(self.rms_norm(h, lw.ln_in), lw.w_qkv, lw.b_qkv)
+        q = self.rms_norm(qkv[:, :nq].view(t, cfg.num_heads, hd), lw.q_norm)
+        k = self.rms_norm(qkv[:, nq : nq + nkv].view(t, cfg.num_kv_heads, hd), lw.k_norm)
+        v = qkv[:, nq + nkv :].view(t, cfg.num_kv_heads, hd)
+        rope = self.rope_sliding if cfg.is_sliding(layer) else self.rope_global
+        cos, sin = rope.cos_sin(positions, h.dtype)
+        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin), v
+
+    def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """o_proj, post-attention norm and residual, then pre-feed-forward norm, gelu-tanh
+        gated MLP, post-feed-forward norm and residual. h: [T, hidden]; attn: [T, nq * head_dim]
+        in the compute dtype."""
+        lw = self.layers[layer]
+        h = h + self.rms_norm(F.linear(attn, lw.w_o, lw.b_o), lw.ln_post_attn)
+        gate, up = F.linear(self.rms_norm(h, lw.ln_pre_ff), lw.w_gate_up).chunk(2, dim=-1)
+        mlp = F.linear(F.gelu(gate, approximate="tanh") * up, lw.w_down)
+        return h + self.rms_norm(mlp, lw.ln_post_ff)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, vocab] float32 (final norm, lm head, soft-cap if configured)."""
+        out = F.linear(self.rms_norm(h, self.norm), self.lm_head)
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out.float()
+
+
+_PREFIX_MAP = (("model.language_model.", "model."), ("language_model.model.", "model."),
+               ("language_model.lm_head.", "lm_head."))
+
+
+def load_gemma3_checkpoint(
+    ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device
+) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
+    """Read ``config.json`` and the tensors the runner needs, cast to ``dtype`` on ``device``.
+    Names under ``model.language_model.`` / ``language_model.model.`` (multimodal checkpoints)
+    are read as ``model.``; vision tensors are skipped.
+
+    Raises:
+        ModelNotFoundError: no config.json, or a tensor is missing or has the wrong shape.
+        UnsupportedModelError: the config is not a supported Gemma 3 text decoder.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    config_path = ckpt_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{ckpt_dir} has no config.json; pass a Gemma 3 checkpoint directory")
+    with open(config_path) as f:
+        cfg = Gemma3Config.from_hf(json.load(f))
+    shapes = gemma3_expected_shapes(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(ckpt_dir):
+        with safe_open(str(path), framework="pt") as sf:
+            for name in sf.keys():
+                ours = next((new + name[len(old):] for old, new in _PREFIX_MAP if name.startswith(old)), name)
+                if ours in shapes:
+                    out[ours] = sf.get_tensor(name).to(device=device, dtype=dtype)
+    missing = [n for n in shapes if n not in out]
+    if missing:
+        raise ModelNotFoundError(f"checkpoint {ckpt_dir} lacks {len(missing)} tensors (first: {missing[0]}); "
+                                 "is it a Gemma 3 checkpoint matching its config.json?")
+    for name, shape in shapes.items():
+        if tuple(out[name].shape) != shape:
+            raise ModelNotFoundError(f"tensor {name} in {ckpt_dir} has shape {tuple(out[name].shape)}, "
+                                     f"expected {shape}")
+    logger.debug("loaded %d Gemma 3 tensors from %s", len(out), ckpt_dir)
+    return cfg, out
+
+
+def causal_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int | None = None,
+    softcap: float | None = None, query_block: int = 512,
+) -> torch.Tensor:
+    """Plain causal (optionally sliding-window) grouped-query attention over one sequence, in
+    fp32. Query i sees key j iff ``j <= i`` and, with a window, ``i - window < j`` (transformers'
+    sliding-window mask); scores ``scale * q.k`` are soft-capped (``cap * tanh(s / cap)``) if asked.
+
+    Args:
+        q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (same device).
+        query_block: queries per step (bounds the score matrix to [heads, block, T]).
+
+    Returns:
+        [T, num_heads, head_dim] float32.
+    """
+    t, nq, _ = q.shape
+    group = nq // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [nq, T, hd]
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    key_pos = torch.arange(t, device=q.device)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for q0 in range(0, t, query_block):
+        q1 = min(t, q0 + query_block)
+        scores = torch.matmul(q[q0:q1].float().transpose(0, 1), kf.transpose(1, 2)) * scale  # [nq, b, T]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        qpos = key_pos[q0:q1, None]
+        visible = key_pos[None, :] <= qpos
+        if window is not None:
+            visible &= key_pos[None, :] > qpos - window
+        scores = scores.masked_fill(~visible, -math.inf)
+        out[q0:q1] = torch.matmul(torch.softmax(scores, dim=-1), vf).transpose(0, 1)
+    return out
+
+
+@torch.no_grad()
+def reference_forward(runner: Gemma3Runner, ids: torch.Tensor, *, num_last: int | None = None) -> torch.Tensor:
+    """Whole-sequence forward with plain attention: the oracle the paged engine is checked against.
+
+    Args:
+        ids: [T] int64 token ids on the runner's device (positions 0..T-1).
+        num_last: logits of only the last ``num_last`` positions (saves vocab x T floats).
+
+    Returns:
+        [T or num_last, vocab] float32 logits.
+    """
+    t = ids.shape[0]
+    positions = torch.arange(t, device=ids.device)
+    h = runner.embed(ids)
+    for layer in range(runner.cfg.num_layers):
+        q, k, v = runner.qkv(layer, h, positions)
+        window = runner.window if runner.layer_is_sliding(layer) else None
+        attn = causal_attention_ref(q, k, v, scale=runner.scale, window=window, softcap=runner.attn_softcap)
+        h = runner.finish_layer(layer, h, attn.reshape(t, -1).to(h.dtype))
+    return runner.logits(h if num_last is None else h[t - min(num_last, t):])

@@ -1,0 +1,143 @@
+"""The runtime's side of the planner: model shapes -> ``PlanProblem``, ``Plan`` -> ``Placement``.
+
+Two uses, with two meanings of the budgets (said in every help text):
+
+- ``offload plan`` (``model_problem``) plans a whole run on a machine: a budget is a tier's
+  memory for everything the run keeps there — DEVICE holds the weights, the working buffers
+  and its KV pages; HOST holds the DISK staging and write buffers and its KV pages — with the
+  planner's 0.8 slack (the question "what fits on a 24 GB card with 64 GB of RAM").
+- The engine (``engine_problem``) plans the pages one forward pass adds, into the room its
+  arenas have left: its ``--device-memory``/``--host-memory`` are already KV budgets (the
+  Tiers issue's meaning), so the rooms go to the planner exactly (slack 1, weights outside).
+
+Features the engine cannot execute are pinned to zero in executed plans (recompute; the
+sparse fraction is 1): only ``offload plan --what-if`` explores them. CPU delegation is
+executed (the Kernels issue's in-place Numba attention), so the LP may use it wherever a CPU
+and a separate device exist.
+"""
+from __future__ import annotations
+
+import logging
+
+from offload.model_config import ModelConfig
+from offload.placement import Placement
+from planner import Plan, PlanProblem
+from storage.aligned import DISK_ALIGNMENT, round_up
+
+__all__ = ["DEVICE_RESERVE_PAGES", "WRITE_STAGING_BYTES", "model_problem", "engine_problem", "plan_placement",
+           "plan_summary", "weight_bytes", "decode_weight_bytes", "working_bytes", "staging_bytes"]
+
+logger = logging.getLogger(__name__)
+
+# Bytes of DISK writes in flight at most (counted in the HOST budget).
+WRITE_STAGING_BYTES = 8 * 2**20
+# DEVICE pages per layer kept free when pages spill: tails, a question's scratch pages (its
+# copy-on-write tails), decode growth.
+DEVICE_RESERVE_PAGES = 8
+
+
+def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes of the model's weights: embeddings, every layer's projections and norms, the
+    final norm and (when untied) the LM head."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    attn = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * h
+    bias = ((cfg.num_heads + 2 * cfg.num_kv_heads) * hd if cfg.qkv_bias else 0) + (h if cfg.o_bias else 0)
+    mlp = 3 * h * cfg.intermediate_size + (2 * cfg.intermediate_size + h if cfg.mlp_bias else 0)
+    per_layer = attn + bias + mlp + 2 * h
+    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return (cfg.num_layers * per_layer + embed + h) * dtype_bytes
+
+
+def decode_weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """Weight bytes one decode step streams: all but the embedding table (one row is read),
+    which is also the LM head when tied."""
+    table = cfg.vocab_size * cfg.hidden_size * dtype_bytes
+    return weight_bytes(cfg, dtype_bytes) - (0 if cfg.tie_word_embeddings else table)
+
+
+def working_bytes(cfg: ModelConfig, *, dtype_bytes: int, prefill_chunk_tokens: int, scores_bytes: int) -> int:
+    """DEVICE bytes of one prefill chunk's working set (the largest transient): the chunk's
+    activations through q/k/v, the MLP and the residual, one attention partial's scores, and
+    the logits of one position."""
+    t = prefill_chunk_tokens
+    proj = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    acts = t * (3 * cfg.hidden_size + proj + 3 * cfg.intermediate_size) * dtype_bytes
+    return acts + scores_bytes + cfg.vocab_size * 4
+
+
+def staging_bytes(page_bytes: int, *, staging_chunk_pages: int, staging_buffers: int) -> int:
+    """HOST bytes of the DISK read staging area plus the write buffers in flight."""
+    disk_page = round_up(page_bytes, DISK_ALIGNMENT)
+    return staging_buffers * staging_chunk_pages * disk_page + WRITE_STAGING_BYTES
+
+
+def _shape(cfg: ModelConfig) -> dict[str, int]:
+    return dict(num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size)
+
+
+def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv_dtype_bytes: int,
+                  device_budget_bytes: int | None, host_budget_bytes: int | None,
+                  disk_budget_bytes: int | None, page_size: int = 32, batch_size: int = 1,
+                  prefill_chunk_tokens: int = 1024, scores_bytes: int = 64 * 2**20,
+                  staging_chunk_pages: int = 64, staging_buffers: int = 4, what_if: bool = False,
+                  sparse_fraction: float = 1.0, num_layer_groups: int = 1) -> PlanProblem:
+    """The planning problem of a whole run (``offload plan``): budgets cover weights and buffers.
+    DEVICE reserves the working set of a prefill chunk and ``DEVICE_RESERVE_PAGES`` pages per
+    layer (tails, a question's scratch pages, decode growth); HOST the DISK staging and writes.
+
+    Args:
+        what_if: also explore recompute (and ``sparse_fraction`` < 1); without it the plan
+            is one the engine can execute.
+    """
+    if sparse_fraction != 1.0 and not what_if:
+        raise ValueError("a sparse fraction below 1 is only explored with --what-if (the engine reads every page)")
+    page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
+    return PlanProblem(
+        **_shape(cfg), context_tokens=context_tokens, weight_bytes=weight_bytes(cfg, dtype_bytes),
+        batch_size=batch_size, page_size=page_size, kv_dtype_bytes=kv_dtype_bytes,
+        device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes,
+        disk_budget_bytes=disk_budget_bytes,
+        device_working_bytes=(working_bytes(cfg, dtype_bytes=dtype_bytes, prefill_chunk_tokens=prefill_chunk_tokens,
+                                            scores_bytes=scores_bytes)
+                              + DEVICE_RESERVE_PAGES * cfg.num_layers * page_bytes),
+        host_staging_bytes=staging_bytes(page_bytes, staging_chunk_pages=staging_chunk_pages,
+                                         staging_buffers=staging_buffers),
+        disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
+        num_layer_groups=num_layer_groups, allow_delegation=True, allow_recompute=what_if,
+        sparse_fraction=sparse_fraction)
+
+
+def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,
+                   device_room_pages: int, host_room_pages: int, disk_room_pages: int,
+                   staging_chunk_pages: int, allow_delegation: bool) -> PlanProblem:
+    """The planning problem of one forward pass's new pages into the rooms the engine's arenas
+    have left (in pages; slack 1: the arenas already are the budgets). The weights count only
+    in the predicted compute time, not in the DEVICE room."""
+    page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
+    weights = decode_weight_bytes(cfg, dtype_bytes)
+    return PlanProblem(
+        **_shape(cfg), context_tokens=new_pages * page_size, weight_bytes=weights, page_size=page_size,
+        kv_dtype_bytes=kv_dtype_bytes, device_budget_bytes=weights + device_room_pages * page_bytes,
+        host_budget_bytes=host_room_pages * page_bytes, disk_budget_bytes=disk_room_pages * page_bytes, slack=1.0,
+        disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
+        allow_delegation=allow_delegation, allow_recompute=False)
+
+
+def plan_placement(plan: Plan, *, first_page: int) -> Placement:
+    """The placement that executes ``plan`` for pages numbered from ``first_page`` (the pages
+    a sequence already holds keep their tiers): per layer, the plan's DEVICE pages first, then
+    its HOST pages, then DISK; the share of HOST pages attended on the CPU per layer."""
+    if plan.sparse_fraction != 1.0 or any(plan.recomputed_pages):
+        raise ValueError("this plan recomputes pages or reads a sparse fraction, which the engine cannot execute "
+                         "yet; plan without --what-if")
+    device = tuple(first_page + d for d in plan.device_pages)
+    share = tuple(dl / h if h else 0.0 for dl, h in zip(plan.delegated_pages, plan.host_pages))
+    return Placement(device_pages=device, host_pages=tuple(plan.host_pages), delegated_share=share)
+
+
+def plan_summary(plan: Plan) -> dict[str, object]:
+    """What the stats keep of an executed plan."""
+    d = plan.to_dict()
+    keep = ("method", "decode_step_s", "bottleneck", "tier_bytes", "delegated_share")
+    return {k: d[k] for k in keep} | {"pages_per_layer": plan.pages_per_layer}

@@ -1,0 +1,420 @@
+"""`offload profile`: measure the planner's ``HardwareProfile`` on this machine and cache it.
+
+    offload profile                  # measure once (5-10 s on a 2-core CPU), print a table
+    offload profile --json           # the saved (or fresh) profile as JSON on stdout
+    offload profile --quick          # small sizes, one repeat (a few seconds)
+    offload profile --refresh        # measure again even if a saved profile exists
+
+Each constant comes from real work of the kind the cost model (``planner.cost``) charges for:
+memory copies, cold disk reads by extent size, page attention, a decode step's matrix-vector
+products, dense matmul and the per-layer overhead of the real engine (``offload.profile_probes``
+holds the probes). The profile is saved as JSON under ``<cache dir>/profiles/`` in a file named
+after the machine (``profile_path``), written atomically; ``load_or_measure`` reuses it while
+it parses and fits the request (a profile measured with ``--quick`` is only reused by quick
+requests), and measures again otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from offload import profile_probes as probes
+from offload.config import RuntimeConfig, parse_dtype
+from offload.errors import OffloadError
+from offload.model_source import default_cache_dir, ensure_cache_dir
+from planner.profile import HardwareProfile
+
+__all__ = ["measure_profile", "profile_path", "load_or_measure", "format_table", "build_parser", "main",
+           "QUICK_SUFFIX"]
+
+logger = logging.getLogger(__name__)
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+QUICK_SUFFIX = " (quick)"
+"""End of the ``name`` of a profile measured with ``quick=True`` (the JSON has no other marker)."""
+
+DISK_EXTENTS = (64 * KiB, MiB, 4 * MiB)
+H2D_SIZES = (64 * KiB, MiB, 16 * MiB, 64 * MiB)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Sizes:
+    """Working sets (bytes) and repeats of one measuring mode."""
+
+    repeats: int
+    copy_bytes: int
+    disk_file_bytes: int
+    disk_read_bytes: int
+    cpu_attention_bytes: int
+    device_attention_bytes: int
+    cpu_weights_bytes: int
+    device_weights_bytes: int
+    overhead_steps: int
+
+
+_FULL = _Sizes(repeats=7, copy_bytes=64 * MiB, disk_file_bytes=256 * MiB, disk_read_bytes=128 * MiB,
+               cpu_attention_bytes=256 * MiB, device_attention_bytes=GiB, cpu_weights_bytes=256 * MiB,
+               device_weights_bytes=GiB, overhead_steps=50)
+_QUICK = _Sizes(repeats=1, copy_bytes=64 * MiB, disk_file_bytes=32 * MiB, disk_read_bytes=32 * MiB,
+                cpu_attention_bytes=32 * MiB, device_attention_bytes=256 * MiB, cpu_weights_bytes=32 * MiB,
+                device_weights_bytes=256 * MiB, overhead_steps=20)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One measuring run: its target, sizes and what the steps found so far."""
+
+    device: torch.device
+    dtype: torch.dtype
+    kv_dir: Path
+    sizes: _Sizes
+    found: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def resolve_target(device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype a request means, with ``RuntimeConfig``'s defaults and checks.
+
+    Raises:
+        ValueError: an unknown device or dtype, or CUDA asked for where there is none.
+    """
+    config = RuntimeConfig(device=None if device is None else str(device), dtype=dtype)
+    dev = config.resolved_device()
+    return dev, config.resolved_dtype(dev)
+
+
+# ----- the steps ---------------------------------------------------------------------------------
+def _step_copies(run: _Run) -> str:
+    s, f = run.sizes, run.found
+    if not run.is_cuda:
+        f["pinned"] = f["pageable"] = probes.copy_gbps(s.copy_bytes, s.repeats)
+        return f"memcpy {f['pinned']:.2f} GB/s ({s.copy_bytes // MiB} MiB)"
+    for kind, pinned in (("pinned", True), ("pageable", False)):
+        f[f"{kind}_by_size"] = probes.host_to_device_gbps(run.device, H2D_SIZES, s.repeats, pinned=pinned)
+        f[kind] = f[f"{kind}_by_size"][H2D_SIZES[-1]]
+    return f"pinned {f['pinned']:.1f} GB/s, pageable {f['pageable']:.1f} GB/s at {H2D_SIZES[-1] // MiB} MiB"
+
+
+def _step_disk(run: _Run) -> str:
+    s = run.sizes
+    d = probes.disk_probe(run.kv_dir, file_bytes=s.disk_file_bytes, read_bytes=s.disk_read_bytes,
+                          extents=DISK_EXTENTS, repeats=s.repeats)
+    run.found["disk"] = d
+    reads = ", ".join(f"{_size(e)} {g:.2f}" for e, g in d.read_gbps_by_extent)
+    return f"write {d.write_gbps:.2f} GB/s; cold reads ({d.cold_read_mode}) {reads} GB/s"
+
+
+def _step_cpu_attention(run: _Run) -> str:
+    gbps = probes.cpu_attention_gbps(run.dtype, run.sizes.cpu_attention_bytes, run.sizes.repeats)
+    run.found["cpu_attention"] = gbps
+    if not run.is_cuda:
+        run.found["device_attention"] = gbps  # the "device" is these same cores
+    return f"{gbps:.1f} GB/s of K+V ({run.sizes.cpu_attention_bytes // MiB} MiB, Numba)"
+
+
+def _step_device_attention(run: _Run) -> str:
+    s = run.sizes
+    gbps = probes.device_attention_gbps(run.device, run.dtype, s.device_attention_bytes, s.repeats)
+    run.found["device_attention"] = gbps
+    return f"{gbps:.0f} GB/s of K+V ({s.device_attention_bytes // MiB} MiB, Triton)"
+
+
+def _step_weights(run: _Run) -> str:
+    s = run.sizes
+    nbytes = s.device_weights_bytes if run.is_cuda else s.cpu_weights_bytes
+    run.found["weights"] = probes.weights_gbps(run.device, run.dtype, nbytes, s.repeats)
+    return f"{run.found['weights']:.1f} GB/s ({nbytes // MiB} MiB of weights)"
+
+
+def _step_matmul(run: _Run) -> str:
+    reps = max(3, run.sizes.repeats)  # cheap: always a median of 3 or more
+    if run.is_cuda:
+        run.found["device_tflops"] = probes.matmul_tflops(run.device, run.dtype, 4096, reps)
+        run.found["cpu_tflops"] = probes.matmul_tflops(torch.device("cpu"), torch.float32, 1024, reps)
+    else:
+        run.found["device_tflops"] = run.found["cpu_tflops"] = probes.matmul_tflops(run.device, run.dtype, 1024, reps)
+    return f"device {run.found['device_tflops']:.3g}, cpu {run.found['cpu_tflops']:.3g} TFLOP/s"
+
+
+def _step_overhead(run: _Run) -> str:
+    run.found["overhead"], run.found["piece"] = probes.engine_overheads(run.device, run.dtype, run.kv_dir,
+                                                                         steps=run.sizes.overhead_steps)
+    return (f"{run.found['overhead'] * 1e3:.3f} ms per layer and step, "
+            f"{run.found['piece'] * 1e3:.3f} ms per extra attention piece")
+
+
+def _step_free(run: _Run) -> str:
+    run.found["free"] = dev, host, disk = probes.free_bytes(run.device, run.kv_dir)
+    return f"device {dev / GiB:.1f} GiB, host {host / GiB:.1f} GiB, disk {disk / GiB:.1f} GiB"
+
+
+def _steps(run: _Run) -> list[tuple[str, Callable[[_Run], str]]]:
+    steps = [("memory copies", _step_copies), ("disk write + cold reads", _step_disk),
+             ("CPU page attention", _step_cpu_attention)]
+    if run.is_cuda:
+        steps.append(("device page attention", _step_device_attention))
+    steps += [("weights (matrix-vector)", _step_weights), ("matmul", _step_matmul),
+              ("engine overheads", _step_overhead), ("free memory", _step_free)]
+    return steps
+
+
+# ----- measuring -----------------------------------------------------------------------------------
+def measure_profile(*, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    cache_dir: Path | None = None, quick: bool = False, progress: bool = True,
+                    details: dict[str, Any] | None = None) -> HardwareProfile:
+    """Measures every constant of a ``HardwareProfile`` on this machine (nothing is saved).
+
+    Args:
+        device: 'cpu', 'cuda', 'cuda:N' (None: CUDA when present).
+        dtype: compute/KV dtype of the attention, weight and matmul probes (None: fp32 on CPU,
+            bf16 on CUDA, as ``RuntimeConfig.resolved_dtype``).
+        cache_dir: its ``kv`` folder holds the disk probe's scratch file (removed afterwards);
+            None = ``default_cache_dir()``.
+        quick: small sizes and one repeat (a few seconds); the name ends with ``QUICK_SUFFIX``.
+        progress: one line per step on stderr.
+        details: if given, filled with what the table shows beyond the profile (per-size
+            copy rates, the disk probe's ``DiskResult``, seconds per step).
+
+    Raises:
+        ValueError: a bad device or dtype. OSError: the disk probe failed.
+        CacheDirError: the cache dir cannot be written.
+    """
+    dev, dt = resolve_target(device, dtype)
+    cache = ensure_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    run = _Run(dev, dt, cache / "kv", _QUICK if quick else _FULL)
+    steps = _steps(run)
+    say = _say if progress else (lambda _: None)
+    say(f"offload profile: measuring {dev} ({str(dt).removeprefix('torch.')}), "
+        f"{'quick' if quick else 'full'} run, {len(steps)} steps")
+    busy = _busy_note()
+    if busy:
+        say(f"  note: {busy}")
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+    for i, (label, step) in enumerate(steps, 1):
+        t0 = time.perf_counter()
+        summary = step(run)
+        seconds[label] = time.perf_counter() - t0
+        say(f"  [{i}/{len(steps)}] {label}: {summary} ({seconds[label]:.1f} s)")
+    profile = _assemble(run, quick)
+    if details is not None:
+        details.update(run.found, step_seconds=seconds, seconds=time.perf_counter() - t_all,
+                       device=str(dev), dtype=str(dt).removeprefix("torch."), load_note=busy)
+    return profile
+
+
+def _busy_note() -> str:
+    """A warning when other processes keep the cores busy (CPU rates would read low): the
+    CPU use of the whole machine over a quarter second before measuring, while we are idle."""
+    busy = psutil.cpu_percent(interval=0.25)
+    if busy <= 50:
+        return ""
+    return (f"the CPUs were {busy:.0f}% busy before measuring: other processes compete for them, "
+            "so CPU rates may read low (measure again when idle: --refresh)")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _assemble(run: _Run, quick: bool) -> HardwareProfile:
+    f = run.found
+    dev_free, host_free, disk_free = f["free"]
+    return HardwareProfile(
+        name=f"measured on {socket.gethostname()}" + (QUICK_SUFFIX if quick else ""),
+        host_to_device_pinned_gbps=f["pinned"], host_to_device_pageable_gbps=f["pageable"],
+        disk_read_gbps_by_extent=f["disk"].read_gbps_by_extent, disk_write_gbps=f["disk"].write_gbps,
+        cpu_attention_gbps=f["cpu_attention"], device_attention_gbps=f["device_attention"],
+        device_matmul_tflops=f["device_tflops"], cpu_matmul_tflops=f["cpu_tflops"],
+        device_free_bytes=dev_free, host_free_bytes=host_free, disk_free_bytes=disk_free,
+        device_is_host=not run.is_cuda, layer_overhead_s=f["overhead"], weights_gbps=f["weights"],
+        piece_overhead_s=f["piece"])
+
+
+# ----- the saved profile ------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fs_device_id(path: Path) -> int:
+    """``st_dev`` of ``path``, or of its nearest existing parent (a cache dir not made yet)."""
+    for p in (path, *path.parents):
+        try:
+            return os.stat(p).st_dev
+        except OSError:
+            continue
+    return 0
+
+
+def machine_fields(cache_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """What identifies the machine for a profile's numbers (hashed into its file name)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = f"{props.name} {props.total_memory}"
+    else:
+        gpu = "cpu"
+    return {"host": socket.gethostname(), "cpu": _cpu_model(), "cores": str(os.cpu_count()),
+            "ram": str(psutil.virtual_memory().total), "gpu": gpu, "torch": torch.__version__,
+            "fs": str(_fs_device_id(cache_dir)), "dtype": str(dtype)}
+
+
+def profile_path(cache_dir: Path, device: torch.device | str, *, dtype: torch.dtype | None = None) -> Path:
+    """``<cache_dir>/profiles/<cpu|cuda>-<hash12>.json``: the hash covers host name, CPU model,
+    logical cores, total RAM, GPU name and memory (or "cpu"), torch version, the file system
+    of ``cache_dir`` and the probe dtype (None: the device's default compute dtype)."""
+    dev, dt = resolve_target(device, dtype)
+    fields = machine_fields(Path(cache_dir), dev, dt)
+    key = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(fields.items())).encode()).hexdigest()
+    return Path(cache_dir) / "profiles" / f"{dev.type}-{key[:12]}.json"
+
+
+def is_quick(profile: HardwareProfile) -> bool:
+    return profile.name.endswith(QUICK_SUFFIX)
+
+
+def _load(path: Path) -> HardwareProfile | None:
+    """The saved profile, or None when there is none or it cannot be used (warned)."""
+    if not path.is_file():
+        return None
+    try:
+        return HardwareProfile.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        logger.warning("saved hardware profile %s is unusable (%s); measuring again", path, e)
+        return None
+
+
+def _save(path: Path, profile: HardwareProfile) -> None:
+    """Atomic: a temp file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(profile.to_json() + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_or_measure(*, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    cache_dir: Path | None = None, refresh: bool = False, quick: bool = False,
+                    progress: bool = True, details: dict[str, Any] | None = None) -> HardwareProfile:
+    """The saved profile of this machine, or a fresh measurement (then saved).
+
+    A saved profile is reused unless ``refresh``, unless it does not parse (a warning is
+    logged, never an exception), or unless it was measured quick and this request is not.
+    Arguments are those of ``measure_profile``; ``details`` is filled only when measuring.
+    """
+    dev, dt = resolve_target(device, dtype)
+    cache = ensure_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    path = profile_path(cache, dev, dtype=dt)
+    if not refresh:
+        saved = _load(path)
+        if saved is not None and (quick or not is_quick(saved)):
+            logger.info("hardware profile from %s", path)
+            return saved
+    profile = measure_profile(device=dev, dtype=dt, cache_dir=cache, quick=quick, progress=progress,
+                              details=details)
+    _save(path, profile)
+    logger.info("hardware profile saved to %s", path)
+    return profile
+
+
+# ----- command line ----------------------------------------------------------------------------------
+def _size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def format_table(profile: HardwareProfile, path: Path, details: dict[str, Any] | None = None) -> str:
+    """The profile as an aligned text table; ``details`` (from ``measure_profile``) adds the
+    per-size copy rates, the queue-depth-1 read and the cold read mode."""
+    d = details or {}
+    disk = d.get("disk")
+    mode = f" ({disk.cold_read_mode}, {disk.num_threads} threads)" if disk else ""
+    copy_note = "  (no GPU: memcpy)" if profile.device_is_host else ""
+    rows = [("host->device pinned", f"{profile.host_to_device_pinned_gbps:.2f} GB/s{copy_note}"),
+            ("host->device pageable", f"{profile.host_to_device_pageable_gbps:.2f} GB/s")]
+    for kind in ("pinned", "pageable"):
+        if f"{kind}_by_size" in d:
+            sizes = ", ".join(f"{_size(n)} {g:.1f}" for n, g in d[f"{kind}_by_size"].items())
+            rows.append((f"  {kind} by size", f"{sizes} GB/s"))
+    rows += [(f"disk read {_size(e)}", f"{g:.2f} GB/s{mode}") for e, g in profile.disk_read_gbps_by_extent]
+    if disk:
+        rows.append((f"disk read {_size(disk.qd1_extent)} QD1", f"{disk.qd1_gbps:.2f} GB/s (1 thread)"))
+    rows += [("disk write + fsync", f"{profile.disk_write_gbps:.2f} GB/s"),
+             ("CPU attention", f"{profile.cpu_attention_gbps:.1f} GB/s of K+V"),
+             ("device attention", f"{profile.device_attention_gbps:.1f} GB/s of K+V"),
+             ("weights (matrix-vector)", f"{profile.weight_stream_gbps:.1f} GB/s"),
+             ("device matmul", f"{profile.device_matmul_tflops:.3g} TFLOP/s"),
+             ("CPU matmul", f"{profile.cpu_matmul_tflops:.3g} TFLOP/s"),
+             ("layer overhead", f"{profile.layer_overhead_s * 1e3:.3f} ms"),
+             ("attention piece overhead", f"{profile.piece_overhead_s * 1e3:.3f} ms"),
+             ("device free", f"{profile.device_free_bytes / GiB:.1f} GiB"),
+             ("host free", f"{profile.host_free_bytes / GiB:.1f} GiB"),
+             ("disk free", f"{profile.disk_free_bytes / GiB:.1f} GiB"),
+             ("device is host", "yes" if profile.device_is_host else "no")]
+    width = max(len(k) for k, _ in rows)
+    where = (f"measured in {d['seconds']:.1f} s ({d['device']}, {d['dtype']})" if "seconds" in d
+             else "saved earlier; --refresh measures again")
+    head = [f"hardware profile: {profile.name}", f"  {where}", f"  file: {path}"]
+    if d.get("load_note"):
+        head.append(f"  note: {d['load_note']}")
+    return "\n".join(head + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="offload profile", description=__doc__.splitlines()[0])
+    p.add_argument("--refresh", action="store_true", help="measure again even if a saved profile exists")
+    p.add_argument("--quick", action="store_true", help="small sizes, one repeat (a few seconds)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="probe dtype fp32, bf16, fp16 (default fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where profiles are saved (default $OFFLOAD_CACHE or ~/.cache/offload)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    details: dict[str, Any] = {}
+    cache = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    try:
+        dev, dt = resolve_target(args.device, parse_dtype(args.dtype) if args.dtype else None)
+        ensure_cache_dir(cache)
+        profile = load_or_measure(device=dev, dtype=dt, cache_dir=cache, refresh=args.refresh,
+                                  quick=args.quick, progress=not args.quiet, details=details)
+    except (ValueError, OffloadError) as e:
+        print(f"offload: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"offload: error: measuring under {cache / 'kv'} failed ({e}); free space there or pass "
+              "--cache-dir DIR on another disk", file=sys.stderr)
+        return 2
+    print(profile.to_json() if args.json else format_table(profile, profile_path(cache, dev, dtype=dt), details))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

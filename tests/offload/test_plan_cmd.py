@@ -1,0 +1,80 @@
+"""`offload plan`: plans for a GPU made on this machine, JSON that adds up, named infeasibility,
+what-if exploration, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from offload.cli import main
+from planner import HardwareProfile
+
+GiB = 2**30
+LLAMA = ["plan", "--model", "llama-3.1-8b", "--context", "131072"]
+
+
+def test_llama_8b_128k_plan_adds_up(capsys):
+    assert main(LLAMA + ["--device-memory", "24GiB", "--host-memory", "64GiB", "--preset", "rtx4090-pcie4",
+                         "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    p = out["plan"]
+    assert p["kv_bytes"] == 16 * GiB  # 32 layers x 8 KV heads x 128 x 2 x bf16 x 131072 tokens
+    assert sum(p["tier_bytes"].values()) == p["kv_bytes"]
+    assert p["tier_bytes"]["device"] > 0 and p["tier_bytes"]["host"] > 0
+    assert p["recompute_share"] == 0 and p["sparse_fraction"] == 1  # executable: no what-if features
+    assert out["profile"] == "rtx4090-pcie4"
+
+
+def test_too_small_budgets_exit_2_naming_the_constraint(capsys):
+    code = main(LLAMA + ["--device-memory", "1GiB", "--host-memory", "1GiB", "--disk-space", "1GiB",
+                         "--preset", "rtx4090-pcie4", "--json"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "weights 15.0 GiB" in captured.err and "0.8 x 1.0 GiB device" in captured.err
+    assert captured.err.startswith("offload: error: no placement fits the budgets")
+    violations = json.loads(captured.out)["violations"]
+    assert any(v.startswith("KV cache 16.0 GiB") for v in violations)
+
+
+def test_text_output_with_the_greedy_baseline(capsys):
+    assert main(LLAMA + ["--device-memory", "24GiB", "--host-memory", "64GiB", "--preset", "h100-pcie5",
+                         "--greedy"]) == 0
+    out = capsys.readouterr().out
+    for words in ("Plan (lp)", "Plan (greedy)", "Predicted decode step", "bottleneck", "Greedy step / LP step"):
+        assert words in out
+
+
+def test_what_if_explores_sparse_reads(capsys):
+    base = LLAMA + ["--device-memory", "24GiB", "--host-memory", "64GiB", "--preset", "rtx4090-pcie4", "--json"]
+    assert main(base + ["--what-if", "--sparse-fraction", "0.25"]) == 0
+    sparse = json.loads(capsys.readouterr().out)["plan"]
+    assert main(base) == 0
+    exact = json.loads(capsys.readouterr().out)["plan"]
+    assert sparse["sparse_fraction"] == 0.25 and sparse["decode_step_s"] < exact["decode_step_s"]
+    assert main(base + ["--sparse-fraction", "0.25"]) == 2
+    assert "--what-if" in capsys.readouterr().err
+
+
+def test_profile_file_and_bad_input(capsys, tmp_path):
+    saved = tmp_path / "p.json"
+    saved.write_text(HardwareProfile.preset("h100-sxm").to_json())
+    assert main(LLAMA + ["--profile", str(saved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"] == "h100-sxm"
+    for argv, words in [(["--preset", "tpu-v9"], "unknown hardware preset"),
+                        (["--profile", str(tmp_path / "missing.json")], "cannot read the profile"),
+                        (["--preset", "h100-sxm", "--device-memory", "lots"], "size"),
+                        (["--preset", "h100-sxm", "--dtype", "fp8"], "dtype")]:
+        assert main(LLAMA + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("offload: error:") and words in err, (argv, err)
+    assert main(["plan", "--model", "llama-3.1-8b", "--context", "0", "--preset", "h100-sxm"]) == 2
+    assert "--context" in capsys.readouterr().err
+    assert main(["plan", "--model", "no-such-model", "--context", "10", "--preset", "h100-sxm"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,preset", [("smollm2-135m", "cpu-2core"), ("qwen2.5-7b", "rtx4090-pcie4")])
+def test_plans_for_other_shapes(capsys, model, preset):
+    assert main(["plan", "--model", model, "--context", "8192", "--preset", preset, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["plan"]
+    assert sum(p["tier_bytes"].values()) == p["kv_bytes"] > 0

@@ -1,0 +1,179 @@
+"""The engine executes the planner's placements: per-layer placements, plan -> placement,
+LP and greedy plans on a tiny model (tiers as planned, logits as in memory), the delegated
+share of HOST pages, model sizes for ``offload plan``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.config import HostAttention, RuntimeConfig
+from offload.engine import Engine
+from offload.errors import CapacityError
+from offload.model_config import ModelConfig
+from offload.model_source import resolve_model
+from offload.placement import Placement
+from offload.planning import engine_problem, model_problem, plan_placement, weight_bytes
+from offload.shapes import NAMED_SHAPES
+from planner import HardwareProfile, greedy_plan, plan
+from storage import Tier
+from tests.offload.arch_pairs import ours_teacher_forced, save_tiny
+from tests.tolerances import TOL
+
+GiB = 2**30
+PROMPT = 300
+FORCED = [5, 6, 7, 8]
+CPU = HardwareProfile.preset("cpu-2core")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    save_tiny("llama3", folder)
+    ids = torch.randint(0, 512, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    return folder, ids
+
+
+def _engine(folder, tmp_path, **kw) -> Engine:
+    kw.setdefault("page_size", 16)
+    kw.setdefault("profile", CPU)
+    return Engine(resolve_model(str(folder), cache_dir=folder / "cache"),
+                  RuntimeConfig(device="cpu", kv_dir=str(tmp_path / "kv"), staging_chunk_pages=3, **kw))
+
+
+def test_per_layer_placement():
+    p = Placement(device_pages=(2, 0), host_pages=(1, None), delegated_share=(0.0, 0.5))
+    assert [p.tier_of(i, 0) for i in range(4)] == [Tier.DEVICE, Tier.DEVICE, Tier.HOST, Tier.DISK]
+    assert [p.tier_of(i, 1) for i in range(3)] == [Tier.HOST] * 3
+    assert p.host_share(1) == 0.5 and not p.delegates(0) and p.delegates(1)
+    assert p.reaches_disk(2) and not Placement(None, 0).reaches_disk(2)
+    assert Placement(3, None).with_delegation(range(2)).host_share(1) == 1.0
+    with pytest.raises(ValueError, match="one length"):
+        Placement(device_pages=(1, 2), host_pages=(1,))
+    with pytest.raises(ValueError, match="ints >= 0"):
+        Placement(device_pages=(1, -2))
+    with pytest.raises(ValueError, match="fractions"):
+        Placement(delegated_share=(1.5,))
+
+
+def _problem(cfg: ModelConfig, device: int, host: int, disk: int, **kw):
+    return engine_problem(cfg, new_pages=10, page_size=16, dtype_bytes=4, kv_dtype_bytes=4, device_room_pages=device,
+                          host_room_pages=host, disk_room_pages=disk, staging_chunk_pages=3,
+                          allow_delegation=kw.pop("allow_delegation", False), **kw)
+
+
+def test_plan_to_placement_counts_from_the_first_new_page():
+    cfg = ModelConfig.from_hf_dict(NAMED_SHAPES["smollm2-135m"]).with_num_layers(3)
+    g = greedy_plan(_problem(cfg, device=15, host=5, disk=100), CPU)
+    # layer by layer: 10 + 5 DEVICE pages, then 5 HOST, then DISK
+    assert g.device_pages == (10, 5, 0) and g.host_pages == (0, 5, 0) and g.disk_pages == (0, 0, 10)
+    p = plan_placement(g, first_page=4)
+    assert [p.tier_of(i, 1) for i in (4, 8, 9, 13, 14)] == [Tier.DEVICE, Tier.DEVICE, Tier.HOST, Tier.HOST, Tier.DISK]
+    assert p.tier_of(13, 0) == Tier.DEVICE and p.tier_of(4, 2) == Tier.DISK
+    lp = plan(_problem(cfg, device=15, host=5, disk=100), CPU)
+    assert sum(lp.device_pages) == 15 and sum(lp.host_pages) == 5  # fills the RAM tiers: DISK is slower
+    assert lp.decode_step_s <= g.decode_step_s
+
+
+def test_plan_placement_refuses_what_the_engine_cannot_run():
+    cfg = ModelConfig.from_hf_dict(NAMED_SHAPES["llama-3.1-8b"])
+    problem = model_problem(cfg, context_tokens=32768, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=20 * GiB,
+                            host_budget_bytes=64 * GiB, disk_budget_bytes=None, what_if=True, sparse_fraction=0.25)
+    with pytest.raises(ValueError, match="cannot execute"):
+        plan_placement(plan(problem, HardwareProfile.preset("rtx4090-pcie4")), first_page=0)
+    with pytest.raises(ValueError, match="--what-if"):
+        model_problem(cfg, context_tokens=1024, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=None,
+                      host_budget_bytes=None, disk_budget_bytes=None, sparse_fraction=0.5)
+
+
+def test_weight_bytes_match_the_loaded_model(tiny, tmp_path):
+    folder, _ = tiny
+    engine = _engine(folder, tmp_path)
+    assert weight_bytes(engine.model_config, 4) == engine.runner.weights_bytes
+    engine.close()
+    llama = ModelConfig.from_hf_dict(NAMED_SHAPES["llama-3.1-8b"])
+    assert weight_bytes(llama, 2) == pytest.approx(8.03e9 * 2, rel=0.01)  # 8.03 B parameters in bf16
+
+
+@pytest.mark.parametrize("planner", ["lp", "greedy"])
+def test_engine_executes_the_plan(tiny, tmp_path, planner):
+    folder, ids = tiny
+    reference = _engine(folder, tmp_path / "ref")
+    want = ours_teacher_forced(reference, ids, FORCED, prompt_logits=16)
+    slot, layers = reference.arena.slot_bytes, reference.model_config.num_layers
+    pages = -(-PROMPT // 16)
+    # DEVICE: the reserve (8 pages per layer) + 1.5 layers' pages; HOST: 1 layer's; DISK: the rest
+    engine = _engine(folder, tmp_path, planner=planner, device_memory_bytes=(8 * layers + 3 * pages // 2) * slot,
+                     host_memory_bytes=pages * slot + 3 * 4 * 4096 + 8 * 2**20)
+    try:
+        seq = engine.new_sequence()
+        engine.forward(seq, ids)
+        p = engine.last_plan
+        assert p is not None and p.method == planner
+        for layer in range(layers):
+            tiers = seq.table.tiers(layer)[:pages - 1]  # the partial last page is the DEVICE tail
+            planned = [Tier.DEVICE] * p.device_pages[layer] + [Tier.HOST] * p.host_pages[layer]
+            planned += [Tier.DISK] * p.disk_pages[layer]
+            assert tiers == planned[:pages - 1]
+        if planner == "greedy":
+            assert p.device_pages[0] == pages and p.disk_pages[-1] > 0  # first layers close, last ones far
+        else:
+            assert min(p.disk_pages) > 0 and max(p.disk_pages) - min(p.disk_pages) <= 2  # spread over layers
+        engine.release(seq)
+        got = ours_teacher_forced(engine, ids, FORCED, prompt_logits=16)
+    finally:
+        engine.close()
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(got, want, atol=10 * atol, rtol=10 * rtol)
+
+
+def test_delegated_share_of_host_pages(tiny, tmp_path):
+    """With the torch kernel on a CPU, non-delegated HOST pages go through the copy path:
+    a share of 0.5 attends half of each layer's HOST pages in place."""
+    from offload.config import DecodeKernel
+    from offload.stats import RunStats
+
+    folder, ids = tiny
+    pages = -(-PROMPT // 16)
+    layers = resolve_model(str(folder), cache_dir=folder / "cache").config.num_layers
+    with pytest.raises(ValueError, match=f"one entry per layer \\({layers}\\)"):
+        _engine(folder, tmp_path, placement=Placement(0, None, delegated_share=(0.5,) * (layers + 1)))
+    placement = Placement(device_pages=0, host_pages=None, delegated_share=(0.5,) * layers)
+    engine = _engine(folder, tmp_path, placement=placement, host_memory_bytes=64 * 2**20,
+                     decode_kernel=DecodeKernel.TORCH)
+    try:
+        stats = RunStats()
+        list(engine.generate(engine.new_sequence(), ids, max_new_tokens=3, stats=stats))
+        page = engine.kv.page_bytes
+        assert stats.bytes_read_per_token["host"] == layers * (pages - 1) * page
+        assert stats.cpu_attended_bytes_per_token["host"] == layers * round(0.5 * (pages - 1)) * page
+        assert stats.copied_to_device_bytes_per_token == 0  # the CPU is the compute device: nothing crosses
+    finally:
+        engine.close()
+
+
+def test_host_attention_device_pins_delegation_to_zero(tiny, tmp_path):
+    folder, _ = tiny
+    engine = _engine(folder, tmp_path, host_attention=HostAttention.DEVICE)
+    assert engine.host_share(0) == 0.0
+    engine.close()
+    engine = _engine(folder, tmp_path)
+    assert engine.host_share(1) == 1.0  # before any plan: delegation allowed everywhere
+    engine.close()
+
+
+def test_unknown_planner_is_refused():
+    with pytest.raises(ValueError, match="planner must be one of lp, greedy"):
+        RuntimeConfig(planner="fastest")
+
+
+def test_tiers_too_small_for_the_plan_name_the_budgets(tiny, tmp_path):
+    folder, ids = tiny
+    probe = _engine(folder, tmp_path / "probe")
+    slot, layers = probe.arena.slot_bytes, probe.model_config.num_layers
+    probe.close()
+    engine = _engine(folder, tmp_path, device_memory_bytes=(8 * layers + 2) * slot, disk_space_bytes=4 * slot)
+    try:
+        with pytest.raises(CapacityError, match="--disk-space"):
+            engine.forward(engine.new_sequence(), ids)
+    finally:
+        engine.close()

@@ -1,0 +1,267 @@
+"""`offload profile`: a quick measurement on this machine gives a valid, plausible profile;
+the saved profile is reused, refreshed and re-measured exactly when it should be; the disk
+probe leaves no file behind; the command prints JSON or a table and refuses bad options."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload import profile as prof
+from offload import profile_probes as probes
+from planner.profile import HardwareProfile
+
+MiB = 2**20
+DISK_EXTENTS_SMALL = (64 * 2**10, MiB)
+BAD_DTYPES = ["fp8", "int4", "double"]
+BAD_DEVICES = ["tpu", "gpu0"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[HardwareProfile, dict, Path]:
+    """One real quick measurement on this machine (CPU), shared by the plausibility tests."""
+    cache = tmp_path_factory.mktemp("profile-cache")
+    details: dict = {}
+    profile = prof.measure_profile(device="cpu", cache_dir=cache, quick=True, progress=False, details=details)
+    return profile, details, cache
+
+
+def test_quick_profile_is_plausible(quick_run):
+    profile, details, _ = quick_run
+    assert isinstance(profile, HardwareProfile)  # __post_init__ validated every field
+    assert profile.name.endswith(prof.QUICK_SUFFIX) and prof.is_quick(profile)
+    assert profile.device_is_host
+    assert 0.5 <= profile.host_to_device_pinned_gbps <= 200
+    assert profile.host_to_device_pageable_gbps == profile.host_to_device_pinned_gbps  # no pinned memory on CPU
+    assert [e for e, _ in profile.disk_read_gbps_by_extent] == list(prof.DISK_EXTENTS)
+    read = dict(profile.disk_read_gbps_by_extent)
+    assert read[4 * MiB] >= 0.5 * read[64 * 2**10]
+    assert all(0.005 <= g <= 100 for g in read.values())
+    assert 0.005 <= profile.disk_write_gbps <= 100
+    assert 0.1 <= profile.cpu_attention_gbps <= 500
+    assert profile.device_attention_gbps == profile.cpu_attention_gbps  # the "device" is the CPU
+    assert profile.weights_gbps is not None and 0.1 <= profile.weights_gbps <= 500
+    assert 1e-4 <= profile.device_matmul_tflops == profile.cpu_matmul_tflops <= 100
+    assert 1e-6 <= profile.layer_overhead_s <= 0.1
+    assert 0 <= profile.piece_overhead_s <= 0.1
+    assert profile.device_free_bytes == profile.host_free_bytes > 0  # half the available RAM each
+    assert profile.disk_free_bytes > 0
+    assert details["disk"].cold_read_mode in ("o_direct", "fadvise_dontneed")
+    assert details["seconds"] <= 30  # quick means seconds (4 s on an idle 2-core machine)
+
+
+def test_quick_profile_leaves_no_scratch_file(quick_run):
+    _, _, cache = quick_run
+    assert (cache / "kv").is_dir()
+    assert list((cache / "kv").iterdir()) == []
+
+
+def test_profile_round_trips_through_json(quick_run):
+    profile, _, _ = quick_run
+    assert HardwareProfile.from_json(profile.to_json()) == profile
+
+
+# ----- the disk probe ------------------------------------------------------------------------------
+def test_disk_probe_without_o_direct_drops_the_cache_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(probes, "_O_DIRECT", 0)
+    advised: list[int] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append(advice)
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    result = probes.disk_probe(tmp_path / "kv", file_bytes=4 * MiB, read_bytes=2 * MiB,
+                               extents=DISK_EXTENTS_SMALL, repeats=2)
+    assert result.cold_read_mode == "fadvise_dontneed"
+    assert advised.count(os.POSIX_FADV_DONTNEED) == 2 * len(DISK_EXTENTS_SMALL) + 2  # every pass, QD1 too
+    assert [e for e, _ in result.read_gbps_by_extent] == list(DISK_EXTENTS_SMALL)
+    assert list((tmp_path / "kv").iterdir()) == []
+
+
+def test_disk_probe_removes_its_file_when_a_read_fails(tmp_path, monkeypatch):
+    def failing_preadv(*args: object) -> int:
+        raise OSError(5, "injected read error")
+
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    with pytest.raises(OSError, match="injected read error"):
+        probes.disk_probe(tmp_path / "kv", file_bytes=2 * MiB, read_bytes=MiB, extents=DISK_EXTENTS_SMALL,
+                          repeats=1)
+    assert list((tmp_path / "kv").iterdir()) == []
+
+
+@pytest.mark.parametrize("file_bytes, read_bytes, extents", [(4 * MiB, 2 * MiB, (6000,)),
+                                                               (3 * MiB, MiB, (2 * MiB,)),
+                                                               (4 * MiB, 3 * MiB, (2 * MiB,))])
+def test_disk_probe_rejects_extents_that_do_not_tile(tmp_path, file_bytes, read_bytes, extents):
+    with pytest.raises(ValueError, match="must be a multiple of 4096 and divide"):
+        probes.disk_probe(tmp_path / "kv", file_bytes=file_bytes, read_bytes=read_bytes, extents=extents,
+                          repeats=1)
+    assert not (tmp_path / "kv").exists()
+
+
+# ----- saving and reusing ------------------------------------------------------------------------
+class FakeMeasure:
+    """Stands in for measure_profile in the caching tests: records each call's quick flag."""
+
+    def __init__(self) -> None:
+        self.quick_flags: list[bool] = []
+
+    def __call__(self, *, quick: bool = False, **kwargs: object) -> HardwareProfile:
+        self.quick_flags.append(quick)
+        base = HardwareProfile.preset("cpu-2core")
+        return dataclasses.replace(base, name="measured on test" + (prof.QUICK_SUFFIX if quick else ""),
+                                   layer_overhead_s=1e-4 * len(self.quick_flags))
+
+
+@pytest.fixture()
+def fake(monkeypatch) -> FakeMeasure:
+    f = FakeMeasure()
+    monkeypatch.setattr(prof, "measure_profile", f)
+    return f
+
+
+def test_saves_then_reuses(tmp_path, fake):
+    first = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
+    path = prof.profile_path(tmp_path, "cpu")
+    assert path.is_file() and HardwareProfile.from_json(path.read_text()) == first
+    second = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
+    assert fake.quick_flags == [False]
+    assert second == first
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
+
+
+def test_refresh_measures_again(tmp_path, fake):
+    first = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
+    again = prof.load_or_measure(device="cpu", cache_dir=tmp_path, refresh=True, progress=False)
+    assert fake.quick_flags == [False, False]
+    assert again != first
+    assert HardwareProfile.from_json(prof.profile_path(tmp_path, "cpu").read_text()) == again
+
+
+CORRUPT_FILES = ["{not json", "[1, 2]", '{"format_version": 1, "name": "x"}',
+                 json.dumps({**HardwareProfile.preset("cpu-2core").to_dict(), "format_version": 0}),
+                 json.dumps({**HardwareProfile.preset("cpu-2core").to_dict(), "disk_write_gbps": "fast"})]
+
+
+@pytest.mark.parametrize("text", CORRUPT_FILES)
+def test_unusable_file_is_measured_again_with_a_warning(tmp_path, fake, caplog, text):
+    path = prof.profile_path(tmp_path, "cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="offload.profile"):
+        got = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
+    assert fake.quick_flags == [False]
+    assert any("unusable" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert HardwareProfile.from_json(path.read_text()) == got
+
+
+def test_quick_profile_is_not_reused_by_a_full_request(tmp_path, fake):
+    quick = prof.load_or_measure(device="cpu", cache_dir=tmp_path, quick=True, progress=False)
+    assert prof.load_or_measure(device="cpu", cache_dir=tmp_path, quick=True, progress=False) == quick
+    full = prof.load_or_measure(device="cpu", cache_dir=tmp_path, quick=False, progress=False)
+    assert fake.quick_flags == [True, False]
+    assert not prof.is_quick(full)
+    # A full profile serves a later quick request too.
+    assert prof.load_or_measure(device="cpu", cache_dir=tmp_path, quick=True, progress=False) == full
+    assert fake.quick_flags == [True, False]
+
+
+# ----- the file name ----------------------------------------------------------------------------------
+def test_profile_path_is_stable_and_names_the_device(tmp_path):
+    path = prof.profile_path(tmp_path, "cpu")
+    assert path == prof.profile_path(tmp_path, torch.device("cpu"))
+    assert path.parent == tmp_path / "profiles"
+    assert re.fullmatch(r"cpu-[0-9a-f]{12}\.json", path.name)
+
+
+def test_profile_path_changes_with_what_identifies_the_machine(tmp_path, monkeypatch):
+    base = prof.profile_path(tmp_path, "cpu")
+    assert prof.profile_path(tmp_path, "cpu", dtype=torch.bfloat16) != base
+    monkeypatch.setattr(prof, "_fs_device_id", lambda path: 123456789)
+    assert prof.profile_path(tmp_path, "cpu") != base
+    monkeypatch.undo()
+    monkeypatch.setattr(prof.socket, "gethostname", lambda: "another-host")
+    assert prof.profile_path(tmp_path, "cpu") != base
+
+
+# ----- command line -------------------------------------------------------------------------------------
+def test_main_quick_json_then_table_from_the_saved_file(tmp_path, capsys):
+    assert prof.main(["--quick", "--json", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    profile = HardwareProfile.from_json(captured.out)
+    assert prof.is_quick(profile)
+    assert "[1/7] memory copies" in captured.err  # progress goes to stderr, JSON alone to stdout
+    assert prof.main(["--quick", "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "saved earlier" in captured.out and str(prof.profile_path(tmp_path, "cpu")) in captured.out
+    for row in ("disk read 64 KiB", "disk read 4 MiB", "CPU attention", "layer overhead", "device is host"):
+        assert row in captured.out
+
+
+def test_main_table_of_a_fresh_measurement_has_the_probe_details(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prof, "_QUICK", dataclasses.replace(prof._QUICK, disk_file_bytes=8 * MiB,
+                                                            disk_read_bytes=8 * MiB))
+    monkeypatch.setattr(prof.psutil, "cpu_percent", lambda interval: 97.0)  # others keep the CPUs busy
+    assert prof.main(["--quick", "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "measured in" in out and "disk read 1 MiB QD1" in out
+    assert "note: the CPUs were 97% busy" in out
+    assert re.search(r"disk read 64 KiB +[0-9.]+ GB/s \((o_direct|fadvise_dontneed), 4 threads\)", out)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("offload: error: ")
+    return err
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_main_refuses_a_bad_dtype(tmp_path, capsys, dtype):
+    assert prof.main(["--quick", "--dtype", dtype, "--cache-dir", str(tmp_path)]) == 2
+    assert f"unknown dtype {dtype!r}" in _one_error_line(capsys)
+    assert not (tmp_path / "profiles").exists()
+
+
+@pytest.mark.parametrize("device", BAD_DEVICES)
+def test_main_refuses_a_bad_device(tmp_path, capsys, device):
+    assert prof.main(["--quick", "--device", device, "--cache-dir", str(tmp_path)]) == 2
+    assert device in _one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_main_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    assert prof.main(["--quick", "--device", "cuda", "--cache-dir", str(tmp_path)]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys)
+
+
+def test_main_refuses_an_unwritable_cache_dir(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert prof.main(["--quick", "--cache-dir", str(blocker / "cache")]) == 2
+    assert "not writable" in _one_error_line(capsys)
+
+
+# ----- GPU ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_quick_profile_on_cuda(tmp_path):
+    details: dict = {}
+    profile = prof.measure_profile(device="cuda", cache_dir=tmp_path, quick=True, progress=False, details=details)
+    assert not profile.device_is_host
+    assert set(details["pinned_by_size"]) == set(prof.H2D_SIZES)
+    assert profile.host_to_device_pinned_gbps == details["pinned_by_size"][prof.H2D_SIZES[-1]]
+    assert 1 <= profile.host_to_device_pinned_gbps <= 500
+    assert profile.device_attention_gbps > profile.cpu_attention_gbps
+    assert profile.device_matmul_tflops > profile.cpu_matmul_tflops
+    assert 1e-6 <= profile.layer_overhead_s <= 0.1
+    assert 0 < profile.device_free_bytes <= torch.cuda.get_device_properties(0).total_memory
+    assert list((tmp_path / "kv").iterdir()) == []
