@@ -13,10 +13,11 @@ prefill that would take minutes at 16K tokens. Contexts past the model's 8K wind
 explicit override (only speed matters here).
 
 The two engines of a configuration are measured interleaved (each repeat runs both, the order
-alternating), and before each repeat the disk's cold-read bandwidth is probed again (64 MiB,
-O_DIRECT, 4 threads): this VM's disk drifts by up to 2x within minutes, so each repeat's
-prediction prices the plan (``CostModel.decode_step_s``) with the profile of this run and the
-disk as it is now. Nothing of the decode measurements goes into a prediction.
+alternating), in two rounds of fresh engines (LP filled first, then greedy first). Before each
+measurement the engine's own DISK pages are read alone (same chunks, staging and threads, no
+compute): this VM's disk drifts by up to 2x within minutes and reads some files faster than
+others, so each prediction prices the plan (``CostModel.decode_step_s``) with the profile of
+this run and that disk bandwidth. Nothing of the decode measurements enters a prediction.
 
 Printed per configuration and method: the plan's tier bytes and DISK pages per layer, the
 predicted step (median over repeats), the measured step (median over repeats of the mean of
@@ -46,7 +47,6 @@ from offload.engine import DEVICE_RESERVE_PAGES, Engine  # noqa: E402
 from offload.model_source import default_cache_dir, resolve_model  # noqa: E402
 from offload.planning import staging_bytes  # noqa: E402
 from offload.profile import measure_profile  # noqa: E402
-from offload.profile_probes import disk_probe  # noqa: E402
 from planner import CostModel, HardwareProfile  # noqa: E402
 
 MiB = 2**20
@@ -112,19 +112,22 @@ def _steps_s(engine: Engine, seq, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, (engine.kv.io.fetch_wait_s - wait0) / steps
 
 
-def _disk_now(profile: HardwareProfile, kv_root: Path) -> HardwareProfile:
-    """``profile`` with its cold-read table measured again now (this VM's disk drifts by up to
-    2x within minutes): 64 MiB read at the profile's extent sizes, 4 threads, one pass."""
-    extents = tuple(e for e, _ in profile.disk_read_gbps_by_extent)
-    res = disk_probe(kv_root, file_bytes=64 * MiB, read_bytes=64 * MiB, extents=extents, repeats=1)
-    return dataclasses.replace(profile, disk_read_gbps_by_extent=res.read_gbps_by_extent)
+def _disk_now(profile: HardwareProfile, engine: Engine, seq) -> HardwareProfile:
+    """``profile`` with its cold-read bandwidth replaced by what reading this engine's DISK
+    pages alone achieves now (``PagedKV.time_disk_reads``: the decode step's chunks, staging
+    depth and threads, no compute). This VM's disk drifts by up to 2x within minutes and reads
+    some files faster than others, so a disk number from minutes ago or from another file
+    misprices the step; the decode measurements themselves never enter a prediction."""
+    nbytes, seconds = engine.kv.time_disk_reads(seq)
+    if not nbytes:
+        return profile
+    return dataclasses.replace(profile, disk_read_gbps_by_extent=((1, nbytes / seconds / 1e9),))
 
 
-def _run_config(source, profile: HardwareProfile, c: Config, args: argparse.Namespace, kv_root: Path) -> dict:
-    """Both plans of one configuration, measured interleaved: per repeat, the disk probed,
-    then each engine's steps (LP first on even repeats, greedy first on odd ones)."""
+def _engines(source, profile: HardwareProfile, c: Config, kv_root: Path, order: tuple[str, ...]) -> dict:
+    """One engine per method, filled in ``order`` (each with its own DISK files)."""
     engines: dict[str, tuple[Engine, object]] = {}
-    for method in METHODS:
+    for method in order:
         base = RuntimeConfig(device="cpu", kv_dir=str(kv_root), profile=profile, planner=method)
         probe = Engine(source, base)
         budgets = _budgets(probe, c)
@@ -136,21 +139,32 @@ def _run_config(source, profile: HardwareProfile, c: Config, args: argparse.Name
         for _ in range(WARMUP_STEPS):
             engine.forward(seq, [1])
         engines[method] = (engine, seq)
+    return engines
+
+
+def _run_config(source, profile: HardwareProfile, c: Config, args: argparse.Namespace, kv_root: Path) -> dict:
+    """Both plans of one configuration in two rounds of fresh engines (LP filled first, then
+    greedy first: where a file lands on the disk changes its read speed); per repeat each
+    engine's DISK reads are timed alone, then its decode steps (the order alternating)."""
     runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in METHODS}  # (measured, predicted, wait)
-    try:
-        for r in range(args.repeats):
-            now = _disk_now(profile, kv_root)
-            for method in (METHODS if r % 2 == 0 else METHODS[::-1]):
-                engine, seq = engines[method]
-                step, wait = _steps_s(engine, seq, args.steps)
-                predicted = CostModel(engine.last_problem, now).decode_step_s(engine.last_plan.splits())
-                runs[method].append((step, predicted, wait))
-    finally:
-        for engine, _ in engines.values():
-            engine.close()
+    plans = {}
+    for order in (METHODS, METHODS[::-1]):
+        engines = _engines(source, profile, c, kv_root, order)
+        try:
+            for r in range(args.repeats):
+                for method in (order if r % 2 == 0 else order[::-1]):
+                    engine, seq = engines[method]
+                    now = _disk_now(profile, engine, seq)
+                    step, wait = _steps_s(engine, seq, args.steps)
+                    predicted = CostModel(engine.last_problem, now).decode_step_s(engine.last_plan.splits())
+                    runs[method].append((step, predicted, wait))
+                    plans[method] = engine.last_plan
+        finally:
+            for engine, _ in engines.values():
+                engine.close()
     row: dict = {"config": c.name, "context": c.context}
     for method in METHODS:
-        plan = engines[method][0].last_plan
+        plan = plans[method]
         measured = [m for m, _, _ in runs[method]]
         med = statistics.median(measured)
         row[method] = {
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
           "KV room as a share of the KV size (DISK: the rest)")
     for c in configs:
         print(f"  {c.name:<13} context {c.context:>6}  DEVICE {c.device_share:.0%}  HOST {c.host_share:.0%}")
-    print(f"Each: LP plan and greedy plan; {args.repeats} repeats x {args.steps} decode steps after {WARMUP_STEPS} warm-up steps",
+    print(f"Each: LP plan and greedy plan, 2 rounds of fresh engines x {args.repeats} repeats x {args.steps} decode steps after {WARMUP_STEPS} warm-up steps",
           flush=True)
     cache = default_cache_dir()
     source = resolve_model("smollm2-135m", cache_dir=cache, show_progress=False)

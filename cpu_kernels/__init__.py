@@ -4,7 +4,7 @@ scoring (Quest, InfiniGen-style) and 4-bit pages, each with a numpy reference in
 
 Kernels compile on first use (``cache=True`` keeps them across processes).
 """
-from cpu_kernels.attention import attention_contiguous_pages, attention_pages
+from cpu_kernels.attention import attention_contiguous_pages, attention_contiguous_pages_trusted, attention_pages
 from cpu_kernels.quant4 import (
     Quant4PagesNp,
     dequantize_pages_4bit,
@@ -16,6 +16,7 @@ from cpu_kernels.scoring import page_key_bounds, partial_key_page_scores, quest_
 __all__ = [
     "Quant4PagesNp",
     "attention_contiguous_pages",
+    "attention_contiguous_pages_trusted",
     "attention_pages",
     "dequantize_pages_4bit",
     "page_key_bounds",

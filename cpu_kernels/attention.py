@@ -21,6 +21,7 @@ import logging
 import math
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -37,7 +38,7 @@ from cpu_kernels.prefetch import prefetch_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["attention_contiguous_pages", "attention_pages"]
+__all__ = ["attention_contiguous_pages", "attention_pages", "attention_contiguous_pages_trusted"]
 
 # Reassociation lets LLVM vectorize the dot products; no nnan / ninf: -inf marks empty pieces.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -286,3 +287,25 @@ def attention_contiguous_pages(q: Any, k_pages: Any, v_pages: Any, slots_1d: Any
     slots = np.broadcast_to(sl, (num_kv_heads, num_pages))
     lens = np.broadcast_to(page_lens.astype(np.int32), (num_kv_heads, num_pages))
     return attention_pages(q, k_pages, v_pages, slots, lens, scale=scale, num_threads=num_threads)
+
+
+def attention_contiguous_pages_trusted(q: np.ndarray, k_pages: np.ndarray, v_pages: np.ndarray,
+                                       slots_1d: np.ndarray, num_tokens: int,
+                                       scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """``attention_contiguous_pages`` without input checks or conversions, for a caller that
+    built every input itself (the engine's decode, where the checks cost more than the
+    kernel on short page lists): q float32 C-contiguous [num_heads, head_dim]; k/v numpy
+    pages as ``kernel_pages`` returns them; slots_1d int32 [M] within the arena; 0 <=
+    num_tokens <= M * page_size. Numba's current thread count. Returns numpy (out, lse)."""
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    num_listed = slots_1d.shape[0]
+    page_lens = np.clip(num_tokens - page_size * np.arange(num_listed, dtype=np.int32), 0, page_size)
+    slots = np.empty((num_kv_heads, num_listed), dtype=np.int32)
+    slots[:] = slots_1d
+    lens = np.empty((num_kv_heads, num_listed), dtype=np.int32)
+    lens[:] = page_lens
+    out = np.empty((q.shape[0], head_dim), dtype=np.float32)
+    lse = np.empty(q.shape[0], dtype=np.float32)
+    splits = _num_splits(num_kv_heads, max(num_listed, 1), numba.get_num_threads())
+    _attention_pages_nb(q, k_pages, v_pages, slots, lens, float(scale), splits, out, lse)
+    return out, lse

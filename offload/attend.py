@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cpu_kernels import flash_torch
+from cpu_kernels.inputs import kernel_pages
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
 from offload.config import DecodeKernel
 from offload.paged_kv import KVSequence, PagedKV
@@ -74,7 +75,8 @@ class DecodeAttention:
         # On a CPU-only machine with the Numba kernel, HOST pages and staged DISK chunks are
         # attended where they lie (no copy into attention order).
         self._numba_in_ram = device.type == "cpu" and kernel == DecodeKernel.NUMBA
-        self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
+        self._token_table: torch.Tensor | None = None
+        self._arena_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # [1, n] int32 0..n-1 (one-token pages)
         self._partial, self._max_group_tokens = group_partial_fn(
             device, num_heads=num_kv_heads * group_size, num_queries=1, scores_bytes=scores_bytes)
 
@@ -144,17 +146,25 @@ class DecodeAttention:
 
     def _numba_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
         """In place over a CPU arena (DEVICE on a CPU machine, or HOST): only q moves."""
-        return self._numba_arena(q, pool.k, pool.v, slots, tokens)
+        arrays = self._arena_arrays.get(id(pool))
+        if arrays is None:  # the arena's numpy views, made once (the arena lives as long as we do)
+            arrays = self._arena_arrays[id(pool)] = (kernel_pages(pool.k, "k", 4), kernel_pages(pool.v, "v", 4))
+        return self._numba_arrays(q, *arrays, slots, tokens)
 
     def _numba_arena(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[int],
                      tokens: int) -> Partial:
         """The Numba page kernel over pages [nkv, slots, page, hd] of CPU memory (an arena or
         a staging buffer), the first ``tokens`` tokens laid over ``slots`` in order."""
-        from cpu_kernels import attention_contiguous_pages
+        return self._numba_arrays(q, kernel_pages(k, "k", 4), kernel_pages(v, "v", 4), slots, tokens)
 
-        q_cpu = q.reshape(-1, self.head_dim).float().cpu().numpy()
-        out, lse = attention_contiguous_pages(q_cpu, k, v, np.asarray(slots, dtype=np.int32), tokens,
-                                              scale=self.scale)
+    def _numba_arrays(self, q: torch.Tensor, k: np.ndarray, v: np.ndarray, slots: list[int], tokens: int) -> Partial:
+        # The engine built every input, so the kernel's checked entry point (whose checks cost
+        # more than the kernel on short page lists) is skipped.
+        from cpu_kernels import attention_contiguous_pages_trusted
+
+        q_cpu = np.ascontiguousarray(q.reshape(-1, self.head_dim).float().cpu().numpy())
+        out, lse = attention_contiguous_pages_trusted(q_cpu, k, v, np.asarray(slots, dtype=np.int32), tokens,
+                                                      self.scale)
         return (torch.from_numpy(out).to(self.device, non_blocking=True),
                 torch.from_numpy(lse).to(self.device, non_blocking=True))
 

@@ -142,6 +142,31 @@ def test_contiguous_pages(seq):
     assert isinstance(out, np.ndarray) and (n > 0) == bool(np.isfinite(lse).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq", [1, 37, 200])
+def test_trusted_entry_matches_the_reference(seq, dtype):
+    """The engine's unchecked entry point over numpy views of an arena (strided too, as a
+    staging buffer's K pages are) gives the reference's partial."""
+    from cpu_kernels.attention import attention_contiguous_pages_trusted
+    from cpu_kernels.inputs import kernel_pages
+
+    ps, gen = 16, np.random.default_rng(5)
+    num_pages = -(-seq // ps)
+    sel = make_selection([page_lens(seq, num_pages, ps)] * NUM_KV_HEADS, ps, 64, 4, dtype, gen)
+    slots = sel.slots[0]
+    sel.v[1, slots] = sel.v[0, slots]
+    sel.k[1, slots] = sel.k[0, slots]
+    staged = torch.stack([sel.k, sel.v], dim=2)  # [nkv, slots, 2, ps, hd]: K and V interleaved per slot
+    k, v = staged[:, :, 0], staged[:, :, 1]
+    assert not k.is_contiguous()
+    q = np.ascontiguousarray(np.asarray(sel.q, dtype=np.float32))
+    out, lse = attention_contiguous_pages_trusted(q, kernel_pages(k, "k", 4), kernel_pages(v, "v", 4),
+                                                  np.asarray(slots, dtype=np.int32), seq, SCALE)
+    lens = np.broadcast_to(page_lens(seq, num_pages, ps), sel.slots.shape)
+    ref_out, ref_lse = attention_pages_ref(sel.q, sel.k, sel.v, sel.slots[[0, 0]], lens, scale=SCALE)
+    _assert_partial(out, lse, ref_out, ref_lse, seq)
+
+
 def _extreme_case(kind: str, dtype: torch.dtype) -> tuple[Selection, np.ndarray]:
     """Integer q (|q_c| in 100..300) and keys in {-1, 0, 1}: every score is an exact integer
     of magnitude ~1e4, identical in kernel and reference.
