@@ -344,8 +344,9 @@ def engine_overheads(device: torch.device, dtype: torch.dtype, kv_dir: Path, *, 
 
     - per layer: the median step with every page on DEVICE, divided by the layer count;
     - per extra attention piece: the same with each layer's pages spread over DEVICE, HOST and
-      DISK (two more pieces: the HOST call and one staged DISK chunk, with their merge),
-      minus the DEVICE-only step, divided by 2 x layers (0 when noise makes it negative).
+      DISK (two more pieces: the HOST call and one staged DISK chunk of 42 pages, read as the
+      engine reads a chunk, in pieces, with their merge), minus the DEVICE-only step, divided
+      by 2 x layers (0 when noise makes it negative).
 
     The DISK tier lives in a fresh directory under ``kv_dir``, removed when the engine closes."""
     from offload.placement import Placement
@@ -357,9 +358,9 @@ def engine_overheads(device: torch.device, dtype: torch.dtype, kv_dir: Path, *, 
 
 
 def _tiny_step_s(device: torch.device, dtype: torch.dtype, kv_dir: Path, placement, *, steps: int,
-                 warmup: int, prompt_tokens: int = 100) -> float:
-    """Median decode step of the tiny model after a ``prompt_tokens`` prompt (pages 0, 1, 2
-    full and a partial tail at page size 32), under ``placement`` (None: all DEVICE)."""
+                 warmup: int, prompt_tokens: int = 44 * 32 + 8) -> float:
+    """Median decode step of the tiny model after a ``prompt_tokens`` prompt (44 full pages of
+    32 tokens and a partial tail), under ``placement`` (None: all DEVICE)."""
     from offload.config import RuntimeConfig
     from offload.engine import Engine
     from offload.model_source import ModelSource

@@ -31,7 +31,10 @@ Recompute ships activations (``hidden`` bytes per token) instead of K/V
 ``num_heads / num_kv_heads < 2``.
 
 Which legs overlap is ``OverlapModel``: legs the engine pipelines combine by max, legs it
-serialises add up. A prefill layer has the compute leg (matmuls and causal attention over the
+serialises add up. When the problem names the engine's staging buffers (``staging_buffers``),
+whole-page plans are priced by ``staged_step_s``, which lets DISK reads run ahead across
+layers as far as the staging area allows (FlexGen's per-layer max, which the LP optimises,
+charges a layer whose reads exceed its compute even when earlier layers left the disk idle). A prefill layer has the compute leg (matmuls and causal attention over the
 prompt), the writes of its pages to HOST and DISK and the overhead, combined the same way.
 """
 from __future__ import annotations
@@ -137,6 +140,31 @@ class OverlapModel:
         return tuple(dict.fromkeys(p | {Leg.OVERHEAD} for p in layer))
 
 
+def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: list[int], buffers: int) -> float:
+    """A decode step with DISK reads running ahead through ``buffers`` staging buffers, as the
+    engine's read-ahead does (instead of each layer's reads overlapping only that layer).
+
+    Layers run in order; layer l takes its time without DISK reads (``layer_s`` of its legs
+    with the disk leg zeroed) and cannot end before its last chunk is read. One reader serves
+    the chunks in step order at the profile's bandwidth (layer l's disk leg split evenly over
+    its ``chunks[l]`` chunks); a chunk is attended, freeing its buffer, once it is read and its
+    layer has begun; chunk j may start once chunk j - buffers is freed; reads start with the
+    step."""
+    freed: list[float] = []  # when each chunk's buffer came back
+    reader = 0.0  # when the reader is free
+    t = 0.0  # when the current layer begins
+    for legs, n in zip(per_layer, chunks):
+        no_disk = model.layer_s({**legs, Leg.DISK_READ: 0.0})
+        last = 0.0
+        for _ in range(n):
+            j = len(freed)
+            start = max(reader, freed[j - buffers] if j >= buffers else 0.0)
+            reader = last = start + legs[Leg.DISK_READ] / n
+            freed.append(max(last, t))
+        t = max(t + no_disk, last)
+    return t
+
+
 def _combine(a: list[Path], b: list[Path], parallel: bool) -> list[Path]:
     """max(A, B) -> the paths of both; A + B -> every path of A joined with every path of B."""
     return a + b if parallel else [x | y for x in a for y in b]
@@ -222,12 +250,18 @@ class CostModel:
         Args:
             splits: one per layer (``problem.num_layers`` of them).
         """
-        self._check_layers(splits)
-        return sum(self.layer_s(self.decode_legs(s)) for s in splits)
+        return self.decode_breakdown(splits).step_s
 
     def decode_breakdown(self, splits: Sequence[LayerSplit]) -> StepBreakdown:
         self._check_layers(splits)
-        return self._breakdown([self.decode_legs(s) for s in splits])
+        per_layer = [self.decode_legs(s) for s in splits]
+        out = self._breakdown(per_layer)
+        if self.problem.staging_buffers and self.overlap.io_with_compute and out.leg_s[Leg.DISK_READ] > 0:
+            chunks = [math.ceil(s.disk * self.problem.pages_per_layer / self.problem.pages_per_extent - 1e-9)
+                      for s in splits]
+            step = staged_step_s(self, per_layer, chunks, self.problem.staging_buffers)
+            out = dataclasses.replace(out, step_s=step)
+        return out
 
     # ----- prefill ------------------------------------------------------------------------
     def prefill_legs(self, split: LayerSplit) -> dict[Leg, float]:

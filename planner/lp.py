@@ -233,6 +233,8 @@ def _stored(problem: PlanProblem, p: LayerPages) -> dict[Tier, float]:
 
 
 def _pages_cost(model: CostModel, pages: list[LayerPages]) -> float:
+    if len(pages) == model.problem.num_layers:
+        return model.decode_step_s([LayerSplit.from_pages(*p) for p in pages])
     return sum(model.layer_s(model.decode_legs(LayerSplit.from_pages(*p))) for p in pages)
 
 

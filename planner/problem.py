@@ -67,6 +67,8 @@ class PlanProblem:
         allow_recompute: HOST may keep activations instead of K/V for some pages; K/V are
             recomputed on the device from the shipped activations.
         sparse_fraction: share of the pages a step reads (1.0 = exact attention).
+        staging_buffers: DISK read staging buffers of one extent each (the engine's read-ahead
+            depth); 0 = price each layer's reads against that layer only (FlexGen's model).
     """
 
     num_layers: int
@@ -92,6 +94,7 @@ class PlanProblem:
     allow_delegation: bool = True
     allow_recompute: bool = False
     sparse_fraction: float = 1.0
+    staging_buffers: int = 0
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size",
@@ -99,6 +102,8 @@ class PlanProblem:
                   "num_layer_groups"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ValueError(f"PlanProblem.{f} must be an int >= 1, got {getattr(self, f)!r}")
+        if not isinstance(self.staging_buffers, int) or self.staging_buffers < 0:
+            raise ValueError(f"PlanProblem.staging_buffers must be an int >= 0, got {self.staging_buffers!r}")
         for f in ("weight_bytes", "device_working_bytes", "host_staging_bytes", "ring_bytes_per_layer",
                   "device_budget_bytes", "host_budget_bytes", "disk_budget_bytes"):
             value = getattr(self, f)

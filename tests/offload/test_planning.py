@@ -57,7 +57,7 @@ def test_per_layer_placement():
 
 def _problem(cfg: ModelConfig, device: int, host: int, disk: int, **kw):
     return engine_problem(cfg, new_pages=10, page_size=16, dtype_bytes=4, kv_dtype_bytes=4, device_room_pages=device,
-                          host_room_pages=host, disk_room_pages=disk, staging_chunk_pages=3,
+                          host_room_pages=host, disk_room_pages=disk, staging_chunk_pages=3, staging_buffers=4,
                           allow_delegation=kw.pop("allow_delegation", False), **kw)
 
 
@@ -177,3 +177,27 @@ def test_tiers_too_small_for_the_plan_name_the_budgets(tiny, tmp_path):
             engine.forward(engine.new_sequence(), ids)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_validation_bench_runs_small(tmp_path, smollm2_source, cache_dir):
+    """bench/validate_planner.py end to end on one small configuration: both plans execute,
+    predictions and measurements are printed and saved."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "val.json"
+    env = dict(os.environ, OFFLOAD_CACHE=str(cache_dir))
+    proc = subprocess.run([sys.executable, str(root / "bench" / "validate_planner.py"), "--configs", "2K d30 h30",
+                           "--repeats", "1", "--steps", "2", "--quick-profile", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Prediction error over 2 measured plans" in proc.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    for method in ("lp", "greedy"):
+        assert row[method]["measured_s"] > 0 and row[method]["predicted_s"] > 0
+        assert sum(row[method]["tier_mib"].values()) > 0

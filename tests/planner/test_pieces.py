@@ -80,3 +80,26 @@ def test_pieces_round_trip_and_validation():
         cpu_profile(piece_overhead_s=-1.0)
     old = {k: v for k, v in round_profile().to_dict().items() if k != "piece_overhead_s"}
     assert HardwareProfile.from_dict(old).piece_overhead_s == 0.0  # profiles saved before it read as 0
+
+
+def test_staged_reads_run_ahead_across_layers():
+    """Reads that the per-layer model charges to the last layers are hidden behind earlier
+    layers when staging buffers let them run ahead; the step never beats the total compute or
+    the total read time, and more buffers never make it slower."""
+    problem = _rooms(cpu_problem(), device=64 * 24, host=0, disk=10**6)
+    hw = cpu_profile()
+    g = greedy_plan(problem, hw)  # layers 24..29 all on DISK
+    per_layer = CostModel(problem, hw).decode_step_s(g.splits())
+    model = CostModel(problem, hw)
+    legs = [model.decode_legs(s) for s in g.splits()]
+    compute = sum(model.layer_s({**lg, Leg.DISK_READ: 0.0}) for lg in legs)
+    disk = sum(lg[Leg.DISK_READ] for lg in legs)
+    steps = []
+    for buffers in (1, 2, 4, 16, 64):
+        staged = CostModel(dataclasses.replace(problem, staging_buffers=buffers), hw).decode_step_s(g.splits())
+        assert staged >= max(compute, disk) * (1 - 1e-12)
+        steps.append(staged)
+    assert all(a >= b - 1e-15 for a, b in zip(steps, steps[1:]))
+    assert steps[-1] < per_layer and steps[0] <= per_layer * (1 + 1e-12)
+    with pytest.raises(ValueError, match="staging_buffers must be an int >= 0"):
+        dataclasses.replace(problem, staging_buffers=-1)
