@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from offload.errors import ModelNotFoundError, UnsupportedModelError
 from offload.model_config import ModelConfig
+from offload.llama import count_weight_bytes
 from offload.rope import RotaryEmbedding
 from offload.weights import safetensors_files
 
@@ -328,10 +329,7 @@ class Gemma3Runner:
         self.weights_bytes = self._count_bytes()
 
     def _count_bytes(self) -> int:
-        tensors = [self.embed_tokens, self.norm] + ([] if self.cfg.tie_word_embeddings else [self.lm_head])
-        for lw in self.layers:
-            tensors += [getattr(lw, f.name) for f in dataclasses.fields(lw)]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return count_weight_bytes(self)
 
     def _take_layer(self, w: dict[str, torch.Tensor], i: int) -> Gemma3LayerWeights:
         p = f"model.layers.{i}."

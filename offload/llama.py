@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from offload.model_config import ModelConfig
 from offload.rope import RotaryEmbedding
 
-__all__ = ["LlamaRunner", "LayerWeights"]
+__all__ = ["LlamaRunner", "LayerWeights", "count_weight_bytes"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -32,6 +32,15 @@ class LayerWeights:
     b_down: torch.Tensor | None
     ln_in: torch.Tensor  # [hidden]
     ln_post: torch.Tensor  # [hidden]
+
+
+def count_weight_bytes(runner: object) -> int:
+    """Bytes of a runner's weights: embeddings, final norm, the LM head when untied, and every
+    tensor field of its layers' weight dataclasses."""
+    tensors = [runner.embed_tokens, runner.norm] + ([] if runner.cfg.tie_word_embeddings else [runner.lm_head])
+    for lw in runner.layers:
+        tensors += [getattr(lw, f.name) for f in dataclasses.fields(lw)]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -60,10 +69,7 @@ class LlamaRunner:
         self.weights_bytes = self._count_bytes()
 
     def _count_bytes(self) -> int:
-        tensors = [self.embed_tokens, self.norm] + ([] if self.cfg.tie_word_embeddings else [self.lm_head])
-        for lw in self.layers:
-            tensors += [getattr(lw, f.name) for f in dataclasses.fields(lw)]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return count_weight_bytes(self)
 
     @staticmethod
     def _take_layer(w: dict[str, torch.Tensor], i: int) -> LayerWeights:

@@ -403,6 +403,15 @@ class PagedKV:
             self._unpack = (torch.empty(shape, dtype=a.dtype), torch.empty(shape, dtype=a.dtype))
         return self._unpack
 
+    def _take_chunk(self, c: Chunk) -> AlignedBuffer:
+        """The staging buffer holding chunk ``c`` (read ahead), counted as read and waited for;
+        the caller gives it back."""
+        assert self.readahead is not None
+        buf, waited = self.readahead.take(c)
+        self.io.fetch_wait_s += waited
+        self.io.bytes_read[Tier.DISK.value] += c.num_pages * self.page_bytes
+        return buf
+
     def staged_pages(self, seq: KVSequence, layer: int, first: int,
                      slots: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """The DISK pages of one segment (from ``segments``) where the read-ahead staged them,
@@ -414,9 +423,7 @@ class PagedKV:
             self.flush_writes()
         length, ps = seq.lengths[layer], self.page_size
         for c in self._chunks_of(layer, first, slots):
-            buf, waited = self.readahead.take(c)
-            self.io.fetch_wait_s += waited
-            self.io.bytes_read[Tier.DISK.value] += c.num_pages * self.page_bytes
+            buf = self._take_chunk(c)
             try:
                 pages = self._page_view(buf, c.num_pages)
                 yield (pages[:, 0].transpose(0, 1), pages[:, 1].transpose(0, 1),
@@ -432,9 +439,7 @@ class PagedKV:
             self.flush_writes()
         ps, a = self.page_size, self.arena
         for c in self._chunks_of(layer, first, slots):
-            buf, waited = self.readahead.take(c)
-            self.io.fetch_wait_s += waited
-            self.io.bytes_read[Tier.DISK.value] += c.num_pages * self.page_bytes
+            buf = self._take_chunk(c)
             try:
                 pages = self._page_view(buf, c.num_pages)
                 n = c.num_pages
