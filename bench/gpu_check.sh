@@ -2,7 +2,7 @@
 # GPU check: exercises every CUDA path that has landed, most important first, and writes
 # everything to one log ($OUT/gpu_check.log on the device machine, bench/out/ elsewhere).
 # Runs on a CPU-only machine too (CUDA parts skip), so it is tested there. Finishes in under
-# 5 minutes on one H100 (each step has its own timeout).
+# 6 minutes on one H100 (each step has its own timeout).
 # Usage: bash bench/gpu_check.sh [--full]   (PYTHON defaults to python3; PYTHONPATH=. is set;
 #        --full also runs the CPU test suite on that machine's Python at the end)
 set -u
