@@ -1,9 +1,10 @@
 """Planner validation: predicted vs measured decode steps of SmolLM2, LP plan vs greedy rule.
 
-    python bench/validate_planner.py [--repeats 3] [--steps 8] [--quick-profile] [--json out.json]
+    python bench/validate_planner.py [--repeats 4] [--steps 8] [--quick-profile] [--json out.json]
 
-In one run: the hardware profile is measured (``offload.profile.measure_profile``); then for
-each configuration declared below (context length and the KV room of each tier, always with
+In one run: the hardware profile is measured (``offload.profile.measure_profile``), its disk
+reads measured again before each configuration (the disk drifts); then for each configuration
+declared below (context length and the KV room of each tier, always with
 some DEVICE, some HOST and the rest on DISK) two engines place a synthetic KV cache of that
 length — one with the LP planner, one with the greedy rule (fill DEVICE, then HOST, then DISK,
 layer by layer) — and run real decode steps of SmolLM2-135M (real weights, fp32, this CPU) over
@@ -53,6 +54,7 @@ from offload.engine import DEVICE_RESERVE_PAGES, Engine  # noqa: E402
 from offload.model_source import default_cache_dir, resolve_model  # noqa: E402
 from offload.planning import staging_bytes  # noqa: E402
 from offload.profile import measure_profile  # noqa: E402
+from offload.profile_probes import disk_probe  # noqa: E402
 from planner import CostModel, HardwareProfile  # noqa: E402
 
 MiB = 2**20
@@ -128,6 +130,15 @@ def _disk_now(profile: HardwareProfile, engine: Engine, seq) -> HardwareProfile:
     if not nbytes:
         return profile
     return dataclasses.replace(profile, disk_read_gbps_by_extent=((1, nbytes / seconds / 1e9),))
+
+
+def _disk_refreshed(profile: HardwareProfile, kv_root: Path) -> HardwareProfile:
+    """The run's profile with its cold-read table measured again (the profile's own probe:
+    64 MiB at its extent sizes, 4 threads, one pass), so the plans of a configuration are made
+    with the disk of that minute rather than of the run's start."""
+    extents = tuple(e for e, _ in profile.disk_read_gbps_by_extent)
+    res = disk_probe(kv_root / "probe", file_bytes=64 * MiB, read_bytes=64 * MiB, extents=extents, repeats=1)
+    return dataclasses.replace(profile, disk_read_gbps_by_extent=res.read_gbps_by_extent)
 
 
 def _engines(source, profile: HardwareProfile, c: Config, kv_root: Path, order: tuple[str, ...]) -> dict:
@@ -239,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{'[min-max]':<20}".ljust(104) + f"{'error':>6} {'staged':>6} {'wait':>6}  bottleneck")
         rows = []
         for c in configs:
-            rows.append(_run_config(source, profile, c, args, Path(kv_root)))
+            planning = _disk_refreshed(profile, Path(kv_root))
+            rows.append(_run_config(source, planning, c, args, Path(kv_root)))
+            rows[-1]["planning_disk_gbps"] = planning.disk_read_gbps_by_extent
             _print_row(rows[-1])
     errors = [r[m]["error"] for r in rows for m in ("lp", "greedy")]
     staged = [r[m]["error_staged_model"] for r in rows for m in ("lp", "greedy")]
