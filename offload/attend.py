@@ -75,8 +75,8 @@ class DecodeAttention:
         # On a CPU-only machine with the Numba kernel, HOST pages and staged DISK chunks are
         # attended where they lie (no copy into attention order).
         self._numba_in_ram = device.type == "cpu" and kernel == DecodeKernel.NUMBA
-        self._token_table: torch.Tensor | None = None
-        self._arena_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # [1, n] int32 0..n-1 (one-token pages)
+        self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
+        self._arena_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(arena) -> numpy views of K, V
         self._partial, self._max_group_tokens = group_partial_fn(
             device, num_heads=num_kv_heads * group_size, num_queries=1, scores_bytes=scores_bytes)
 

@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 LayerCallback = Callable[[int, int], None]  # (layers done, num layers)
 
 
-
 def _remove_disk_tier(store: DiskExtentStore, root: Path) -> None:
     store.close()
     shutil.rmtree(root, ignore_errors=True)
@@ -178,7 +177,7 @@ class Engine:
         Plans are priced with FlexGen's per-layer model (each layer's DISK reads overlap that
         layer's compute), not with reads running ahead through the staging buffers
         (``staging_buffers`` > 0): bench/validate_planner.py measured the per-layer model
-        closer to this engine's decode steps (median error 2.6% vs 12.4% over 14 plans).
+        closer to this engine's decode steps (its last run: median error 7.0% vs 15.0% over 14 plans).
 
         Raises:
             CapacityError: no split fits (the planner's message says which tier is short)."""
