@@ -191,7 +191,7 @@ class Engine:
             kv_dtype_bytes=elem, device_room_pages=max(0, self.kv.free_slots(Tier.DEVICE) - reserve),
             host_room_pages=self.kv.free_slots(Tier.HOST),
             disk_room_pages=min(self.kv.free_slots(Tier.DISK), 1 << 40),
-            staging_chunk_pages=c.staging_chunk_pages, staging_buffers=0,  # per-layer model (docstring)
+            staging_chunk_pages=c.staging_chunk_pages,
             allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU)
         try:
             self.last_plan = (greedy_plan if c.planner == "greedy" else plan)(problem, self.hardware_profile())

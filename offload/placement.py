@@ -55,10 +55,6 @@ class Placement:
         if len(lengths) > 1:
             raise ValueError(f"Placement's per-layer tuples must have one length (one entry per layer), got {lengths}")
 
-    def delegates(self, layer: int) -> bool:
-        """True when some of the layer's HOST pages are attended on the CPU, not fetched."""
-        return self.host_share(layer) > 0
-
     def host_share(self, layer: int) -> float:
         """The share of the layer's HOST pages attended on the CPU (the first ones)."""
         if self.delegated_share is not None:

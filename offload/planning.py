@@ -104,17 +104,19 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
         host_staging_bytes=staging_bytes(page_bytes, staging_chunk_pages=staging_chunk_pages,
                                          staging_buffers=staging_buffers),
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
-        staging_buffers=staging_buffers, num_layer_groups=num_layer_groups, allow_delegation=True,
+        num_layer_groups=num_layer_groups, allow_delegation=True,
         allow_recompute=what_if,
         sparse_fraction=sparse_fraction)
 
 
 def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,
                    device_room_pages: int, host_room_pages: int, disk_room_pages: int,
-                   staging_chunk_pages: int, staging_buffers: int, allow_delegation: bool) -> PlanProblem:
+                   staging_chunk_pages: int, allow_delegation: bool) -> PlanProblem:
     """The planning problem of one forward pass's new pages into the rooms the engine's arenas
     have left (in pages; slack 1: the arenas already are the budgets). The weights count only
-    in the predicted compute time, not in the DEVICE room."""
+    in the predicted compute time, not in the DEVICE room. Priced with FlexGen's per-layer
+    model (``staging_buffers`` 0), which bench/validate_planner.py measured closer to the
+    engine than reads running ahead across layers."""
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
     weights = decode_weight_bytes(cfg, dtype_bytes)
     return PlanProblem(
@@ -122,7 +124,7 @@ def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_by
         kv_dtype_bytes=kv_dtype_bytes, device_budget_bytes=weights + device_room_pages * page_bytes,
         host_budget_bytes=host_room_pages * page_bytes, disk_budget_bytes=disk_room_pages * page_bytes, slack=1.0,
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
-        staging_buffers=staging_buffers, allow_delegation=allow_delegation, allow_recompute=False)
+        allow_delegation=allow_delegation, allow_recompute=False)
 
 
 def plan_placement(plan: Plan, *, first_page: int) -> Placement:

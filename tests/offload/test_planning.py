@@ -44,7 +44,7 @@ def test_per_layer_placement():
     p = Placement(device_pages=(2, 0), host_pages=(1, None), delegated_share=(0.0, 0.5))
     assert [p.tier_of(i, 0) for i in range(4)] == [Tier.DEVICE, Tier.DEVICE, Tier.HOST, Tier.DISK]
     assert [p.tier_of(i, 1) for i in range(3)] == [Tier.HOST] * 3
-    assert p.host_share(1) == 0.5 and not p.delegates(0) and p.delegates(1)
+    assert p.host_share(1) == 0.5 and p.host_share(0) == 0.0
     assert p.reaches_disk(2) and not Placement(None, 0).reaches_disk(2)
     assert Placement(3, None).with_delegation(range(2)).host_share(1) == 1.0
     with pytest.raises(ValueError, match="one length"):
@@ -57,7 +57,7 @@ def test_per_layer_placement():
 
 def _problem(cfg: ModelConfig, device: int, host: int, disk: int, **kw):
     return engine_problem(cfg, new_pages=10, page_size=16, dtype_bytes=4, kv_dtype_bytes=4, device_room_pages=device,
-                          host_room_pages=host, disk_room_pages=disk, staging_chunk_pages=3, staging_buffers=4,
+                          host_room_pages=host, disk_room_pages=disk, staging_chunk_pages=3,
                           allow_delegation=kw.pop("allow_delegation", False), **kw)
 
 
