@@ -28,6 +28,7 @@ def attention_partial_flash(
     scale: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of grouped queries over one piece of keys, returning ``(out, lse)``.
 
@@ -37,6 +38,7 @@ def attention_partial_flash(
         scale: softmax scale.
         q_pos, k_pos: optional [T] and [L] int64 positions for a causal mask (key j visible
             to query t iff ``k_pos[j] <= q_pos[t]``).
+        window: with positions, also hide keys with ``k_pos[j] <= q_pos[t] - window`` (sliding window).
 
     Returns:
         out [num_kv_heads, group, T, head_dim] float32 (zeros where no key is visible) and
@@ -51,6 +53,8 @@ def attention_partial_flash(
     mask = None
     if q_pos is not None and k_pos is not None:
         visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)  # [T, L]
+        if window is not None:
+            visible &= k_pos.view(1, -1) > q_pos.view(-1, 1) - window
         zero = torch.zeros((), dtype=q.dtype)
         mask = torch.where(visible, zero, torch.full((), float("-inf"), dtype=q.dtype))
     out, lse = _OP(q.reshape(1, nkv * group, t, hd), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,

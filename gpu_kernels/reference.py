@@ -44,6 +44,7 @@ def attention_partial_ref(
     scale: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of grouped queries over one piece of keys, returning ``(out, lse)``.
 
@@ -53,6 +54,8 @@ def attention_partial_ref(
         scale: softmax scale applied to q·k.
         q_pos, k_pos: optional [T] and [L] int64 positions; when given, key j is visible to
             query t only if ``k_pos[j] <= q_pos[t]`` (causal mask).
+        window: with positions, also hide keys with ``k_pos[j] <= q_pos[t] - window``
+            (sliding-window attention: a query sees itself and the ``window - 1`` keys before).
 
     Returns:
         out: [num_kv_heads, group, T, head_dim] float32 (zeros where no key is visible).
@@ -67,6 +70,8 @@ def attention_partial_ref(
     scores = scores.float().mul_(scale).view(nkv, group, t, -1)
     if q_pos is not None and k_pos is not None:
         hidden = k_pos.view(1, -1) > q_pos.view(-1, 1)  # [T, L]
+        if window is not None:
+            hidden |= k_pos.view(1, -1) <= q_pos.view(-1, 1) - window
         scores.masked_fill_(hidden, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -123,7 +123,7 @@ class DecodeAttention:
             else:
                 out, lse = self._numba_pages(q, pool, slots, tokens)
                 self.kv.io.cpu_attended_bytes[tier.value] += len(slots) * self.kv.page_bytes
-            self.kv.io.bytes_read[tier.value] += len(slots) * self.kv.page_bytes
+            self.kv.count_read(layer, tier, len(slots) * self.kv.page_bytes)
             outs.append(out)
             lses.append(lse)
         out = outs[0] if len(outs) == 1 else merge_partials_ref(outs, lses)[0]

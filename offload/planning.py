@@ -111,32 +111,49 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
 
 def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,
                    device_room_pages: int, host_room_pages: int, disk_room_pages: int,
-                   staging_chunk_pages: int, allow_delegation: bool) -> PlanProblem:
+                   staging_chunk_pages: int, allow_delegation: bool, num_layers: int | None = None) -> PlanProblem:
     """The planning problem of one forward pass's new pages into the rooms the engine's arenas
     have left (in pages; slack 1: the arenas already are the budgets). The weights count only
     in the predicted compute time, not in the DEVICE room. Priced with FlexGen's per-layer
     model (``staging_buffers`` 0), which bench/validate_planner.py measured closer to the
-    engine than reads running ahead across layers."""
+    engine than reads running ahead across layers.
+
+    Args:
+        num_layers: the layers whose pages are placed (Gemma 3's global layers; default all).
+            The weights of every layer still count in the compute time."""
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
     weights = decode_weight_bytes(cfg, dtype_bytes)
+    shape = _shape(cfg) | ({} if num_layers is None else {"num_layers": num_layers})
     return PlanProblem(
-        **_shape(cfg), context_tokens=new_pages * page_size, weight_bytes=weights, page_size=page_size,
+        **shape, context_tokens=new_pages * page_size, weight_bytes=weights, page_size=page_size,
         kv_dtype_bytes=kv_dtype_bytes, device_budget_bytes=weights + device_room_pages * page_bytes,
         host_budget_bytes=host_room_pages * page_bytes, disk_budget_bytes=disk_room_pages * page_bytes, slack=1.0,
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
         allow_delegation=allow_delegation, allow_recompute=False)
 
 
-def plan_placement(plan: Plan, *, first_page: int) -> Placement:
+def plan_placement(plan: Plan, *, first_page: int, layers: tuple[int, ...] | None = None,
+                   num_layers: int | None = None) -> Placement:
     """The placement that executes ``plan`` for pages numbered from ``first_page`` (the pages
     a sequence already holds keep their tiers): per layer, the plan's DEVICE pages first, then
-    its HOST pages, then DISK; the share of HOST pages attended on the CPU per layer."""
+    its HOST pages, then DISK; the share of HOST pages attended on the CPU per layer.
+
+    Args:
+        layers / num_layers: the model layers the plan's layers are (Gemma 3's global
+            layers) out of ``num_layers``; the others keep everything on DEVICE."""
     if plan.sparse_fraction != 1.0 or any(plan.recomputed_pages):
         raise ValueError("this plan recomputes pages or reads a sparse fraction, which the engine cannot execute "
                          "yet; plan without --what-if")
-    device = tuple(first_page + d for d in plan.device_pages)
+    device: tuple[int | None, ...] = tuple(first_page + d for d in plan.device_pages)
+    host: tuple[int | None, ...] = tuple(plan.host_pages)
     share = tuple(dl / h if h else 0.0 for dl, h in zip(plan.delegated_pages, plan.host_pages))
-    return Placement(device_pages=device, host_pages=tuple(plan.host_pages), delegated_share=share)
+    if layers is not None:
+        assert num_layers is not None and len(layers) == len(device)
+        where = {layer: i for i, layer in enumerate(layers)}
+        device = tuple(device[where[i]] if i in where else None for i in range(num_layers))
+        host = tuple(host[where[i]] if i in where else 0 for i in range(num_layers))
+        share = tuple(share[where[i]] if i in where else 0.0 for i in range(num_layers))
+    return Placement(device_pages=device, host_pages=host, delegated_share=share)
 
 
 def plan_summary(plan: Plan) -> dict[str, object]:

@@ -17,6 +17,12 @@ _LLAMA3_SCALING = {
     "original_max_position_embeddings": 8192,
 }
 
+
+
+def _gemma3_layers(n: int) -> list[str]:
+    return [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(n)]
+
+
 NAMED_SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
@@ -58,5 +64,26 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
         "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
         "max_position_embeddings": 8192, "tie_word_embeddings": True,
         "bos_token_id": 1, "eos_token_id": 2,
+    },
+    # Gemma 3: five sliding-window layers per global layer (only the global layers' KV grows).
+    "gemma3-270m": {
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+        "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+        "sliding_window": 512, "layer_types": _gemma3_layers(18),
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "max_position_embeddings": 32768, "tie_word_embeddings": True,
+        "bos_token_id": 2, "eos_token_id": 1,
+    },
+    "gemma3-12b": {
+        "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 3840,
+        "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 256, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+        "sliding_window": 1024, "layer_types": _gemma3_layers(48),
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "max_position_embeddings": 131072, "tie_word_embeddings": True,
+        "bos_token_id": 2, "eos_token_id": [1, 106],
     },
 }

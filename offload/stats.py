@@ -23,6 +23,12 @@ class RunStats:
             (HOST pages under delegation; on a CPU-only machine also DEVICE pages), by tier.
         copied_to_device_bytes_per_token: KV bytes copied to the compute device per decoded
             token (0 on a CPU-only machine; HOST pages under delegation are not copied).
+        bytes_read_per_token_by_kind: the same split by layer kind: "global" (pages placed on
+            the tiers) and "sliding" (sliding-window rings, always DEVICE; Gemma 3).
+        kv_held_bytes_by_kind: bytes of the sequence's pages per layer kind and tier (the
+            "sliding" entry is the rings).
+        kv_written_bytes_by_kind: K/V bytes the engine has written so far (tokens' own bytes,
+            measured at each write), per layer kind and tier.
         fetch_wait_s / compute_s: decode time spent waiting for DISK reads / the rest.
         cold_reads: how DISK reads were kept cold ("o_direct" or "fadvise_dontneed").
         disk_bytes_written: DISK bytes written by the engine so far.
@@ -49,6 +55,9 @@ class RunStats:
     bytes_read_per_token: dict[str, int] = dataclasses.field(default_factory=dict)
     cpu_attended_bytes_per_token: dict[str, int] = dataclasses.field(default_factory=dict)
     copied_to_device_bytes_per_token: int = 0
+    bytes_read_per_token_by_kind: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    kv_held_bytes_by_kind: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    kv_written_bytes_by_kind: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     fetch_wait_s: float = 0.0
     compute_s: float = 0.0
     cold_reads: str = ""
