@@ -27,7 +27,7 @@ from offload.paged_kv import KVSequence
 from offload.progress import PrefillProgress
 from offload.sampling import SamplingConfig
 from offload.stats import RunStats
-from offload.text import load_codec
+from offload.text import first_line, load_codec
 
 __all__ = ["LongDocQA", "Doc", "Answer", "AnswerStream"]
 
@@ -173,14 +173,19 @@ class LongDocQA:
 
     def ask_stream(self, doc: Doc, question: str, *, max_new_tokens: int = 128,
                    sampling: SamplingConfig = SamplingConfig()) -> AnswerStream:
-        """Like ``ask`` but yields text pieces as tokens are generated."""
+        """Like ``ask`` but yields text pieces as tokens are generated.
+
+        A model without a chat template (a base model) gets the completion prompt
+        (document, "Question: ...", "Answer:") and its answer ends at the end of its first
+        non-empty line (``stop_reason`` "newline"): base models go on to invent more
+        question-answer pairs."""
         if doc._seq.released:
             raise InputError("this document was forgotten; ingest it again")
         if not question or not question.strip():
             raise InputError("the question is empty; ask something")
         prompt = self.codec.qa_prompt("", question)
         return self._stream(doc._seq, prompt.question_ids, max_new_tokens, sampling,
-                            stop=True, fork=True)
+                            stop=True, fork=True, one_line=not self.codec.has_chat_template)
 
     # ----- raw generation -----------------------------------------------------------------
     def generate(self, prompt: str, *, max_new_tokens: int = 128,
@@ -204,7 +209,7 @@ class LongDocQA:
                             stop=not ignore_eos, fork=False)
 
     def _stream(self, base: KVSequence, ids: list[int], max_new_tokens: int,
-                sampling: SamplingConfig, *, stop: bool, fork: bool) -> AnswerStream:
+                sampling: SamplingConfig, *, stop: bool, fork: bool, one_line: bool = False) -> AnswerStream:
         seq = self.engine.fork(base) if fork else base
         try:
             self.engine.check_request(seq, len(ids), max_new_tokens,
@@ -212,29 +217,37 @@ class LongDocQA:
         except BaseException:
             self.engine.release(seq)
             raise
-        return AnswerStream(lambda stream: self._pieces(stream, seq, ids, max_new_tokens, sampling, stop))
+        return AnswerStream(lambda stream: self._pieces(stream, seq, ids, max_new_tokens, sampling, stop, one_line))
 
     def _pieces(self, stream: AnswerStream, seq: KVSequence, ids: list[int], max_new_tokens: int,
-                sampling: SamplingConfig, stop: bool) -> Iterator[str]:
+                sampling: SamplingConfig, stop: bool, one_line: bool) -> Iterator[str]:
         stats = RunStats()
         stop_ids = self.codec.eos_ids if stop else ()
         progress = PrefillProgress("prefill", len(ids), enabled=self.show_progress and len(ids) > 256)
         out: list[int] = []
         shown = ""
+        line_done = False
         try:
             for tok in self.engine.generate(seq, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                             stop_ids=stop_ids, stats=stats, on_layer=progress):
                 progress.close()
                 out.append(tok)
                 text = self.codec.decode([t for t in out if t not in stop_ids])
+                if one_line and (line := first_line(text)) is not None:
+                    text, line_done = line, True
+                    stats.stop_reason = "newline"
                 # Hold back an incomplete multi-byte character until it is complete.
                 if len(text) > len(shown) and not text.endswith("\ufffd"):
                     yield text[len(shown):]
                     shown = text
+                if line_done:
+                    break
         finally:
             progress.close()
             self.engine.release(seq)
         text = self.codec.decode([t for t in out if t not in stop_ids])
+        if line_done:
+            text = first_line(text) or ""
         if len(text) > len(shown):
             yield text[len(shown):]
         stream.answer = Answer(text, out, stats)

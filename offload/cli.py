@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and runtime")
     g.add_argument("--model", default="smollm2-135m",
-                   help="model name (smollm2-135m; shapes llama-3.1-8b, qwen2.5-7b, ... with "
+                   help="model name (smollm2-135m, gemma3-270m; shapes llama-3.1-8b, qwen2.5-7b, ... with "
                         "--random-weights), a .gguf file or a checkpoint directory")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="where converted models live (default $OFFLOAD_CACHE or ~/.cache/offload)")

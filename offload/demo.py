@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=MODEL, help=f"model (default {MODEL})")
     p.add_argument("--tokens", type=int, default=8500, help="document size in tokens (default 8500)")
     p.add_argument("--depth", type=float, default=0.5, help="where the fact goes (0 = start, 1 = end)")
-    p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget, rings included (default 24MiB)")
+    p.add_argument("--device-memory", default="32MiB", help="DEVICE KV budget, rings included (default 32MiB)")
     p.add_argument("--host-memory", default="32MiB",
                    help="HOST KV budget, disk staging included (default 32MiB)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

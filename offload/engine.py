@@ -209,8 +209,9 @@ class Engine:
         from planner import PlanInfeasibleError, greedy_plan, plan
 
         cfg, c = self.model_config, self.config
-        # Tails, forks and decode growth of the global layers; the sliding layers' rings.
-        reserve = DEVICE_RESERVE_PAGES * len(self.global_layers) + sum(self.ring_pages)
+        # Tails, a question's scratch pages and decode growth of every layer; the sliding
+        # layers' rings.
+        reserve = DEVICE_RESERVE_PAGES * cfg.num_layers + sum(self.ring_pages)
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         problem = engine_problem(
             cfg, num_layers=len(self.global_layers), new_pages=new_pages, page_size=c.page_size,

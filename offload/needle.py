@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from offload.errors import InputError
+from offload.text import first_line
 
-__all__ = ["Needle", "NEEDLES", "package_essays_dir", "read_essays", "build_document", "fit_document", "found"]
+__all__ = ["Needle", "NEEDLES", "package_essays_dir", "read_essays", "build_document", "fit_document", "found",
+           "NeedleCase", "run_needle_case"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,3 +86,52 @@ def fit_document(haystack: str, num_tokens: int, depth: float, fact: str,
 def found(answer: str, needle: Needle) -> bool:
     """Exact match: the answer contains the expected text (case-insensitive)."""
     return needle.expected.lower() in answer.lower()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NeedleCase:
+    """One needle test of our runtime against a reference generator on the same prompt ids.
+
+    Attributes:
+        tokens: prompt tokens (document + question).
+        ours / reference: the answers (first line), ``ours_ids`` / ``reference_ids`` their tokens.
+        same_tokens: our tokens are the reference's first tokens (greedy, so the same answer).
+        kv_disk_read_per_token: DISK bytes our decode read per token (the KV really came from disk).
+    """
+
+    num_tokens: int
+    depth: float
+    tokens: int
+    ours: str
+    reference: str
+    ours_ids: tuple[int, ...]
+    reference_ids: tuple[int, ...]
+    same_tokens: bool
+    found_ours: bool
+    found_reference: bool
+    kv_disk_read_per_token: int
+
+
+def run_needle_case(qa, reference_generate: Callable[[list[int], int], list[int]], haystack: str, *,
+                    num_tokens: int, depth: float, needle: Needle, max_new_tokens: int = 24) -> NeedleCase:
+    """Ingest a needle document of about ``num_tokens`` tokens into ``qa`` (a ``LongDocQA``),
+    ask the needle's question, and generate from the same prompt ids with
+    ``reference_generate(ids, max_new_tokens)`` (greedy; e.g. transformers' ``generate``)."""
+    codec = qa.codec
+    text = fit_document(haystack, num_tokens, depth, needle.fact, lambda t: len(codec.qa_prompt(t, "").doc_ids))
+    prompt = codec.qa_prompt(text, needle.question)
+    doc = qa.ingest(text)
+    try:
+        answer = qa.ask(doc, needle.question, max_new_tokens=max_new_tokens)
+    finally:
+        qa.forget(doc)
+    ids = prompt.doc_ids + prompt.question_ids
+    ref_ids = reference_generate(ids, max_new_tokens)
+    ref_text = codec.decode([t for t in ref_ids if t not in codec.eos_ids])
+    ref_text = first_line(ref_text) or ref_text
+    ours_ids = tuple(answer.token_ids)
+    return NeedleCase(
+        num_tokens=num_tokens, depth=depth, tokens=len(ids), ours=answer.text, reference=ref_text,
+        ours_ids=ours_ids, reference_ids=tuple(ref_ids), same_tokens=tuple(ref_ids[: len(ours_ids)]) == ours_ids,
+        found_ours=found(answer.text, needle), found_reference=found(ref_text, needle),
+        kv_disk_read_per_token=answer.stats.bytes_read_per_token.get("disk", 0))

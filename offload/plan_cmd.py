@@ -72,12 +72,11 @@ def _profile(args: argparse.Namespace):
 
 
 def _model_config(name: str, cache_dir: Path | None):
-    from offload.model_config import ModelConfig
-    from offload.model_source import default_cache_dir, resolve_model
+    from offload.model_source import config_from_hf, default_cache_dir, resolve_model
     from offload.shapes import NAMED_SHAPES
 
     if name in NAMED_SHAPES:
-        return ModelConfig.from_hf_dict(NAMED_SHAPES[name])
+        return config_from_hf(NAMED_SHAPES[name])
     return resolve_model(name, cache_dir=cache_dir or default_cache_dir(), random_weights=True,
                          show_progress=False).config
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from offload.model_config import ModelConfig
+from offload.paged_kv import ring_pages
 from offload.placement import Placement
 from planner import Plan, PlanProblem
 from storage.aligned import DISK_ALIGNMENT, round_up
@@ -83,8 +84,10 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
                   staging_chunk_pages: int = 64, staging_buffers: int = 4, what_if: bool = False,
                   sparse_fraction: float = 1.0, num_layer_groups: int = 1) -> PlanProblem:
     """The planning problem of a whole run (``offload plan``): budgets cover weights and buffers.
-    DEVICE reserves the working set of a prefill chunk and ``DEVICE_RESERVE_PAGES`` pages per
-    layer (tails, a question's scratch pages, decode growth); HOST the DISK staging and writes.
+    DEVICE reserves the working set of a prefill chunk, ``DEVICE_RESERVE_PAGES`` pages per
+    layer (tails, a question's scratch pages, decode growth) and the sliding-window
+    rings; HOST the DISK staging and writes. Only global layers' pages are placed (all of a
+    Llama-family model's; Gemma 3's global ones), while every layer's weights count.
 
     Args:
         what_if: also explore recompute (and ``sparse_fraction`` < 1); without it the plan
@@ -93,14 +96,19 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
     if sparse_fraction != 1.0 and not what_if:
         raise ValueError("a sparse fraction below 1 is only explored with --what-if (the engine reads every page)")
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
+    # Only global layers' pages are placed; sliding-window layers keep DEVICE rings (Gemma 3).
+    windows = cfg.layer_windows
+    placed = sum(1 for w in windows if w is None)
+    rings = sum(ring_pages(w, page_size) for w in windows if w is not None) * batch_size * page_bytes
     return PlanProblem(
-        **_shape(cfg), context_tokens=context_tokens, weight_bytes=weight_bytes(cfg, dtype_bytes),
+        **(_shape(cfg) | {"num_layers": placed}), context_tokens=context_tokens,
+        weight_bytes=weight_bytes(cfg, dtype_bytes),
         batch_size=batch_size, page_size=page_size, kv_dtype_bytes=kv_dtype_bytes,
         device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes,
         disk_budget_bytes=disk_budget_bytes,
         device_working_bytes=(working_bytes(cfg, dtype_bytes=dtype_bytes, prefill_chunk_tokens=prefill_chunk_tokens,
                                             scores_bytes=scores_bytes)
-                              + DEVICE_RESERVE_PAGES * cfg.num_layers * page_bytes),
+                              + DEVICE_RESERVE_PAGES * cfg.num_layers * page_bytes + rings),
         host_staging_bytes=staging_bytes(page_bytes, staging_chunk_pages=staging_chunk_pages,
                                          staging_buffers=staging_buffers),
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),

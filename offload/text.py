@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-__all__ = ["TextCodec", "ByteCodec", "QAPrompt", "load_codec"]
+__all__ = ["TextCodec", "ByteCodec", "QAPrompt", "load_codec", "first_line"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
 
@@ -97,3 +97,10 @@ def load_codec(tokenizer_dir: Path | None, vocab_size: int, eos_ids: tuple[int, 
     if tokenizer_dir is None:
         return ByteCodec(vocab_size, eos_ids)
     return TextCodec(tokenizer_dir, eos_ids)
+
+
+def first_line(text: str) -> str | None:
+    """``text`` up to the end of its first non-empty line, or None while that line goes on."""
+    body = text.lstrip()
+    end = body.find("\n")
+    return None if end < 0 else text[: len(text) - len(body) + end]

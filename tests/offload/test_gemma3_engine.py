@@ -261,3 +261,34 @@ def test_real_gemma3_matches_transformers(gemma3_source, gemma3_prompt, hf_gemma
         per_tok = stats.bytes_read_per_token_by_kind
         assert per_tok[GLOBAL][Tier.DISK.value] > 0 and per_tok[SLIDING][Tier.DISK.value] == 0
     engine.close()
+
+
+# ----- needles: found in exactly the cases where transformers finds them ----------------------
+NEEDLE_CASES = [(4096, 0.5)] + [pytest.param(n, d, marks=pytest.mark.slow) for n, d in
+                                [(4096, 0.25), (4096, 0.75), (8192, 0.25), (8192, 0.5), (8192, 0.75),
+                                 (16384, 0.25), (16384, 0.5), (16384, 0.75)]]
+
+
+@pytest.fixture(scope="module")
+def needle_runtime(gemma3_checkpoint, essays_text):
+    """(our LongDocQA with budgets that spill to disk, transformers' greedy generator)."""
+    from bench.needle_gemma3 import hf_generator, make_qa
+
+    qa = make_qa(str(gemma3_checkpoint), cache_dir=gemma3_checkpoint.parent)
+    yield qa, hf_generator(gemma3_checkpoint)
+    qa.close()
+
+
+@pytest.mark.parametrize("n, depth", NEEDLE_CASES)
+def test_needle_found_exactly_where_transformers_finds_it(needle_runtime, essays_text, n, depth):
+    from bench.needle_gemma3 import HEADER, row
+    from offload.needle import NEEDLES, run_needle_case
+
+    qa, generate = needle_runtime
+    needle = NEEDLES[[0.25, 0.5, 0.75].index(depth)]
+    case = run_needle_case(qa, generate, essays_text, num_tokens=n, depth=depth, needle=needle)
+    print("\n" + HEADER + "\n" + row(case))
+    assert abs(case.tokens - n) < n // 50
+    assert case.found_ours == case.found_reference
+    assert case.same_tokens, (case.ours, case.reference)
+    assert case.kv_disk_read_per_token > 0  # the global layers' KV was read from disk
