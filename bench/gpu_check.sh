@@ -52,6 +52,16 @@ has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
     echo "skipped: no CUDA"
   fi
 
+  echo "== 4b. Gemma 3 on CUDA: --random-weights gemma3-270m, bf16, 32K-token prompt, rings on device, global layers spilled"
+  if [ "$has_cuda" = 1 ]; then
+    timeout 90 $PY -m offload generate --model gemma3-270m --random-weights --dtype bf16 \
+      --prompt-file "$tmp/p32k.txt" --max-new-tokens 16 --ignore-eos --json --quiet --cache-dir "$tmp/cache" \
+      --device-memory 64MiB --host-memory 128MiB \
+      | $PY -c "import json,sys; s=json.load(sys.stdin)['stats']; print({k: s[k] for k in ('prefill_tok_s','decode_tok_s','peak_bytes','bytes_read_per_token_by_kind','kv_held_bytes_by_kind','cold_reads')})"
+  else
+    echo "skipped: no CUDA"
+  fi
+
   echo "== 5. planner on this machine: offload profile --quick (CUDA copies, Triton attention, GEMV probes), then offload plan with it"
   ptmp=$(mktemp -d)
   timeout 60 $PY -m offload profile --quick --cache-dir "$ptmp" 2>&1 | tail -14

@@ -139,7 +139,10 @@ def _run(args: argparse.Namespace) -> int:
               f"prefill {s.prefill_tok_s:,.0f} tok/s, decode {s.decode_tok_s:,.1f} tok/s; "
               "KV peak " + ", ".join(f"{t} {b / 2**20:.1f} MiB" for t, b in s.peak_bytes.items())
               + (f"; read per token: disk {s.bytes_read_per_token.get('disk', 0) / 2**20:.2f} MiB ({s.cold_reads})"
-                 if s.peak_bytes.get("disk") else "") + "]", file=sys.stderr)
+                 if s.peak_bytes.get("disk") else "")
+              + (f"; sliding-window rings {rings / 2**20:.1f} MiB on device"
+                 if (rings := s.kv_held_bytes_by_kind.get("sliding", {}).get("device")) else "") + "]",
+              file=sys.stderr)
     return 0
 
 
