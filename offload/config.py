@@ -96,6 +96,9 @@ class RuntimeConfig:
         planner: how spilled pages are placed when ``placement`` is None: "lp" (the LP
             planner over the measured profile) or "greedy" (fill DEVICE, then HOST, then DISK,
             layer by layer: the baseline).
+        plan_min_gain: the LP planner leaves the greedy split only for a predicted gain of at
+            least this fraction of the step (default 5%: below the cost model's measured error,
+            bench/validate_planner.py, a predicted gain is noise).
         profile: the hardware profile the planner prices with; None = this machine's saved
             ``offload profile`` (a quick measurement is made and saved when there is none).
         profile_dir: the cache dir where that profile is saved; None = ``$OFFLOAD_CACHE`` or
@@ -121,12 +124,15 @@ class RuntimeConfig:
     decode_kernel: DecodeKernel = DecodeKernel.AUTO
     host_attention: HostAttention = HostAttention.CPU
     planner: str = "lp"
+    plan_min_gain: float = 0.05
     profile: HardwareProfile | None = None
     profile_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.planner not in PLANNERS:
             raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
+        if not 0.0 <= self.plan_min_gain < 1.0:
+            raise ValueError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:
             raise ValueError(f"page_size must be in [1, 4096], got {self.page_size}")
         if self.prefill_chunk_tokens < 1:

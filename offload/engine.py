@@ -222,7 +222,8 @@ class Engine:
             staging_chunk_pages=c.staging_chunk_pages,
             allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU)
         try:
-            self.last_plan = (greedy_plan if c.planner == "greedy" else plan)(problem, self.hardware_profile())
+            self.last_plan = (greedy_plan(problem, self.hardware_profile()) if c.planner == "greedy"
+                              else plan(problem, self.hardware_profile(), min_gain=c.plan_min_gain))
             self.last_problem = problem
             return self.last_plan
         except PlanInfeasibleError as e:

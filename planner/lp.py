@@ -47,13 +47,17 @@ TIE_EPS = 1e-6  # weight of the total leg time in the objective (ties go to fewe
 BINDING_TOL = 1e-7
 
 
-def plan(problem: PlanProblem, profile: HardwareProfile, *, overlap: OverlapModel | None = None) -> Plan:
+def plan(problem: PlanProblem, profile: HardwareProfile, *, overlap: OverlapModel | None = None,
+         min_gain: float = 0.0) -> Plan:
     """The fastest placement of ``problem`` under the cost model, in whole pages.
 
     Args:
         problem: the workload and budgets.
         profile: the hardware constants.
         overlap: which legs overlap; None = ``OverlapModel.for_profile(profile)``.
+        min_gain: keep the greedy layer-by-layer split unless the best split is predicted
+            faster by at least this fraction of its step (0: the model's optimum; the engine
+            asks for a gain beyond the model's measured error before leaving the baseline).
 
     Returns:
         A frozen ``Plan`` with pages per tier per layer and the predicted times.
@@ -72,7 +76,9 @@ def plan(problem: PlanProblem, profile: HardwareProfile, *, overlap: OverlapMode
     groups = problem.layer_groups()
     fractions = [np.clip(res.x[g * VARS: g * VARS + NUM_X], 0.0, 1.0) for g in range(len(groups))]
     lp_step_s = sum(len(layers) * model.layer_s(model.decode_legs_raw(*x)) for layers, x in zip(groups, fractions))
-    pages = _best_rounding(problem, model, cap, groups, fractions)
+    if not 0.0 <= min_gain < 1.0:
+        raise ValueError(f"min_gain must be in [0, 1), got {min_gain}")
+    pages = _best_rounding(problem, model, cap, groups, fractions, min_gain)
     result = make_plan(problem, model, cap, pages, method="lp", lp_step_s=lp_step_s,
                        binding=_binding(problem, lp, res))
     logger.debug("plan: %.3f ms per step (LP %.3f ms), bottleneck %s", result.decode_step_s * 1e3,
@@ -164,12 +170,13 @@ def _binding(problem: PlanProblem, lp: _Program, res: OptimizeResult) -> list[st
 
 
 def _best_rounding(problem: PlanProblem, model: CostModel, cap: Capacity, groups: list[range],
-                   fractions: list[np.ndarray]) -> list[LayerPages]:
+                   fractions: list[np.ndarray], min_gain: float = 0.0) -> list[LayerPages]:
     """The fastest of: the groups' LP points rounded, their layer-weighted mean rounded in every
     group (the layers being identical, the mean is optimal too, by convexity, and rounds
     without one group starving the next), the even fill split and the greedy layer-by-layer
     fill (whole pages can make either beat the rounded LP point). Ties go to the split that
-    keeps pages closer (fewer HOST, then DISK pages), so equal-cost tiers fill in order."""
+    keeps pages closer (fewer HOST, then DISK pages), so equal-cost tiers fill in order. The
+    greedy split is kept unless the best is predicted ``min_gain`` faster."""
     mean: np.ndarray = np.sum([len(layers) * x for layers, x in zip(groups, fractions)], axis=0) / problem.num_layers
     options: list[list[LayerPages]] = []
     errors: list[PlanInfeasibleError] = []
@@ -181,12 +188,16 @@ def _best_rounding(problem: PlanProblem, model: CostModel, cap: Capacity, groups
     fill = fill_order_pages(problem, cap)
     if fill is not None:
         options.append([fill] * problem.num_layers)
-    for extra in (layer_fill_pages(problem, cap), _balanced_pages(problem, cap)):
+    greedy = layer_fill_pages(problem, cap)
+    for extra in (greedy, _balanced_pages(problem, cap)):
         if extra is not None:
             options.append(extra)
     if not options:
         raise errors[0]
-    return min(options, key=lambda pages: (_pages_cost(model, pages), _distance(pages)))
+    best = min(options, key=lambda pages: (_pages_cost(model, pages), _distance(pages)))
+    if greedy is not None and _pages_cost(model, best) > (1.0 - min_gain) * _pages_cost(model, greedy):
+        return greedy
+    return best
 
 
 def _balanced_pages(problem: PlanProblem, cap: Capacity) -> list[LayerPages] | None:

@@ -258,3 +258,32 @@ def test_cpu_machine_three_tiers():
     check_plan_invariants(p, problem, profile)
     assert all(p.tier_bytes[t] > 0 for t in Tier)
     assert p.decode_step_s <= greedy_plan(problem, profile).decode_step_s
+
+
+def _pages(p) -> tuple:
+    return (tuple(p.device_pages), tuple(p.host_pages), tuple(p.disk_pages), tuple(p.delegated_pages))
+
+
+def test_min_gain_keeps_greedy_unless_the_gain_is_large():
+    """With ``min_gain`` the plan is the greedy split unless the model's best split is
+    predicted at least that much faster; then it is that best split."""
+    kept = left = 0
+    for seed in RANDOM_SEEDS:
+        rng = np.random.default_rng(seed)
+        problem = random_problem(rng, pages=int(rng.integers(1, 300)), num_layers=int(rng.integers(1, 9)))
+        profile, overlap = random_profile(rng), random_overlap(rng)
+        try:
+            g = greedy_plan(problem, profile, overlap=overlap)
+        except PlanInfeasibleError:
+            continue
+        best = plan(problem, profile, overlap=overlap)
+        p = plan(problem, profile, overlap=overlap, min_gain=0.1)
+        if best.decode_step_s <= 0.9 * g.decode_step_s:
+            assert _pages(p) == _pages(best)
+            left += 1
+        else:
+            assert _pages(p) == _pages(g) and p.decode_step_s == pytest.approx(g.decode_step_s)
+            kept += _pages(best) != _pages(g)  # cases where the margin changed the answer
+    assert kept > 0 and left > 0  # both branches were exercised
+    with pytest.raises(ValueError, match="min_gain"):
+        plan(problem, profile, min_gain=1.0)
