@@ -1,0 +1,170 @@
+"""DocStore: publish by rename, verification of every byte, crash leftovers, locks, eviction, ENOSPC."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from storage.doc_store import (BUILD_PREFIX, CRASH_ENV, MANIFEST, DocCacheCorrupt, DocCacheNoSpace, DocReader,
+                               DocStore)
+
+PAGE = 512
+FP = "fingerprint-1"
+
+
+def _pages(layer: int, n: int) -> bytes:
+    return bytes((layer * 31 + i) % 251 for i in range(n * PAGE))
+
+
+def _build(store: DocStore, doc_id: str, layers: int = 3, pages: int = 5) -> Path:
+    b = store.builder(doc_id, PAGE)
+    for layer in range(layers):
+        b.write_pages(layer, _pages(layer, pages))
+    return b.commit({"fingerprint": FP, "layers": layers})
+
+
+def test_roundtrip_and_page_checksums(tmp_path):
+    store = DocStore(tmp_path)
+    _build(store, "doc")
+    with store.open("doc", FP) as r:
+        assert r.num_pages(1) == 5
+        assert r.read_pages(1, 2, 2) == _pages(1, 5)[2 * PAGE: 4 * PAGE]
+        assert r.bytes_read == 2 * PAGE
+    store.verify("doc")
+    assert [i.doc_id for i in store.list()] == ["doc"]
+    assert not list(tmp_path.glob(BUILD_PREFIX + "*"))
+
+
+def test_every_single_byte_corruption_is_detected(tmp_path):
+    """One flipped byte anywhere in any file (pages or manifest) is caught by open or by the
+    first read of that page; pages elsewhere still read."""
+    store = DocStore(tmp_path)
+    folder = _build(store, "doc", layers=2, pages=3)
+    files = sorted(p for p in folder.iterdir() if p.name != "last_used")
+    for path in files:
+        size = path.stat().st_size
+        for offset in (0, size // 2, size - 1):
+            data = bytearray(path.read_bytes())
+            data[offset] ^= 0x01
+            original = path.read_bytes()
+            path.write_bytes(bytes(data))
+            with pytest.raises(DocCacheCorrupt) as e:
+                store.verify("doc")
+            if path.name != MANIFEST:
+                assert f"page {offset // PAGE}" in str(e.value) and path.name in str(e.value)
+                with store.open("doc", FP) as r:  # other pages still read
+                    other = (offset // PAGE + 1) % 3
+                    r.read_pages(int(path.name[6:9]), other, 1)
+            path.write_bytes(original)
+    store.verify("doc")
+
+
+def test_fingerprint_and_size_checked_on_open(tmp_path):
+    store = DocStore(tmp_path)
+    folder = _build(store, "doc")
+    with pytest.raises(DocCacheCorrupt, match="fingerprint"):
+        store.open("doc", "another model")
+    with open(folder / "layer_000.kv", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(DocCacheCorrupt, match="layer_000.kv has"):
+        store.open("doc", FP)
+    assert store.open("missing", FP) is None
+
+
+def test_quarantine_and_gc(tmp_path):
+    store = DocStore(tmp_path)
+    _build(store, "doc")
+    q = store.quarantine("doc")
+    assert q is not None and not store.exists("doc") and store.open("doc", FP) is None
+    assert q.name in store.clean_leftovers() and not q.exists()
+
+
+class _Fail(DocStore):
+    def __init__(self, root, phase, err):
+        super().__init__(root)
+        self.phase, self.err = phase, err
+
+    def fault_hook(self, phase, path):
+        if phase == self.phase:
+            raise OSError(self.err, os.strerror(self.err), str(path))
+
+
+@pytest.mark.parametrize("phase", ["write", "fsync", "manifest", "rename"])
+def test_enospc_at_any_phase_removes_the_build_and_keeps_the_others(tmp_path, phase):
+    _build(DocStore(tmp_path), "old")
+    store = _Fail(tmp_path, phase, errno.ENOSPC)
+    with pytest.raises(DocCacheNoSpace, match="no space left"):
+        _build(store, "new")
+    assert not store.exists("new") and not list(tmp_path.glob(BUILD_PREFIX + "*"))
+    store.verify("old")
+
+
+def test_other_write_errors_surface_and_clean_up(tmp_path):
+    store = _Fail(tmp_path, "write", errno.EIO)
+    with pytest.raises(OSError) as e:
+        _build(store, "new")
+    assert e.value.errno == errno.EIO and not list(tmp_path.glob(BUILD_PREFIX + "*"))
+
+
+def test_clean_leftovers_spares_a_live_builder(tmp_path):
+    store = DocStore(tmp_path)
+    live = store.builder("live", PAGE)
+    live.write_pages(0, _pages(0, 1))
+    assert store.clean_leftovers() == [] and live.dir.exists()
+    live.commit({"fingerprint": FP})
+    assert store.exists("live")
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from storage.doc_store import DocStore
+    store = DocStore(sys.argv[1])
+    if sys.argv[2] == "cleanup":  # a dead build for the cleanup to remove
+        os.makedirs(os.path.join(sys.argv[1], ".build-dead-1-x"))
+        open(os.path.join(sys.argv[1], ".build-dead-1-x", "owner.lock"), "w").close()
+        store.clean_leftovers()
+    b = store.builder("doc", 512)
+    for layer in range(3):
+        b.write_pages(layer, bytes(512 * 4))
+    b.commit({"fingerprint": "fingerprint-1"})
+    if sys.argv[2] == "remove":
+        store.remove("doc")
+""")
+
+
+@pytest.mark.parametrize("phase", ["write", "fsync", "manifest", "rename", "remove", "cleanup"])
+def test_kill_at_named_phases_leaves_nothing_half_built(tmp_path, phase):
+    """SIGKILL at each phase: no DocCache or a complete one; leftovers go at the next start;
+    a DocCache valid before the kill is still valid after."""
+    _build(DocStore(tmp_path), "before")
+    env = {**os.environ, CRASH_ENV: phase, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path), phase],
+                          env=env, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    store = DocStore(tmp_path)
+    store.clean_leftovers()
+    assert not list(tmp_path.glob(BUILD_PREFIX + "*")) and not list(tmp_path.glob(".quarantine-*"))
+    if store.exists("doc"):  # killed after the rename (during the removal)
+        store.verify("doc")
+    store.verify("before")
+
+
+def test_eviction_is_lru_and_skips_readers(tmp_path):
+    store = DocStore(tmp_path)
+    for name in ("a", "b", "c"):
+        _build(store, name)
+        os.utime(tmp_path / name / "last_used", (0, {"a": 100, "b": 200, "c": 300}[name]))
+    size = store.list()[0].size_bytes
+    reader = store.open("a", FP)  # touches a: now the most recent
+    os.utime(tmp_path / "a" / "last_used", (0, 50))  # ... put it back to the oldest
+    assert isinstance(reader, DocReader)
+    removed = store.evict(limit_bytes=2 * size, incoming_bytes=size)
+    assert removed == ["b", "c"] and store.exists("a")  # a, the oldest, is being read
+    reader.close()
+    assert store.evict(limit_bytes=0, keep=frozenset({"a"})) == [] and store.exists("a")
+    assert store.evict(limit_bytes=0) == ["a"] and store.list() == []
