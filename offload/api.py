@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from offload.config import RuntimeConfig
+from offload.doc_cache import DocCache
 from offload.engine import Engine
 from offload.errors import InputError
 from offload.model_source import default_cache_dir, ensure_cache_dir, resolve_model
@@ -102,6 +103,9 @@ class LongDocQA:
         num_layers: int | None = None,
         show_progress: bool = False,
         allow_long_context: bool = False,
+        doc_cache: bool = True,
+        cache_limit_bytes: int | None = None,
+        rebuild: bool = True,
     ) -> None:
         cache = ensure_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         self.source = resolve_model(model, cache_dir=cache, random_weights=random_weights,
@@ -116,6 +120,8 @@ class LongDocQA:
         self.codec = load_codec(self.source.tokenizer_dir, cfg.vocab_size, cfg.eos_token_ids)
         self.show_progress = show_progress
         self.allow_long_context = allow_long_context
+        self.doc_cache = (DocCache(self.engine, self.source, cache, limit_bytes=cache_limit_bytes, rebuild=rebuild)
+                          if doc_cache else None)
 
     # ----- documents ----------------------------------------------------------------------
     def ingest(self, text: str) -> Doc:
@@ -127,8 +133,27 @@ class LongDocQA:
         if not text or not text.strip():
             raise InputError("the document is empty; give a document with some text")
         ids = self.codec.qa_prompt(text, "").doc_ids
-        seq = self.engine.new_sequence()
         stats = RunStats()
+        if len(ids) > self.engine.max_context and not self.allow_long_context:
+            self.engine.check_request(self.engine.new_sequence(), len(ids), 1)  # raises ContextTooLongError
+        t0 = time.perf_counter()
+        if self.doc_cache is None:
+            seq = self._prefill(ids, stats)
+            doc_id = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
+        else:
+            seq, res = self.doc_cache.ingest(ids, lambda i: self._prefill(i, stats))
+            doc_id = res.doc_id
+            stats.doc_cache = res.status
+            stats.doc_cache_verify_s = res.verify_s
+            stats.doc_cache_bytes_read = res.bytes
+            stats.doc_cache_evicted = list(res.evicted)
+        stats.ttft_s = time.perf_counter() - t0
+        self.engine.fill_stats(stats, seq)
+        return Doc(doc_id, len(ids), stats, seq)
+
+    def _prefill(self, ids: list[int], stats: RunStats) -> KVSequence:
+        """The document's prefill onto a new sequence (progress shown), timed into ``stats``."""
+        seq = self.engine.new_sequence()
         try:
             self.engine.check_request(seq, len(ids), 1, allow_long_context=self.allow_long_context)
             progress = PrefillProgress("ingest", len(ids), enabled=self.show_progress)
@@ -137,15 +162,13 @@ class LongDocQA:
                 t0 = time.perf_counter()
                 self.engine.forward(seq, ids, on_layer=progress)
                 self.engine.sync()
-                stats.prefill_s = stats.ttft_s = time.perf_counter() - t0
+                stats.prefill_s = time.perf_counter() - t0
             finally:
                 progress.close()
         except BaseException:
             self.engine.release(seq)
             raise
-        self.engine.fill_stats(stats, seq)
-        doc_id = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
-        return Doc(doc_id, len(ids), stats, seq)
+        return seq
 
     def close(self) -> None:
         """Finish DISK writes and remove the DISK tier's files; the object is unusable after."""
@@ -185,7 +208,8 @@ class LongDocQA:
             raise InputError("the question is empty; ask something")
         prompt = self.codec.qa_prompt("", question)
         return self._stream(doc._seq, prompt.question_ids, max_new_tokens, sampling,
-                            stop=True, fork=True, one_line=not self.codec.has_chat_template)
+                            stop=True, fork=True, one_line=not self.codec.has_chat_template,
+                            doc_cache=doc.stats.doc_cache)
 
     # ----- raw generation -----------------------------------------------------------------
     def generate(self, prompt: str, *, max_new_tokens: int = 128,
@@ -209,7 +233,8 @@ class LongDocQA:
                             stop=not ignore_eos, fork=False)
 
     def _stream(self, base: KVSequence, ids: list[int], max_new_tokens: int,
-                sampling: SamplingConfig, *, stop: bool, fork: bool, one_line: bool = False) -> AnswerStream:
+                sampling: SamplingConfig, *, stop: bool, fork: bool, one_line: bool = False,
+                doc_cache: str = "") -> AnswerStream:
         seq = self.engine.fork(base) if fork else base
         try:
             self.engine.check_request(seq, len(ids), max_new_tokens,
@@ -217,11 +242,12 @@ class LongDocQA:
         except BaseException:
             self.engine.release(seq)
             raise
-        return AnswerStream(lambda stream: self._pieces(stream, seq, ids, max_new_tokens, sampling, stop, one_line))
+        return AnswerStream(lambda stream: self._pieces(stream, seq, ids, max_new_tokens, sampling, stop, one_line,
+                                                        doc_cache))
 
     def _pieces(self, stream: AnswerStream, seq: KVSequence, ids: list[int], max_new_tokens: int,
-                sampling: SamplingConfig, stop: bool, one_line: bool) -> Iterator[str]:
-        stats = RunStats()
+                sampling: SamplingConfig, stop: bool, one_line: bool, doc_cache: str) -> Iterator[str]:
+        stats = RunStats(doc_cache=doc_cache)
         stop_ids = self.codec.eos_ids if stop else ()
         progress = PrefillProgress("prefill", len(ids), enabled=self.show_progress and len(ids) > 256)
         out: list[int] = []

@@ -271,6 +271,20 @@ class PagedKV:
         self._count_written(layer, table_tiers, start, end)
         seq.lengths[layer] = end
 
+    def restore(self, seq: KVSequence, layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
+                placement: Placement | None = None) -> None:
+        """Load stored tokens [start, start + T) of an empty layer of ``seq`` (a DocCache):
+        ``start`` (a page boundary) is the first live page's first token (0, or where a
+        sliding layer's ring began); the pages before it count as dropped."""
+        ps = self.page_size
+        if seq.lengths[layer] or seq.table.num_pages(layer) or start % ps:
+            raise ValueError(f"restore needs an empty layer and a page-aligned start, got start {start}")
+        for _ in range(start // ps):
+            seq.table.append(layer, PageLocation(Tier.DEVICE, -1))
+        seq.table.drop_before(layer, start // ps)
+        seq.lengths[layer] = start
+        self.append(seq, layer, k, v, placement)
+
     def _drop_pages(self, seq: KVSequence, layer: int, keep: int) -> None:
         """Release the layer's live pages before page ``keep`` (out of its sliding window)."""
         first = seq.table.first_live(layer)

@@ -32,6 +32,11 @@ class RunStats:
         fetch_wait_s / compute_s: decode time spent waiting for DISK reads / the rest.
         cold_reads: how DISK reads were kept cold ("o_direct" or "fadvise_dontneed").
         disk_bytes_written: DISK bytes written by the engine so far.
+        doc_cache: for an ingest with the DocCache on: "hit" (restored, no prefill), "miss"
+            (prefilled and saved) or "rebuilt" (a DocCache failed verification: quarantined,
+            prefilled and saved again); "" when off. doc_cache_verify_s / doc_cache_bytes_read:
+            checksum time and bytes read on a hit; doc_cache_evicted: DocCaches removed to fit
+            the cache limit.
         plan: the planner's last executed plan (method, predicted decode step, bottleneck, KV
             bytes per tier of the pages it placed, delegated share), or None while every page
             fits DEVICE.
@@ -63,6 +68,10 @@ class RunStats:
     cold_reads: str = ""
     disk_bytes_written: int = 0
     plan: dict[str, Any] | None = None
+    doc_cache: str = ""
+    doc_cache_verify_s: float = 0.0
+    doc_cache_bytes_read: int = 0
+    doc_cache_evicted: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def prefill_tok_s(self) -> float:

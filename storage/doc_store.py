@@ -69,6 +69,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _touch_used(folder: Path) -> None:
+    """Stamp a DocCache as used now, to the nanosecond (a plain touch takes the kernel's
+    coarse clock: two uses within a few milliseconds would tie in the LRU order)."""
+    path = folder / "last_used"
+    path.touch()
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
 def _layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.kv"
 
@@ -191,7 +200,7 @@ class DocBuilder:
                 return final
             _fsync_dir(self.store.root)
             (final / "owner.lock").unlink(missing_ok=True)  # not part of the DocCache (not in the manifest)
-            (final / "last_used").touch()
+            _touch_used(final)
             self.done = True
             return final
         except OSError as e:
@@ -331,7 +340,7 @@ class DocStore:
             if manifest.get("meta", {}).get("fingerprint") != fingerprint:
                 raise DocCacheCorrupt(f"DocCache {doc_id} was built for another model, tokenizer, dtype or layout "
                                       "(fingerprint mismatch)")
-            (self.root / doc_id / "last_used").touch()
+            _touch_used(self.root / doc_id)
         except BaseException:
             os.close(fd)
             raise
@@ -397,7 +406,8 @@ class DocStore:
                 continue
             try:
                 size = sum(f.stat().st_size for f in d.iterdir())
-                used = (d / "last_used").stat().st_mtime if (d / "last_used").exists() else (d / MANIFEST).stat().st_mtime
+                used = ((d / "last_used").stat().st_mtime_ns if (d / "last_used").exists()
+                        else (d / MANIFEST).stat().st_mtime_ns) / 1e9
                 body = (d / MANIFEST).read_text().rstrip("\n").rpartition("\n")[0]
                 meta = json.loads(body).get("meta", {})
             except (OSError, ValueError):

@@ -1,0 +1,290 @@
+"""Persistent DocCache: a document's KV written once at ingest, reused by any later process.
+
+Policy over ``storage.doc_store`` (the mechanism: verified, crash-safe directories)::
+
+    ingest(ids):
+        doc_id = sha256(fingerprint, token ids)
+        open doc_id  -> valid:  restore its pages into the engine's tiers        "hit"
+                     -> failed: quarantine it; rebuild (or DocCacheError)        "rebuilt"
+                     -> none:   under the doc's exclusive lock (a second
+                                process waits here, then finds it: "hit"):
+                                evict LRU DocCaches to fit --cache-limit,
+                                prefill, write every layer's live pages,
+                                publish by rename                                "miss"
+
+The fingerprint is the SHA-256 of the checkpoint's files (cached by file identity: path,
+size, mtime, inode), the compute and KV dtypes, the page size, the model shape and this
+module's layout version; random-weight models include their seed. A DocCache built for
+anything else never matches. What it holds: for each layer, its live pages in order (every
+page of a global layer; a sliding layer's ring) as ``page_size`` tokens of K then V, head by
+head, in the KV dtype; the meta records the tokens per layer and each ring's first page.
+Restoring places the pages by the same placement the prefill would have used (the planner
+when they spill), so a question after a hit computes exactly what it computes after a fresh
+ingest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from offload.errors import OffloadError
+from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocStore
+
+if TYPE_CHECKING:
+    from offload.engine import Engine
+    from offload.model_source import ModelSource
+    from offload.paged_kv import KVSequence
+
+__all__ = ["DocCache", "DocCacheError", "LAYOUT_VERSION", "default_cache_limit"]
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+# Default --cache-limit: this share of the file system's free space (plus what the store holds).
+DEFAULT_LIMIT_SHARE = 0.25
+
+
+class DocCacheError(OffloadError):
+    """A DocCache cannot be used or built (failed verification with rebuilding off, no space)."""
+
+
+def default_cache_limit(root: Path, held_bytes: int) -> int:
+    """``DEFAULT_LIMIT_SHARE`` of the free space where ``root`` lives, plus what the store holds."""
+    return int(shutil.disk_usage(root).free * DEFAULT_LIMIT_SHARE) + held_bytes
+
+
+def _files_hash(folder: Path, memo_path: Path) -> str:
+    """SHA-256 over a checkpoint directory's files (names and bytes), cached by file identity."""
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        digest = memo.get(key)
+        if digest is None:
+            fh = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    fh.update(block)
+            digest = memo[key] = fh.hexdigest()
+            changed = True
+        h.update(path.name.encode() + b"\0" + digest.encode() + b"\0")
+    if changed:
+        tmp = memo_path.with_name(f"{memo_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)
+    return h.hexdigest()
+
+
+def fingerprint(engine: "Engine", source: "ModelSource", memo_path: Path) -> str:
+    """What a DocCache must have been built with to be reused here (see the module docstring)."""
+    c = engine.config
+    parts: dict[str, Any] = {
+        "layout": LAYOUT_VERSION, "model": repr(source.config), "dtype": str(engine.dtype),
+        "kv_dtype": str(engine.kv_dtype), "page_size": c.page_size,
+    }
+    if source.weights_dir is None:
+        parts["random_weights_seed"] = c.seed
+    else:
+        parts["checkpoint"] = _files_hash(Path(source.weights_dir), memo_path)
+    if source.tokenizer_dir is not None and source.tokenizer_dir != source.weights_dir:
+        parts["tokenizer"] = _files_hash(Path(source.tokenizer_dir), memo_path)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@dataclasses.dataclass(slots=True)
+class LoadResult:
+    """What ``DocCache.ingest`` did: status ("hit", "miss", "rebuilt"), timings and bytes."""
+
+    status: str
+    doc_id: str
+    seconds: float = 0.0
+    verify_s: float = 0.0
+    bytes: int = 0
+    evicted: list[str] = dataclasses.field(default_factory=list)
+
+
+class DocCache:
+    """Documents' KV for one engine, persisted under ``<cache_dir>/docs``.
+
+    Args:
+        engine / source: the engine and the model it runs (for the fingerprint).
+        cache_dir: the cache directory.
+        limit_bytes: bound of the store (``--cache-limit``); None = ``default_cache_limit``.
+        rebuild: rebuild a DocCache that fails verification (False: raise DocCacheError).
+    """
+
+    def __init__(self, engine: "Engine", source: "ModelSource", cache_dir: Path, *,
+                 limit_bytes: int | None = None, rebuild: bool = True) -> None:
+        self.engine = engine
+        self.store = DocStore(Path(cache_dir) / "docs")
+        removed = self.store.clean_leftovers()
+        if removed:
+            logger.info("DocCache: removed %d leftovers of interrupted builds", len(removed))
+        self.fingerprint = fingerprint(engine, source, self.store.root / ".file-hashes.json")
+        self.limit_bytes = limit_bytes
+        self.rebuild = rebuild
+        cfg = engine.model_config
+        elem = torch.empty((), dtype=engine.kv_dtype).element_size()
+        self.page_bytes = 2 * cfg.num_kv_heads * engine.config.page_size * cfg.head_dim * elem
+
+    def doc_id(self, ids: list[int]) -> str:
+        h = hashlib.sha256(self.fingerprint.encode() + b"\0")
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        return h.hexdigest()[:32]
+
+    def ingest(self, ids: list[int], prefill) -> tuple["KVSequence", LoadResult]:
+        """The document's sequence: restored from its DocCache, or ``prefill(ids)``'s
+        (a ``KVSequence``) saved as a new DocCache.
+
+        Raises:
+            DocCacheError: verification failed and rebuilding is off, or no space.
+        """
+        doc_id = self.doc_id(ids)
+        status = "miss"
+        seq, result = self._try_load(doc_id, ids)
+        if seq is not None:
+            return seq, result
+        if result is not None:
+            status = "rebuilt"
+        with self.store.exclusive(doc_id):
+            if status == "miss":  # another process may have built it while we waited
+                seq, again = self._try_load(doc_id, ids, locked=True)
+                if seq is not None:
+                    return seq, again
+                status = "rebuilt" if again is not None else "miss"
+            t0 = time.perf_counter()
+            seq = prefill(ids)
+            try:
+                evicted = self._save(doc_id, ids, seq)
+            except BaseException:
+                self.engine.release(seq)
+                raise
+            return seq, LoadResult(status, doc_id, time.perf_counter() - t0, 0.0, 0, evicted)
+
+    def _try_load(self, doc_id: str, ids: list[int], *, locked: bool = False):
+        """(sequence, result) on a hit; (None, result) after quarantining a failed DocCache;
+        (None, None) when there is none."""
+        t0 = time.perf_counter()
+        try:
+            reader = self.store.open(doc_id, self.fingerprint) if not locked else self._open_locked(doc_id)
+        except DocCacheCorrupt as e:
+            return None, self._failed(doc_id, e)
+        if reader is None:
+            return None, None
+        try:
+            with reader:
+                if reader.meta.get("token_ids_sha256") != _ids_hash(ids):
+                    raise DocCacheCorrupt(f"DocCache {doc_id} holds other tokens")
+                seq = self._restore(reader)
+        except DocCacheCorrupt as e:
+            return None, self._failed(doc_id, e)
+        return seq, LoadResult("hit", doc_id, time.perf_counter() - t0, reader.verify_s, reader.bytes_read)
+
+    def _open_locked(self, doc_id: str) -> DocReader | None:
+        """Open while holding the exclusive lock (a shared one would wait on ourselves)."""
+        from storage.doc_store import MANIFEST
+
+        if not (self.store.root / doc_id / MANIFEST).is_file():
+            return None
+        manifest = self.store._read_manifest(doc_id)
+        if manifest.get("meta", {}).get("fingerprint") != self.fingerprint:
+            raise DocCacheCorrupt(f"DocCache {doc_id} fingerprint mismatch")
+        return DocReader(self.store, doc_id, manifest, -1)
+
+    def _failed(self, doc_id: str, error: DocCacheCorrupt) -> LoadResult:
+        self.store.quarantine(doc_id)
+        if not self.rebuild:
+            raise DocCacheError(f"{error}; it was quarantined and not used (run without --no-rebuild to "
+                                "rebuild it)") from None
+        logger.warning("%s; quarantined, rebuilding", error)
+        return LoadResult("rebuilt", doc_id)
+
+    # ----- pages <-> files ----------------------------------------------------------------
+    def _save(self, doc_id: str, ids: list[int], seq: "KVSequence") -> list[str]:
+        eng, kv = self.engine, self.engine.kv
+        ps = eng.config.page_size
+        layers = []
+        incoming = 0
+        for layer in range(eng.model_config.num_layers):
+            first = seq.table.first_live(layer)
+            layers.append({"first_page": first, "tokens": seq.lengths[layer]})
+            incoming += (-(-seq.lengths[layer] // ps) - first) * self.page_bytes
+        limit = self.limit_bytes if self.limit_bytes is not None else default_cache_limit(
+            self.store.root, self.store.size_bytes())
+        evicted = self.store.evict(limit, incoming_bytes=incoming, keep=frozenset({doc_id}))
+        if incoming > limit:
+            raise DocCacheError(f"the document's KV ({incoming / 2**20:.1f} MiB) exceeds --cache-limit "
+                                f"({limit / 2**20:.1f} MiB); raise the limit")
+        builder = self.store.builder(doc_id, self.page_bytes)
+        try:
+            for layer in range(eng.model_config.num_layers):
+                for g in kv.groups(seq, layer, 1 << 30):
+                    builder.write_pages(layer, self._pages_bytes(g.k, g.v))
+            meta = {"fingerprint": self.fingerprint, "token_ids_sha256": _ids_hash(ids), "num_tokens": len(ids),
+                    "page_size": ps, "kv_dtype": str(eng.kv_dtype), "layers": layers}
+            builder.commit(meta)
+        except DocCacheNoSpace as e:
+            raise DocCacheError(str(e)) from None
+        except BaseException:
+            builder.abort()
+            raise
+        return evicted
+
+    def _pages_bytes(self, k: torch.Tensor, v: torch.Tensor) -> memoryview:
+        """K, V [nkv, n, hd] (n tokens from a page boundary) as whole pages [pages, 2, nkv, ps, hd]."""
+        ps = self.engine.config.page_size
+        nkv, n, hd = k.shape
+        pages = -(-n // ps)
+        kv = torch.zeros(2, nkv, pages * ps, hd, dtype=k.dtype)  # the last page's tail is zero padding
+        kv[0, :, :n] = k.cpu()
+        kv[1, :, :n] = v.cpu()
+        out = kv.view(2, nkv, pages, ps, hd).permute(2, 0, 1, 3, 4).contiguous()
+        return memoryview(out.view(torch.uint8).numpy()).cast("B")
+
+    def _restore(self, reader: DocReader) -> "KVSequence":
+        eng = self.engine
+        ps, cfg = eng.config.page_size, eng.model_config
+        meta = reader.meta
+        if meta.get("page_size") != ps or len(meta.get("layers", [])) != cfg.num_layers:
+            raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layout does not match this engine")
+        tokens = int(meta["num_tokens"])
+        seq = eng.new_sequence()
+        try:
+            eng.check_request(seq, tokens, 1, allow_long_context=True)
+            placement = eng.placement_for(seq, tokens)
+            for layer, info in enumerate(meta["layers"]):
+                first, n_tok = int(info["first_page"]), int(info["tokens"])
+                pages = reader.num_pages(layer)
+                if n_tok != tokens or pages != -(-n_tok // ps) - first:
+                    raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layer {layer} holds {pages} pages, "
+                                          f"its meta says tokens {n_tok} from page {first}")
+                data = reader.read_pages(layer, 0, pages)
+                arr = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(eng.kv_dtype)
+                arr = arr.view(pages, 2, cfg.num_kv_heads, ps, cfg.head_dim)
+                count = n_tok - first * ps
+                k = arr[:, 0].permute(0, 2, 1, 3).reshape(pages * ps, cfg.num_kv_heads, cfg.head_dim)[:count]
+                v = arr[:, 1].permute(0, 2, 1, 3).reshape(pages * ps, cfg.num_kv_heads, cfg.head_dim)[:count]
+                eng.kv.restore(seq, layer, first * ps, k.to(eng.device), v.to(eng.device), placement)
+        except BaseException:
+            eng.release(seq)
+            raise
+        return seq
+
+
+def _ids_hash(ids: list[int]) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()

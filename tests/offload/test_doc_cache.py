@@ -1,0 +1,134 @@
+"""DocCache through the API: ingest once, reuse from a new LongDocQA (a later process), verified.
+
+Random-weight models (a 2-layer SmolLM2 shape; a 6-layer Gemma 3 270M shape: five sliding
+layers and one global) keep this fast; budgets make the pages spill to DISK so restoring goes
+through the planner and the tiers like a prefill does.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from offload.api import LongDocQA
+from offload.config import RuntimeConfig
+from offload.doc_cache import DocCacheError
+from storage.doc_store import BUILD_PREFIX
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = " ".join(f"line {i}: the quick brown fox number {i * 7 % 13} jumps." for i in range(60))  # ~3.4K bytes
+QUESTION = "Which number jumps?"
+
+
+def _qa(cache: Path, model: str = "smollm2-135m", layers: int = 2, **kw) -> LongDocQA:
+    device_mib = 10 if model.startswith("gemma3") else 2  # Gemma: five rings of 17 pages of 64 KiB
+    config = RuntimeConfig(device="cpu", device_memory_bytes=device_mib * 2**20, host_memory_bytes=12 * 2**20,
+                           staging_chunk_pages=8, kv_dir=str(cache / "kv"))
+    return LongDocQA(model, config=config, cache_dir=cache, random_weights=True, num_layers=layers, **kw)
+
+
+def _answer(qa: LongDocQA, doc) -> list[int]:
+    return qa.ask(doc, QUESTION, max_new_tokens=8).token_ids
+
+
+@pytest.mark.parametrize("model, layers", [("smollm2-135m", 2), ("gemma3-270m", 6)])
+def test_hit_in_a_new_instance_answers_like_a_fresh_ingest(tmp_path, model, layers):
+    with _qa(tmp_path, model, layers, doc_cache=False) as qa:
+        fresh = _answer(qa, qa.ingest(DOC))
+    with _qa(tmp_path, model, layers) as qa:
+        doc = qa.ingest(DOC)
+        assert doc.stats.doc_cache == "miss" and doc.stats.prefill_tokens == doc.num_tokens
+        assert _answer(qa, doc) == fresh
+    with _qa(tmp_path, model, layers) as qa:  # a later process: nothing shared but the cache dir
+        doc = qa.ingest(DOC)
+        assert doc.stats.doc_cache == "hit" and doc.stats.prefill_tokens == 0
+        assert doc.stats.doc_cache_bytes_read > 0 and doc.stats.peak_bytes["disk"] > 0
+        answer = qa.ask(doc, QUESTION, max_new_tokens=8)
+        assert answer.token_ids == fresh and answer.stats.doc_cache == "hit"
+        assert _answer(qa, doc) == fresh  # ask twice
+
+
+def _layer_files(cache: Path) -> list[Path]:
+    return sorted((cache / "docs").glob("*/layer_*.kv"))
+
+
+def test_corruption_is_quarantined_and_rebuilt_or_refused(tmp_path):
+    with _qa(tmp_path) as qa:
+        fresh = _answer(qa, qa.ingest(DOC))
+    path = _layer_files(tmp_path)[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    with _qa(tmp_path, rebuild=False) as qa, pytest.raises(DocCacheError, match="fails its checksum"):
+        qa.ingest(DOC)
+    with _qa(tmp_path) as qa:  # the quarantined one is gone: a plain miss now
+        doc = qa.ingest(DOC)
+        assert doc.stats.doc_cache == "miss" and _answer(qa, doc) == fresh
+    path = _layer_files(tmp_path)[0]
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with _qa(tmp_path) as qa:
+        doc = qa.ingest(DOC)
+        assert doc.stats.doc_cache == "rebuilt" and _answer(qa, doc) == fresh
+    with _qa(tmp_path) as qa:
+        assert qa.ingest(DOC).stats.doc_cache == "hit"
+
+
+def test_cache_limit_evicts_least_recently_used(tmp_path):
+    docs = [DOC + f" Appendix {i}." for i in range(3)]
+    with _qa(tmp_path) as qa:
+        qa.ingest(docs[0])
+        size = sum(p.stat().st_size for p in _layer_files(tmp_path))
+    with _qa(tmp_path, cache_limit_bytes=int(2.5 * size)) as qa:
+        assert qa.ingest(docs[1]).stats.doc_cache == "miss"
+        assert qa.ingest(docs[0]).stats.doc_cache == "hit"  # now the most recent
+        third = qa.ingest(docs[2])
+        assert third.stats.doc_cache == "miss" and len(third.stats.doc_cache_evicted) == 1
+        assert qa.ingest(docs[0]).stats.doc_cache == "hit"
+        assert qa.ingest(docs[1]).stats.doc_cache == "miss"  # it was the one evicted
+    with _qa(tmp_path, cache_limit_bytes=size // 2) as qa, pytest.raises(DocCacheError, match="cache-limit"):
+        qa.ingest(DOC + " too big")
+
+
+WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from tests.offload.test_doc_cache import DOC, _qa, _answer
+from pathlib import Path
+with _qa(Path(sys.argv[1])) as qa:
+    doc = qa.ingest(DOC)
+    print(json.dumps({"status": doc.stats.doc_cache, "answer": _answer(qa, doc)}))
+"""
+
+
+def _spawn(cache: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(cache), str(ROOT)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, **env}, text=True)
+
+
+def test_two_processes_ingesting_one_document_build_it_once(tmp_path):
+    import json
+
+    with _qa(tmp_path / "single", doc_cache=False) as qa:
+        fresh = _answer(qa, qa.ingest(DOC))
+    procs = [_spawn(tmp_path / "shared") for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert sorted(o["status"] for o in outs) == ["hit", "miss"]
+    assert all(o["answer"] == fresh for o in outs)
+
+
+@pytest.mark.parametrize("phase", ["write", "manifest", "rename"])
+def test_killed_ingest_leaves_no_invalid_cache_and_no_leftovers(tmp_path, phase):
+    p = _spawn(tmp_path, OFFLOAD_DOC_CRASH_AT=phase)
+    p.communicate(timeout=300)
+    assert p.returncode == -9
+    assert list((tmp_path / "docs").glob(BUILD_PREFIX + "*"))  # the dead build is there...
+    with _qa(tmp_path) as qa:  # ... and the next start removes it, then builds afresh
+        assert not list((tmp_path / "docs").glob(BUILD_PREFIX + "*"))
+        assert qa.ingest(DOC).stats.doc_cache == "miss"
+    random.seed(0)
