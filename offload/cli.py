@@ -1,4 +1,4 @@
-"""The ``offload`` command line: ``ask``, ``generate``, ``bench``, ``profile`` and ``plan``.
+"""The ``offload`` command line: ``ingest``, ``ask``, ``generate``, ``cache``, ``bench``, ``profile``, ``plan``.
 
 Errors the user can fix print one line ``offload: error: ...`` on stderr and exit with
 status 2, without a traceback.
@@ -55,13 +55,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--verbose", "-v", action="store_true", help="log setup details")
 
 
+def _add_doc_cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DocCache (documents' KV kept on disk between runs)")
+    g.add_argument("--cache-limit", default=None,
+                   help="bound of the DocCache store, e.g. 20GiB; least recently used DocCaches are evicted "
+                        "(default: a quarter of the free disk space plus what the store holds)")
+    g.add_argument("--no-rebuild", action="store_true",
+                   help="fail with an error instead of rebuilding a DocCache that fails verification")
+    g.add_argument("--no-doc-cache", action="store_true", help="neither reuse nor save the document's KV")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offload", description="Tiered KV-cache offloading runtime for long-context LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    ask = sub.add_parser("ask", help="answer a question about a document (chat template applied)")
+    ingest = sub.add_parser("ingest", help="prefill a document once and keep its KV as a DocCache; prints its id")
+    ingest.add_argument("doc", type=Path, help="text file with the document")
+    _add_model_args(ingest)
+    _add_doc_cache_args(ingest)
+    ask = sub.add_parser("ask", help="answer a question about a document (chat template or completion prompt)")
     ask.add_argument("--doc", type=Path, required=True, help="text file with the document")
     ask.add_argument("--question", required=True)
     _add_model_args(ask)
+    _add_doc_cache_args(ask)
     gen = sub.add_parser("generate", help="continue raw text (no template)")
     gen.add_argument("--prompt-file", type=Path, required=True)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
@@ -69,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="prefill/decode of every placement beside the HF peers (offload bench --help)")
     sub.add_parser("profile", help="measure this machine's hardware profile for the planner (offload profile --help)")
     sub.add_parser("plan", help="plan where a model's KV cache lives, without running it (offload plan --help)")
+    sub.add_parser("cache", help="list, verify, remove or clean up DocCaches (offload cache --help)")
     return parser
 
 
@@ -108,10 +124,28 @@ def _run(args: argparse.Namespace) -> int:
 
     config = runtime_config_from_args(args)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    text = _read_text(args.doc, "document") if args.command == "ask" else _read_text(args.prompt_file, "prompt file")
+    text = (_read_text(args.doc, "document") if args.command in ("ask", "ingest")
+            else _read_text(args.prompt_file, "prompt file"))
+    doc_cache = {}
+    if args.command in ("ask", "ingest"):
+        doc_cache = dict(doc_cache=not args.no_doc_cache, rebuild=not args.no_rebuild,
+                         cache_limit_bytes=parse_size(args.cache_limit) if args.cache_limit else None)
     qa = LongDocQA(args.model, config=config, cache_dir=args.cache_dir, random_weights=args.random_weights,
                    num_layers=args.num_layers, show_progress=not args.quiet,
-                   allow_long_context=args.allow_long_context)
+                   allow_long_context=args.allow_long_context, **doc_cache)
+    if args.command == "ingest":
+        try:
+            doc = qa.ingest(text)
+        finally:
+            qa.close()
+        s = doc.stats
+        if args.json:
+            print(json.dumps({"doc_id": doc.doc_id, "tokens": doc.num_tokens, "stats": s.to_dict()}))
+        else:
+            print(doc.doc_id)
+            print(f"[{doc.num_tokens} tokens; DocCache {s.doc_cache or 'off'}; {s.ttft_s:.2f} s"
+                  + (f"; evicted {len(s.doc_cache_evicted)}" if s.doc_cache_evicted else "") + "]", file=sys.stderr)
+        return 0
     if args.command == "ask":
         doc = qa.ingest(text)
         stream = qa.ask_stream(doc, args.question, max_new_tokens=args.max_new_tokens, sampling=sampling)
@@ -129,13 +163,16 @@ def _run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = answer.to_dict()
     if args.command == "ask":
         result["stats"]["document_tokens"] = doc.num_tokens
+        result["stats"]["doc_id"] = doc.doc_id
         result["stats"]["ingest"] = doc.stats.to_dict()
     if args.json:
         print(json.dumps(result))
     else:
         print()
         s = answer.stats
-        print(f"[{s.prefill_tokens} prompt tokens, {s.generated_tokens} generated; "
+        print(("" if not s.doc_cache else f"[DocCache {s.doc_cache}: document ingested in "
+               f"{doc.stats.ttft_s:.2f} s]\n")
+              + f"[{s.prefill_tokens} prompt tokens, {s.generated_tokens} generated; "
               f"prefill {s.prefill_tok_s:,.0f} tok/s, decode {s.decode_tok_s:,.1f} tok/s; "
               "KV peak " + ", ".join(f"{t} {b / 2**20:.1f} MiB" for t, b in s.peak_bytes.items())
               + (f"; read per token: disk {s.bytes_read_per_token.get('disk', 0) / 2**20:.2f} MiB ({s.cold_reads})"
@@ -160,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         from offload import plan_cmd
 
         return plan_cmd.main(argv[1:])
+    if argv[:1] == ["cache"]:
+        from offload import cache_cmd
+
+        return cache_cmd.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
