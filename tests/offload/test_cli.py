@@ -119,3 +119,35 @@ def test_error_in_a_subprocess_has_no_traceback(tmp_path, cache_dir):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("offload: error: document")
+
+
+def test_ingest_then_ask_reuses_the_doc_cache_and_cache_commands(tmp_path, capsys):
+    """`offload ingest` builds a DocCache, `offload ask` on the same document reports a hit,
+    `offload cache list/verify/remove/gc` manage it."""
+    import json as _json
+
+    from offload.cli import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The ferry leaves at seven. " * 30)
+    common = ["--model", "smollm2-135m", "--random-weights", "--num-layers", "2", "--cache-dir", str(tmp_path),
+              "--quiet", "--json"]
+    assert main(["ingest", str(doc), *common]) == 0
+    first = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["stats"]["doc_cache"] == "miss" and len(first["doc_id"]) == 32
+    assert main(["ask", "--doc", str(doc), "--question", "When?", "--max-new-tokens", "4", *common]) == 0
+    out = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stats"]["doc_cache"] == "hit" and out["stats"]["ingest"]["prefill_tokens"] == 0
+    assert out["stats"]["doc_id"] == first["doc_id"]
+    assert main(["cache", "list", "--cache-dir", str(tmp_path), "--json"]) == 0
+    assert [r["doc_id"] for r in _json.loads(capsys.readouterr().out)] == [first["doc_id"]]
+    assert main(["cache", "verify", "--cache-dir", str(tmp_path)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["cache", "remove", "nope", "--cache-dir", str(tmp_path)]) == 2
+    assert "no DocCache 'nope'" in capsys.readouterr().err
+    assert main(["cache", "remove", first["doc_id"], "--cache-dir", str(tmp_path)]) == 0
+    assert main(["cache", "gc", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert main(["ask", "--doc", str(doc), "--question", "When?", "--max-new-tokens", "4", "--no-doc-cache",
+                 *common]) == 0
+    assert _json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]["doc_cache"] == ""

@@ -168,3 +168,45 @@ def test_eviction_is_lru_and_skips_readers(tmp_path):
     reader.close()
     assert store.evict(limit_bytes=0, keep=frozenset({"a"})) == [] and store.exists("a")
     assert store.evict(limit_bytes=0) == ["a"] and store.list() == []
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from storage.doc_store import DocStore
+    store = DocStore(sys.argv[1])
+    if sys.argv[2] == "read":
+        r = store.open("a", "fingerprint-1")
+    elif sys.argv[2] == "build":
+        b = store.builder("b", 512)
+        b.write_pages(0, bytes(512))
+    else:
+        ctx = store.exclusive("x"); ctx.__enter__()
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def _holder(tmp_path: Path, what: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), what], stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_other_processes_reader_builder_and_lock_are_respected(tmp_path):
+    """Two processes: eviction skips a DocCache another process reads; cleanup keeps a build
+    another process owns; one document's build lock does not block another document."""
+    store = DocStore(tmp_path)
+    _build(store, "a")
+    reader, builder, locker = (_holder(tmp_path, w) for w in ("read", "build", "lock"))
+    try:
+        assert store.evict(limit_bytes=0) == [] and store.exists("a")
+        assert store.clean_leftovers() == [] and len(list(tmp_path.glob(BUILD_PREFIX + "b-*"))) == 1
+        _build(store, "y")  # "x" is locked by another process; "y" builds
+        assert store.exists("y")
+    finally:
+        for p in (reader, builder, locker):
+            p.kill()
+            p.wait()
+    assert store.evict(limit_bytes=0) == ["a", "y"]  # least recently used first, now that no one reads
+    assert store.clean_leftovers() and not list(tmp_path.glob(BUILD_PREFIX + "*"))  # the dead build goes
