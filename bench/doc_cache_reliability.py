@@ -45,11 +45,15 @@ sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 from bench.doc_cache_reliability import make_qa, DOC, QUESTION, NEW_TOKENS
 from offload.errors import OffloadError
+import time
 try:
     with make_qa(Path(sys.argv[1])) as qa:
+        print("ingesting", flush=True)
+        t0 = time.perf_counter()
         doc = qa.ingest(DOC)
+        ingest_s = time.perf_counter() - t0
         ans = qa.ask(doc, QUESTION, max_new_tokens=NEW_TOKENS)
-        print(json.dumps({"status": doc.stats.doc_cache, "answer": ans.token_ids}))
+        print(json.dumps({"status": doc.stats.doc_cache, "answer": ans.token_ids, "ingest_s": ingest_s}))
 except OffloadError as e:
     print(json.dumps({"error": str(e)}))
 """
@@ -92,12 +96,11 @@ def kills(cache: Path, reference: list[int], n_random: int, rng: random.Random) 
     """Named phases, then random moments; after each kill a fresh process ingests again."""
     from storage.doc_store import CRASH_ENV, DocStore
 
-    t0 = time.perf_counter()
-    result(spawn(cache))  # a DocCache that exists before the kills; also times a full run
-    full_s = time.perf_counter() - t0
     store = DocStore(cache / "docs")
+    ingest_s = result(spawn(cache))["ingest_s"]  # a miss: how long a building ingest takes
     trials = [("phase", p) for p in ("write", "fsync", "manifest", "rename", "remove", "cleanup")]
-    trials += [("random", f"{rng.uniform(0.0, 0.9 * full_s):.2f}") for _ in range(n_random)]
+    # Random moments within the ingest: from the worker's "ingesting" line to its end.
+    trials += [("random", f"{rng.uniform(0.0, ingest_s):.3f}") for _ in range(n_random)]
     out = {"trials": 0, "killed": 0, "invalid_used": 0, "leftovers_after_restart": 0, "hits_after": 0}
     for kind, what in trials:
         for info in store.list():
@@ -113,6 +116,8 @@ def kills(cache: Path, reference: list[int], n_random: int, rng: random.Random) 
             env[LIMIT_ENV] = "1"
         p = spawn(cache, **env)
         if kind == "random":
+            assert p.stdout is not None
+            p.stdout.readline()  # "ingesting"
             time.sleep(float(what))
             p.kill()
         p.communicate(timeout=600)
