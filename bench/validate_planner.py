@@ -1,20 +1,26 @@
 """Planner validation: predicted vs measured decode steps of SmolLM2, LP plan vs greedy rule.
 
     python bench/validate_planner.py [--repeats 4] [--steps 8] [--quick-profile] [--json out.json]
+                                     [--separate-engines]
 
 In one run: the hardware profile is measured (``offload.profile.measure_profile``), its disk
 reads measured again before each configuration (the disk drifts); then for each configuration
 declared below (context length and the KV room of each tier, always with
-some DEVICE, some HOST and the rest on DISK) two engines place a synthetic KV cache of that
-length — one with the LP planner, one with the greedy rule (fill DEVICE, then HOST, then DISK,
-layer by layer) — and run real decode steps of SmolLM2-135M (real weights, fp32, this CPU) over
-it. Decode time does not depend on the K/V values, so random pages written through the
+some DEVICE, some HOST and the rest on DISK) the LP planner and the greedy rule (fill DEVICE,
+then HOST, then DISK, layer by layer) each plan a synthetic KV cache of that length on the
+configuration's budgets, and real decode steps of SmolLM2-135M (real weights, fp32, this CPU)
+run over both placements. Decode time does not depend on the K/V values, so random pages written through the
 engine's own placement and tiers (DISK pages really written, then read cold) stand in for a
 prefill that would take minutes at 16K tokens. Contexts past the model's 8K window are an
 explicit override (only speed matters here).
 
-The two engines of a configuration are measured interleaved (each repeat runs both, the order
-alternating), in two rounds of fresh engines (LP filled first, then greedy first). Before each
+Protocol (default): ONE engine, with room for both, holds two sequences placed by the two
+plans; their decode steps are interleaved (each repeat runs both, the order alternating), so
+both read the same DISK files through the same staging at the same moment, and the greedy/LP
+ratio is the median over repeats of adjacent pairs. (With ``--separate-engines``, the earlier
+protocol: one engine per plan, two crossover rounds of fresh engines, the ratio the geometric
+mean of the rounds; there two engines with identical plans measured up to 1.31x apart on this
+VM, because where a file lands on its virtual disk changes how fast it reads.) Before each
 measurement the engine's own DISK pages are read alone (same chunks, staging and threads, no
 compute): this VM's disk drifts by up to 2x within minutes and reads some files faster than
 others, so each prediction prices the plan (``CostModel.decode_step_s``) with the profile of
@@ -27,9 +33,8 @@ the same error for the alternative model in which DISK reads run ahead across la
 the staging buffers (column "staged", ``planner.cost.staged_step_s``; the planner prices plans
 with FlexGen's per-layer model, where each layer's reads overlap only that layer, which this
 bench measured closer to the engine), the share of decode time waiting for DISK,
-the bottleneck the model names, and the greedy / LP measured step ratio (> 1: LP faster) as
-the geometric mean of its two rounds (the pages written last read fastest on this VM, so each
-round favours the engine filled second). Targets (issue 4): median error <= 20%, max <= 40%,
+the bottleneck the model names, and the greedy / LP measured step ratio (> 1: LP faster).
+Targets (issue 4): median error <= 20%, max <= 40%,
 LP at least as fast as greedy (ratio >= 0.95) everywhere and faster where the plans differ.
 """
 from __future__ import annotations
@@ -96,11 +101,12 @@ def _budgets(engine: Engine, c: Config) -> dict[str, int]:
                 disk_space_bytes=2 * kv)
 
 
-def _fill(engine: Engine, tokens: int):
-    """A sequence of ``tokens`` random K/V placed where the engine's planner says."""
+def _fill(engine: Engine, tokens: int, placement=None):
+    """A sequence of ``tokens`` random K/V placed where ``placement`` says (default: where the
+    engine's planner says)."""
     cfg = engine.model_config
     seq = engine.new_sequence()
-    placement = engine.placement_for(seq, tokens)
+    placement = placement or engine.placement_for(seq, tokens)
     gen = torch.Generator().manual_seed(0)
     for layer in range(cfg.num_layers):
         for a in range(0, tokens, 4096):
@@ -159,6 +165,62 @@ def _engines(source, profile: HardwareProfile, c: Config, kv_root: Path, order: 
     return engines
 
 
+def _shared(source, profile: HardwareProfile, c: Config, kv_root: Path) -> tuple[Engine, dict]:
+    """Each method's plan, made by an engine with the configuration's budgets (nothing
+    written), then ONE engine with room for both whose two sequences are placed by those
+    plans: the same DISK files, staging and moment for both, so the disk's drift and where a
+    file lands no longer separate them."""
+    from offload.planning import plan_placement
+
+    plans = {}
+    for method in METHODS:
+        base = RuntimeConfig(device="cpu", kv_dir=str(kv_root), profile=profile, planner=method)
+        probe = Engine(source, base)
+        budgets = _budgets(probe, c)
+        probe.close()
+        del probe
+        planner_engine = Engine(source, dataclasses.replace(base, **budgets))
+        seq = planner_engine.new_sequence()
+        planner_engine.placement_for(seq, c.context)
+        assert planner_engine.last_plan is not None, "the configuration fits DEVICE: no plan was made"
+        plans[method] = (planner_engine.last_plan, planner_engine.last_problem)
+        planner_engine.release(seq)
+        planner_engine.close()
+    both = {k: 2 * v for k, v in budgets.items()}
+    engine = Engine(source, RuntimeConfig(device="cpu", kv_dir=str(kv_root), profile=profile, **both))
+    seqs = {}
+    for method, (plan, _) in plans.items():
+        seqs[method] = _fill(engine, c.context, plan_placement(plan, first_page=0))
+        for _ in range(WARMUP_STEPS):
+            engine.forward(seqs[method], [1])
+    return engine, {m: (seqs[m], *plans[m]) for m in METHODS}
+
+
+def _run_config_shared(source, profile: HardwareProfile, c: Config, args: argparse.Namespace, kv_root: Path) -> dict:
+    """Both plans in one engine (``_shared``), their decode steps interleaved: per repeat each
+    sequence's DISK reads are timed alone, then its steps, the order alternating; the greedy/LP
+    ratio is the median over the repeats of adjacent pairs."""
+    runs: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in METHODS}
+    engine, members = _shared(source, profile, c, kv_root)
+    try:
+        for r in range(2 * args.repeats):
+            for method in (METHODS if r % 2 == 0 else METHODS[::-1]):
+                seq, plan, problem = members[method]
+                now = _disk_now(profile, engine, seq)
+                step, wait = _steps_s(engine, seq, args.steps)
+                splits = plan.splits()
+                flat = dataclasses.replace(problem, staging_buffers=engine.config.staging_buffers)
+                runs[method].append((step, CostModel(problem, now).decode_step_s(splits), wait,
+                                     CostModel(flat, now).decode_step_s(splits)))
+    finally:
+        engine.close()
+    row = _row(c, runs, {m: members[m][1] for m in METHODS})
+    pairs = [g[0] / lp[0] for g, lp in zip(runs["greedy"], runs["lp"])]
+    row["round_ratios"] = [min(pairs), max(pairs)]
+    row["greedy_over_lp"] = statistics.median(pairs)
+    return row
+
+
 def _run_config(source, profile: HardwareProfile, c: Config, args: argparse.Namespace, kv_root: Path) -> dict:
     """Both plans of one configuration in two rounds of fresh engines (LP filled first, then
     greedy first: where a file lands on the disk changes its read speed); per repeat each
@@ -182,6 +244,20 @@ def _run_config(source, profile: HardwareProfile, c: Config, args: argparse.Name
         finally:
             for engine, _ in engines.values():
                 engine.close()
+    row = _row(c, runs, plans)
+    # Crossover: the DISK pages written last read fastest (this VM's host caches recent writes:
+    # 1.3-1.5x), so each round favours its second engine; the geometric mean of the two
+    # rounds' ratios cancels the order.
+    n = args.repeats
+    per_round = [statistics.median(r[0] for r in runs["greedy"][k * n:(k + 1) * n])
+                 / statistics.median(r[0] for r in runs["lp"][k * n:(k + 1) * n]) for k in (0, 1)]
+    row["round_ratios"] = per_round
+    row["greedy_over_lp"] = math.sqrt(per_round[0] * per_round[1])
+    return row
+
+
+def _row(c: Config, runs: dict, plans: dict) -> dict:
+    """A configuration's row: per method the plan's tiers, predicted and measured steps."""
     row: dict = {"config": c.name, "context": c.context}
     for method in METHODS:
         plan = plans[method]
@@ -199,14 +275,6 @@ def _run_config(source, profile: HardwareProfile, c: Config, args: argparse.Name
             "repeats": [{"measured_s": m, "predicted_s": p, "wait_s": w, "predicted_staged_s": f}
                         for m, p, w, f in runs[method]],
         }
-    # Crossover: the DISK pages written last read fastest (this VM's host caches recent writes:
-    # 1.3-1.5x), so each round favours its second engine; the geometric mean of the two
-    # rounds' ratios cancels the order.
-    n = args.repeats
-    per_round = [statistics.median(r[0] for r in runs["greedy"][k * n:(k + 1) * n])
-                 / statistics.median(r[0] for r in runs["lp"][k * n:(k + 1) * n]) for k in (0, 1)]
-    row["round_ratios"] = per_round
-    row["greedy_over_lp"] = math.sqrt(per_round[0] * per_round[1])
     row["plans_differ"] = row["lp"]["pages"] != row["greedy"]["pages"]
     return row
 
@@ -220,9 +288,10 @@ def _print_row(row: dict) -> None:
               f"[{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}]".ljust(104)
               + f"{r['error']:6.1%} {r['error_staged_model']:6.1%} {r['fetch_wait_share']:6.1%}  {r['bottleneck']}",
               flush=True)
-    print(f"{'':<13} greedy/LP measured step: {row['greedy_over_lp']:.2f}x (geometric mean of the rounds: LP filled "
-          f"first {row['round_ratios'][0]:.2f}x, greedy filled first {row['round_ratios'][1]:.2f}x; "
-          f"{'plans differ' if row['plans_differ'] else 'same plan'})", flush=True)
+    how = ("median of adjacent pairs in one engine, pairs" if row.get("shared") else
+           "geometric mean of the rounds: LP filled first, greedy filled first")
+    print(f"{'':<13} greedy/LP measured step: {row['greedy_over_lp']:.2f}x ({how} {row['round_ratios'][0]:.2f}x, "
+          f"{row['round_ratios'][1]:.2f}x; {'plans differ' if row['plans_differ'] else 'same plan'})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick-profile", action="store_true", help="measure the profile in quick mode (tests)")
     p.add_argument("--configs", default=None, help="comma-separated config names (default: all)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    p.add_argument("--separate-engines", action="store_true",
+                   help="measure each plan in its own engine, two crossover rounds (the earlier protocol) instead "
+                        "of both plans in one engine with interleaved steps")
     args = p.parse_args(argv)
     configs = [c for c in CONFIGS if args.configs is None or c.name in args.configs.split(",")]
     torch.set_num_threads(torch.get_num_threads())
@@ -239,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
           "KV room as a share of the KV size (DISK: the rest)")
     for c in configs:
         print(f"  {c.name:<13} context {c.context:>6}  DEVICE {c.device_share:.0%}  HOST {c.host_share:.0%}")
-    print(f"Each: LP plan and greedy plan, 2 rounds of fresh engines x {args.repeats} repeats x {args.steps} decode steps after {WARMUP_STEPS} warm-up steps",
-          flush=True)
+    protocol = ("2 rounds of fresh engines (one per plan)" if args.separate_engines else
+                "one engine holding both plans' sequences, steps interleaved, 2 x")
+    print(f"Each: LP plan and greedy plan, {protocol} {args.repeats} repeats x {args.steps} decode steps after "
+          f"{WARMUP_STEPS} warm-up steps", flush=True)
     cache = default_cache_dir()
     source = resolve_model("smollm2-135m", cache_dir=cache, show_progress=False)
     with tempfile.TemporaryDirectory(dir=cache) as kv_root:
@@ -251,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for c in configs:
             planning = _disk_refreshed(profile, Path(kv_root))
-            rows.append(_run_config(source, planning, c, args, Path(kv_root)))
+            run = _run_config if args.separate_engines else _run_config_shared
+            rows.append(run(source, planning, c, args, Path(kv_root)))
+            rows[-1]["shared"] = not args.separate_engines
             rows[-1]["planning_disk_gbps"] = planning.disk_read_gbps_by_extent
             _print_row(rows[-1])
     errors = [r[m]["error"] for r in rows for m in ("lp", "greedy")]

@@ -198,6 +198,11 @@ def test_validation_bench_runs_small(tmp_path, smollm2_source, cache_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Prediction error over 2 measured plans" in proc.stdout
     row = json.loads(out.read_text())["rows"][0]
+    assert row["shared"] and len(row["lp"]["repeats"]) == 2 == len(row["greedy"]["repeats"])
     for method in ("lp", "greedy"):
         assert row[method]["measured_s"] > 0 and row[method]["predicted_s"] > 0
         assert sum(row[method]["tier_mib"].values()) > 0
+    proc = subprocess.run([sys.executable, str(root / "bench" / "validate_planner.py"), "--configs", "2K d30 h30",
+                           "--repeats", "1", "--steps", "2", "--quick-profile", "--separate-engines"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "geometric mean of the rounds" in proc.stdout, proc.stderr[-2000:]
