@@ -199,10 +199,13 @@ class Engine:
         """The planner's split of ``new_pages`` pages per global layer (LP, or the greedy rule);
         the DEVICE room left to it excludes the sliding layers' rings.
 
-        Plans are priced with FlexGen's per-layer model (each layer's DISK reads overlap that
-        layer's compute), not with reads running ahead through the staging buffers
-        (``staging_buffers`` > 0): bench/validate_planner.py measured the per-layer model
-        closer to this engine's decode steps (its last run: median error 7.0% vs 15.0% over 14 plans).
+        The LP minimises FlexGen's per-layer model; its rounded plan, the even split and the
+        greedy split are then priced as the read-ahead runs them (DISK reads running ahead
+        across layers through the staging buffers, plus the profile's read interference), and
+        greedy is kept unless another is predicted ``plan_min_gain`` faster. The per-layer
+        model alone over-priced greedy's last-layer DISK pages, which the read-ahead starts
+        reading during earlier layers (bench/validate_planner.py: 4K tokens, predicted 13%
+        slower, measured the same).
 
         Raises:
             CapacityError: no split fits (the planner's message says which tier is short)."""
@@ -219,7 +222,7 @@ class Engine:
             kv_dtype_bytes=elem, device_room_pages=max(0, self.kv.free_slots(Tier.DEVICE) - reserve),
             host_room_pages=self.kv.free_slots(Tier.HOST),
             disk_room_pages=min(self.kv.free_slots(Tier.DISK), 1 << 40),
-            staging_chunk_pages=c.staging_chunk_pages,
+            staging_chunk_pages=c.staging_chunk_pages, staging_buffers=c.staging_buffers,
             allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU)
         try:
             self.last_plan = (greedy_plan(problem, self.hardware_profile()) if c.planner == "greedy"

@@ -112,21 +112,23 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
         host_staging_bytes=staging_bytes(page_bytes, staging_chunk_pages=staging_chunk_pages,
                                          staging_buffers=staging_buffers),
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
-        num_layer_groups=num_layer_groups, allow_delegation=True,
+        staging_buffers=staging_buffers, num_layer_groups=num_layer_groups, allow_delegation=True,
         allow_recompute=what_if,
         sparse_fraction=sparse_fraction)
 
 
 def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,
                    device_room_pages: int, host_room_pages: int, disk_room_pages: int,
-                   staging_chunk_pages: int, allow_delegation: bool, num_layers: int | None = None) -> PlanProblem:
+                   staging_chunk_pages: int, allow_delegation: bool, num_layers: int | None = None,
+                   staging_buffers: int = 0) -> PlanProblem:
     """The planning problem of one forward pass's new pages into the rooms the engine's arenas
     have left (in pages; slack 1: the arenas already are the budgets). The weights count only
-    in the predicted compute time, not in the DEVICE room. Priced with FlexGen's per-layer
-    model (``staging_buffers`` 0), which bench/validate_planner.py measured closer to the
-    engine than reads running ahead across layers.
+    in the predicted compute time, not in the DEVICE room.
 
     Args:
+        staging_buffers: the engine's DISK read-ahead buffers; > 0 prices whole-page plans
+            with reads running ahead across layers through them (``planner.cost.staged_step_s``,
+            plus the profile's read interference), 0 with FlexGen's per-layer overlap.
         num_layers: the layers whose pages are placed (Gemma 3's global layers; default all).
             The weights of every layer still count in the compute time."""
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
@@ -137,7 +139,7 @@ def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_by
         kv_dtype_bytes=kv_dtype_bytes, device_budget_bytes=weights + device_room_pages * page_bytes,
         host_budget_bytes=host_room_pages * page_bytes, disk_budget_bytes=disk_room_pages * page_bytes, slack=1.0,
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
-        allow_delegation=allow_delegation, allow_recompute=False)
+        staging_buffers=staging_buffers, allow_delegation=allow_delegation, allow_recompute=False)
 
 
 def plan_placement(plan: Plan, *, first_page: int, layers: tuple[int, ...] | None = None,

@@ -159,6 +159,15 @@ def _step_overhead(run: _Run) -> str:
             f"{run.found['piece'] * 1e3:.3f} ms per extra attention piece")
 
 
+def _step_interference(run: _Run) -> str:
+    s = run.sizes
+    run.found["interference"], gbps = probes.read_interference(
+        run.kv_dir, run.dtype, weights_bytes=s.cpu_weights_bytes, file_bytes=s.disk_file_bytes,
+        repeats=2 * s.repeats + 1)
+    return (f"{run.found['interference']:.3f} s lost per GB read beside the weights "
+            f"(reads alone {gbps:.2f} GB/s)")
+
+
 def _step_free(run: _Run) -> str:
     run.found["free"] = dev, host, disk = probes.free_bytes(run.device, run.kv_dir)
     return f"device {dev / GiB:.1f} GiB, host {host / GiB:.1f} GiB, disk {disk / GiB:.1f} GiB"
@@ -169,8 +178,10 @@ def _steps(run: _Run) -> list[tuple[str, Callable[[_Run], str]]]:
              ("CPU page attention", _step_cpu_attention)]
     if run.is_cuda:
         steps.append(("device page attention", _step_device_attention))
-    steps += [("weights (matrix-vector)", _step_weights), ("matmul", _step_matmul),
-              ("engine overheads", _step_overhead), ("free memory", _step_free)]
+    steps += [("weights (matrix-vector)", _step_weights), ("matmul", _step_matmul)]
+    if not run.is_cuda:  # on a GPU machine the device computes: CPU readers do not slow it
+        steps.append(("reads beside compute", _step_interference))
+    steps += [("engine overheads", _step_overhead), ("free memory", _step_free)]
     return steps
 
 
@@ -244,7 +255,7 @@ def _assemble(run: _Run, quick: bool) -> HardwareProfile:
         device_matmul_tflops=f["device_tflops"], cpu_matmul_tflops=f["cpu_tflops"],
         device_free_bytes=dev_free, host_free_bytes=host_free, disk_free_bytes=disk_free,
         device_is_host=not run.is_cuda, layer_overhead_s=f["overhead"], weights_gbps=f["weights"],
-        piece_overhead_s=f["piece"])
+        piece_overhead_s=f["piece"], read_interference_s_per_gb=f.get("interference", 0.0))
 
 
 # ----- the saved profile ------------------------------------------------------------------------
@@ -370,6 +381,7 @@ def format_table(profile: HardwareProfile, path: Path, details: dict[str, Any] |
              ("CPU matmul", f"{profile.cpu_matmul_tflops:.3g} TFLOP/s"),
              ("layer overhead", f"{profile.layer_overhead_s * 1e3:.3f} ms"),
              ("attention piece overhead", f"{profile.piece_overhead_s * 1e3:.3f} ms"),
+             ("reads beside compute", f"{profile.read_interference_s_per_gb * 1e3:.1f} ms lost per GB read"),
              ("device free", f"{profile.device_free_bytes / GiB:.1f} GiB"),
              ("host free", f"{profile.host_free_bytes / GiB:.1f} GiB"),
              ("disk free", f"{profile.disk_free_bytes / GiB:.1f} GiB"),

@@ -10,6 +10,8 @@ returns the median over ``repeats`` timed runs after one untimed warm-up:
 - page attention reading K/V (``cpu_attention_gbps``: the Numba kernel; ``device_attention_gbps``:
   the Triton kernel on CUDA), the matrix-vector products of a decode step (``weights_gbps``),
   dense matmul (``matmul_tflops``);
+- on a CPU-only machine, how much slower that compute runs while cold disk reads run beside it
+  (``read_interference``: seconds lost per GB read);
 - the fixed per-layer time of a decode step of the real engine on a tiny random-weight model
   (``layer_overhead_s``) and the time of each extra attention piece (``piece_overhead_s``).
 
@@ -40,7 +42,7 @@ from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 
 __all__ = [
     "DiskResult", "median_seconds", "copy_gbps", "host_to_device_gbps", "disk_probe",
-    "cpu_attention_gbps", "device_attention_gbps", "weights_gbps", "matmul_tflops",
+    "cpu_attention_gbps", "device_attention_gbps", "weights_gbps", "read_interference", "matmul_tflops",
     "engine_overheads", "free_bytes", "tiny_model_config",
 ]
 
@@ -295,11 +297,12 @@ def device_attention_gbps(device: torch.device, dtype: torch.dtype, kv_bytes: in
     return (k.nbytes + v.nbytes) / statistics.median(times) / 1e9
 
 
-def weights_gbps(device: torch.device, dtype: torch.dtype, total_bytes: int, repeats: int) -> float:
-    """Weight bytes/s of a decode step's matrix-vector products: ``F.linear`` of one token
-    through a chain of weight matrices (``dtype``, on ``device``) of about ``total_bytes``,
-    alternately [inter, hidden] and [hidden, inter] (SmolLM2's 576/1536 on CPU; 4096/14336
-    on CUDA, where smaller matrices would measure launch time instead of memory)."""
+def _weight_chain(device: torch.device, dtype: torch.dtype, total_bytes: int) -> tuple[Callable[[], None], int]:
+    """A decode step's matrix-vector products: ``F.linear`` of one token through a chain of
+    weight matrices (``dtype``, on ``device``) of about ``total_bytes``, alternately
+    [inter, hidden] and [hidden, inter] (SmolLM2's 576/1536 on CPU; 4096/14336 on CUDA, where
+    smaller matrices would measure launch time instead of memory). Returns the function that
+    runs the chain once and the chain's weight bytes."""
     hidden, inter = (4096, 14336) if device.type == "cuda" else (576, 1536)
     elem = torch.empty((), dtype=dtype).element_size()
     count = max(2, total_bytes // (hidden * inter * elem) // 2 * 2)  # even: back to [1, hidden]
@@ -309,14 +312,77 @@ def weights_gbps(device: torch.device, dtype: torch.dtype, total_bytes: int, rep
     x0 = torch.randn(1, hidden, dtype=dtype, device=device)
 
     def run() -> None:
-        x = x0
-        for w in weights:
-            x = torch.nn.functional.linear(x, w)
+        with torch.inference_mode():
+            x = x0
+            for w in weights:
+                x = torch.nn.functional.linear(x, w)
         assert x.shape[-1] == hidden, "the chain ends where it started"
 
-    with torch.inference_mode():
-        t = median_seconds(run, repeats, sync=_sync_for(device))
-    return sum(w.nbytes for w in weights) / t / 1e9
+    return run, sum(w.nbytes for w in weights)
+
+
+def weights_gbps(device: torch.device, dtype: torch.dtype, total_bytes: int, repeats: int) -> float:
+    """Weight bytes/s of a decode step's matrix-vector products (``_weight_chain``)."""
+    run, nbytes = _weight_chain(device, dtype, total_bytes)
+    return nbytes / median_seconds(run, repeats, sync=_sync_for(device)) / 1e9
+
+
+def read_interference(kv_dir: Path, dtype: torch.dtype, *, weights_bytes: int, file_bytes: int,
+                      extent: int = MiB, num_threads: int = 4, repeats: int = 5) -> tuple[float, float]:
+    """Seconds lost per GB of cold DISK reads that run beside compute on a CPU-only machine,
+    where the "device" compute and the disk readers share the cores and the memory bus (the
+    readers' system time and copies slow the compute; the compute's threads slow the readers).
+
+    Each repeat times, back to back: the CPU weight chain (``_weight_chain``,
+    ``weights_bytes``) alone (``c``); a read pass alone (``r``: ``num_threads`` readers,
+    ``extent`` pieces, O_DIRECT or the page cache dropped first, like ``disk_probe``) of about
+    as many bytes as the disk reads in ``c`` (the case where overlap matters most); then both
+    at once (``both``). The loss is ``both - max(c, r)``, what perfect overlap (the cost
+    model's max of the legs) leaves out, per GB read. Returns ``(median loss per GB clamped
+    at 0, median GB/s of the reads alone)``. The scratch file is removed on return.
+    """
+    if extent % DISK_ALIGNMENT or file_bytes % extent or file_bytes < 4 * extent:
+        raise ValueError(f"extent {extent} must be a multiple of {DISK_ALIGNMENT} and divide file_bytes "
+                         f"({file_bytes}), which must hold at least 4 extents")
+    compute, _ = _weight_chain(torch.device("cpu"), dtype, weights_bytes)
+    kv_dir.mkdir(parents=True, exist_ok=True)
+    path = kv_dir / f"profile-interference-{os.getpid()}-{threading.get_ident()}.bin"
+    fd = -1
+    losses, rates = [], []
+    try:
+        fd, direct = _open_scratch(path)
+        _write_file(fd, file_bytes)
+        cursor = 0
+
+        def offsets(n: int) -> list[int]:
+            nonlocal cursor
+            out = [(cursor + i * extent) % file_bytes for i in range(n)]
+            cursor = (cursor + n * extent) % file_bytes
+            return out
+
+        compute()  # warm-up
+        n = 4
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            compute()
+            c = time.perf_counter() - t0
+            r = _read_pass(fd, offsets(n), extent, num_threads, direct)
+            rate = n * extent / r
+            with cf.ThreadPoolExecutor(1, thread_name_prefix="profile-interference") as pool:
+                t0 = time.perf_counter()
+                reads = pool.submit(_read_pass, fd, offsets(n), extent, num_threads, direct)
+                compute()
+                reads.result()
+                both = time.perf_counter() - t0
+            losses.append((both - max(c, r)) / (n * extent / 1e9))
+            rates.append(rate / 1e9)
+            # Next time read about as long as the compute takes (>= 4 extents, <= the file).
+            n = max(4, min(file_bytes // extent, round(c * rate / extent)))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+    return max(0.0, statistics.median(losses)), statistics.median(rates)
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:

@@ -22,6 +22,10 @@ pages attended on the CPU and ``recomp`` HOST pages kept as activations)::
                  them is delegated) and every staged DISK chunk (extent) — in the LP the chunks
                  count linearly (disk pages / pages per extent) and the HOST piece not at all
                  (an indicator is not linear); whole-page plans are priced with both exactly
+    read loss    s * K * disk * the profile's read_interference_s_per_gb: on a CPU-only machine
+                 reads and compute share cores and memory bus, and running them together takes
+                 longer than the max of the two by about this much per GB read (0 on a GPU
+                 machine, where the device computes); added to every path
 
 On a CPU-only machine (``profile.device_is_host``) nothing crosses a link: HOST pages are
 attended in place and DISK pages in their staging buffers, so the host->device leg is 0.
@@ -62,6 +66,7 @@ class Leg(enum.Enum):
     DISK_READ = "disk->host"
     WRITE = "writes"
     OVERHEAD = "overhead"
+    READ_LOSS = "read interference"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,12 +137,13 @@ class OverlapModel:
         return cls(False, False, False, False)
 
     def paths(self) -> tuple[Path, ...]:
-        """The chains of legs whose sums the layer time is the max of (overhead in each)."""
+        """The chains of legs whose sums the layer time is the max of (overhead and read
+        interference in each)."""
         io = _combine([frozenset({Leg.HOST_TO_DEVICE})], [frozenset({Leg.DISK_READ})], self.disk_with_host_link)
         io = _combine(io, [frozenset({Leg.WRITE})], self.writes_with_reads)
         dev = _combine([frozenset({Leg.COMPUTE})], [frozenset({Leg.CPU_ATTENTION})], self.cpu_with_device)
         layer = _combine(dev, io, self.io_with_compute)
-        return tuple(dict.fromkeys(p | {Leg.OVERHEAD} for p in layer))
+        return tuple(dict.fromkeys(p | {Leg.OVERHEAD, Leg.READ_LOSS} for p in layer))
 
 
 def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: list[int], buffers: int) -> float:
@@ -145,7 +151,10 @@ def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: l
     engine's read-ahead does (instead of each layer's reads overlapping only that layer).
 
     Layers run in order; layer l takes its time without DISK reads (``layer_s`` of its legs
-    with the disk leg zeroed) and cannot end before its last chunk is read. One reader serves
+    with the disk and read-interference legs zeroed), cannot end before its last chunk is
+    read, and then loses its read interference (what reads beside compute cost beyond the
+    max of the two, measured by the profile: serial even in a layer that waits for the
+    disk, since the compute also slows the readers). One reader serves
     the chunks in step order at the profile's bandwidth (layer l's disk leg split evenly over
     its ``chunks[l]`` chunks); a chunk is attended, freeing its buffer, once it is read and its
     layer has begun; chunk j may start once chunk j - buffers is freed; reads start with the
@@ -154,14 +163,14 @@ def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: l
     reader = 0.0  # when the reader is free
     t = 0.0  # when the current layer begins
     for legs, n in zip(per_layer, chunks):
-        no_disk = model.layer_s({**legs, Leg.DISK_READ: 0.0})
+        no_disk = model.layer_s({**legs, Leg.DISK_READ: 0.0, Leg.READ_LOSS: 0.0})
         last = 0.0
         for _ in range(n):
             j = len(freed)
             start = max(reader, freed[j - buffers] if j >= buffers else 0.0)
             reader = last = start + legs[Leg.DISK_READ] / n
             freed.append(max(last, t))
-        t = max(t + no_disk, last)
+        t = max(t + no_disk, last) + legs[Leg.READ_LOSS]
     return t
 
 
@@ -238,6 +247,7 @@ class CostModel:
                                  + disk / (hw.host_to_device_pageable_gbps * 1e9)
                                  + disk / (hw.disk_write_gbps * 1e9)),
             Leg.OVERHEAD: hw.layer_overhead_s + hw.piece_overhead_s * disk * p.pages_per_layer / p.pages_per_extent,
+            Leg.READ_LOSS: read * disk * hw.read_interference_s_per_gb / 1e9,
         }
 
     def layer_s(self, legs: dict[Leg, float]) -> float:
@@ -279,7 +289,7 @@ class CostModel:
         writes = (to_host / (hw.host_to_device_pinned_gbps * 1e9) + to_disk / (hw.host_to_device_pageable_gbps * 1e9)
                   + to_disk / (hw.disk_write_gbps * 1e9))
         legs = dict.fromkeys(Leg, 0.0)
-        legs.update({Leg.COMPUTE: compute, Leg.WRITE: writes, Leg.OVERHEAD: hw.layer_overhead_s})
+        legs.update({Leg.COMPUTE: compute, Leg.WRITE: writes, Leg.OVERHEAD: hw.layer_overhead_s})  # no reads
         return legs
 
     def prefill_s(self, splits: Sequence[LayerSplit]) -> float:
@@ -301,7 +311,7 @@ class CostModel:
         times = [self.layer_s(legs) for legs in per_layer]
         slowest = per_layer[max(range(len(times)), key=times.__getitem__)]
         path = max(self.paths, key=lambda pa: sum(slowest[leg] for leg in pa))
-        candidates = [leg for leg in Leg if leg in path and leg != Leg.OVERHEAD]
+        candidates = [leg for leg in Leg if leg in path and leg not in (Leg.OVERHEAD, Leg.READ_LOSS)]
         bottleneck = max(candidates, key=lambda leg: slowest[leg])
         # Legs of zero time are left out of the path (an unused tier's leg explains nothing).
         ordered = tuple(leg for leg in Leg if leg in path and slowest[leg] > 0) or (bottleneck,)

@@ -21,7 +21,7 @@ __all__ = ["HardwareProfile", "PROFILE_FORMAT_VERSION", "PRESET_NAMES"]
 
 logger = logging.getLogger(__name__)
 
-PROFILE_FORMAT_VERSION = 1
+PROFILE_FORMAT_VERSION = 2  # 2: read_interference_s_per_gb
 GiB = 2**30
 KiB = 2**10
 MiB = 2**20
@@ -53,6 +53,9 @@ class HardwareProfile:
             matrix-vector products); None = ``device_attention_gbps``.
         piece_overhead_s: fixed time of each extra tier a layer's pages span in one decode step
             (one more attention call, its merge, a staged chunk's hand-over), 0 when unmeasured.
+        read_interference_s_per_gb: seconds a step loses per GB of DISK reads running beside
+            compute, beyond the max of the two (a CPU-only machine's readers and compute share
+            cores and memory bus); 0 when unmeasured and on GPU machines, whose device computes.
     """
 
     name: str
@@ -71,6 +74,7 @@ class HardwareProfile:
     layer_overhead_s: float = 0.0
     weights_gbps: float | None = None
     piece_overhead_s: float = 0.0
+    read_interference_s_per_gb: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("host_to_device_pinned_gbps", "host_to_device_pageable_gbps", "disk_write_gbps",
@@ -87,7 +91,7 @@ class HardwareProfile:
                 and self.weights_gbps > 0):
             raise ValueError(f"HardwareProfile.weights_gbps must be a finite number > 0 or None, "
                              f"got {self.weights_gbps!r}")
-        for f in ("layer_overhead_s", "piece_overhead_s"):
+        for f in ("layer_overhead_s", "piece_overhead_s", "read_interference_s_per_gb"):
             if not (math.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
                 raise ValueError(f"HardwareProfile.{f} must be >= 0, got {getattr(self, f)!r}")
         table = self.disk_read_gbps_by_extent
@@ -180,13 +184,14 @@ def _cpu_2core() -> HardwareProfile:
     write + fsync 0.4-2.3 GB/s (1.0 taken); Numba page attention ~25 GB/s read on both
     "tiers" (the same cores); fp32 matmul ~0.1 TFLOP/s (2 AVX2 cores). Free bytes: a 6 GiB
     DEVICE RAM budget, 8 GiB HOST, 40 GiB disk (the 24 GiB of RAM hold both RAM tiers and
-    the model). Measured numbers vary 10-35% between runs on these shared machines."""
+    the model). Reads beside compute: 0.07-0.14 s lost per GB read (``offload profile``, three
+    full runs; 0.1 taken). Measured numbers vary 10-35% between runs on these shared machines."""
     return HardwareProfile(
         name="cpu-2core", host_to_device_pinned_gbps=10.0, host_to_device_pageable_gbps=10.0,
         disk_read_gbps_by_extent=((64 * KiB, 0.9), (MiB, 1.35), (4 * MiB, 1.7)),
         disk_write_gbps=1.0, cpu_attention_gbps=25.0, device_attention_gbps=25.0,
         device_matmul_tflops=0.1, cpu_matmul_tflops=0.1, device_free_bytes=6 * GiB,
-        host_free_bytes=8 * GiB, disk_free_bytes=40 * GiB, device_is_host=True)
+        host_free_bytes=8 * GiB, disk_free_bytes=40 * GiB, device_is_host=True, read_interference_s_per_gb=0.1)
 
 
 def _rtx4090_pcie4() -> HardwareProfile:

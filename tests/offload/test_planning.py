@@ -101,9 +101,11 @@ def test_engine_executes_the_plan(tiny, tmp_path, planner):
     want = ours_teacher_forced(reference, ids, FORCED, prompt_logits=16)
     slot, layers = reference.arena.slot_bytes, reference.model_config.num_layers
     pages = -(-PROMPT // 16)
-    # DEVICE: the reserve (8 pages per layer) + 1.5 layers' pages; HOST: 1 layer's; DISK: the rest
+    # DEVICE: the reserve (8 pages per layer) + 1.5 layers' pages; HOST: 1 layer's; DISK: the rest.
+    # One staging buffer: reads cannot run ahead of the layer before, so spreading the DISK
+    # pages over the layers is predicted faster than greedy's last layers (the LP's plan is used).
     engine = _engine(folder, tmp_path, planner=planner, device_memory_bytes=(8 * layers + 3 * pages // 2) * slot,
-                     host_memory_bytes=pages * slot + 3 * 4 * 4096 + 8 * 2**20)
+                     host_memory_bytes=pages * slot + 3 * 4096 + 8 * 2**20, staging_buffers=1)
     try:
         seq = engine.new_sequence()
         engine.forward(seq, ids)

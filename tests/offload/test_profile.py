@@ -50,6 +50,7 @@ def test_quick_profile_is_plausible(quick_run):
     assert 1e-4 <= profile.device_matmul_tflops == profile.cpu_matmul_tflops <= 100
     assert 1e-6 <= profile.layer_overhead_s <= 0.1
     assert 0 <= profile.piece_overhead_s <= 0.1
+    assert 0 <= profile.read_interference_s_per_gb <= 5  # s per GB read beside compute
     assert profile.device_free_bytes == profile.host_free_bytes > 0  # half the available RAM each
     assert profile.disk_free_bytes > 0
     assert details["disk"].cold_read_mode in ("o_direct", "fadvise_dontneed")
@@ -105,6 +106,62 @@ def test_disk_probe_rejects_extents_that_do_not_tile(tmp_path, file_bytes, read_
         probes.disk_probe(tmp_path / "kv", file_bytes=file_bytes, read_bytes=read_bytes, extents=extents,
                           repeats=1)
     assert not (tmp_path / "kv").exists()
+
+
+# ----- reads beside compute -----------------------------------------------------------------------
+def test_read_interference_is_bounded_by_the_reads_and_cleans_up(tmp_path):
+    """Both at once take at most compute + reads, so the loss per GB is at most the reads'
+    own seconds per GB (1 / rate), with slack for thread start-up and noise."""
+    loss, gbps = probes.read_interference(tmp_path / "kv", torch.float32, weights_bytes=16 * MiB,
+                                          file_bytes=16 * MiB, repeats=3)
+    assert gbps > 0.005
+    assert 0.0 <= loss <= 2.0 / gbps + 0.05
+    assert list((tmp_path / "kv").iterdir()) == []
+
+
+def test_read_interference_without_o_direct_drops_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(probes, "_O_DIRECT", 0)
+    advised: list[int] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append(advice)
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    loss, gbps = probes.read_interference(tmp_path / "kv", torch.float32, weights_bytes=8 * MiB,
+                                          file_bytes=8 * MiB, repeats=2)
+    assert advised.count(os.POSIX_FADV_DONTNEED) == 4  # every read pass: 2 alone, 2 beside compute
+    assert loss >= 0.0 and gbps > 0
+    assert list((tmp_path / "kv").iterdir()) == []
+
+
+def test_read_interference_removes_its_file_when_a_read_fails(tmp_path, monkeypatch):
+    def failing_preadv(*args: object) -> int:
+        raise OSError(5, "injected read error")
+
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    with pytest.raises(OSError, match="injected read error"):
+        probes.read_interference(tmp_path / "kv", torch.float32, weights_bytes=8 * MiB, file_bytes=8 * MiB,
+                                 repeats=1)
+    assert list((tmp_path / "kv").iterdir()) == []
+
+
+def test_read_interference_rejects_a_file_that_does_not_tile(tmp_path):
+    with pytest.raises(ValueError, match="must be a multiple of 4096 and divide"):
+        probes.read_interference(tmp_path / "kv", torch.float32, weights_bytes=8 * MiB, file_bytes=3 * MiB,
+                                 extent=2 * MiB)
+
+
+def test_profile_saved_by_format_1_is_measured_again(tmp_path, fake):
+    """Format 1 had no read interference: a plan priced without it would undercount DISK."""
+    path = prof.profile_path(tmp_path, "cpu", dtype=torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = {k: v for k, v in HardwareProfile.preset("cpu-2core").to_dict().items()
+           if k != "read_interference_s_per_gb"}
+    path.write_text(json.dumps({**old, "format_version": 1}), encoding="utf-8")
+    got = prof.load_or_measure(device="cpu", dtype=torch.float32, cache_dir=tmp_path, progress=False)
+    assert fake.quick_flags == [False] and got.name == "measured on test"
 
 
 # ----- saving and reusing ------------------------------------------------------------------------
@@ -198,7 +255,7 @@ def test_main_quick_json_then_table_from_the_saved_file(tmp_path, capsys):
     captured = capsys.readouterr()
     profile = HardwareProfile.from_json(captured.out)
     assert prof.is_quick(profile)
-    assert "[1/7] memory copies" in captured.err  # progress goes to stderr, JSON alone to stdout
+    assert "[1/8] memory copies" in captured.err  # progress goes to stderr, JSON alone to stdout
     assert prof.main(["--quick", "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""

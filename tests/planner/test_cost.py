@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from planner import CostModel, HardwareProfile, LayerSplit, Leg, OverlapModel, PRESET_NAMES, PlanProblem
+from planner.cost import staged_step_s
 from planner.profile import PROFILE_FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_flexgen_default_adds_disk_to_host_link():
 def test_paths_match_nested_max_and_sum(overlap):
     """The path expansion equals the nested max/sum expression it stands for."""
     legs = {Leg.COMPUTE: 3.0, Leg.CPU_ATTENTION: 5.0, Leg.HOST_TO_DEVICE: 7.0, Leg.DISK_READ: 11.0,
-            Leg.WRITE: 13.0, Leg.OVERHEAD: 0.5}
+            Leg.WRITE: 13.0, Leg.OVERHEAD: 0.5, Leg.READ_LOSS: 0.25}
 
     def op(parallel: bool, a: float, b: float) -> float:
         return max(a, b) if parallel else a + b
@@ -91,7 +92,7 @@ def test_paths_match_nested_max_and_sum(overlap):
     io = op(overlap.disk_with_host_link, legs[Leg.HOST_TO_DEVICE], legs[Leg.DISK_READ])
     io = op(overlap.writes_with_reads, io, legs[Leg.WRITE])
     dev = op(overlap.cpu_with_device, legs[Leg.COMPUTE], legs[Leg.CPU_ATTENTION])
-    expected = op(overlap.io_with_compute, dev, io) + legs[Leg.OVERHEAD]
+    expected = op(overlap.io_with_compute, dev, io) + legs[Leg.OVERHEAD] + legs[Leg.READ_LOSS]
     model = CostModel(tiny_problem(), round_profile(), overlap)
     assert model.layer_s(legs) == expected
 
@@ -143,6 +144,59 @@ def test_breakdown_names_the_largest_leg_of_the_critical_path():
     assert b.bottleneck == Leg.DISK_READ
     assert b.critical_path == (Leg.HOST_TO_DEVICE, Leg.DISK_READ, Leg.OVERHEAD)
     assert b.leg_s[Leg.DISK_READ] == pytest.approx(2 * 4096 / 0.25e9)
+
+
+def _legs(compute: float = 0.0, disk: float = 0.0, loss: float = 0.0) -> dict:
+    legs = dict.fromkeys(Leg, 0.0)
+    legs.update({Leg.COMPUTE: compute, Leg.DISK_READ: disk, Leg.READ_LOSS: loss})
+    return legs
+
+
+@pytest.mark.parametrize("buffers, expected", [(1, 4.0), (2, 3.0), (3, 3.0)])
+def test_staged_step_by_hand(buffers, expected):
+    """Layers 0 and 1 compute 1 s each; layer 2 computes 1 s over 3 DISK chunks of 1 s.
+    Chunks are read from the step's start, in order, and free their buffer once read and
+    their layer has begun (t = 2). buffers=1: chunk 0 read 0-1, freed at 2; chunk 1 read 2-3;
+    chunk 2 read 3-4: layer 2 ends at 4. buffers=2: chunks 0, 1 read 0-2; chunk 2 waits for
+    chunk 0's buffer (freed at 2), read 2-3; layer 2 ends at max(2 + 1, 3) = 3. FlexGen's
+    per-layer max charges 1 + 1 + max(1, 3) = 5."""
+    model = CostModel(tiny_problem(), round_profile())
+    per_layer = [_legs(1.0), _legs(1.0), _legs(1.0, 3.0)]
+    assert staged_step_s(model, per_layer, [0, 0, 3], buffers) == pytest.approx(expected)
+    assert sum(model.layer_s(legs) for legs in per_layer) == pytest.approx(5.0)
+
+
+def test_staged_step_adds_read_interference_after_the_wait():
+    """The read loss is serial even in a layer that waits for the disk: 3 s + 0.5 s."""
+    model = CostModel(tiny_problem(), round_profile())
+    per_layer = [_legs(1.0), _legs(1.0), _legs(1.0, 3.0, 0.5)]
+    assert staged_step_s(model, per_layer, [0, 0, 3], 2) == pytest.approx(3.5)
+    per_layer[0][Leg.READ_LOSS] = 0.25  # and in a compute-bound layer: 1.25 s, shifting the rest
+    assert staged_step_s(model, per_layer, [0, 0, 3], 2) == pytest.approx(3.75)
+
+
+def test_read_loss_leg_by_hand_and_in_the_step():
+    """K = 4096 bytes per layer, a quarter on DISK: 1024 bytes read, 0.5 s per GB lost."""
+    hw = round_profile(read_interference_s_per_gb=0.5)
+    legs = CostModel(tiny_problem(), hw).decode_legs(LayerSplit(0.5, 0.25, 0.25))
+    assert legs[Leg.READ_LOSS] == pytest.approx(1024 * 0.5 / 1e9, rel=1e-12)
+    assert CostModel(tiny_problem(), hw).decode_legs(LayerSplit(0.5, 0.5, 0.0))[Leg.READ_LOSS] == 0.0
+    splits = [LayerSplit(0.0, 0.0, 1.0)] * 2
+    without = CostModel(tiny_problem(), round_profile()).decode_step_s(splits)
+    assert CostModel(tiny_problem(), hw).decode_step_s(splits) == pytest.approx(without + 2 * 4096 * 0.5 / 1e9)
+
+
+def test_staging_buffers_price_whole_page_plans_with_the_read_ahead():
+    """With staging buffers the step is ``staged_step_s`` of the per-layer legs (DISK chunks =
+    ceil(disk pages / pages per extent)); without, the sum of per-layer maxima."""
+    hw = round_profile(read_interference_s_per_gb=0.5)
+    splits = [LayerSplit(1.0, 0.0, 0.0), LayerSplit(0.0, 0.0, 1.0)]
+    flat = CostModel(tiny_problem(disk_extent_bytes=2048), hw)
+    staged = CostModel(tiny_problem(disk_extent_bytes=2048, staging_buffers=1), hw)
+    per_layer = [flat.decode_legs(s) for s in splits]
+    assert flat.decode_step_s(splits) == pytest.approx(sum(flat.layer_s(legs) for legs in per_layer))
+    assert staged.decode_step_s(splits) == pytest.approx(staged_step_s(flat, per_layer, [0, 2], 1))
+    assert staged.decode_step_s(splits) < flat.decode_step_s(splits)  # layer 1's reads start during layer 0
 
 
 @pytest.mark.parametrize("fractions,match", BAD_SPLITS)

@@ -127,15 +127,23 @@ def _lp_vs_greedy(seed: int) -> bool:
     problem = dataclasses.replace(random_problem(rng, pages=int(rng.integers(1, 300)), num_layers=num_layers),
                                   num_layer_groups=int(rng.integers(1, min(num_layers, 3) + 1)))
     profile, overlap = random_profile(rng), random_overlap(rng)
+    # Half the instances price whole-page plans as the read-ahead runs them (staging buffers,
+    # read interference); the LP still minimises the per-layer model.
+    staged = bool(rng.integers(2))
+    if staged:
+        problem = dataclasses.replace(problem, staging_buffers=int(rng.integers(1, 9)))
+        profile = dataclasses.replace(profile, read_interference_s_per_gb=float(rng.uniform(0.0, 0.5)))
     p = plan(problem, profile, overlap=overlap)
     check_plan_invariants(p, problem, profile)
-    assert p.lp_step_s <= p.decode_step_s * (1 + 1e-5)  # rounding never beats the LP optimum
+    if not staged:
+        assert p.lp_step_s <= p.decode_step_s * (1 + 1e-5)  # rounding never beats the LP optimum
     try:
         g = greedy_plan(problem, profile, overlap=overlap)
     except PlanInfeasibleError:
         return False
-    assert p.lp_step_s <= g.decode_step_s * (1 + 1e-5)
-    assert p.decode_step_s <= g.decode_step_s * (1 + 1e-12)
+    if not staged:
+        assert p.lp_step_s <= g.decode_step_s * (1 + 1e-5)
+    assert p.decode_step_s <= g.decode_step_s * (1 + 1e-12)  # both priced by the same model
     return True
 
 
