@@ -15,7 +15,8 @@ prefill that would take minutes at 16K tokens. Contexts past the model's 8K wind
 explicit override (only speed matters here).
 
 Protocol (default): ONE engine, with room for both, holds two sequences placed by the two
-plans; their decode steps are interleaved (each repeat runs both, the order alternating), so
+plans, written layer by layer in turns (this VM reads recently written pages faster, so one
+after the other would favour the second); their decode steps are interleaved (each repeat runs both, the order alternating), so
 both read the same DISK files through the same staging at the same moment, and the greedy/LP
 ratio is the median over repeats of adjacent pairs. (With ``--separate-engines``, the earlier
 protocol: one engine per plan, two crossover rounds of fresh engines, the ratio the geometric
@@ -118,6 +119,24 @@ def _fill(engine: Engine, tokens: int, placement=None):
     return seq
 
 
+def _fill_together(engine: Engine, tokens: int, placements: dict) -> dict:
+    """One sequence per placement, written layer by layer in turns (layer 0 of each, then
+    layer 1 of each, ...): this VM reads recently written DISK pages 1.3-1.5x faster, so
+    filling one sequence after the other would favour the one written last."""
+    cfg = engine.model_config
+    seqs = {m: engine.new_sequence() for m in placements}
+    gens = {m: torch.Generator().manual_seed(0) for m in placements}
+    for layer in range(cfg.num_layers):
+        for m, placement in placements.items():
+            for a in range(0, tokens, 4096):
+                n = min(4096, tokens - a)
+                k = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gens[m], dtype=engine.kv_dtype)
+                v = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gens[m], dtype=engine.kv_dtype)
+                engine.kv.append(seqs[m], layer, k, v, placement)
+    engine.kv.flush_writes()
+    return seqs
+
+
 def _steps_s(engine: Engine, seq, steps: int) -> tuple[float, float]:
     """Mean seconds of ``steps`` decode steps and the mean DISK wait per step."""
     wait0, t0 = engine.kv.io.fetch_wait_s, time.perf_counter()
@@ -188,9 +207,8 @@ def _shared(source, profile: HardwareProfile, c: Config, kv_root: Path) -> tuple
         planner_engine.close()
     both = {k: 2 * v for k, v in budgets.items()}
     engine = Engine(source, RuntimeConfig(device="cpu", kv_dir=str(kv_root), profile=profile, **both))
-    seqs = {}
-    for method, (plan, _) in plans.items():
-        seqs[method] = _fill(engine, c.context, plan_placement(plan, first_page=0))
+    seqs = _fill_together(engine, c.context, {m: plan_placement(p, first_page=0) for m, (p, _) in plans.items()})
+    for method in METHODS:
         for _ in range(WARMUP_STEPS):
             engine.forward(seqs[method], [1])
     return engine, {m: (seqs[m], *plans[m]) for m in METHODS}

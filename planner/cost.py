@@ -146,13 +146,15 @@ class OverlapModel:
         return tuple(dict.fromkeys(p | {Leg.OVERHEAD, Leg.READ_LOSS} for p in layer))
 
 
-def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: list[int], buffers: int) -> float:
+def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: list[int], buffers: int,
+                  tails: Sequence[float] | None = None) -> float:
     """A decode step with DISK reads running ahead through ``buffers`` staging buffers, as the
     engine's read-ahead does (instead of each layer's reads overlapping only that layer).
 
     Layers run in order; layer l takes its time without DISK reads (``layer_s`` of its legs
     with the disk and read-interference legs zeroed), cannot end before its last chunk is
-    read, and then loses its read interference (what reads beside compute cost beyond the
+    read plus ``tails[l]`` (what must follow the last chunk: ``CostModel.decode_tail_s``; 0
+    when not given), and then loses its read interference (what reads beside compute cost beyond the
     max of the two, measured by the profile: serial even in a layer that waits for the
     disk, since the compute also slows the readers). One reader serves
     the chunks in step order at the profile's bandwidth (layer l's disk leg split evenly over
@@ -162,7 +164,8 @@ def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: l
     freed: list[float] = []  # when each chunk's buffer came back
     reader = 0.0  # when the reader is free
     t = 0.0  # when the current layer begins
-    for legs, n in zip(per_layer, chunks):
+    tails = [0.0] * len(per_layer) if tails is None else tails
+    for legs, n, tail in zip(per_layer, chunks, tails):
         no_disk = model.layer_s({**legs, Leg.DISK_READ: 0.0, Leg.READ_LOSS: 0.0})
         last = 0.0
         for _ in range(n):
@@ -170,7 +173,7 @@ def staged_step_s(model: CostModel, per_layer: list[dict[Leg, float]], chunks: l
             start = max(reader, freed[j - buffers] if j >= buffers else 0.0)
             reader = last = start + legs[Leg.DISK_READ] / n
             freed.append(max(last, t))
-        t = max(t + no_disk, last) + legs[Leg.READ_LOSS]
+        t = max(t + no_disk, last + tail if n else 0.0) + legs[Leg.READ_LOSS]
     return t
 
 
@@ -250,6 +253,22 @@ class CostModel:
             Leg.READ_LOSS: read * disk * hw.read_interference_s_per_gb / 1e9,
         }
 
+    def decode_tail_s(self, split: LayerSplit, chunks: int) -> float:
+        """Seconds of a decode layer that cannot start before its last DISK chunk is read:
+        attention over that chunk, over the pages the engine attends after the DISK ones
+        (DEVICE and HOST pages, attended in place after the staged chunks), and the weights
+        after attention (o projection and MLP: their share of the layer's parameters)."""
+        if chunks < 1:
+            return 0.0
+        p, hw = self.problem, self.profile
+        read = p.sparse_fraction * p.kv_layer_bytes
+        flops_s = hw.device_matmul_tflops * 1e12
+        weights_s = max(p.weight_bytes / p.num_layers / (hw.weight_stream_gbps * 1e9),
+                        2 * p.params_per_layer * p.batch_size / flops_s)
+        post = (p.hidden_size * p.num_heads * p.head_dim + 3 * p.hidden_size * p.intermediate_size) / p.params_per_layer
+        attended_after = read * ((1.0 - split.disk) + split.disk / chunks)
+        return weights_s * post + attended_after / (hw.device_attention_gbps * 1e9)
+
     def layer_s(self, legs: dict[Leg, float]) -> float:
         """A layer's time: the max over the overlap model's paths of the sum of their legs."""
         return max(sum(legs[leg] for leg in path) for path in self.paths)
@@ -269,7 +288,8 @@ class CostModel:
         if self.problem.staging_buffers and self.overlap.io_with_compute and out.leg_s[Leg.DISK_READ] > 0:
             chunks = [math.ceil(s.disk * self.problem.pages_per_layer / self.problem.pages_per_extent - 1e-9)
                       for s in splits]
-            step = staged_step_s(self, per_layer, chunks, self.problem.staging_buffers)
+            tails = [self.decode_tail_s(s, n) for s, n in zip(splits, chunks)]
+            step = staged_step_s(self, per_layer, chunks, self.problem.staging_buffers, tails)
             out = dataclasses.replace(out, step_s=step)
         return out
 

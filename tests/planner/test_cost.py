@@ -175,6 +175,27 @@ def test_staged_step_adds_read_interference_after_the_wait():
     assert staged_step_s(model, per_layer, [0, 0, 3], 2) == pytest.approx(3.75)
 
 
+def test_staged_step_waits_for_the_tail_after_the_last_chunk():
+    """What follows the last chunk (its attention, the in-place pages, the MLP) cannot overlap
+    the reads: layer 2 ends at max(2 + 1, 3 + 0.5) = 3.5 with two buffers; a layer without
+    DISK chunks ignores its tail."""
+    model = CostModel(tiny_problem(), round_profile())
+    per_layer = [_legs(1.0), _legs(1.0), _legs(1.0, 3.0)]
+    assert staged_step_s(model, per_layer, [0, 0, 3], 2, [0.0, 0.0, 0.5]) == pytest.approx(3.5)
+    assert staged_step_s(model, per_layer, [0, 0, 3], 2, [5.0, 5.0, 0.0]) == pytest.approx(3.0)
+
+
+def test_decode_tail_by_hand():
+    """tiny_problem: post-attention weights o (32 x 32) + MLP (3 x 32 x 64) of 9216 params;
+    the layer's weights take 2 * 9216 flops / 1 GFLOP/s (flop-bound); attended after the last
+    chunk: the 3/4 of K on DEVICE and HOST plus one of two chunks' quarter-of-K on DISK."""
+    model = CostModel(tiny_problem(), round_profile())
+    weights = 2 * 9216 / 1e9 * (32 * 32 + 3 * 32 * 64) / 9216
+    split = LayerSplit(0.5, 0.25, 0.25)
+    assert model.decode_tail_s(split, 2) == pytest.approx(weights + 4096 * (0.75 + 0.125) / 100e9, rel=1e-12)
+    assert model.decode_tail_s(LayerSplit(1.0, 0.0, 0.0), 0) == 0.0
+
+
 def test_read_loss_leg_by_hand_and_in_the_step():
     """K = 4096 bytes per layer, a quarter on DISK: 1024 bytes read, 0.5 s per GB lost."""
     hw = round_profile(read_interference_s_per_gb=0.5)
@@ -195,7 +216,8 @@ def test_staging_buffers_price_whole_page_plans_with_the_read_ahead():
     staged = CostModel(tiny_problem(disk_extent_bytes=2048, staging_buffers=1), hw)
     per_layer = [flat.decode_legs(s) for s in splits]
     assert flat.decode_step_s(splits) == pytest.approx(sum(flat.layer_s(legs) for legs in per_layer))
-    assert staged.decode_step_s(splits) == pytest.approx(staged_step_s(flat, per_layer, [0, 2], 1))
+    tails = [flat.decode_tail_s(s, n) for s, n in zip(splits, [0, 2])]
+    assert staged.decode_step_s(splits) == pytest.approx(staged_step_s(flat, per_layer, [0, 2], 1, tails))
     assert staged.decode_step_s(splits) < flat.decode_step_s(splits)  # layer 1's reads start during layer 0
 
 
