@@ -2,7 +2,7 @@
 # GPU check: exercises every CUDA path that has landed, most important first, and writes
 # everything to one log ($OUT/gpu_check.log on the device machine, bench/out/ elsewhere).
 # Runs on a CPU-only machine too (CUDA parts skip), so it is tested there. Finishes in under
-# 6 minutes on one H100 (each step has its own timeout).
+# 8 minutes on one H100 (each step has its own timeout).
 # Usage: bash bench/gpu_check.sh [--full]   (PYTHON defaults to python3; PYTHONPATH=. is set;
 #        --full also runs the CPU test suite on that machine's Python at the end)
 set -u
@@ -58,6 +58,14 @@ has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
       --prompt-file "$tmp/p32k.txt" --max-new-tokens 16 --ignore-eos --json --quiet --cache-dir "$tmp/cache" \
       --device-memory 64MiB --host-memory 128MiB \
       | $PY -c "import json,sys; s=json.load(sys.stdin)['stats']; print({k: s[k] for k in ('prefill_tok_s','decode_tok_s','peak_bytes','bytes_read_per_token_by_kind','kv_held_bytes_by_kind','cold_reads')})"
+  else
+    echo "skipped: no CUDA"
+  fi
+
+  echo "== 4c. offload bench on CUDA (issue 3 e): --random-weights llama-3.1-8b --num-layers 8, bf16, 32K tokens: all-DEVICE, pinned HOST, DISK, and a split with fetch-ahead on a side stream vs --no-overlap"
+  if [ "$has_cuda" = 1 ]; then
+    timeout 180 $PY -m offload bench --model llama-3.1-8b --random-weights --num-layers 8 --tokens 32768 \
+      --decode-tokens 16 --reps 3 --quiet --cache-dir "$tmp/cache" --json-out "$OUTDIR/bench_cuda_32k.json" 2>&1 | tail -20
   else
     echo "skipped: no CUDA"
   fi

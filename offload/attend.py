@@ -89,10 +89,7 @@ class DecodeAttention:
         ps = self.kv.page_size
         length = seq.lengths[layer]
         segments = list(self.kv.segments(seq, layer))
-        if self._numba_in_ram:
-            host_share = 1.0
-        host_pages = sum(len(slots) for tier, _, slots in segments if tier == Tier.HOST)
-        delegated = round(host_share * host_pages)
+        delegated = self._delegated_pages(segments, host_share)
         in_place: dict[Tier, tuple[list[int], int]] = {}  # tier -> (slots, tokens)
         outs: list[torch.Tensor] = []
         lses: list[torch.Tensor] = []
@@ -128,6 +125,21 @@ class DecodeAttention:
             lses.append(lse)
         out = outs[0] if len(outs) == 1 else merge_partials_ref(outs, lses)[0]
         return out.reshape(1, -1).to(q.dtype)
+
+    def _delegated_pages(self, segments: list[tuple[Tier, int, list[int]]], host_share: float) -> int:
+        """How many of the layer's HOST pages (the first ones in page order) the CPU attends."""
+        if self._numba_in_ram:
+            host_share = 1.0
+        return round(host_share * sum(len(slots) for tier, _, slots in segments if tier == Tier.HOST))
+
+    def fetch_ahead(self, seq: KVSequence, layer: int, *, host_share: float = 1.0) -> None:
+        """On CUDA with a fetcher (``PagedKV.enable_fetch_ahead``): start copying the pieces
+        this layer's attention will move to the device (HOST pages not delegated, DISK
+        chunks) on the side stream, in the same groups ``__call__`` asks for."""
+        if self.kv.fetcher is None:
+            return
+        delegated = self._delegated_pages(list(self.kv.segments(seq, layer)), host_share)
+        self.kv.fetch_ahead(seq, layer, delegated_pages=delegated, max_tokens=self._max_group_tokens)
 
     @staticmethod
     def _collect(acc: dict[Tier, tuple[list[int], int]], tier: Tier, slots: list[int], tokens: int) -> None:

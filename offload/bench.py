@@ -13,6 +13,13 @@ Configurations, declared (printed) before anything is measured:
   same cache classes (checked token-identical to ``generate`` on a short prompt); the faster
   one is the peer of the ratios.
 
+On CUDA (``--device cuda``, the default where a GPU is present) HOST pages are pinned and
+cross PCIe: the pipelined rows copy the next layer's HOST and DISK pieces on a side stream
+while the current layer computes (``offload.cuda_fetch``), and ``--no-overlap`` copies each
+piece when attention asks for it. ``--random-weights`` (a named shape such as
+``llama-3.1-8b``, ``--num-layers`` to shorten it) runs on random token ids and has no
+transformers peer (there is no checkpoint to load into transformers).
+
 Each configuration is repeated (default 3): prefill of the prompt, then N decode steps on a
 copy-on-write fork of it; median and [min-max] are printed. Cold read bandwidth is measured
 in the same run by reading the DISK spill's pages exactly as a decode step does (same chunks,
@@ -33,8 +40,9 @@ from typing import Any
 
 import torch
 
-from offload.config import RuntimeConfig
+from offload.config import RuntimeConfig, parse_dtype
 from offload.engine import Engine
+from offload.errors import OffloadError
 from offload.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
 from offload.placement import Placement
 from offload.stats import RunStats
@@ -68,6 +76,9 @@ def _fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def _prompt(source: ModelSource, n: int) -> list[int]:
+    if source.tokenizer_dir is None:  # random weights of a named shape: random ids
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, source.config.vocab_size, (n,), generator=gen).tolist()
     from offload.needle import package_essays_dir
     from offload.text import load_codec
 
@@ -108,15 +119,16 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
 def _hf_loop(model: Any, cache: Any, ids: list[int], decode: int) -> tuple[float, float, list[int]]:
     # past_key_values= works in every transformers 5.x (its rename to cache= warns in 5.24)
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+    dev = next(model.parameters()).device
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(torch.tensor([ids]), past_key_values=cache, logits_to_keep=1, use_cache=True)
-        tok = int(out.logits[0, -1].argmax())
+        out = model(torch.tensor([ids], device=dev), past_key_values=cache, logits_to_keep=1, use_cache=True)
+        tok = int(out.logits[0, -1].argmax())  # .item() syncs: the clock reads after the device is done
         t1 = time.perf_counter()
         toks = [tok]
         for i in range(decode):
-            pos = torch.tensor([len(ids) + i])
-            out = model(torch.tensor([[tok]]), past_key_values=cache, cache_position=pos, use_cache=True)
+            pos = torch.tensor([len(ids) + i], device=dev)
+            out = model(torch.tensor([[tok]], device=dev), past_key_values=cache, cache_position=pos, use_cache=True)
             tok = int(out.logits[0, -1].argmax())
             toks.append(tok)
         t2 = time.perf_counter()
@@ -124,11 +136,11 @@ def _hf_loop(model: Any, cache: Any, ids: list[int], decode: int) -> tuple[float
 
 
 def _run_hf(source: ModelSource, ids: list[int], decode: int, reps: int, results: dict[str, Result],
-            progress) -> None:
+            progress, device: torch.device, dtype: torch.dtype) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(source.weights_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(source.weights_dir), dtype=dtype).to(device).eval()
     makers = {
         "HF DynamicCache": lambda: transformers.DynamicCache(config=model.config),
         "HF StaticCache": lambda: transformers.StaticCache(config=model.config, max_cache_len=len(ids) + decode + 1),
@@ -155,6 +167,11 @@ def _overlap_placement(engine: Engine, n_tokens: int, step_s: float, read_gbps: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offload bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of the model's shape, random prompt ids, no transformers peer")
+    p.add_argument("--num-layers", type=int, default=None, help="with --random-weights: only this many layers")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="weights and KV dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--tokens", type=int, default=8192, help="prompt tokens (default 8192)")
     p.add_argument("--decode-tokens", type=int, default=16)
@@ -171,29 +188,48 @@ def main(argv: list[str] | None = None) -> int:
         print("offload bench: error: --reps must be >= 3 (median and spread need repeats)", file=sys.stderr)
         return 2
     cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
-    source = resolve_model(args.model, cache_dir=cache, show_progress=not args.quiet)
+    try:
+        base = RuntimeConfig(device=args.device, dtype=None if args.dtype is None else parse_dtype(args.dtype))
+        device = base.resolved_device()
+        dtype = base.resolved_dtype(device)
+        source = resolve_model(args.model, cache_dir=cache, random_weights=args.random_weights,
+                               num_layers=args.num_layers, show_progress=not args.quiet)
+    except (ValueError, OffloadError) as e:
+        print(f"offload bench: error: {e}", file=sys.stderr)
+        return 2
+    no_hf = args.no_hf or source.weights_dir is None
     ids = _prompt(source, args.tokens)
     kv_dir = str(cache / "kv")
-    n_configs = 5 + (0 if args.no_hf else 2)
-    print(f"offload bench: {args.model}, fp32 on cpu, {torch.get_num_threads()} threads, prompt {len(ids)} tokens "
-          f"(essays), {args.decode_tokens} decode steps, {args.reps} repetitions each; torch {torch.__version__}")
-    print("configurations: all-DEVICE | HOST spill (CPU-only: HOST is RAM, pages attended in place, not copied) | "
-          "DISK spill (read-ahead) | DEVICE/DISK split with compute ~ disk time, pipelined and --no-overlap | "
-          + ("HF DynamicCache, HF StaticCache (manual greedy loops)" if not args.no_hf else "no HF peers"))
+    n_configs = 5 + (0 if no_hf else 2)
+    cuda = device.type == "cuda"
+    where = (f"{torch.cuda.get_device_name(device)}" if cuda else f"cpu, {torch.get_num_threads()} threads")
+    print(f"offload bench: {args.model}{' (random weights)' if source.weights_dir is None else ''}, "
+          f"{str(dtype).removeprefix('torch.')} on {where}, prompt {len(ids)} tokens "
+          f"({'essays' if source.tokenizer_dir is not None else 'random ids'}), {args.decode_tokens} decode steps, "
+          f"{args.reps} repetitions each; torch {torch.__version__}")
+    host_note = ("HOST spill (pinned, copied over PCIe)" if cuda
+                 else "HOST spill (CPU-only: HOST is RAM, pages attended in place, not copied)")
+    peers = ("HF DynamicCache, HF StaticCache (manual greedy loops)" if not no_hf else
+             "no HF peers" + (" (random weights: no checkpoint for transformers)" if source.weights_dir is None else ""))
+    print(f"configurations: all-DEVICE | {host_note} | DISK spill (read-ahead) | DEVICE/DISK split with compute ~ "
+          f"disk time, pipelined{' (fetch-ahead on a side stream)' if cuda else ''} and --no-overlap | {peers}")
+    cfg = source.config
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     from tqdm import tqdm
 
     bar = tqdm(total=n_configs * args.reps, desc="bench", disable=args.quiet, leave=False)
     results: dict[str, Result] = {}
 
     def run(name: str, note: str, **kw: Any) -> Engine:
-        engine = Engine(source, RuntimeConfig(device="cpu", kv_dir=kv_dir, **kw))
+        kw.setdefault("device_memory_bytes", 2 * len(ids) * kv_per_token + 64 * 2**20)
+        engine = Engine(source, RuntimeConfig(device=str(device), dtype=dtype, kv_dir=kv_dir, **kw))
         results[name] = Result(name, note)
         _run_ours(engine, ids, args.decode_tokens, args.reps, results[name], bar.update)
         return engine
 
     run("all-DEVICE", "every page in the DEVICE arena").close()
-    run("HOST spill", "HOST = RAM here: attended in place", placement=Placement.all_on(Tier.HOST),
-        host_memory_bytes=2 * len(ids) * 60_000 + 64 * 2**20).close()
+    run("HOST spill", "pinned, over PCIe" if cuda else "HOST = RAM here: attended in place",
+        placement=Placement.all_on(Tier.HOST), host_memory_bytes=2 * len(ids) * kv_per_token + 64 * 2**20).close()
     disk = run("DISK spill", "all full pages on DISK, read ahead", placement=Placement.all_on(Tier.DISK))
     # Cold read bandwidth, same pattern as a decode step, in this run.
     seq = disk.new_sequence()
@@ -208,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     split = _overlap_placement(disk, len(ids), step_s, read_gbps)
     run("split, pipelined", f"pages >= {split.device_pages} on DISK", placement=split).close()
     run("split, --no-overlap", "same, each chunk read when needed", placement=split, overlap=False).close()
-    if not args.no_hf:
+    if not no_hf:
         for name in ("HF DynamicCache", "HF StaticCache"):
             results[name] = Result(name, "transformers")
-        _run_hf(source, ids, args.decode_tokens, args.reps, results, bar.update)
+        _run_hf(source, ids, args.decode_tokens, args.reps, results, bar.update, device, dtype)
     bar.close()
     _report(args, results, ids, read_gbps, disk_bytes, cold, step_s)
     return 0

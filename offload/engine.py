@@ -125,6 +125,10 @@ class Engine:
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
                           shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging,
                           windows=self.windows)
+        if self.config.overlap and (self.host_arena is not None or self.disk is not None):
+            # CUDA: the next layer's HOST/DISK pages cross PCIe on a side stream, at most as
+            # many pages as the DISK staging area holds (transient DEVICE working memory).
+            self.kv.enable_fetch_ahead(self.config.staging_buffers * self.config.staging_chunk_pages)
         self._profile: HardwareProfile | None = None
         self._host_shares: tuple[float, ...] | None = None
         self.last_problem: PlanProblem | None = None  # the problem of last_plan
@@ -386,14 +390,25 @@ class Engine:
         placement = self.placement_for(seq, t)
         if t <= self.config.prefill_chunk_tokens and self.config.overlap:
             self.kv.plan_reads(seq)  # one pass over the stored pages per layer: read DISK ahead
+        fetch = t == 1 and self.kv.fetcher is not None and self.config.overlap
+        if fetch:
+            self._fetch_ahead(seq, 0)
         for layer in range(num_layers):
             if t == 1:
                 h = self._decode_layer(seq, layer, h, positions, start, placement)
+                if fetch and layer + 1 < num_layers:  # layer's kernels are queued: copy the next one's pages
+                    self._fetch_ahead(seq, layer + 1)
             else:
                 self._prefill_layer(seq, layer, h, positions, start, placement)
             if on_layer is not None:
                 on_layer(layer + 1, num_layers)
         return self.runner.logits(h[t - min(num_logits, t):])
+
+    def _fetch_ahead(self, seq: KVSequence, layer: int) -> None:
+        """CUDA: copy ``layer``'s HOST/DISK pieces to the device on the side stream (global
+        layers only: a sliding layer's ring lives on DEVICE)."""
+        if self.windows[layer] is None:
+            self.decode_attention.fetch_ahead(seq, layer, host_share=self.host_share(layer))
 
     def _decode_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
                       placement: Placement) -> torch.Tensor:

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from offload.errors import CapacityError
+from offload.cuda_fetch import CudaFetchAhead
 from offload.page_table import DiskSlots, KVSequence, PageLocation, PageTable, group_pages
 from offload.placement import Placement
 from offload.readahead import Chunk, ReadAhead
@@ -140,6 +141,14 @@ class PagedKV:
         self.io = IOCounters()
         self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None
         self.page_bytes = arena.slot_bytes  # K and V of one page, as a DEVICE or HOST slot holds it
+        # CUDA only: the next layer's HOST/DISK pages copied on a side stream (``fetch_ahead``).
+        self.fetcher: CudaFetchAhead | None = None
+
+    def enable_fetch_ahead(self, max_pages: int) -> None:
+        """On CUDA, let ``fetch_ahead`` copy up to ``max_pages`` pages of the next layer to the
+        device on a side stream (``offload.cuda_fetch``); no-op on other devices."""
+        if self.compute_device.type == "cuda":
+            self.fetcher = CudaFetchAhead(self.compute_device, max_pages=max_pages)
 
     # ----- sizes --------------------------------------------------------------------------
     def pool(self, tier: Tier) -> PageArena:
@@ -459,6 +468,52 @@ class PagedKV:
             self.readahead.give_back(buf)
         return sum(c.num_pages for c in chunks) * self.disk.disk_page_bytes, time.perf_counter() - t0
 
+    def fetch_ahead(self, seq: KVSequence, layer: int, *, delegated_pages: int, max_tokens: int) -> None:
+        """Start copying ``layer``'s HOST pages (past the first ``delegated_pages``, which the
+        CPU attends in place) and DISK chunks to the CUDA device on the side stream, in the
+        pieces ``page_groups`` will ask for (``max_tokens`` as there), until the fetcher's
+        allowance is full. Waits for the chunks' disk reads (the GPU still runs the queued
+        layer meanwhile). No-op without a fetcher."""
+        f = self.fetcher
+        if f is None:
+            return
+        f.begin_layer()
+        if self._writes:
+            self.flush_writes()
+        max_pages = max(1, max_tokens // self.page_size)
+        for tier, first, slots in self.segments(seq, layer):
+            if tier == Tier.HOST:
+                skip = min(delegated_pages, len(slots))
+                delegated_pages -= skip
+                first, slots = first + skip, slots[skip:]
+                if not slots:
+                    continue
+                pool = self._pool(tier)
+                for start, group, contiguous in group_pages(slots, max_pages):
+                    if not f.room(len(group)):
+                        return
+                    if contiguous:
+                        k_src, v_src = pool.k[:, group[0]:group[0] + len(group)], pool.v[:, group[0]:group[0] + len(group)]
+                    else:
+                        idx = torch.tensor(group, dtype=torch.int64)
+                        shape = (pool.num_kv_heads, len(group), self.page_size, pool.head_dim)
+                        k_src = torch.empty(shape, dtype=pool.dtype, pin_memory=True)
+                        v_src = torch.empty(shape, dtype=pool.dtype, pin_memory=True)
+                        torch.index_select(pool.k, 1, idx, out=k_src)
+                        torch.index_select(pool.v, 1, idx, out=v_src)
+                    f.put_run((Tier.HOST, layer, tuple(group)), k_src, v_src, len(group) * self.page_size)
+            elif tier == Tier.DISK:
+                length = seq.lengths[layer]
+                for c in self._chunks_of(layer, first, slots):
+                    if not f.room(c.num_pages):
+                        return
+                    buf = self._take_chunk(c)
+                    try:
+                        f.put_pages((Tier.DISK, c), self._page_view(buf, c.num_pages),
+                                    min(c.num_pages * self.page_size, length - c.first_page * self.page_size))
+                    finally:
+                        self.readahead.give_back(buf)
+
     def segments(self, seq: KVSequence, layer: int) -> Iterator[tuple[Tier, int, list[int]]]:
         """(tier, first page id, slots) of each run of the layer's stored pages on one tier."""
         tiers = seq.table.tiers(layer)
@@ -485,6 +540,12 @@ class PagedKV:
         for start, group, contiguous in group_pages(slots, max_pages):
             start += first
             n_tokens = min(len(group) * ps, length - start * ps)
+            fetched = self.fetcher.take((tier, layer, tuple(group))) if self.fetcher is not None else None
+            if fetched is not None:  # copied ahead on the side stream
+                self.count_read(layer, tier, len(group) * self.page_bytes)
+                self.io.copied_to_device_bytes += len(group) * self.page_bytes
+                yield PageGroup(fetched[0][:, :n_tokens], fetched[1][:, :n_tokens], start * ps, tier)
+                continue
             k, v = pool.read(group, n_tokens, contiguous=contiguous)
             self.count_read(layer, tier, len(group) * self.page_bytes)
             if k.device != self.compute_device:
@@ -542,6 +603,14 @@ class PagedKV:
             self.flush_writes()
         ps, a = self.page_size, self.arena
         for c in self._chunks_of(layer, first, slots):
+            fetched = self.fetcher.take((Tier.DISK, c)) if self.fetcher is not None else None
+            if fetched is not None:  # read, then copied ahead on the side stream (counted as read then)
+                self.io.copied_to_device_bytes += c.num_pages * self.page_bytes
+                k, v = fetched
+                for s in range(0, k.shape[1], max_pages * ps):
+                    e = min(k.shape[1], s + max_pages * ps)
+                    yield PageGroup(k[:, s:e], v[:, s:e], c.first_page * ps + s, Tier.DISK)
+                continue
             buf = self._take_chunk(c)
             try:
                 pages = self._page_view(buf, c.num_pages)

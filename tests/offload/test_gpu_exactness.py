@@ -92,10 +92,12 @@ def test_cuda_paged_kv_lives_on_the_gpu(tmp_path):
     engine.release(seq)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["fetch-ahead", "serial"])
 @pytest.mark.parametrize("placement", ["host", "disk", "mixed"])
-def test_cuda_tiered_placements_match_transformers_fp32(placement, tmp_path):
+def test_cuda_tiered_placements_match_transformers_fp32(placement, overlap, tmp_path):
     """Pinned HOST pages copied to the GPU, DISK pages staged through host memory: the same
-    greedy tokens and logits as transformers in fp32."""
+    greedy tokens and logits as transformers in fp32, with the next layer's pages copied on
+    the side stream (fetch-ahead: every piece attention uses came from it) or without."""
     from offload.placement import Placement
     from storage import Tier
 
@@ -104,16 +106,21 @@ def test_cuda_tiered_placements_match_transformers_fp32(placement, tmp_path):
     hf = save_tiny("llama3", tmp_path, **SMALL).to(device="cuda")
     engine = make_engine(tmp_path, "cuda", torch.float32, prefill_chunk_tokens=512,
                          placement=placements[placement], host_memory_bytes=256 * 2**20,
-                         kv_dir=str(tmp_path / "kv"))
+                         kv_dir=str(tmp_path / "kv"), overlap=overlap)
     assert engine.host_arena is not None and engine.host_arena.k.is_pinned()
+    assert (engine.kv.fetcher is not None) == overlap
     ids = torch.randint(0, SMALL["vocab_size"], (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
     ref = hf_greedy(hf, ids, NEW)
     got = ours_greedy(engine, ids, NEW)
     ours = ours_teacher_forced(engine, ids, ref, prompt_logits=64)
     want = hf_logits(hf, ids + ref[:-1], 64 + NEW - 1)
     err = (ours - want).abs().max().item()
-    print(f"[gpu fp32 tiers {placement}] greedy identical: {got == ref}; max |logit diff| {err:.2e}; "
-          f"bytes read {engine.kv.io.bytes_read}")
+    f = engine.kv.fetcher
+    pieces = f"; fetched ahead {f.fetched_pieces} pieces, taken {f.taken_pieces}" if f is not None else ""
+    print(f"[gpu fp32 tiers {placement} {'fetch-ahead' if overlap else 'serial'}] greedy identical: "
+          f"{got == ref}; max |logit diff| {err:.2e}; bytes read {engine.kv.io.bytes_read}{pieces}")
     engine.close()
     assert got == ref
     assert err <= MODEL_LOGITS_FP32_ATOL
+    if f is not None:  # mixed: 8 DEVICE pages and 16 HOST per layer fit the allowance; the rest streams
+        assert f.taken_pieces > 0 and f.taken_pieces <= f.fetched_pieces
