@@ -390,6 +390,8 @@ class Engine:
         placement = self.placement_for(seq, t)
         if t <= self.config.prefill_chunk_tokens and self.config.overlap:
             self.kv.plan_reads(seq)  # one pass over the stored pages per layer: read DISK ahead
+        if self.kv.fetcher is not None:
+            self.kv.fetcher.begin_step()  # pieces a previous pass fetched and nobody took
         fetch = t == 1 and self.kv.fetcher is not None and self.config.overlap
         if fetch:
             self._fetch_ahead(seq, 0)
