@@ -12,14 +12,20 @@ OUTDIR=${OUT:-bench/out}
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_check.log"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Wheels carried in .whl/ (bench/gpu_wheels.sh: KvikIO for the kvikio disk backend).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 {
   echo "== gpu_check $(date -u +%FT%TZ)"
   $PY -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
   $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
+  $PY -c "from storage import kvikio_status as s; print('kvikio disk backend:', s() or 'available')"
 
   echo "== 1. CUDA tests (pytest -m gpu: compiled Triton kernels against their references, engine exactness)"
-  timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | grep -vE "Writing model shards|it/s\]" | tail -40
+  timeout 240 $PY -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | grep -vE "Writing model shards|it/s\]" | tail -40
 
   echo "== 2. kernel benchmark (achieved GB/s against a device-memory reduction in the same run)"
   if [ "$has_cuda" = 1 ]; then

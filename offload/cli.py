@@ -39,6 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disk-space", default=None,
                    help="budget of the DISK tier, e.g. 20GiB; 0 disables it (default: half the free "
                         "space when --device-memory is given, else no disk tier)")
+    g.add_argument("--disk-backend", choices=("auto", "posix", "kvikio"), default="auto",
+                   help="file I/O of the DISK tier and DocCaches: kvikio (NVIDIA KvikIO, needs CUDA and "
+                        "the kvikio package) or posix (a thread pool); auto = kvikio where it can run")
     g.add_argument("--page-size", type=int, default=32, help="tokens per KV page (default 32)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk (default 1024)")
     g.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (throughput runs)")
@@ -100,6 +103,7 @@ def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
         page_size=args.page_size,
         prefill_chunk_tokens=args.prefill_chunk,
         seed=args.seed,
+        disk_backend=args.disk_backend,
     )
 
 
@@ -175,8 +179,8 @@ def _run(args: argparse.Namespace) -> int:
               + f"[{s.prefill_tokens} prompt tokens, {s.generated_tokens} generated; "
               f"prefill {s.prefill_tok_s:,.0f} tok/s, decode {s.decode_tok_s:,.1f} tok/s; "
               "KV peak " + ", ".join(f"{t} {b / 2**20:.1f} MiB" for t, b in s.peak_bytes.items())
-              + (f"; read per token: disk {s.bytes_read_per_token.get('disk', 0) / 2**20:.2f} MiB ({s.cold_reads})"
-                 if s.peak_bytes.get("disk") else "")
+              + (f"; read per token: disk {s.bytes_read_per_token.get('disk', 0) / 2**20:.2f} MiB "
+                 f"({s.cold_reads}, {s.disk_backend})" if s.peak_bytes.get("disk") else "")
               + (f"; sliding-window rings {rings / 2**20:.1f} MiB on device"
                  if (rings := s.kv_held_bytes_by_kind.get("sliding", {}).get("device")) else "") + "]",
               file=sys.stderr)

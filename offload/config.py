@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "PLANNERS", "parse_size", "parse_dtype", "DTYPES"]
 
+DISK_BACKENDS = ("auto", "posix", "kvikio")  # storage.kvikio_io.BACKENDS
 PLANNERS = ("lp", "greedy")
 
 
@@ -85,8 +86,11 @@ class RuntimeConfig:
         kv_dir: where DISK tier files go (a fresh subdirectory per engine, removed on close);
             None = ``<cache dir>/kv``.
         staging_chunk_pages / staging_buffers: DISK read staging (pages per chunk, chunks).
-        overlap: read DISK pages ahead while earlier layers compute (False: read each chunk
-            when it is needed, serially; for measuring what the overlap buys).
+        overlap: read DISK pages ahead while earlier layers compute, and on CUDA copy the next
+            layer's HOST/DISK pages on a side stream (False: read and copy each piece when it
+            is needed, serially; for measuring what the overlap buys).
+        disk_backend: file I/O of the DISK tier and the DocCache store: "auto" (KvikIO when
+            CUDA and the kvikio package are present, else POSIX), "posix" or "kvikio".
         shuffle_pages_seed: if set, pages take random arena slots (tests of real paging).
         seed: seed of random weights.
         decode_kernel: the kernel for DEVICE pages in decode (AUTO: Triton on CUDA, Numba on CPU).
@@ -120,6 +124,7 @@ class RuntimeConfig:
     staging_chunk_pages: int = 64
     staging_buffers: int = 4
     overlap: bool = True
+    disk_backend: str = "auto"
     shuffle_pages_seed: int | None = None
     seed: int = 0
     decode_kernel: DecodeKernel = DecodeKernel.AUTO
@@ -130,6 +135,8 @@ class RuntimeConfig:
     profile_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.disk_backend not in DISK_BACKENDS:
+            raise ValueError(f"disk_backend must be one of {', '.join(DISK_BACKENDS)}, got {self.disk_backend!r}")
         if self.planner not in PLANNERS:
             raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
         if not 0.0 <= self.plan_min_gain < 1.0:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from offload.errors import OffloadError
+from storage import make_io
 from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocStore
 
 if TYPE_CHECKING:
@@ -131,7 +132,11 @@ class DocCache:
     def __init__(self, engine: "Engine", source: "ModelSource", cache_dir: Path, *,
                  limit_bytes: int | None = None, rebuild: bool = True) -> None:
         self.engine = engine
-        self.store = DocStore(Path(cache_dir) / "docs")
+        try:
+            io = engine.disk.io if engine.disk is not None else make_io(engine.config.disk_backend)
+        except ValueError as e:
+            raise DocCacheError(str(e)) from None
+        self.store = DocStore(Path(cache_dir) / "docs", io=io)  # the DISK tier's backend
         removed = self.store.clean_leftovers()
         if removed:
             logger.info("DocCache: removed %d leftovers of interrupted builds", len(removed))

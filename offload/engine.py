@@ -49,7 +49,7 @@ from offload.planning import (DEVICE_RESERVE_PAGES, WRITE_STAGING_BYTES, engine_
 from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
 from offload.weights import load_checkpoint, random_weights
-from storage import PageArena, Tier
+from storage import PageArena, Tier, make_io
 from storage.disk_store import DiskExtentStore
 
 if TYPE_CHECKING:
@@ -164,7 +164,12 @@ class Engine:
             raise CacheDirError(f"cannot create the DISK tier directory {root} ({e.strerror}); "
                                 "pass --cache-dir with a writable directory") from None
         budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
-        store = DiskExtentStore(root, num_layers=self.model_config.num_layers, page_bytes=self._slot_bytes())
+        try:
+            io = make_io(c.disk_backend)
+        except ValueError as e:
+            root.rmdir()
+            raise InputError(str(e)) from None
+        store = DiskExtentStore(root, num_layers=self.model_config.num_layers, page_bytes=self._slot_bytes(), io=io)
         self._finalizer = weakref.finalize(self, _remove_disk_tier, store, root)
         return store, budget // store.disk_page_bytes
 
@@ -574,6 +579,7 @@ class Engine:
     def fill_stats(self, stats: RunStats, seq: KVSequence) -> None:
         stats.peak_bytes = self.kv.peak_bytes()
         stats.cold_reads = self.disk.cold_read_mode if self.disk is not None else "none (no disk tier)"
+        stats.disk_backend = self.disk.backend if self.disk is not None else "none (no disk tier)"
         stats.disk_bytes_written = self.kv.io.disk_bytes_written
         stats.kv_written_bytes_by_kind = {kind: dict(d) for kind, d in self.kv.io.written_by_kind.items()}
         stats.kv_held_bytes_by_kind = self.kv.held_bytes(seq)

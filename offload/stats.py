@@ -31,6 +31,7 @@ class RunStats:
             measured at each write), per layer kind and tier.
         fetch_wait_s / compute_s: decode time spent waiting for DISK reads / the rest.
         cold_reads: how DISK reads were kept cold ("o_direct" or "fadvise_dontneed").
+        disk_backend: the DISK tier's file I/O ("posix" or "kvikio").
         disk_bytes_written: DISK bytes written by the engine so far.
         doc_cache: for an ingest with the DocCache on: "hit" (restored, no prefill), "miss"
             (prefilled and saved) or "rebuilt" (a DocCache failed verification: quarantined,
@@ -66,6 +67,7 @@ class RunStats:
     fetch_wait_s: float = 0.0
     compute_s: float = 0.0
     cold_reads: str = ""
+    disk_backend: str = ""
     disk_bytes_written: int = 0
     plan: dict[str, Any] | None = None
     doc_cache: str = ""

@@ -3,7 +3,8 @@ from storage.aligned import AlignedBuffer
 from storage.base import Tier
 from storage.disk_store import DiskExtentStore, TransferHandle, TransferResult
 from storage.errors import StorageIOError
+from storage.kvikio_io import BACKENDS, kvikio_status, make_io
 from storage.page_arena import PageArena
 
 __all__ = ["Tier", "PageArena", "DiskExtentStore", "TransferHandle", "TransferResult", "StorageIOError",
-           "AlignedBuffer"]
+           "AlignedBuffer", "make_io", "kvikio_status", "BACKENDS"]

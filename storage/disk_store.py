@@ -72,13 +72,21 @@ _READ, _WRITE = "read", "write"
 
 
 class PosixIO:
-    """The system calls the disk store makes, as methods so tests can inject faults.
+    """The file I/O backend: the system calls the disk store and the DocCache store make, as
+    methods so another backend (``storage.kvikio_io.KvikioIO``) can take the reads and writes
+    and tests can inject faults.
 
-    A subclass may raise ``OSError`` or return a short count from any of them.
+    A subclass may raise ``OSError`` or return a short count from any of them. ``open``
+    returns an OS file descriptor (``fadvise``, ``fdatasync`` and ``fsync`` act on it).
     """
+
+    name = "posix"
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
         return os.open(path, flags, mode)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
 
     def preadv(self, fd: int, buffers: list[memoryview], offset: int) -> int:
         return os.preadv(fd, buffers, offset)
@@ -184,7 +192,7 @@ class DiskExtentStore:
                 self._fds.append(self._io.open(str(path), flags, 0o644))
         except BaseException:
             for fd in self._fds:
-                os.close(fd)
+                self._io.close(fd)
             raise
         self._pool = cf.ThreadPoolExecutor(num_threads, thread_name_prefix="disk-io")
         logger.info("disk store at %s: %d layers, %d-byte slots (page %d bytes), %d threads, "
@@ -223,7 +231,7 @@ class DiskExtentStore:
                     finally:
                         view.release()
             finally:
-                os.close(fd)
+                self._io.close(fd)
         except OSError as e:
             if e.errno in _UNSUPPORTED_DIRECT:
                 return f"[Errno {e.errno}] {e.strerror}"
@@ -233,6 +241,16 @@ class DiskExtentStore:
         return None
 
     # -- properties --------------------------------------------------------------------
+
+    @property
+    def io(self) -> PosixIO:
+        """The file I/O backend (``PosixIO`` or ``storage.kvikio_io.KvikioIO``)."""
+        return self._io
+
+    @property
+    def backend(self) -> str:
+        """The I/O backend's name (``"posix"`` or ``"kvikio"``)."""
+        return self._io.name
 
     @property
     def cold_read_mode(self) -> str:
@@ -415,7 +433,7 @@ class DiskExtentStore:
         with self._lock:
             fds, self._fds = self._fds, []
         for fd in fds:
-            os.close(fd)
+            self._io.close(fd)
 
     def delete(self) -> None:
         """Closes the store and removes its layer files (``root`` itself is kept)."""

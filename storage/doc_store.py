@@ -41,6 +41,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from storage.disk_store import PosixIO
+
 __all__ = ["DocStore", "DocBuilder", "DocReader", "DocCacheCorrupt", "DocCacheNoSpace", "DocInfo",
            "FORMAT_VERSION"]
 
@@ -129,6 +131,7 @@ class DocBuilder:
         self._owner = os.open(self.dir / "owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._owner, fcntl.LOCK_EX)  # held until commit/abort or death
         self._files: dict[int, int] = {}
+        self._offsets: dict[int, int] = {}  # bytes written so far per layer file
         self._crcs: dict[int, list[int]] = {}
         self.bytes_written = 0
         self.done = False
@@ -143,19 +146,25 @@ class DocBuilder:
         view = memoryview(data).cast("B")
         if len(view) % self.page_bytes:
             raise ValueError(f"{len(view)} bytes is not a whole number of {self.page_bytes}-byte pages")
+        io = self.store.io
         fd = self._files.get(layer)
         if fd is None:
-            fd = self._files[layer] = os.open(self.dir / _layer_file(layer), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                                              0o644)
+            fd = self._files[layer] = io.open(str(self.dir / _layer_file(layer)),
+                                              os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._offsets[layer] = 0
             self._crcs[layer] = []
         crcs = self._crcs[layer]
         for off in range(0, len(view), self.page_bytes):
             crcs.append(_crc(view[off: off + self.page_bytes]))
         try:
             self.store.fault_hook("write", self.dir / _layer_file(layer))
-            done = 0
+            done, at = 0, self._offsets[layer]
             while done < len(view):
-                done += os.write(fd, view[done:])
+                n = io.pwritev(fd, [view[done:]], at + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"write of {self.dir / _layer_file(layer)} made no progress")
+                done += n
+            self._offsets[layer] = at + done
         except OSError as e:
             self.abort()
             if e.errno == errno.ENOSPC:
@@ -176,7 +185,7 @@ class DocBuilder:
             for layer, fd in sorted(self._files.items()):
                 self.store.fault_hook("fsync", self.dir / _layer_file(layer))
                 os.fsync(fd)
-                os.close(fd)
+                self.store.io.close(fd)
                 files[_layer_file(layer)] = {"layer": layer, "pages": len(self._crcs[layer]),
                                              "bytes": len(self._crcs[layer]) * self.page_bytes,
                                              "page_crc32": self._crcs[layer]}
@@ -217,7 +226,7 @@ class DocBuilder:
         """Remove the build directory (idempotent)."""
         for fd in self._files.values():
             with contextlib.suppress(OSError):
-                os.close(fd)
+                self.store.io.close(fd)
         self._files = {}
         shutil.rmtree(self.dir, ignore_errors=True)
         self._release_owner()
@@ -258,12 +267,23 @@ class DocReader:
         path = self.dir / name
         nbytes = count * self.page_bytes
         self.store.fault_hook("read", path)
-        with open(path, "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), first * self.page_bytes, nbytes, os.POSIX_FADV_DONTNEED)
-            data = os.pread(f.fileno(), nbytes, first * self.page_bytes)
-        if len(data) != nbytes:
-            raise DocCacheCorrupt(f"DocCache {self.doc_id}: {path.name} is short ({len(data)} of {nbytes} bytes at "
+        io = self.store.io
+        buf = bytearray(nbytes)
+        fd = io.open(str(path), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, first * self.page_bytes, nbytes, os.POSIX_FADV_DONTNEED)
+            got = 0
+            while got < nbytes:  # a regular file returns short only at its end
+                n = io.preadv(fd, [memoryview(buf)[got:]], first * self.page_bytes + got)
+                if n <= 0:
+                    break
+                got += n
+        finally:
+            io.close(fd)
+        if got != nbytes:
+            raise DocCacheCorrupt(f"DocCache {self.doc_id}: {path.name} is short ({got} of {nbytes} bytes at "
                                   f"page {first})")
+        data = bytes(buf)
         t0 = time.perf_counter()
         seen, crcs = self._verified[layer], entry["page_crc32"]
         view = memoryview(data)
@@ -295,11 +315,13 @@ class DocStore:
 
     Args:
         root: the store's directory (created).
+        io: the file I/O backend of page files (``storage.kvikio_io.make_io``; default POSIX).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, io: PosixIO | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.io = io if io is not None else PosixIO()  # file I/O backend (storage.kvikio_io)
 
     def fault_hook(self, phase: str, path: Path) -> None:  # noqa: ARG002 - a seam for fault injection
         """Called before each write, fsync, manifest write, rename, read and removal. Tests

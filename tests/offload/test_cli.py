@@ -151,3 +151,22 @@ def test_ingest_then_ask_reuses_the_doc_cache_and_cache_commands(tmp_path, capsy
     assert main(["ask", "--doc", str(doc), "--question", "When?", "--max-new-tokens", "4", "--no-doc-cache",
                  *common]) == 0
     assert _json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]["doc_cache"] == ""
+
+
+def test_disk_backend_kvikio_where_it_cannot_run_is_refused(capsys, tmp_path, cache_dir):
+    """Without CUDA (or the kvikio package) --disk-backend kvikio is a clear error naming why
+    and the fix; posix runs and says so in the stats."""
+    from storage import kvikio_status
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("x" * 3000)  # 94 pages of 48 KiB: past a 1 MiB DEVICE arena
+    args = ["generate", "--prompt-file", str(prompt), "--model", "smollm2-135m", "--random-weights",
+            "--num-layers", "1", "--max-new-tokens", "2", "--json", "--quiet", "--cache-dir", str(cache_dir),
+            "--device-memory", "1MiB", "--device", "cpu"]
+    if kvikio_status() is not None:
+        assert main(args + ["--disk-backend", "kvikio"]) == 2
+        line = _err(capsys)
+        assert "kvikio disk backend cannot run here" in line and "--disk-backend posix" in line
+    assert main(args + ["--disk-backend", "posix"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["disk_backend"] == "posix" and stats["peak_bytes"]["disk"] > 0

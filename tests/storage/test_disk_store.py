@@ -22,11 +22,13 @@ NUM_LAYERS = 5
 
 
 @pytest.fixture
-def make_store(tmp_path):
-    """(**kwargs) -> DiskExtentStore under tmp_path; closed at teardown."""
+def make_store(tmp_path, io_backend):
+    """(**kwargs) -> DiskExtentStore under tmp_path, on each I/O backend present (a test that
+    injects faults passes its own ``io``); closed at teardown."""
     stores: list[DiskExtentStore] = []
 
     def make(**kwargs) -> DiskExtentStore:
+        kwargs.setdefault("io", io_backend)
         kwargs.setdefault("num_layers", NUM_LAYERS)
         kwargs.setdefault("page_bytes", PAGE_BYTES[0])
         store = DiskExtentStore(tmp_path / "kv", **kwargs)

@@ -28,8 +28,8 @@ def _build(store: DocStore, doc_id: str, layers: int = 3, pages: int = 5) -> Pat
     return b.commit({"fingerprint": FP, "layers": layers})
 
 
-def test_roundtrip_and_page_checksums(tmp_path):
-    store = DocStore(tmp_path)
+def test_roundtrip_and_page_checksums(tmp_path, io_backend):
+    store = DocStore(tmp_path, io=io_backend)
     _build(store, "doc")
     with store.open("doc", FP) as r:
         assert r.num_pages(1) == 5
@@ -40,10 +40,10 @@ def test_roundtrip_and_page_checksums(tmp_path):
     assert not list(tmp_path.glob(BUILD_PREFIX + "*"))
 
 
-def test_every_single_byte_corruption_is_detected(tmp_path):
+def test_every_single_byte_corruption_is_detected(tmp_path, io_backend):
     """One flipped byte anywhere in any file (pages or manifest) is caught by open or by the
     first read of that page; pages elsewhere still read."""
-    store = DocStore(tmp_path)
+    store = DocStore(tmp_path, io=io_backend)
     folder = _build(store, "doc", layers=2, pages=3)
     files = sorted(p for p in folder.iterdir() if p.name != "last_used")
     for path in files:
@@ -64,8 +64,8 @@ def test_every_single_byte_corruption_is_detected(tmp_path):
     store.verify("doc")
 
 
-def test_fingerprint_and_size_checked_on_open(tmp_path):
-    store = DocStore(tmp_path)
+def test_fingerprint_and_size_checked_on_open(tmp_path, io_backend):
+    store = DocStore(tmp_path, io=io_backend)
     folder = _build(store, "doc")
     with pytest.raises(DocCacheCorrupt, match="fingerprint"):
         store.open("doc", "another model")
@@ -76,8 +76,8 @@ def test_fingerprint_and_size_checked_on_open(tmp_path):
     assert store.open("missing", FP) is None
 
 
-def test_quarantine_and_gc(tmp_path):
-    store = DocStore(tmp_path)
+def test_quarantine_and_gc(tmp_path, io_backend):
+    store = DocStore(tmp_path, io=io_backend)
     _build(store, "doc")
     q = store.quarantine("doc")
     assert q is not None and not store.exists("doc") and store.open("doc", FP) is None
@@ -95,9 +95,10 @@ class _Fail(DocStore):
 
 
 @pytest.mark.parametrize("phase", ["write", "fsync", "manifest", "rename"])
-def test_enospc_at_any_phase_removes_the_build_and_keeps_the_others(tmp_path, phase):
-    _build(DocStore(tmp_path), "old")
+def test_enospc_at_any_phase_removes_the_build_and_keeps_the_others(tmp_path, io_backend, phase):
+    _build(DocStore(tmp_path, io=io_backend), "old")
     store = _Fail(tmp_path, phase, errno.ENOSPC)
+    store.io = io_backend
     with pytest.raises(DocCacheNoSpace, match="no space left"):
         _build(store, "new")
     assert not store.exists("new") and not list(tmp_path.glob(BUILD_PREFIX + "*"))
@@ -154,8 +155,8 @@ def test_kill_at_named_phases_leaves_nothing_half_built(tmp_path, phase):
     store.verify("before")
 
 
-def test_eviction_is_lru_and_skips_readers(tmp_path):
-    store = DocStore(tmp_path)
+def test_eviction_is_lru_and_skips_readers(tmp_path, io_backend):
+    store = DocStore(tmp_path, io=io_backend)
     for name in ("a", "b", "c"):
         _build(store, name)
         os.utime(tmp_path / name / "last_used", (0, {"a": 100, "b": 200, "c": 300}[name]))

@@ -1,0 +1,154 @@
+"""File I/O backends: POSIX system calls from a thread pool, or NVIDIA's KvikIO.
+
+``make_io("auto")`` picks KvikIO when CUDA and the ``kvikio`` package are both present (its
+C++ thread pool splits each read and write into parallel tasks; with GPUDirect Storage
+installed it can move data between NVMe and GPU memory without a host copy, and without it,
+in its compatibility mode, it reads and writes through POSIX calls of its own), else
+``PosixIO``. Both serve the DISK tier (``DiskExtentStore``) and the DocCache store
+(``DocStore``) through the same methods, and the storage tests run against each backend
+present.
+
+``KvikioIO`` keeps reads cold like the POSIX path: the page cache of each range is dropped
+(``posix_fadvise(DONTNEED)``) before it is read, and KvikIO is asked to use O_DIRECT for
+aligned transfers (``auto_direct_io_read``/``_write``). The OS file descriptor that ``open``
+returns stays the handle the stores use; KvikIO opens the same path for itself beside it. A
+file KvikIO cannot open (a file system it refuses, such as some tmpfs mounts for O_DIRECT) is
+served by the POSIX calls, and ``fallbacks`` counts those files.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from storage.disk_store import PosixIO
+
+__all__ = ["KvikioIO", "make_io", "kvikio_status", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "posix", "kvikio")
+INSTALL_HINT = "pip install kvikio-cu12 (or kvikio-cu13, matching your CUDA)"
+
+
+def kvikio_status() -> str | None:
+    """None when the KvikIO backend can run here, else why not (for errors and test skips)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "CUDA is not available (KvikIO needs the CUDA driver, libcuda)"
+    except ImportError:
+        return "torch is not installed"
+    try:
+        import kvikio  # noqa: F401
+    except ImportError as e:
+        return f"the kvikio package is not installed ({e}); {INSTALL_HINT}"
+    return None
+
+
+def make_io(name: str = "auto") -> PosixIO:
+    """The backend called ``name``: ``"posix"``, ``"kvikio"`` or ``"auto"`` (KvikIO where it
+    can run, else POSIX).
+
+    Raises:
+        ValueError: an unknown name, or ``"kvikio"`` where it cannot run (says why).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown disk backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "posix":
+        return PosixIO()
+    problem = kvikio_status()
+    if problem is None:
+        return KvikioIO()
+    if name == "kvikio":
+        raise ValueError(f"the kvikio disk backend cannot run here: {problem}; use --disk-backend posix")
+    return PosixIO()
+
+
+class KvikioIO(PosixIO):
+    """Reads and writes through ``kvikio.CuFile`` (see the module docstring)."""
+
+    name = "kvikio"
+
+    def __init__(self) -> None:
+        import kvikio
+        import kvikio.defaults
+
+        self._kvikio = kvikio
+        for key in ("auto_direct_io_read", "auto_direct_io_write"):
+            try:
+                kvikio.defaults.set(key, True)
+            except (KeyError, ValueError, AttributeError):  # older KvikIO: no such setting
+                logger.info("KvikIO has no %s setting; cold reads rely on posix_fadvise", key)
+        self._files: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self.fallbacks = 0
+        self.compat_mode = kvikio.defaults.get("compat_mode")
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        fd = os.open(path, flags, mode)
+        try:
+            handle = self._kvikio.CuFile(path, "r" if (flags & os.O_ACCMODE) == os.O_RDONLY else "r+")
+        except Exception as e:  # noqa: BLE001 - any refusal: this file goes through POSIX calls
+            logger.info("KvikIO cannot open %s (%s): POSIX calls serve it", path, e)
+            with self._lock:
+                self.fallbacks += 1
+            return fd
+        with self._lock:
+            self._files[fd] = handle
+        return fd
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            handle = self._files.pop(fd, None)
+        try:
+            if handle is not None:
+                handle.close()
+        finally:
+            os.close(fd)
+
+    def _handle(self, fd: int) -> Any:
+        with self._lock:
+            return self._files.get(fd)
+
+    def preadv(self, fd: int, buffers: list[memoryview], offset: int) -> int:
+        handle = self._handle(fd)
+        if handle is None:
+            return super().preadv(fd, buffers, offset)
+        total = 0
+        for buf in buffers:
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            os.posix_fadvise(fd, offset + total, arr.nbytes, os.POSIX_FADV_DONTNEED)  # cold, as POSIX reads
+            n = _call(handle.pread, arr, offset + total, "read")
+            total += n
+            if n < arr.nbytes:
+                break
+        return total
+
+    def pwritev(self, fd: int, buffers: list[memoryview], offset: int) -> int:
+        handle = self._handle(fd)
+        if handle is None:
+            return super().pwritev(fd, buffers, offset)
+        total = 0
+        for buf in buffers:
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            if not arr.flags.writeable:  # KvikIO takes writable buffers only
+                arr = arr.copy()
+            n = _call(handle.pwrite, arr, offset + total, "write")
+            total += n
+            if n < arr.nbytes:
+                break
+        return total
+
+
+def _call(op: Any, arr: np.ndarray, offset: int, what: str) -> int:
+    """One KvikIO transfer; its failures (RuntimeError) become OSError like a system call's."""
+    try:
+        return int(op(arr, arr.nbytes, offset).get())
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"KvikIO {what} of {arr.nbytes} bytes at offset {offset} failed: {e}") from None
