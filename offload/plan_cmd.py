@@ -104,9 +104,14 @@ def _run(args: argparse.Namespace) -> int:
         result = plan(problem, profile)
         baseline = greedy_plan(problem, profile) if args.greedy else None
     except PlanInfeasibleError as e:
+        message = str(e)
+        if args.dtype is None and dtype.itemsize == 4 and any(v.startswith("device: weights") for v in e.violations):
+            # The CPU default dtype is fp32 (fastest there); a user planning a big model often means bf16.
+            message += (f" (the weights are fp32, the default with a CPU-only profile; --dtype bf16 halves them to "
+                        f"{problem.weight_bytes / 2 / 2**30:.1f} GiB)")
         if args.json:
-            print(json.dumps({"error": str(e), "violations": list(e.violations)}))
-        print(f"offload: error: {e}", file=sys.stderr)
+            print(json.dumps({"error": message, "violations": list(e.violations)}))
+        print(f"offload: error: {message}", file=sys.stderr)
         return 2
     head = (f"{args.model}: {args.context} tokens x batch {args.batch_size}, {str(dtype).removeprefix('torch.')} "
             f"weights, {str(kv_dtype).removeprefix('torch.')} KV; profile {profile.name}")

@@ -36,6 +36,18 @@ def test_too_small_budgets_exit_2_naming_the_constraint(capsys):
     assert any(v.startswith("KV cache 16.0 GiB") for v in violations)
 
 
+def test_cpu_profile_defaults_to_fp32_and_the_refusal_suggests_bf16(capsys):
+    """On a CPU-only profile the default dtype is fp32: an 8B model's 29.9 GiB of weights
+    do not fit 24 GiB, and the error says --dtype bf16 would halve them; with it, it plans."""
+    args = LLAMA + ["--device-memory", "24GiB", "--host-memory", "64GiB", "--preset", "cpu-2core"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "weights 29.9 GiB" in err and "--dtype bf16 halves them to 15.0 GiB" in err
+    assert main(args + ["--dtype", "bf16", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["plan"]
+    assert sum(p["tier_bytes"].values()) == p["kv_bytes"] == 16 * GiB
+
+
 def test_text_output_with_the_greedy_baseline(capsys):
     assert main(LLAMA + ["--device-memory", "24GiB", "--host-memory", "64GiB", "--preset", "h100-pcie5",
                          "--greedy"]) == 0
