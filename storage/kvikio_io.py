@@ -117,34 +117,29 @@ class KvikioIO(PosixIO):
             return self._files.get(fd)
 
     def preadv(self, fd: int, buffers: list[memoryview], offset: int) -> int:
-        handle = self._handle(fd)
-        if handle is None:
-            return super().preadv(fd, buffers, offset)
-        total = 0
-        for buf in buffers:
-            arr = np.frombuffer(buf, dtype=np.uint8)
-            os.posix_fadvise(fd, offset + total, arr.nbytes, os.POSIX_FADV_DONTNEED)  # cold, as POSIX reads
-            n = _call(handle.pread, arr, offset + total, "read")
-            total += n
-            if n < arr.nbytes:
-                break
-        return total
+        return self._transfer(fd, buffers, offset, "read")
 
     def pwritev(self, fd: int, buffers: list[memoryview], offset: int) -> int:
+        return self._transfer(fd, buffers, offset, "write")
+
+    def _transfer(self, fd: int, buffers: list[memoryview], offset: int, what: str) -> int:
+        """The buffers in turn from ``offset`` through KvikIO (POSIX for a file it refused);
+        stops at the first short transfer, like preadv/pwritev."""
         handle = self._handle(fd)
         if handle is None:
-            return super().pwritev(fd, buffers, offset)
+            return (super().preadv if what == "read" else super().pwritev)(fd, buffers, offset)
         total = 0
         for buf in buffers:
             arr = np.frombuffer(buf, dtype=np.uint8)
-            if not arr.flags.writeable:  # KvikIO takes writable buffers only
+            if what == "read":
+                os.posix_fadvise(fd, offset + total, arr.nbytes, os.POSIX_FADV_DONTNEED)  # cold, as POSIX reads
+            elif not arr.flags.writeable:  # KvikIO takes writable buffers only
                 arr = arr.copy()
-            n = _call(handle.pwrite, arr, offset + total, "write")
+            n = _call(handle.pread if what == "read" else handle.pwrite, arr, offset + total, what)
             total += n
             if n < arr.nbytes:
                 break
         return total
-
 
 def _call(op: Any, arr: np.ndarray, offset: int, what: str) -> int:
     """One KvikIO transfer; its failures (RuntimeError) become OSError like a system call's."""

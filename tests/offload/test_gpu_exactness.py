@@ -92,6 +92,21 @@ def test_cuda_paged_kv_lives_on_the_gpu(tmp_path):
     engine.release(seq)
 
 
+def _tiered_fp32(tmp_path, **engine_kw):
+    """A small llama3 on CUDA in fp32 with the given engine options, beside transformers:
+    (engine, our greedy tokens, transformers' greedy tokens, max |logit difference|) over the
+    last 64 prompt positions and every generated one (teacher-forced)."""
+    hf = save_tiny("llama3", tmp_path, **SMALL).to(device="cuda")
+    engine = make_engine(tmp_path, "cuda", torch.float32, prefill_chunk_tokens=512, kv_dir=str(tmp_path / "kv"),
+                         **engine_kw)
+    ids = torch.randint(0, SMALL["vocab_size"], (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = hf_greedy(hf, ids, NEW)
+    got = ours_greedy(engine, ids, NEW)
+    ours = ours_teacher_forced(engine, ids, ref, prompt_logits=64)
+    want = hf_logits(hf, ids + ref[:-1], 64 + NEW - 1)
+    return engine, got, ref, (ours - want).abs().max().item()
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["fetch-ahead", "serial"])
 @pytest.mark.parametrize("placement", ["host", "disk", "mixed"])
 def test_cuda_tiered_placements_match_transformers_fp32(placement, overlap, tmp_path):
@@ -103,18 +118,10 @@ def test_cuda_tiered_placements_match_transformers_fp32(placement, overlap, tmp_
 
     placements = {"host": Placement.all_on(Tier.HOST), "disk": Placement.all_on(Tier.DISK),
                   "mixed": Placement(device_pages=8, host_pages=16)}
-    hf = save_tiny("llama3", tmp_path, **SMALL).to(device="cuda")
-    engine = make_engine(tmp_path, "cuda", torch.float32, prefill_chunk_tokens=512,
-                         placement=placements[placement], host_memory_bytes=256 * 2**20,
-                         kv_dir=str(tmp_path / "kv"), overlap=overlap)
+    engine, got, ref, err = _tiered_fp32(tmp_path, placement=placements[placement],
+                                         host_memory_bytes=256 * 2**20, overlap=overlap)
     assert engine.host_arena is not None and engine.host_arena.k.is_pinned()
     assert (engine.kv.fetcher is not None) == overlap
-    ids = torch.randint(0, SMALL["vocab_size"], (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
-    ref = hf_greedy(hf, ids, NEW)
-    got = ours_greedy(engine, ids, NEW)
-    ours = ours_teacher_forced(engine, ids, ref, prompt_logits=64)
-    want = hf_logits(hf, ids + ref[:-1], 64 + NEW - 1)
-    err = (ours - want).abs().max().item()
     f = engine.kv.fetcher
     pieces = f"; fetched ahead {f.fetched_pieces} pieces, taken {f.taken_pieces}" if f is not None else ""
     print(f"[gpu fp32 tiers {placement} {'fetch-ahead' if overlap else 'serial'}] greedy identical: "
@@ -122,7 +129,7 @@ def test_cuda_tiered_placements_match_transformers_fp32(placement, overlap, tmp_
     engine.close()
     assert got == ref
     assert err <= MODEL_LOGITS_FP32_ATOL
-    if f is not None:  # mixed: 8 DEVICE pages and 16 HOST per layer fit the allowance; the rest streams
+    if f is not None:  # a layer's HOST/DISK pages fit the allowance (256 pages): pieces were taken
         assert f.taken_pieces > 0 and f.taken_pieces <= f.fetched_pieces
 
 
@@ -134,16 +141,8 @@ def test_cuda_disk_tier_through_kvikio_matches_transformers_fp32(tmp_path):
 
     if (why := kvikio_status()) is not None:
         pytest.skip(f"kvikio backend: {why}")
-    hf = save_tiny("llama3", tmp_path, **SMALL).to(device="cuda")
-    engine = make_engine(tmp_path, "cuda", torch.float32, prefill_chunk_tokens=512,
-                         placement=Placement.all_on(Tier.DISK), kv_dir=str(tmp_path / "kv"), disk_backend="kvikio")
+    engine, got, ref, err = _tiered_fp32(tmp_path, placement=Placement.all_on(Tier.DISK), disk_backend="kvikio")
     assert engine.disk is not None and engine.disk.backend == "kvikio"
-    ids = torch.randint(0, SMALL["vocab_size"], (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
-    ref = hf_greedy(hf, ids, NEW)
-    got = ours_greedy(engine, ids, NEW)
-    ours = ours_teacher_forced(engine, ids, ref, prompt_logits=64)
-    want = hf_logits(hf, ids + ref[:-1], 64 + NEW - 1)
-    err = (ours - want).abs().max().item()
     io = engine.disk.io
     print(f"[gpu fp32 disk via kvikio] greedy identical: {got == ref}; max |logit diff| {err:.2e}; "
           f"compat mode {io.compat_mode}; files served by POSIX instead: {io.fallbacks}; "

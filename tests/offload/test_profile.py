@@ -69,16 +69,23 @@ def test_profile_round_trips_through_json(quick_run):
 
 
 # ----- the disk probe ------------------------------------------------------------------------------
-def test_disk_probe_without_o_direct_drops_the_cache_and_cleans_up(tmp_path, monkeypatch):
+@pytest.fixture
+def advised(monkeypatch) -> list[int]:
+    """The advice of every posix_fadvise call from here on (the calls are still made), with
+    O_DIRECT switched off in the probes (the fadvise path)."""
     monkeypatch.setattr(probes, "_O_DIRECT", 0)
-    advised: list[int] = []
+    log: list[int] = []
     real_fadvise = os.posix_fadvise
 
     def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-        advised.append(advice)
+        log.append(advice)
         real_fadvise(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    return log
+
+
+def test_disk_probe_without_o_direct_drops_the_cache_and_cleans_up(tmp_path, advised):
     result = probes.disk_probe(tmp_path / "kv", file_bytes=4 * MiB, read_bytes=2 * MiB,
                                extents=DISK_EXTENTS_SMALL, repeats=2)
     assert result.cold_read_mode == "fadvise_dontneed"
@@ -119,16 +126,7 @@ def test_read_interference_is_bounded_by_the_reads_and_cleans_up(tmp_path):
     assert list((tmp_path / "kv").iterdir()) == []
 
 
-def test_read_interference_without_o_direct_drops_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(probes, "_O_DIRECT", 0)
-    advised: list[int] = []
-    real_fadvise = os.posix_fadvise
-
-    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-        advised.append(advice)
-        real_fadvise(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+def test_read_interference_without_o_direct_drops_the_cache(tmp_path, advised):
     loss, gbps = probes.read_interference(tmp_path / "kv", torch.float32, weights_bytes=8 * MiB,
                                           file_bytes=8 * MiB, repeats=2)
     assert advised.count(os.POSIX_FADV_DONTNEED) == 4  # every read pass: 2 alone, 2 beside compute
