@@ -232,8 +232,7 @@ class CostModel:
         read = p.sparse_fraction * p.kv_layer_bytes  # K/V bytes a step reads from the layer
         tokens = p.pages_per_layer * p.page_size
         flops_s = hw.device_matmul_tflops * 1e12
-        weights_s = max(p.weight_bytes / p.num_layers / (hw.weight_stream_gbps * 1e9),
-                        2 * p.params_per_layer * p.batch_size / flops_s)
+        weights_s = self._decode_weights_s()
         recompute_flops = p.sparse_fraction * recomputed * tokens * 2 * p.hidden_size * 2 * p.num_kv_heads * p.head_dim
         act_ratio = p.activation_page_bytes / p.page_bytes
         shipped_host = host - delegated - recomputed + recomputed * act_ratio
@@ -253,6 +252,13 @@ class CostModel:
             Leg.READ_LOSS: read * disk * hw.read_interference_s_per_gb / 1e9,
         }
 
+    def _decode_weights_s(self) -> float:
+        """A decode layer's matrix-vector work: its share of the weights streamed, or its
+        flops for the batch, whichever takes longer."""
+        p, hw = self.problem, self.profile
+        return max(p.weight_bytes / p.num_layers / (hw.weight_stream_gbps * 1e9),
+                   2 * p.params_per_layer * p.batch_size / (hw.device_matmul_tflops * 1e12))
+
     def decode_tail_s(self, split: LayerSplit, chunks: int) -> float:
         """Seconds of a decode layer that cannot start before its last DISK chunk is read:
         attention over that chunk, over the pages the engine attends after the DISK ones
@@ -262,9 +268,7 @@ class CostModel:
             return 0.0
         p, hw = self.problem, self.profile
         read = p.sparse_fraction * p.kv_layer_bytes
-        flops_s = hw.device_matmul_tflops * 1e12
-        weights_s = max(p.weight_bytes / p.num_layers / (hw.weight_stream_gbps * 1e9),
-                        2 * p.params_per_layer * p.batch_size / flops_s)
+        weights_s = self._decode_weights_s()
         post = (p.hidden_size * p.num_heads * p.head_dim + 3 * p.hidden_size * p.intermediate_size) / p.params_per_layer
         attended_after = read * ((1.0 - split.disk) + split.disk / chunks)
         return weights_s * post + attended_after / (hw.device_attention_gbps * 1e9)
