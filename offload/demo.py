@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, per_tier in s.bytes_read_per_token_by_kind.items():
             print(f"read per decoded token, {kind} layers: "
                   + ", ".join(f"{tier} {b / 2**20:.2f} MiB" for tier, b in per_tier.items()))
-        print(f"disk reads kept cold by {s.cold_reads}")
+        print(f"disk reads kept cold by {s.cold_reads} ({s.disk_backend} I/O backend)")
         qa.close()
         print(f"speed: question prefill {s.prefill_tok_s:,.0f} tok/s, decode {s.decode_tok_s:.1f} tok/s")
     except OffloadError as e:
