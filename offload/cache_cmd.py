@@ -4,7 +4,8 @@
     offload cache verify [ID ...]      read every byte and check it (all when no ID)
     offload cache remove ID ...        remove DocCaches (waits for readers)
     offload cache gc [--cache-limit S] remove leftovers of killed builds and quarantined
-                                       DocCaches, then evict least recently used ones down to S
+                                       DocCaches, evict least recently used ones down to S,
+                                       then remove lock files no DocCache or process uses
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         removed = store.clean_leftovers()
         evicted = store.evict(parse_size(args.cache_limit)) if args.cache_limit else []
-        print(f"removed {len(removed)} leftovers; evicted {len(evicted)} DocCaches"
+        locks = store.remove_unused_locks()  # after eviction: the evicted ones' locks go too
+        print(f"removed {len(removed)} leftovers and {len(locks)} unused lock files; evicted {len(evicted)} DocCaches"
               + (f" ({', '.join(evicted)})" if evicted else ""))
         return 0
     except (InputError, ValueError) as e:

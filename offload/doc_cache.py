@@ -140,6 +140,9 @@ class DocCache:
         removed = self.store.clean_leftovers()
         if removed:
             logger.info("DocCache: removed %d leftovers of interrupted builds", len(removed))
+        locks = self.store.remove_unused_locks()
+        if locks:
+            logger.info("DocCache: removed %d lock files no DocCache or process uses", len(locks))
         self.fingerprint = fingerprint(engine, source, self.store.root / ".file-hashes.json")
         self.limit_bytes = limit_bytes
         self.rebuild = rebuild

@@ -88,17 +88,44 @@ def _crc(data: bytes | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-@contextlib.contextmanager
-def _flock(path: Path, kind: int, *, blocking: bool = True) -> Iterator[bool]:
-    """Hold ``fcntl.flock(kind)`` on ``path`` (created if needed); yields False when
-    ``blocking`` is off and the lock is held elsewhere."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+def _lock_fd(path: Path, kind: int, *, blocking: bool = True) -> int | None:
+    """A descriptor holding ``fcntl.flock(kind)`` on the file ``path`` names (created if
+    needed), or None when ``blocking`` is off and the lock is held elsewhere.
+
+    ``DocStore.remove_unused_locks`` unlinks lock files under LOCK_EX, so a process that
+    opened the file before the unlink may get its lock on a file no longer at ``path``: the
+    lock is kept only if ``path`` still names the locked file, else it is taken again on
+    the file there now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, kind | (0 if blocking else fcntl.LOCK_NB))
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+                same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+            except FileNotFoundError:
+                same = False
         except BlockingIOError:
-            yield False
-            return
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return fd
+        os.close(fd)  # removed or replaced while we waited: lock the file there now
+
+
+@contextlib.contextmanager
+def _flock(path: Path, kind: int, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold ``fcntl.flock(kind)`` on ``path`` (``_lock_fd``); yields False when ``blocking``
+    is off and the lock is held elsewhere."""
+    fd = _lock_fd(path, kind, blocking=blocking)
+    if fd is None:
+        yield False
+        return
+    try:
         yield True
     finally:
         os.close(fd)  # closing releases the lock
@@ -355,9 +382,9 @@ class DocStore:
         path = self.root / doc_id / MANIFEST
         if not path.is_file():
             return None
-        fd = os.open(self.lock_path(doc_id), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _lock_fd(self.lock_path(doc_id), fcntl.LOCK_SH)
+        assert fd is not None  # a blocking lock always comes
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
             manifest = self._read_manifest(doc_id)
             if manifest.get("meta", {}).get("fingerprint") != fingerprint:
                 raise DocCacheCorrupt(f"DocCache {doc_id} was built for another model, tokenizer, dtype or layout "
@@ -489,6 +516,28 @@ class DocStore:
             self.fault_hook("cleanup", d)
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
+        return removed
+
+    def remove_unused_locks(self) -> list[str]:
+        """Remove the lock files of documents that have no DocCache and that nobody holds
+        (one is left behind by every document ever ingested, and by every removed or evicted
+        DocCache); returns their names. Each is unlinked while this process holds its
+        exclusive lock, and every lock taker checks that it locked the file its path still
+        names (``_lock_fd``), so a process that opened the file just before keeps a valid lock."""
+        removed = []
+        for path in sorted(self.root.glob("*.lock")):
+            doc_id = path.name[: -len(".lock")]
+            if (self.root / doc_id).exists():
+                continue  # a published DocCache: its readers and builders use this file
+            fd = _lock_fd(path, fcntl.LOCK_EX, blocking=False)
+            if fd is None:
+                continue  # held: a build or a wait is under way
+            try:
+                if not (self.root / doc_id).exists():  # published just before we locked?
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+            finally:
+                os.close(fd)
         return removed
 
     @staticmethod

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -211,3 +212,45 @@ def test_other_processes_reader_builder_and_lock_are_respected(tmp_path):
             p.wait()
     assert store.evict(limit_bytes=0) == ["a", "y"]  # least recently used first, now that no one reads
     assert store.clean_leftovers() and not list(tmp_path.glob(BUILD_PREFIX + "*"))  # the dead build goes
+
+
+def test_unused_lock_files_are_removed_and_used_ones_kept(tmp_path):
+    """A lock file whose document has no DocCache and that nobody holds goes; the lock file
+    of a published DocCache, and one another holder has locked, stay."""
+    store = DocStore(tmp_path)
+    _build(store, "kept")
+    store.open("kept", FP).close()  # a reader makes the DocCache's lock file
+    with store.exclusive("gone"):
+        pass  # an ingest that failed or whose DocCache was removed leaves its lock file
+    assert store.remove("kept2") is True  # removing a DocCache that is not there: a lock file too
+    holder = os.open(store.lock_path("busy"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_SH)  # another open file description: conflicts like another process
+    try:
+        assert store.remove_unused_locks() == ["gone.lock", "kept2.lock"]
+    finally:
+        os.close(holder)
+    assert sorted(p.name for p in tmp_path.glob("*.lock")) == ["busy.lock", "kept.lock"]
+    assert store.remove_unused_locks() == ["busy.lock"]
+    store.verify("kept")
+
+
+def test_a_lock_taken_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
+    """A process that opened a lock file just before gc unlinked it gets its flock on the
+    removed file; it must notice and lock the file at the path instead (else two processes
+    could each think they hold the lock)."""
+    from storage import doc_store
+
+    store = DocStore(tmp_path)
+    path = store.lock_path("doc")
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_gc(fd: int, op: int) -> None:
+        if not calls:  # the first attempt: gc removes the file meanwhile, another process recreates it
+            os.unlink(path)
+            path.touch()
+        calls.append(os.fstat(fd).st_ino)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(doc_store.fcntl, "flock", flock_after_gc)
+    with store.exclusive("doc"):
+        assert len(calls) == 2 and calls[1] == os.stat(path).st_ino != calls[0]
