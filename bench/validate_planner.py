@@ -166,15 +166,23 @@ def _disk_refreshed(profile: HardwareProfile, kv_root: Path) -> HardwareProfile:
     return dataclasses.replace(profile, disk_read_gbps_by_extent=res.read_gbps_by_extent)
 
 
+def _method_config(source, profile: HardwareProfile, c: Config, kv_root: Path,
+                   method: str) -> tuple[RuntimeConfig, dict[str, int]]:
+    """The runtime config of one planning method and the configuration's budgets for it
+    (sized by a probe engine: the DEVICE reserve and HOST staging depend on the model)."""
+    base = RuntimeConfig(device="cpu", kv_dir=str(kv_root), profile=profile, planner=method)
+    probe = Engine(source, base)
+    try:
+        return base, _budgets(probe, c)
+    finally:
+        probe.close()
+
+
 def _engines(source, profile: HardwareProfile, c: Config, kv_root: Path, order: tuple[str, ...]) -> dict:
     """One engine per method, filled in ``order`` (each with its own DISK files)."""
     engines: dict[str, tuple[Engine, object]] = {}
     for method in order:
-        base = RuntimeConfig(device="cpu", kv_dir=str(kv_root), profile=profile, planner=method)
-        probe = Engine(source, base)
-        budgets = _budgets(probe, c)
-        probe.close()
-        del probe
+        base, budgets = _method_config(source, profile, c, kv_root, method)
         engine = Engine(source, dataclasses.replace(base, **budgets))
         seq = _fill(engine, c.context)
         assert engine.last_plan is not None, "the configuration fits DEVICE: no plan was made"
@@ -193,11 +201,7 @@ def _shared(source, profile: HardwareProfile, c: Config, kv_root: Path) -> tuple
 
     plans = {}
     for method in METHODS:
-        base = RuntimeConfig(device="cpu", kv_dir=str(kv_root), profile=profile, planner=method)
-        probe = Engine(source, base)
-        budgets = _budgets(probe, c)
-        probe.close()
-        del probe
+        base, budgets = _method_config(source, profile, c, kv_root, method)
         planner_engine = Engine(source, dataclasses.replace(base, **budgets))
         seq = planner_engine.new_sequence()
         planner_engine.placement_for(seq, c.context)
