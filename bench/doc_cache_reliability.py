@@ -9,7 +9,10 @@ with budgets that spill its KV to DISK. It prints counts:
 1. kill -9 of an ingest: at each named phase (pages written, fsync, manifest, rename, a
    removal, a cleanup) and at ``--kills`` random moments; after each, a new process ingests
    again: a DocCache it uses must give the reference answer (an invalid one used = a wrong
-   answer or a "hit" on bad bytes), and no build leftovers may remain.
+   answer or a "hit" on bad bytes), and no build leftovers may remain. Another document's
+   DocCache, valid before every kill, must still verify after it, and a new process asking
+   about that document at the end must report a "hit" (the eviction phase evicts it on
+   purpose: it is built again after that trial).
 2. ``--corruptions`` random single-byte flips in a DocCache's files (pages or manifest): each
    must be detected ("rebuilt") and never used; the answer stays the reference one.
 3. two processes ingesting one document at once: one builds ("miss"), the other waits and
@@ -38,19 +41,21 @@ DOC = "\n".join(f"Entry {i}: the lighthouse keeper logged {i * 37 % 101} ships a
 QUESTION = "How many storms did the keeper log?"
 NEW_TOKENS = 8
 LIMIT_ENV = "OFFLOAD_RELIABILITY_LIMIT"  # a worker's --cache-limit (the eviction phase)
+KEEP_DOC = DOC + "\nThe keeper's log ends here."  # a second document, its DocCache kept across kills
+DOC_ENV = "OFFLOAD_RELIABILITY_DOC"  # "keep": the worker ingests KEEP_DOC
 
 WORKER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
-from bench.doc_cache_reliability import make_qa, DOC, QUESTION, NEW_TOKENS
+from bench.doc_cache_reliability import make_qa, DOC, KEEP_DOC, DOC_ENV, QUESTION, NEW_TOKENS
 from offload.errors import OffloadError
-import time
+import os, time
 try:
     with make_qa(Path(sys.argv[1])) as qa:
         print("ingesting", flush=True)
         t0 = time.perf_counter()
-        doc = qa.ingest(DOC)
+        doc = qa.ingest(KEEP_DOC if os.environ.get(DOC_ENV) == "keep" else DOC)
         ingest_s = time.perf_counter() - t0
         ans = qa.ask(doc, QUESTION, max_new_tokens=NEW_TOKENS)
         print(json.dumps({"status": doc.stats.doc_cache, "answer": ans.token_ids, "ingest_s": ingest_s}))
@@ -98,13 +103,21 @@ def kills(cache: Path, reference: list[int], n_random: int, rng: random.Random) 
 
     store = DocStore(cache / "docs")
     ingest_s = result(spawn(cache))["ingest_s"]  # a miss: how long a building ingest takes
+
+    def build_keeper() -> str:
+        with make_qa(cache) as qa:  # a DocCache valid before every kill
+            return qa.ingest(KEEP_DOC).doc_id
+
+    keeper = build_keeper()
     trials = [("phase", p) for p in ("write", "fsync", "manifest", "rename", "remove", "cleanup")]
     # Random moments within the ingest: from the worker's "ingesting" line to its end.
     trials += [("random", f"{rng.uniform(0.0, ingest_s):.3f}") for _ in range(n_random)]
-    out = {"trials": 0, "killed": 0, "invalid_used": 0, "leftovers_after_restart": 0, "hits_after": 0}
+    out = {"trials": 0, "killed": 0, "invalid_used": 0, "leftovers_after_restart": 0, "hits_after": 0,
+           "kept_checked": 0, "kept_valid": 0}
     for kind, what in trials:
         for info in store.list():
-            store.remove(info.doc_id)
+            if info.doc_id != keeper:
+                store.remove(info.doc_id)
         env = {CRASH_ENV: what} if kind == "phase" else {}
         if kind == "phase" and what == "cleanup":
             dead = cache / "docs" / ".build-dead-0-x"  # a dead build for the cleanup to remove
@@ -127,6 +140,17 @@ def kills(cache: Path, reference: list[int], n_random: int, rng: random.Random) 
         out["leftovers_after_restart"] += len(leftovers(cache))
         out["invalid_used"] += after.get("answer") != reference
         out["hits_after"] += after.get("status") == "hit"
+        if kind == "phase" and what == "remove":  # this trial's tiny cache limit evicted it on purpose
+            keeper = build_keeper()
+            continue
+        out["kept_checked"] += 1
+        try:
+            store.verify(keeper)
+            out["kept_valid"] += 1
+        except Exception as e:  # noqa: BLE001 - any failure counts against it
+            print(f"the DocCache valid before the kill fails after it ({kind} {what}): {e}", flush=True)
+    final = result(spawn(cache, **{DOC_ENV: "keep"}))
+    out["kept_hit_at_end"] = final.get("status") == "hit"
     return out
 
 
@@ -214,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         k = kills(base / "kills", reference, args.kills, rng)
         print(f"1. kill -9 during ingest: {k['trials']} trials (6 named phases + {args.kills} random moments), "
               f"{k['killed']} killed; after restart: invalid DocCaches used {k['invalid_used']}, "
-              f"leftovers {k['leftovers_after_restart']}, reused (hit) {k['hits_after']}", flush=True)
+              f"leftovers {k['leftovers_after_restart']}, reused (hit) {k['hits_after']}; another document's "
+              f"DocCache valid before the kill still verifies after it in {k['kept_valid']}/{k['kept_checked']} "
+              f"trials, reported as hit by a new process at the end: {k['kept_hit_at_end']}", flush=True)
         c = corruptions(base / "corrupt", reference, args.corruptions, rng)
         print(f"2. single-byte corruptions: {c['corruptions']}; detected {c['detected']}; used {c['used']}", flush=True)
         cc = concurrent(base / "concurrent", reference)
         print(f"3. two concurrent ingests: statuses {cc['statuses']} (one build), both answers equal the "
               f"single-process answer: {cc['answers_equal_reference']}", flush=True)
-        ok = (k["invalid_used"] == 0 and k["leftovers_after_restart"] == 0 and c["detected"] == c["corruptions"]
+        ok = (k["invalid_used"] == 0 and k["leftovers_after_restart"] == 0 and k["kept_valid"] == k["kept_checked"]
+              and k["kept_hit_at_end"] and c["detected"] == c["corruptions"]
               and c["used"] == 0 and cc["statuses"] == ["hit", "miss"] and cc["answers_equal_reference"])
         if not args.no_full_disk:
             f = full_disk(base)

