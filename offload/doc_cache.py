@@ -24,6 +24,7 @@ ingest.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from offload.errors import OffloadError
-from storage import make_io
+from storage import AlignedBuffer, make_io
 from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocStore
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["DocCache", "DocCacheError", "LAYOUT_VERSION", "default_cache_limit"]
 
 logger = logging.getLogger(__name__)
+RESTORE_PIECE_BYTES = 32 * 2**20  # a DocCache is restored in pieces of at most this many bytes
 
 LAYOUT_VERSION = 1
 # Default --cache-limit: this share of the file system's free space (plus what the store holds).
@@ -271,26 +273,50 @@ class DocCache:
         if meta.get("page_size") != ps or len(meta.get("layers", [])) != cfg.num_layers:
             raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layout does not match this engine")
         tokens = int(meta["num_tokens"])
+        layers = []
+        for layer, info in enumerate(meta["layers"]):
+            first, n_tok = int(info["first_page"]), int(info["tokens"])
+            pages = reader.num_pages(layer)
+            if n_tok != tokens or pages != -(-n_tok // ps) - first:
+                raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layer {layer} holds {pages} pages, "
+                                      f"its meta says tokens {n_tok} from page {first}")
+            layers.append((first, pages))
         seq = eng.new_sequence()
+        # One layer is read (and checked) ahead on a thread while the previous one is placed:
+        # the read and the CRCs release the GIL, and DISK writes run on the store's threads.
+        ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="doccache-read")
         try:
             eng.check_request(seq, tokens, 1, allow_long_context=True)
             placement = eng.placement_for(seq, tokens)
-            for layer, info in enumerate(meta["layers"]):
-                first, n_tok = int(info["first_page"]), int(info["tokens"])
-                pages = reader.num_pages(layer)
-                if n_tok != tokens or pages != -(-n_tok // ps) - first:
-                    raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layer {layer} holds {pages} pages, "
-                                          f"its meta says tokens {n_tok} from page {first}")
-                data = reader.read_pages(layer, 0, pages)
-                arr = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(eng.kv_dtype)
-                arr = arr.view(pages, 2, cfg.num_kv_heads, ps, cfg.head_dim)
-                count = n_tok - first * ps
-                k = arr[:, 0].permute(0, 2, 1, 3).reshape(pages * ps, cfg.num_kv_heads, cfg.head_dim)[:count]
-                v = arr[:, 1].permute(0, 2, 1, 3).reshape(pages * ps, cfg.num_kv_heads, cfg.head_dim)[:count]
-                eng.kv.restore(seq, layer, first * ps, k.to(eng.device), v.to(eng.device), placement)
+            # Pieces of at most RESTORE_PIECE_BYTES (a sliding layer's ring: whole), so a long
+            # document's restore holds a few pieces of memory, not a few layers.
+            per_piece = max(1, RESTORE_PIECE_BYTES // reader.page_bytes)
+            pieces = [(layer, p0, (pages if eng.windows[layer] is not None else min(per_piece, pages - p0)))
+                      for layer, (first, pages) in enumerate(layers)
+                      for p0 in (range(0, pages, per_piece) if eng.windows[layer] is None else [0])]
+
+            def read(i: int) -> torch.Tensor:
+                # Into aligned memory: DISK pages can then be written from where they were read.
+                layer, p0, count = pieces[i]
+                buf = AlignedBuffer(count * reader.page_bytes)
+                reader.read_pages(layer, p0, count, into=buf.memoryview())
+                return buf.torch()[: count * reader.page_bytes]
+
+            pending = ahead.submit(read, 0) if pieces else None
+            for i, (layer, p0, count) in enumerate(pieces):
+                assert pending is not None
+                data = pending.result()
+                pending = ahead.submit(read, i + 1) if i + 1 < len(pieces) else None
+                first = layers[layer][0]
+                start = (first + p0) * ps
+                arr = data.view(eng.kv_dtype).view(count, 2, cfg.num_kv_heads, ps, cfg.head_dim)
+                eng.kv.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement)
+                del arr, data
         except BaseException:
             eng.release(seq)
             raise
+        finally:
+            ahead.shutdown(wait=True, cancel_futures=True)
         return seq
 
 

@@ -42,7 +42,7 @@ from offload.page_table import DiskSlots, KVSequence, PageLocation, PageTable, g
 from offload.placement import Placement
 from offload.readahead import Chunk, ReadAhead
 from storage import PageArena, Tier
-from storage.aligned import AlignedBuffer
+from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 from storage.disk_store import DiskExtentStore, TransferHandle
 
 __all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup", "IOCounters", "ring_pages",
@@ -135,7 +135,8 @@ class PagedKV:
         self._disk_peak = 0
         self.readahead = (ReadAhead(disk, num_buffers=staging_buffers, chunk_pages=staging_chunk_pages)
                           if disk is not None else None)
-        self._writes: collections.deque[tuple[TransferHandle, AlignedBuffer]] = collections.deque()
+        # DISK writes in flight: the handle, what holds the source bytes alive, their size.
+        self._writes: collections.deque[tuple[TransferHandle, object, int]] = collections.deque()
         self._write_bytes = 0
         self.max_write_bytes = max_write_bytes
         self.io = IOCounters()
@@ -256,8 +257,24 @@ class PagedKV:
                 k, v, start = k[keep * ps - start :], v[keep * ps - start :], keep * ps
                 t = end - start
             have = seq.table.num_pages(layer)
+        self._add_pages(seq, layer, have, need, end, t, placement)
+        table_slots, table_tiers = seq.table.slots(layer), seq.table.tiers(layer)
+        if t == 1:  # decode: one token into the DEVICE tail page, no index tensors
+            self.arena.write_token(table_slots[start // ps], start % ps, k[0], v[0])
+        elif t:
+            self._write_tokens(layer, table_tiers, table_slots, start, end, k, v)
+        self._count_written(layer, table_tiers, start, end)
+        seq.lengths[layer] = end
+
+    def _add_pages(self, seq: KVSequence, layer: int, have: int, need: int, end: int, t: int,
+                   placement: Placement) -> None:
+        """Append pages ``have .. need - 1`` of ``layer`` to the table, each on its tier (a
+        sliding layer's and the partly filled last page on DEVICE, the others where
+        ``placement`` says), evicting older DEVICE pages when DEVICE is short. A refused
+        allocation takes nothing."""
+        window = self.windows[layer]
         new_ids = list(range(have, need))
-        tiers = [Tier.DEVICE if (window is not None or (pid == need - 1 and end % ps))
+        tiers = [Tier.DEVICE if (window is not None or (pid == need - 1 and end % self.page_size))
                  else placement.tier_of(pid, layer) for pid in new_ids]
         short = tiers.count(Tier.DEVICE) - self.free_slots(Tier.DEVICE)
         if short > 0 and window is None:
@@ -272,12 +289,58 @@ class PagedKV:
             raise
         for tier in tiers:
             seq.table.append(layer, PageLocation(tier, taken[tier].popleft()))
-        table_slots, table_tiers = seq.table.slots(layer), seq.table.tiers(layer)
-        if t == 1:  # decode: one token into the DEVICE tail page, no index tensors
-            self.arena.write_token(table_slots[start // ps], start % ps, k[0], v[0])
-        elif t:
-            self._write_tokens(layer, table_tiers, table_slots, start, end, k, v)
-        self._count_written(layer, table_tiers, start, end)
+
+    def restore_pages(self, seq: KVSequence, layer: int, start: int, pages: torch.Tensor, tokens: int,
+                      placement: Placement | None = None) -> None:
+        """``restore`` from whole pages as DISK stores them (a DocCache's bytes): ``pages``
+        [n, 2, num_kv_heads, page_size, head_dim] on the CPU hold tokens [start, start +
+        tokens) (the last page's tail is padding). Pages placed on DISK are written as they
+        are, memory pages copied into their slots: no round trip through token order.
+
+        A global layer may be restored in pieces: a later call continues at the page-aligned
+        end of the previous one (``start`` = the layer's length)."""
+        ps = self.page_size
+        n = pages.shape[0]
+        if n != -(-tokens // ps) or tuple(pages.shape[1:]) != (2, self.arena.num_kv_heads, ps, self.arena.head_dim):
+            raise ValueError(f"restore_pages got pages of shape {tuple(pages.shape)} for {tokens} tokens")
+        have = seq.table.num_pages(layer)
+        continuing = (self.windows[layer] is None and have and seq.lengths[layer] == start
+                      and not start % ps and have == start // ps)
+        if not continuing and (seq.lengths[layer] or have or start % ps):
+            raise ValueError(f"restore needs an empty layer (or, for a global layer, the page-aligned end of "
+                             f"its restored pages) and a page-aligned start, got start {start}")
+        if self.windows[layer] is not None:  # a ring: through the token path, which drops what it must
+            tok = pages.permute(1, 0, 3, 2, 4).reshape(2, n * ps, self.arena.num_kv_heads, self.arena.head_dim)
+            self.restore(seq, layer, start, tok[0, :tokens], tok[1, :tokens], placement)
+            return
+        if not continuing:
+            for _ in range(start // ps):
+                seq.table.append(layer, PageLocation(Tier.DEVICE, -1))
+            seq.table.drop_before(layer, start // ps)
+        end = start + tokens
+        first = start // ps
+        self._add_pages(seq, layer, first, first + n, end, tokens, placement or Placement())
+        tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        mem: dict[Tier, tuple[list[int], list[int]]] = {}  # tier -> page index into `pages`, slot
+        disk_runs: list[tuple[int, int, int]] = []  # (page index, first disk slot, pages)
+        for i in range(n):
+            tier, slot = tiers[first + i], slots[first + i]
+            if tier == Tier.DISK:
+                last = disk_runs[-1] if disk_runs else None
+                if last and last[0] + last[2] == i and last[1] + last[2] == slot:
+                    disk_runs[-1] = (last[0], last[1], last[2] + 1)
+                else:
+                    disk_runs.append((i, slot, 1))
+            else:
+                idx, sl = mem.setdefault(tier, ([], []))
+                idx.append(i)
+                sl.append(slot)
+        for tier, (idx, sl) in mem.items():
+            sel = pages[idx[0]: idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else pages[idx]
+            self._pool(tier).write_pages(sl, sel[:, 0].transpose(0, 1), sel[:, 1].transpose(0, 1))
+        for i, slot0, m in disk_runs:
+            self._submit_disk_pages(layer, slot0, pages[i: i + m])
+        self._count_written(layer, tiers, start, end)
         seq.lengths[layer] = end
 
     def restore(self, seq: KVSequence, layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
@@ -397,16 +460,43 @@ class PagedKV:
         pages[:, 0].copy_(k.reshape(shape).transpose(1, 2))
         pages[:, 1].copy_(v.reshape(shape).transpose(1, 2))
         del pages
-        handle = self.disk.submit_write(layer, slot0, buf.memoryview()[: n * self.disk.disk_page_bytes], n)
-        self._writes.append((handle, buf))
-        self._write_bytes += buf.nbytes
+        self._submit_buffer(layer, slot0, buf, n)
+
+    def _submit_disk_pages(self, layer: int, slot0: int, src: torch.Tensor) -> None:
+        """Write whole pages [n, 2, num_kv_heads, page_size, head_dim] (DISK's layout) to
+        DISK slots ``slot0 ..``."""
+        assert self.disk is not None
+        n = src.shape[0]
+        if (self.disk.disk_page_bytes == self.page_bytes and src.is_contiguous() and src.device.type == "cpu"
+                and src.data_ptr() % DISK_ALIGNMENT == 0):
+            # Already laid out as the slots are and aligned for O_DIRECT: written from where it is.
+            raw = src.view(torch.uint8).reshape(-1)
+            self._submit_view(layer, slot0, memoryview(raw.numpy()), raw, n)
+            return
+        buf = AlignedBuffer(n * self.disk.disk_page_bytes)
+        pages = self._page_view(buf, n)
+        pages.copy_(src)
+        del pages
+        self._submit_buffer(layer, slot0, buf, n)
+
+    def _submit_buffer(self, layer: int, slot0: int, buf: AlignedBuffer, n: int) -> None:
+        assert self.disk is not None
+        self._submit_view(layer, slot0, buf.memoryview()[: n * self.disk.disk_page_bytes], buf, n)
+
+    def _submit_view(self, layer: int, slot0: int, view: memoryview, keep: object, n: int) -> None:
+        """Write ``n`` slots from ``view`` (aligned, ``n`` DISK slots long); ``keep`` holds its
+        memory until the write is done."""
+        assert self.disk is not None
+        handle = self.disk.submit_write(layer, slot0, view, n)
+        self._writes.append((handle, keep, view.nbytes))
+        self._write_bytes += view.nbytes
         self.io.disk_bytes_written += n * self.disk.disk_page_bytes
         while self._write_bytes > self.max_write_bytes:  # bound the write staging
             self._finish_oldest_write()
 
     def _finish_oldest_write(self) -> None:
-        handle, buf = self._writes.popleft()
-        self._write_bytes -= buf.nbytes
+        handle, _, nbytes = self._writes.popleft()
+        self._write_bytes -= nbytes
         handle.wait()
 
     def flush_writes(self) -> None:

@@ -284,8 +284,10 @@ class DocReader:
     def num_pages(self, layer: int) -> int:
         return int(self._by_layer[layer][1]["pages"]) if layer in self._by_layer else 0
 
-    def read_pages(self, layer: int, first: int, count: int) -> bytes:
-        """Pages [first, first + count) of ``layer``, checked against their CRC32s (once).
+    def read_pages(self, layer: int, first: int, count: int, into: memoryview | None = None) -> memoryview:
+        """Pages [first, first + count) of ``layer``, checked against their CRC32s (once):
+        read into ``into`` (a writable byte view at least that long) or a new buffer; returns
+        the view of the bytes read.
 
         Raises:
             DocCacheCorrupt: a short file or a checksum mismatch (names the file and page).
@@ -295,13 +297,15 @@ class DocReader:
         nbytes = count * self.page_bytes
         self.store.fault_hook("read", path)
         io = self.store.io
-        buf = bytearray(nbytes)
+        if into is not None and (into.nbytes < nbytes or into.readonly):
+            raise ValueError(f"read_pages needs a writable buffer of {nbytes} bytes, got {into.nbytes}")
+        buf = memoryview(bytearray(nbytes)) if into is None else into.cast("B")[:nbytes]
         fd = io.open(str(path), os.O_RDONLY)
         try:
             os.posix_fadvise(fd, first * self.page_bytes, nbytes, os.POSIX_FADV_DONTNEED)
             got = 0
             while got < nbytes:  # a regular file returns short only at its end
-                n = io.preadv(fd, [memoryview(buf)[got:]], first * self.page_bytes + got)
+                n = io.preadv(fd, [buf[got:]], first * self.page_bytes + got)
                 if n <= 0:
                     break
                 got += n
@@ -310,10 +314,9 @@ class DocReader:
         if got != nbytes:
             raise DocCacheCorrupt(f"DocCache {self.doc_id}: {path.name} is short ({got} of {nbytes} bytes at "
                                   f"page {first})")
-        data = bytes(buf)
         t0 = time.perf_counter()
         seen, crcs = self._verified[layer], entry["page_crc32"]
-        view = memoryview(data)
+        view = buf
         for i in range(count):
             page = first + i
             if page in seen:
@@ -323,7 +326,7 @@ class DocReader:
             seen.add(page)
         self.verify_s += time.perf_counter() - t0
         self.bytes_read += nbytes
-        return data
+        return buf
 
     def close(self) -> None:
         if self._lock_fd >= 0:

@@ -154,6 +154,13 @@ class PageArena:
         self.k[:, slots, offsets] = k.transpose(0, 1).to(self.dtype)
         self.v[:, slots, offsets] = v.transpose(0, 1).to(self.dtype)
 
+    def write_pages(self, slots: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write whole pages. k, v: [num_kv_heads, len(slots), page_size, head_dim] (any
+        float dtype and device: cast and moved to the arena's)."""
+        index = torch.tensor(slots, dtype=torch.int64, device=self.k.device)
+        self.k.index_copy_(1, index, k.to(self.k.device, self.dtype))
+        self.v.index_copy_(1, index, v.to(self.v.device, self.dtype))
+
     def write_token(self, slot: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token. k, v: [num_kv_heads, head_dim]."""
         self.k[:, slot, offset] = k

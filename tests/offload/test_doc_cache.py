@@ -46,6 +46,21 @@ def test_hit_in_a_new_instance_answers_like_a_fresh_ingest(tmp_path, model, laye
         assert _answer(qa, doc) == fresh  # ask twice
 
 
+def test_hit_restored_in_small_pieces_answers_like_a_fresh_ingest(tmp_path, monkeypatch):
+    """A DocCache restored a few pages at a time (as a long document's is, to bound memory)
+    answers exactly as a fresh ingest."""
+    import offload.doc_cache as doc_cache
+
+    with _qa(tmp_path, doc_cache=False) as qa:
+        fresh = _answer(qa, qa.ingest(DOC))
+    with _qa(tmp_path) as qa:
+        assert qa.ingest(DOC).stats.doc_cache == "miss"
+    with _qa(tmp_path) as qa:
+        monkeypatch.setattr(doc_cache, "RESTORE_PIECE_BYTES", 3 * qa.engine.kv.page_bytes)
+        doc = qa.ingest(DOC)
+        assert doc.stats.doc_cache == "hit" and _answer(qa, doc) == fresh
+
+
 def _layer_files(cache: Path) -> list[Path]:
     return sorted((cache / "docs").glob("*/layer_*.kv"))
 
