@@ -71,6 +71,9 @@ class DecodeAttention:
         self.device = device
         if kernel == DecodeKernel.AUTO:
             kernel = DecodeKernel.TRITON if device.type == "cuda" else DecodeKernel.NUMBA
+        if kernel == DecodeKernel.NUMBA and device.type != "cpu":
+            raise ValueError(f"the Numba decode kernel attends CPU memory; on {device} use the Triton or "
+                             f"torch kernel (decode_kernel=AUTO picks Triton on CUDA)")
         self.kernel = kernel
         # On a CPU-only machine with the Numba kernel, HOST pages and staged DISK chunks are
         # attended where they lie (no copy into attention order).
@@ -190,9 +193,10 @@ class DecodeAttention:
         if self._token_table is None or self._token_table.shape[1] < n:
             self._token_table = torch.arange(max(n, 4096), dtype=torch.int32, device=self.device).view(1, -1)
         lens = torch.tensor([n], dtype=torch.int32).to(self.device, non_blocking=True)
-        out, lse = paged_decode_attention(q.reshape(1, -1, self.head_dim), k.unsqueeze(2).to(q.dtype),
-                                          v.unsqueeze(2).to(q.dtype), self._token_table[:, :n], lens,
-                                          scale=self.scale)
+        # The kernel wants one dtype: the query (a few hundred values) takes the pages' dtype,
+        # never the pages the query's (a copy of the piece); it computes in fp32 either way.
+        out, lse = paged_decode_attention(q.reshape(1, -1, self.head_dim).to(k.dtype), k.unsqueeze(2),
+                                          v.unsqueeze(2), self._token_table[:, :n], lens, scale=self.scale)
         return out[0], lse[0]
 
     def _triton_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
@@ -201,6 +205,6 @@ class DecodeAttention:
 
         table = torch.tensor([slots], dtype=torch.int32).to(self.device, non_blocking=True)
         lens = torch.tensor([tokens], dtype=torch.int32).to(self.device, non_blocking=True)
-        out, lse = paged_decode_attention(q.reshape(1, -1, self.head_dim), pool.k, pool.v, table, lens,
-                                          scale=self.scale)
+        out, lse = paged_decode_attention(q.reshape(1, -1, self.head_dim).to(pool.k.dtype), pool.k, pool.v, table,
+                                          lens, scale=self.scale)  # one dtype: see _triton_tokens
         return out[0], lse[0]

@@ -171,10 +171,13 @@ class RuntimeConfig:
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for but CUDA is not available; use --device cpu")
+        if dev.type == "cuda" and dev.index is None:
+            # With its index, so that comparisons with a tensor's device (always indexed) hold.
+            dev = torch.device("cuda", torch.cuda.current_device())
         return dev
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "posix", "kvikio")
 INSTALL_HINT = "pip install kvikio-cu12 (or kvikio-cu13, matching your CUDA)"
+# Threads of KvikIO's pool when KVIKIO_NTHREADS is not set: the DISK tier's reader pool (4)
+# and the read-ahead's split transfers each keep a few tasks in flight (NVMe wants depth).
+KVIKIO_THREADS = 8
 
 
 def kvikio_status() -> str | None:
@@ -64,7 +67,11 @@ def make_io(name: str = "auto") -> PosixIO:
         return PosixIO()
     problem = kvikio_status()
     if problem is None:
-        return KvikioIO()
+        try:
+            return KvikioIO()
+        except Exception as e:  # noqa: BLE001 - a KvikIO this adapter cannot drive: say why, or fall back
+            problem = f"KvikIO failed to start ({type(e).__name__}: {e})"
+            logger.warning("%s; the disk backend is POSIX", problem)
     if name == "kvikio":
         raise ValueError(f"the kvikio disk backend cannot run here: {problem}; use --disk-backend posix")
     return PosixIO()
@@ -80,15 +87,17 @@ class KvikioIO(PosixIO):
         import kvikio.defaults
 
         self._kvikio = kvikio
-        for key in ("auto_direct_io_read", "auto_direct_io_write"):
-            try:
-                kvikio.defaults.set(key, True)
-            except (KeyError, ValueError, AttributeError):  # older KvikIO: no such setting
-                logger.info("KvikIO has no %s setting; cold reads rely on posix_fadvise", key)
+        for key in ("auto_direct_io_read", "auto_direct_io_write"):  # older KvikIO: no such setting,
+            _set_default(kvikio, key, True)  # cold reads then rely on posix_fadvise
+        # KvikIO's own pool runs each transfer's tasks; it has one thread unless told (its
+        # KVIKIO_NTHREADS), which would queue every reader thread of the store behind one.
+        if "KVIKIO_NTHREADS" not in os.environ:
+            _set_default(kvikio, "num_threads", KVIKIO_THREADS)
         self._files: dict[int, Any] = {}
         self._lock = threading.Lock()
         self.fallbacks = 0
-        self.compat_mode = kvikio.defaults.get("compat_mode")
+        self.compat_mode = _get_default(kvikio, "compat_mode")
+        self.num_threads = _get_default(kvikio, "num_threads")
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
         fd = os.open(path, flags, mode)
@@ -140,6 +149,30 @@ class KvikioIO(PosixIO):
             if n < arr.nbytes:
                 break
         return total
+
+def _get_default(kvikio: Any, key: str) -> Any:
+    """A KvikIO setting: ``defaults.get(key)`` (KvikIO 25.x) or ``defaults.<key>()`` (older)."""
+    d = kvikio.defaults
+    try:
+        if hasattr(d, "get"):
+            return d.get(key)
+        getter = getattr(d, key, None)
+        return getter() if callable(getter) else None
+    except (KeyError, ValueError, AttributeError, TypeError):  # a setting this KvikIO lacks
+        return None
+
+
+def _set_default(kvikio: Any, key: str, value: Any) -> None:
+    """``defaults.set(key, value)`` (KvikIO 25.x) or ``defaults.<key>_reset(value)`` (older)."""
+    d = kvikio.defaults
+    try:
+        if hasattr(d, "set"):
+            d.set(key, value)
+        else:
+            getattr(d, f"{key}_reset")(value)
+    except (KeyError, ValueError, AttributeError, TypeError) as e:
+        logger.info("KvikIO setting %s=%r not applied (%s)", key, value, e)
+
 
 def _call(op: Any, arr: np.ndarray, offset: int, what: str) -> int:
     """One KvikIO transfer; its failures (RuntimeError) become OSError like a system call's."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import weakref
 
 import torch
 
@@ -28,6 +29,13 @@ from storage.base import Tier
 __all__ = ["PageArena"]
 
 logger = logging.getLogger(__name__)
+
+
+def _unregister(tensors: list[torch.Tensor]) -> None:
+    torch.cuda.synchronize()
+    rt = torch.cuda.cudart()
+    for t in tensors:
+        rt.cudaHostUnregister(t.data_ptr())
 
 
 class PageArena:
@@ -68,13 +76,42 @@ class PageArena:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_kv_heads, num_slots, page_size, head_dim)
-        # torch.empty: on CPU the pages are touched (and counted in RSS) only when written.
-        self.k = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=pin_memory)
-        self.v = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=pin_memory)
+        # torch.empty: on CPU the pages are touched (and counted in RSS) only when written
+        # (pinned memory is touched at once: locking faults every page in).
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self.pinned_by = "no"  # "register" (cudaHostRegister), "allocator" (pin_memory=True) or "no"
+        if pin_memory:
+            self._pin()
         self._free: list[int] = list(range(num_slots))  # a heap: lowest slot first
         self._refs = [0] * num_slots
         self._peak_used = 0
         logger.debug("%s arena: %d slots of %d bytes", tier.value, num_slots, self.slot_bytes)
+
+    def _pin(self) -> None:
+        """Page-lock K and V for asynchronous copies to CUDA. ``cudaHostRegister`` locks exactly
+        their bytes; ``pin_memory=True`` (the fallback when registering fails) goes through
+        torch's caching host allocator, which rounds each block up to a power of two (a
+        35 GiB K would lock 64 GiB)."""
+        rt = torch.cuda.cudart()
+        registered: list[torch.Tensor] = []
+        for t in (self.k, self.v):
+            if rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) != rt.cudaError.success:
+                break
+            registered.append(t)
+        else:
+            self.pinned_by = "register"
+            # When the arena goes: the device finishes any copy from it, the memory is
+            # unregistered, and only then freed (the finalizer holds the tensors till then).
+            weakref.finalize(self, _unregister, registered)
+            return
+        for t in registered:
+            rt.cudaHostUnregister(t.data_ptr())
+        logger.warning("cudaHostRegister failed for the %s arena; pinning through torch's allocator",
+                       self.tier.value)
+        self.k = self.k.pin_memory()
+        self.v = self.v.pin_memory()
+        self.pinned_by = "allocator"
 
     @property
     def slot_bytes(self) -> int:

@@ -106,3 +106,22 @@ def test_all_device_placement_reads_device_only(tiny, tmp_path):
     assert stats.bytes_read_per_token["device"] > 0
     assert stats.bytes_read_per_token["host"] == stats.bytes_read_per_token["disk"] == 0
     assert stats.cpu_attended_bytes_per_token["device"] == stats.bytes_read_per_token["device"]
+
+
+def test_triton_decode_with_kv_pages_in_another_dtype(tiny, tmp_path):
+    """bf16 KV pages under fp32 compute (``--kv-dtype bf16``): the Triton path gives the query
+    the pages' dtype (the kernel takes one dtype) on every tier, and agrees with the torch
+    kernel, which widens the pages instead; they differ only by the query's bf16 rounding."""
+    folder, ids = tiny
+    got = {}
+    for kernel in (DecodeKernel.TRITON, DecodeKernel.TORCH):
+        engine = _engine(folder, tmp_path / kernel.value, placement=MIXED, decode_kernel=kernel,
+                         kv_dtype=torch.bfloat16)
+        try:
+            got[kernel] = ours_teacher_forced(engine, ids, FORCED, prompt_logits=8)
+            assert engine.kv.arena.dtype == torch.bfloat16
+            assert {"device", "host", "disk"} <= {t for t, b in engine.kv.io.bytes_read.items() if b > 0}
+        finally:
+            engine.close()
+    diff = (got[DecodeKernel.TRITON] - got[DecodeKernel.TORCH]).abs().max().item()
+    assert diff < 2e-2, diff

@@ -12,9 +12,9 @@ import types
 import numpy as np
 import pytest
 
-from storage.disk_store import DiskExtentStore
+from storage.disk_store import DiskExtentStore, PosixIO
 from storage.doc_store import DocStore
-from storage.kvikio_io import KvikioIO
+from storage.kvikio_io import KVIKIO_THREADS, KvikioIO, make_io
 
 
 class _Future:
@@ -66,9 +66,11 @@ def fake_kvikio(monkeypatch):
     return settings
 
 
-def test_asks_for_direct_io_and_serves_the_disk_store(tmp_path, fake_kvikio):
+def test_asks_for_direct_io_and_serves_the_disk_store(tmp_path, fake_kvikio, monkeypatch):
+    monkeypatch.delenv("KVIKIO_NTHREADS", raising=False)
     io = KvikioIO()
     assert fake_kvikio["auto_direct_io_read"] is True and fake_kvikio["auto_direct_io_write"] is True
+    assert fake_kvikio["num_threads"] == KVIKIO_THREADS == io.num_threads  # not KvikIO's default of one
     rng = np.random.default_rng(0)
     with DiskExtentStore(tmp_path / "kv", num_layers=2, page_bytes=5000, io=io) as store:
         assert store.backend == "kvikio"
@@ -129,3 +131,39 @@ def test_short_read_at_end_of_file(tmp_path, fake_kvikio):
     assert io.preadv(fd, [memoryview(a), memoryview(b)], 0) == 6000  # stops at the short piece
     assert b[:1904] == b"y" * 1904
     io.close(fd)
+
+
+def test_kvikio_nthreads_from_the_environment_is_kept(fake_kvikio, monkeypatch):
+    monkeypatch.setenv("KVIKIO_NTHREADS", "3")
+    KvikioIO()
+    assert "num_threads" not in fake_kvikio
+
+
+def test_older_kvikio_settings_api(fake_kvikio, monkeypatch):
+    """KvikIO before 25.x: ``defaults.compat_mode()`` and ``defaults.num_threads_reset(n)``
+    instead of ``get``/``set``; no direct-I/O settings."""
+    import kvikio.defaults as d
+
+    calls: dict = {}
+    monkeypatch.delattr(d, "get")
+    monkeypatch.delattr(d, "set")
+    monkeypatch.delenv("KVIKIO_NTHREADS", raising=False)
+    d.compat_mode = lambda: True
+    d.num_threads = lambda: calls.get("num_threads", 1)
+    d.num_threads_reset = lambda n: calls.__setitem__("num_threads", n)
+    io = KvikioIO()
+    assert io.compat_mode is True and calls == {"num_threads": KVIKIO_THREADS} and io.num_threads == KVIKIO_THREADS
+
+
+def test_auto_falls_back_to_posix_when_kvikio_cannot_start(fake_kvikio, monkeypatch):
+    import storage.kvikio_io as kio
+
+    def broken(self):
+        raise AttributeError("module 'kvikio.defaults' has no attribute 'frobnicate'")
+
+    monkeypatch.setattr(kio, "kvikio_status", lambda: None)  # as on a GPU machine with kvikio installed
+    monkeypatch.setattr(kio.KvikioIO, "__init__", broken)
+    io = make_io("auto")
+    assert type(io) is PosixIO
+    with pytest.raises(ValueError, match="KvikIO failed to start .*frobnicate.*--disk-backend posix"):
+        make_io("kvikio")
