@@ -96,7 +96,7 @@ class PageArena:
         rt = torch.cuda.cudart()
         registered: list[torch.Tensor] = []
         for t in (self.k, self.v):
-            if rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) != rt.cudaError.success:
+            if int(rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:  # 0: cudaSuccess
                 break
             registered.append(t)
         else:
