@@ -393,6 +393,8 @@ class Engine:
         h = self.runner.embed(ids_t)
         num_layers = self.model_config.num_layers
         placement = self.placement_for(seq, t)
+        if t == 1:
+            self.kv.make_tail_room(seq)  # decode growth's page moves, before reads are planned
         if t <= self.config.prefill_chunk_tokens and self.config.overlap:
             self.kv.plan_reads(seq)  # one pass over the stored pages per layer: read DISK ahead
         if self.kv.fetcher is not None:

@@ -385,6 +385,22 @@ class PagedKV:
         self.io.bytes_read[tier.value] += nbytes
         self.io.read_by_kind[self.kinds[layer]][tier.value] += nbytes
 
+    def make_tail_room(self, seq: KVSequence) -> None:
+        """Before a decode step: move now the pages its appends would move (when a global
+        layer's token starts a new DEVICE tail page and DEVICE has no free slot), so that
+        the step's DISK reads are planned, and its CUDA pieces fetched, over the page tables
+        attention will see. Sliding layers are left out: a ring drops a page as it adds one.
+        Counting wrong moves a page early or leaves the move to ``append``; never a wrong
+        result."""
+        free = self.free_slots(Tier.DEVICE)
+        for layer in range(self.num_layers):
+            if self.windows[layer] is not None or seq.lengths[layer] % self.page_size:
+                continue
+            if free > 0:
+                free -= 1  # this layer's append takes a free slot
+            else:
+                self._evict(seq, layer, 1)  # the slot it frees is this layer's tail page
+
     def _evict(self, seq: KVSequence, layer: int, count: int) -> None:
         """Make room on DEVICE for new tail pages: move up to ``count`` of this layer's oldest
         full DEVICE pages (never page 0, the attention sink; never a page another sequence

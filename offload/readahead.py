@@ -44,6 +44,7 @@ class ReadAhead:
         self.buffers = [AlignedBuffer(chunk_pages * store.disk_page_bytes) for _ in range(num_buffers)]
         self._free = list(self.buffers)
         self._planned: collections.deque[Chunk] = collections.deque()
+        self.unplanned = 0  # chunks asked for out of plan (each drops the plan: reads turn serial)
         self._inflight: collections.deque[tuple[Chunk, AlignedBuffer, list[TransferHandle]]] = collections.deque()
 
     @property
@@ -85,6 +86,7 @@ class ReadAhead:
     def take(self, c: Chunk) -> tuple[AlignedBuffer, float]:
         """The staging buffer holding chunk ``c`` and the seconds spent waiting for it."""
         if not (self._inflight and self._inflight[0][0] == c):
+            self.unplanned += 1
             self.reset()
             buf = self._free.pop()
             self._inflight.append((c, buf, self._read(c, buf)))

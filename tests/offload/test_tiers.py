@@ -195,6 +195,8 @@ def test_decode_growth_writes_older_pages_back_when_device_is_full(tiny, tmp_pat
         got = list(engine.generate(seq, ids[:40], max_new_tokens=60))
         assert got == want
         assert engine.kv.io.evicted_pages > 0
+        # Pages moved before each step's reads were planned: decode never read out of plan.
+        assert engine.kv.readahead is not None and engine.kv.readahead.unplanned == 0
         tiers0 = seq.table.tiers(0)
         assert tiers0[0] == Tier.DEVICE and tiers0[-1] == Tier.DEVICE  # sink and tail stay
         assert Tier.DISK in tiers0
