@@ -2,6 +2,8 @@
 live in its output, never in tests)."""
 from __future__ import annotations
 
+import json
+
 from offload.cli import main
 
 
@@ -11,9 +13,11 @@ def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cach
                  "--cache-dir", str(cache_dir), "--json-out", str(out_json)]) == 0
     out = capsys.readouterr().out
     for row in ("all-DEVICE", "HOST spill", "DISK spill", "split, pipelined", "split, --no-overlap",
-                "cold read bandwidth", "overlap: pipelined / serial", "disk bound"):
+                "cold read bandwidth", "overlap: pipelined / serial", "disk bound",
+                "reads beside compute"):
         assert row in out
-    assert out_json.is_file()
+    beside = json.loads(out_json.read_text())["beside"]  # CPU-only run: measured
+    assert len(beside["step_s"]) == 3 and all(s > 0 for s in beside["step_s"]) and beside["read_gbps"] > 0
 
 
 def test_bench_refuses_fewer_than_three_repetitions(capsys):
