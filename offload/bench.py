@@ -105,6 +105,16 @@ def _prompt(source: ModelSource, n: int) -> list[int]:
     return ids[:n]
 
 
+def _decode_fork(engine: Engine, doc: Any, tok: int, decode: int) -> tuple[RunStats, list[int]]:
+    """Decode ``decode`` steps after ``tok`` on a copy-on-write fork of ``doc`` (released after):
+    the run's stats and the generated ids."""
+    fork = engine.fork(doc)
+    stats = RunStats()
+    toks = list(engine.generate(fork, [tok], max_new_tokens=decode + 1, stats=stats))
+    engine.release(fork)
+    return stats, toks
+
+
 def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Result, progress,
               keep: bool = False) -> Any:
     """Run the repetitions; with ``keep`` the last prefilled sequence is kept and returned (with the
@@ -116,15 +126,12 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
         logits = engine.forward(doc, ids)
         engine.kv.flush_writes()
         res.prefill_s.append(time.perf_counter() - t0)
-        fork = engine.fork(doc)
-        stats = RunStats()
         tok = int(torch.argmax(logits[-1]))
-        toks = list(engine.generate(fork, [tok], max_new_tokens=decode + 1, stats=stats))
+        stats, toks = _decode_fork(engine, doc, tok, decode)
         res.decode_s.append(stats.decode_s / max(1, stats.decode_tokens) * decode)
         res.fetch_wait_s.append(stats.fetch_wait_s)
         res.bytes_per_token = stats.bytes_read_per_token
         res.tokens = [tok] + toks
-        engine.release(fork)
         if keep and rep == reps - 1:
             kept = (doc, tok)
         else:
@@ -164,12 +171,8 @@ def _decode_beside_reads(dev: Engine, kept: Any, disk: Engine, disk_seq: Any, de
         while not moved and not errors:  # the readers are running before the timing starts
             time.sleep(0.01)
         for _ in range(reps):
-            fork = dev.fork(doc)
-            stats = RunStats()
-            for _ in dev.generate(fork, [tok], max_new_tokens=decode + 1, stats=stats):
-                pass
+            stats, _ = _decode_fork(dev, doc, tok, decode)
             steps.append(stats.decode_s / max(1, stats.decode_tokens))
-            dev.release(fork)
     finally:
         stop.set()
         reader.join()
