@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m offload.demo
+	$(PY) -m offload.commands.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs

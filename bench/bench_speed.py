@@ -66,7 +66,7 @@ class Run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from offload.model_source import default_cache_dir
+    from offload.model.model_source import default_cache_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=8192, help="total context: prompt + decode tokens")
@@ -324,7 +324,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
 
     from offload.config import RuntimeConfig
     from offload.engine import Engine
-    from offload.model_source import ensure_cache_dir, resolve_model
+    from offload.model.model_source import ensure_cache_dir, resolve_model
 
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()

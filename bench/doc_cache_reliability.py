@@ -185,7 +185,7 @@ def concurrent(cache: Path, reference: list[int]) -> dict:
 
 def full_disk(reference_cache: Path) -> dict:
     """ENOSPC on a real small tmpfs if mounting works here, else injected at the storage layer."""
-    from offload.doc_cache import DocCacheError
+    from offload.kv.doc_cache import DocCacheError
     from storage.doc_store import DocStore
 
     mount = Path(tempfile.mkdtemp(prefix="doccache-tmpfs-"))

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-memory", default="32MiB")
     args = p.parse_args(argv)
     from offload.api import LongDocQA
-    from offload.model_source import default_cache_dir
-    from offload.needle import NEEDLES, fit_document, package_essays_dir, read_essays
+    from offload.model.model_source import default_cache_dir
+    from offload.commands.needle import NEEDLES, fit_document, package_essays_dir, read_essays
     from storage.doc_store import DocStore
 
     budgets = ["--device-memory", args.device_memory, "--host-memory", args.host_memory]

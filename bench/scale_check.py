@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload.config import RuntimeConfig, parse_size  # noqa: E402
 from offload.engine import Engine  # noqa: E402
-from offload.model_source import default_cache_dir, resolve_model  # noqa: E402
+from offload.model.model_source import default_cache_dir, resolve_model  # noqa: E402
 from offload.stats import RunStats  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python bench/validate_planner.py [--repeats 4] [--steps 8] [--quick-profile] [--json out.json]
                                      [--separate-engines]
 
-In one run: the hardware profile is measured (``offload.profile.measure_profile``), its disk
+In one run: the hardware profile is measured (``offload.tuning.profile.measure_profile``), its disk
 reads measured again before each configuration (the disk drifts); then for each configuration
 declared below (context length and the KV room of each tier, always with
 some DEVICE, some HOST and the rest on DISK) the LP planner and the greedy rule (fill DEVICE,
@@ -57,10 +57,10 @@ sys.path.insert(0, str(ROOT))
 
 from offload.config import RuntimeConfig  # noqa: E402
 from offload.engine import DEVICE_RESERVE_PAGES, Engine  # noqa: E402
-from offload.model_source import default_cache_dir, resolve_model  # noqa: E402
-from offload.planning import staging_bytes  # noqa: E402
-from offload.profile import measure_profile  # noqa: E402
-from offload.profile_probes import disk_probe  # noqa: E402
+from offload.model.model_source import default_cache_dir, resolve_model  # noqa: E402
+from offload.tuning.planning import staging_bytes  # noqa: E402
+from offload.tuning.profile import measure_profile  # noqa: E402
+from offload.tuning.profile_probes import disk_probe  # noqa: E402
 from planner import CostModel, HardwareProfile  # noqa: E402
 
 MiB = 2**20
@@ -197,7 +197,7 @@ def _shared(source, profile: HardwareProfile, c: Config, kv_root: Path) -> tuple
     written), then ONE engine with room for both whose two sequences are placed by those
     plans: the same DISK files, staging and moment for both, so the disk's drift and where a
     file lands no longer separate them."""
-    from offload.planning import plan_placement
+    from offload.tuning.planning import plan_placement
 
     plans = {}
     for method in METHODS:

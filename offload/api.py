@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from offload.config import RuntimeConfig
-from offload.doc_cache import DocCache
+from offload.kv.doc_cache import DocCache
 from offload.engine import Engine
 from offload.errors import InputError
-from offload.model_source import default_cache_dir, ensure_cache_dir, resolve_model
-from offload.paged_kv import KVSequence
-from offload.progress import PrefillProgress
+from offload.model.model_source import default_cache_dir, ensure_cache_dir, resolve_model
+from offload.kv.paged_kv import KVSequence
+from offload.commands.progress import PrefillProgress
 from offload.sampling import SamplingConfig
 from offload.stats import RunStats
-from offload.text import first_line, load_codec
+from offload.model.text import first_line, load_codec
 
 __all__ = ["LongDocQA", "Doc", "Answer", "AnswerStream"]
 

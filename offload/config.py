@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from offload.placement import Placement
+from offload.kv.placement import Placement
 
 if TYPE_CHECKING:
     from planner.profile import HardwareProfile

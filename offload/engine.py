@@ -36,19 +36,19 @@ import psutil
 import torch
 
 from gpu_kernels.reference import merge_partials_ref
-from offload.attend import DecodeAttention, group_partial_fn
+from offload.attention.decode import DecodeAttention, group_partial_fn
 from offload.config import HostAttention, RuntimeConfig
 from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError, UnsupportedModelError
-from offload.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
-from offload.llama import LlamaRunner
-from offload.model_source import AnyModelConfig, ModelSource, default_cache_dir
-from offload.paged_kv import KVSequence, PagedKV, ring_pages
-from offload.placement import Placement
-from offload.planning import (DEVICE_RESERVE_PAGES, WRITE_STAGING_BYTES, engine_problem, plan_placement,
+from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
+from offload.model.llama import LlamaRunner
+from offload.model.model_source import AnyModelConfig, ModelSource, default_cache_dir
+from offload.kv.paged_kv import KVSequence, PagedKV, ring_pages
+from offload.kv.placement import Placement
+from offload.tuning.planning import (DEVICE_RESERVE_PAGES, WRITE_STAGING_BYTES, engine_problem, plan_placement,
                               plan_summary, staging_bytes)
 from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
-from offload.weights import load_checkpoint, random_weights
+from offload.model.weights import load_checkpoint, random_weights
 from storage import PageArena, Tier, make_io
 from storage.disk_store import DiskExtentStore
 
@@ -246,7 +246,7 @@ class Engine:
         """The profile the planner prices placements with: the configured one, else this
         machine's saved ``offload profile`` (a quick measurement, saved, when there is none)."""
         if self._profile is None:
-            from offload.profile import load_or_measure
+            from offload.tuning.profile import load_or_measure
 
             where = Path(self.config.profile_dir) if self.config.profile_dir else None
             self._profile = self.config.profile or load_or_measure(

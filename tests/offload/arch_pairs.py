@@ -11,7 +11,7 @@ import torch
 
 from offload.config import RuntimeConfig
 from offload.engine import Engine
-from offload.model_source import resolve_model
+from offload.model.model_source import resolve_model
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             num_attention_heads=8, num_key_value_heads=2, head_dim=16, initializer_range=0.1,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from offload.errors import UnsupportedModelError
-from offload.model_config import ModelConfig
-from offload.model_source import resolve_model
+from offload.model.model_config import ModelConfig
+from offload.model.model_source import resolve_model
 from tests.offload.arch_pairs import (hf_greedy, hf_logits, make_engine, ours_greedy,
                                       ours_teacher_forced, save_tiny)
 from tests.tolerances import MODEL_LOGITS_FP32_ATOL
@@ -49,7 +49,7 @@ def test_llama3_inverse_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from offload.rope import inverse_frequencies
+    from offload.model.rope import inverse_frequencies
     from tests.offload.arch_pairs import hf_tiny
 
     config, _ = hf_tiny("llama3")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from offload.cli import main
+from offload.commands.cli import main
 
 
 def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cache_dir, tmp_path):

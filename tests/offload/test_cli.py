@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offload.cli import main
+from offload.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def test_ingest_then_ask_reuses_the_doc_cache_and_cache_commands(tmp_path, capsy
     `offload cache list/verify/remove/gc` manage it."""
     import json as _json
 
-    from offload.cli import main
+    from offload.commands.cli import main
 
     doc = tmp_path / "doc.txt"
     doc.write_text("The ferry leaves at seven. " * 30)

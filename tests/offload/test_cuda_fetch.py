@@ -1,12 +1,12 @@
-"""Fetch-ahead on CUDA (offload/cuda_fetch.py): pieces copied on a side stream equal their
+"""Fetch-ahead on CUDA (offload/kv/cuda_fetch.py): pieces copied on a side stream equal their
 sources; the allowance and the hand-over. The CUDA cases skip without a GPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from offload.cuda_fetch import CudaFetchAhead
-from offload.paged_kv import PagedKV
+from offload.kv.cuda_fetch import CudaFetchAhead
+from offload.kv.paged_kv import PagedKV
 from storage import PageArena, Tier
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -11,8 +11,8 @@ import torch
 
 from offload.config import DecodeKernel, HostAttention, RuntimeConfig
 from offload.engine import Engine
-from offload.model_source import resolve_model
-from offload.placement import Placement
+from offload.model.model_source import resolve_model
+from offload.kv.placement import Placement
 from offload.stats import RunStats
 from storage import Tier
 from tests.offload.arch_pairs import ours_teacher_forced, save_tiny

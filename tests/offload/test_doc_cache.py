@@ -12,7 +12,7 @@ import pytest
 
 from offload.api import LongDocQA
 from offload.config import RuntimeConfig
-from offload.doc_cache import DocCacheError
+from offload.kv.doc_cache import DocCacheError
 
 DOC = " ".join(f"line {i}: the quick brown fox number {i * 7 % 13} jumps." for i in range(60))  # ~3.4K bytes
 QUESTION = "Which number jumps?"
@@ -49,7 +49,7 @@ def test_hit_in_a_new_instance_answers_like_a_fresh_ingest(tmp_path, model, laye
 def test_hit_restored_in_small_pieces_answers_like_a_fresh_ingest(tmp_path, monkeypatch):
     """A DocCache restored a few pages at a time (as a long document's is, to bound memory)
     answers exactly as a fresh ingest."""
-    import offload.doc_cache as doc_cache
+    import offload.kv.doc_cache as doc_cache
 
     with _qa(tmp_path, doc_cache=False) as qa:
         fresh = _answer(qa, qa.ingest(DOC))

@@ -44,7 +44,7 @@ def test_chunking_and_page_size_do_not_change_results(tiny):
 def test_too_small_device_budget_is_refused_up_front(tiny):
     from offload.config import RuntimeConfig
     from offload.engine import Engine
-    from offload.model_source import resolve_model
+    from offload.model.model_source import resolve_model
 
     folder, _, ids = tiny
     small = Engine(resolve_model(str(folder), cache_dir=folder / "cache"),

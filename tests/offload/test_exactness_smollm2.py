@@ -13,7 +13,7 @@ import torch
 
 from offload.config import DecodeKernel, RuntimeConfig
 from offload.engine import Engine
-from offload.placement import Placement
+from offload.kv.placement import Placement
 from storage import Tier
 from tests.tolerances import MODEL_LOGITS_FP32_ATOL
 

@@ -16,9 +16,9 @@ import torch
 from offload.config import RuntimeConfig
 from offload.engine import Engine
 from offload.errors import CapacityError
-from offload.model_source import resolve_model
-from offload.paged_kv import GLOBAL, SLIDING, ring_pages
-from offload.placement import Placement
+from offload.model.model_source import resolve_model
+from offload.kv.paged_kv import GLOBAL, SLIDING, ring_pages
+from offload.kv.placement import Placement
 from offload.stats import RunStats
 from storage import Tier
 from tests.tolerances import MODEL_LOGITS_FP32_ATOL, TOL
@@ -282,7 +282,7 @@ def needle_runtime(gemma3_checkpoint, essays_text):
 @pytest.mark.parametrize("n, depth", NEEDLE_CASES)
 def test_needle_found_exactly_where_transformers_finds_it(needle_runtime, essays_text, n, depth):
     from bench.needle_gemma3 import HEADER, row
-    from offload.needle import NEEDLES, run_needle_case
+    from offload.commands.needle import NEEDLES, run_needle_case
 
     qa, generate = needle_runtime
     needle = NEEDLES[[0.25, 0.5, 0.75].index(depth)]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from offload.errors import ModelNotFoundError, UnsupportedModelError
-from offload.gemma3 import (
+from offload.model.gemma3 import (
     Gemma3Config,
     Gemma3Runner,
     LayerKind,

@@ -113,7 +113,7 @@ def test_cuda_tiered_placements_match_transformers_fp32(placement, overlap, tmp_
     """Pinned HOST pages copied to the GPU, DISK pages staged through host memory: the same
     greedy tokens and logits as transformers in fp32, with the next layer's pages copied on
     the side stream (fetch-ahead: every piece attention uses came from it) or without."""
-    from offload.placement import Placement
+    from offload.kv.placement import Placement
     from storage import Tier
 
     placements = {"host": Placement.all_on(Tier.HOST), "disk": Placement.all_on(Tier.DISK),
@@ -141,7 +141,7 @@ def test_cuda_tiered_placements_match_transformers_fp32(placement, overlap, tmp_
 def test_cuda_disk_tier_through_kvikio_matches_transformers_fp32(tmp_path):
     """The DISK tier read and written by NVIDIA KvikIO (compat mode without GPUDirect
     Storage): the same greedy tokens and logits as transformers in fp32."""
-    from offload.placement import Placement
+    from offload.kv.placement import Placement
     from storage import Tier, kvikio_status
 
     if (why := kvikio_status()) is not None:

@@ -14,8 +14,8 @@ SCRIPT = r"""
 import resource, sys, torch
 from offload.config import RuntimeConfig
 from offload.engine import Engine
-from offload.model_config import ModelConfig
-from offload.model_source import ModelSource
+from offload.model.model_config import ModelConfig
+from offload.model.model_source import ModelSource
 torch.set_num_threads(2)
 cfg = ModelConfig(arch="llama", vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=16,
                   num_heads=4, num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4,

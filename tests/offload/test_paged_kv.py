@@ -1,12 +1,12 @@
-"""offload.paged_kv: page grouping, appends across pages, copy-on-write forks, capacity errors."""
+"""offload.kv.paged_kv: page grouping, appends across pages, copy-on-write forks, capacity errors."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from offload.errors import CapacityError
-from offload.page_table import MIN_VIEW_PAGES, group_pages
-from offload.paged_kv import PagedKV
+from offload.kv.page_table import MIN_VIEW_PAGES, group_pages
+from offload.kv.paged_kv import PagedKV
 from storage import PageArena
 
 NUM_KV_HEADS = 2

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from offload.cli import main
+from offload.commands.cli import main
 from planner import HardwareProfile
 
 GiB = 2**30

@@ -9,11 +9,11 @@ import torch
 from offload.config import HostAttention, RuntimeConfig
 from offload.engine import Engine
 from offload.errors import CapacityError
-from offload.model_config import ModelConfig
-from offload.model_source import resolve_model
-from offload.placement import Placement
-from offload.planning import engine_problem, model_problem, plan_placement, weight_bytes
-from offload.shapes import NAMED_SHAPES
+from offload.model.model_config import ModelConfig
+from offload.model.model_source import resolve_model
+from offload.kv.placement import Placement
+from offload.tuning.planning import engine_problem, model_problem, plan_placement, weight_bytes
+from offload.model.shapes import NAMED_SHAPES
 from planner import HardwareProfile, greedy_plan, plan
 from storage import Tier
 from tests.offload.arch_pairs import ours_teacher_forced, save_tiny

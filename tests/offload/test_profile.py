@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload import profile as prof
-from offload import profile_probes as probes
+from offload.tuning import profile as prof
+from offload.tuning import profile_probes as probes
 from planner.profile import HardwareProfile
 
 MiB = 2**20
@@ -211,7 +211,7 @@ def test_unusable_file_is_measured_again_with_a_warning(tmp_path, fake, caplog, 
     path = prof.profile_path(tmp_path, "cpu")
     path.parent.mkdir(parents=True)
     path.write_text(text)
-    with caplog.at_level(logging.WARNING, logger="offload.profile"):
+    with caplog.at_level(logging.WARNING, logger="offload.tuning.profile"):
         got = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
     assert fake.quick_flags == [False]
     assert any("unusable" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

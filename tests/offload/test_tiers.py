@@ -11,8 +11,8 @@ import torch
 from offload.config import RuntimeConfig
 from offload.engine import Engine
 from offload.errors import CapacityError
-from offload.model_source import resolve_model
-from offload.placement import Placement
+from offload.model.model_source import resolve_model
+from offload.kv.placement import Placement
 from storage import StorageIOError, Tier
 from storage.disk_store import PosixIO
 from tests.offload.arch_pairs import ours_teacher_forced, save_tiny

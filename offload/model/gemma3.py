@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from offload.errors import ModelNotFoundError, UnsupportedModelError
-from offload.model_config import ModelConfig
-from offload.llama import count_weight_bytes
-from offload.rope import RotaryEmbedding
-from offload.weights import safetensors_files
+from offload.model.model_config import ModelConfig
+from offload.model.llama import count_weight_bytes
+from offload.model.rope import RotaryEmbedding
+from offload.model.weights import safetensors_files
 
 __all__ = [
     "LayerKind", "Gemma3Config", "Gemma3Runner", "gemma3_expected_shapes", "load_gemma3_checkpoint",
@@ -339,7 +339,7 @@ class Gemma3Runner:
         self.norm = _gain(weights.pop("model.norm.weight"))
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else weights.pop("lm_head.weight")
         self.layers = [self._take_layer(weights, i) for i in range(cfg.num_layers)]
-        # offload.rope reads only head_dim, rope_theta and rope_scaling of its config.
+        # offload.model.rope reads only head_dim, rope_theta and rope_scaling of its config.
         self.rope_global = RotaryEmbedding(cast(ModelConfig, _RopeSpec(cfg.head_dim, cfg.rope_theta,
                                                                        cfg.rope_scaling)), device)
         self.rope_sliding = RotaryEmbedding(cast(ModelConfig, _RopeSpec(cfg.head_dim, cfg.rope_local_base_freq,

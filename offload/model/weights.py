@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from offload.errors import ModelNotFoundError
-from offload.model_config import ModelConfig
+from offload.model.model_config import ModelConfig
 
 __all__ = ["load_checkpoint", "random_weights", "expected_shapes", "safetensors_files"]
 

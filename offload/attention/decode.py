@@ -29,7 +29,7 @@ from cpu_kernels import flash_torch
 from cpu_kernels.inputs import kernel_pages
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
 from offload.config import DecodeKernel
-from offload.paged_kv import KVSequence, PagedKV
+from offload.kv.paged_kv import KVSequence, PagedKV
 from storage import PageArena, Tier
 
 __all__ = ["DecodeKernel", "DecodeAttention", "group_partial_fn"]

@@ -24,9 +24,9 @@ import shutil
 from pathlib import Path
 
 from offload.errors import CacheDirError, InputError, ModelNotFoundError
-from offload.gemma3 import Gemma3Config
-from offload.model_config import ModelConfig
-from offload.shapes import NAMED_SHAPES
+from offload.model.gemma3 import Gemma3Config
+from offload.model.model_config import ModelConfig
+from offload.model.shapes import NAMED_SHAPES
 
 __all__ = ["ModelSource", "resolve_model", "default_cache_dir", "ensure_cache_dir", "PACKAGED_MODELS",
            "config_from_hf", "AnyModelConfig"]

@@ -14,7 +14,7 @@ import sys
 import time
 
 from offload.errors import OffloadError
-from offload.needle import NEEDLES, fit_document, found, package_essays_dir, read_essays
+from offload.commands.needle import NEEDLES, fit_document, found, package_essays_dir, read_essays
 
 NEEDLE = NEEDLES[0]
 MODEL = "gemma3-270m"

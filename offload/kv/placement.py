@@ -1,6 +1,6 @@
 """Placement: which tier each KV page lives on, and where HOST pages are attended (plain data).
 
-The planner (``offload.planning``, from ``planner``'s LP or its greedy rule) produces it; tests
+The planner (``offload.tuning.planning``, from ``planner``'s LP or its greedy rule) produces it; tests
 and benchmarks may give one directly. Pages of a layer are placed by page id::
 
     page_id:  0 .............. device_pages ........... +host_pages ............... last

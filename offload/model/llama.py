@@ -12,8 +12,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from offload.model_config import ModelConfig
-from offload.rope import RotaryEmbedding
+from offload.model.model_config import ModelConfig
+from offload.model.rope import RotaryEmbedding
 
 __all__ = ["LlamaRunner", "LayerWeights", "count_weight_bytes"]
 
@@ -52,7 +52,7 @@ class LlamaRunner:
 
     Args:
         cfg: model shape.
-        weights: Hugging Face-named tensors (see ``offload.weights.expected_shapes``), already
+        weights: Hugging Face-named tensors (see ``offload.model.weights.expected_shapes``), already
             on ``device`` in the compute dtype; the dict is consumed.
     """
 

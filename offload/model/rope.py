@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from offload.model_config import ModelConfig
+from offload.model.model_config import ModelConfig
 
 __all__ = ["inverse_frequencies", "RotaryEmbedding"]
 

@@ -5,7 +5,7 @@
     offload plan ... --what-if --sparse-fraction 0.25       # explore recompute and sparse reads
 
 Budgets here are a tier's memory for the whole run (weights, working buffers and staging
-included, 0.8 of each usable): see ``offload.planning``. Without ``--profile`` or ``--preset``
+included, 0.8 of each usable): see ``offload.tuning.planning``. Without ``--profile`` or ``--preset``
 the plan uses this machine's saved ``offload profile`` (a quick measurement when none is
 saved). No placement fits -> exit 2, naming each violated constraint and the smallest budget
 that works.
@@ -66,14 +66,14 @@ def _profile(args: argparse.Namespace):
             return HardwareProfile.from_json(args.profile.read_text(encoding="utf-8"))
         except OSError as e:
             raise ValueError(f"cannot read the profile {args.profile} ({e.strerror}); check the path") from None
-    from offload.profile import load_or_measure
+    from offload.tuning.profile import load_or_measure
 
     return load_or_measure(cache_dir=args.cache_dir, quick=True, progress=not args.quiet)
 
 
 def _model_config(name: str, cache_dir: Path | None):
-    from offload.model_source import config_from_hf, default_cache_dir, resolve_model
-    from offload.shapes import NAMED_SHAPES
+    from offload.model.model_source import config_from_hf, default_cache_dir, resolve_model
+    from offload.model.shapes import NAMED_SHAPES
 
     if name in NAMED_SHAPES:
         return config_from_hf(NAMED_SHAPES[name])
@@ -86,7 +86,7 @@ def _size(value: str | None) -> int | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from offload.planning import model_problem
+    from offload.tuning.planning import model_problem
     from planner import PlanInfeasibleError, greedy_plan, plan
 
     if args.context < 1:

@@ -15,7 +15,7 @@ Configurations, declared (printed) before anything is measured:
 
 On CUDA (``--device cuda``, the default where a GPU is present) HOST pages are pinned and
 cross PCIe: the pipelined rows copy the next layer's HOST and DISK pieces on a side stream
-while the current layer computes (``offload.cuda_fetch``), and ``--no-overlap`` copies each
+while the current layer computes (``offload.kv.cuda_fetch``), and ``--no-overlap`` copies each
 piece when attention asks for it. ``--random-weights`` (a named shape such as
 ``llama-3.1-8b``, ``--num-layers`` to shorten it) runs on random token ids and has no
 transformers peer (there is no checkpoint to load into transformers).
@@ -52,8 +52,8 @@ import torch
 from offload.config import RuntimeConfig, parse_dtype
 from offload.engine import Engine
 from offload.errors import OffloadError
-from offload.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
-from offload.placement import Placement
+from offload.model.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
+from offload.kv.placement import Placement
 from offload.stats import RunStats
 from storage import Tier
 
@@ -88,8 +88,8 @@ def _prompt(source: ModelSource, n: int) -> list[int]:
     if source.tokenizer_dir is None:  # random weights of a named shape: random ids
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, source.config.vocab_size, (n,), generator=gen).tolist()
-    from offload.needle import package_essays_dir
-    from offload.text import load_codec
+    from offload.commands.needle import package_essays_dir
+    from offload.model.text import load_codec
 
     codec = load_codec(source.tokenizer_dir, source.config.vocab_size, source.config.eos_token_ids)
     text, ids = "", []

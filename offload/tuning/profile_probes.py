@@ -37,7 +37,7 @@ import numpy as np
 import psutil
 import torch
 
-from offload.model_config import ModelConfig
+from offload.model.model_config import ModelConfig
 from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 
 __all__ = [
@@ -415,7 +415,7 @@ def engine_overheads(device: torch.device, dtype: torch.dtype, kv_dir: Path, *, 
       by 2 x layers (0 when noise makes it negative).
 
     The DISK tier lives in a fresh directory under ``kv_dir``, removed when the engine closes."""
-    from offload.placement import Placement
+    from offload.kv.placement import Placement
 
     cfg = tiny_model_config()
     device_only = _tiny_step_s(device, dtype, kv_dir, None, steps=steps, warmup=warmup)
@@ -429,7 +429,7 @@ def _tiny_step_s(device: torch.device, dtype: torch.dtype, kv_dir: Path, placeme
     32 tokens and a partial tail), under ``placement`` (None: all DEVICE)."""
     from offload.config import RuntimeConfig
     from offload.engine import Engine
-    from offload.model_source import ModelSource
+    from offload.model.model_source import ModelSource
 
     cfg = tiny_model_config()
     source = ModelSource("profile-tiny-llama", cfg, None, None)

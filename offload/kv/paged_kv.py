@@ -37,10 +37,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from offload.errors import CapacityError
-from offload.cuda_fetch import CudaFetchAhead
-from offload.page_table import DiskSlots, KVSequence, PageLocation, PageTable, group_pages
-from offload.placement import Placement
-from offload.readahead import Chunk, ReadAhead
+from offload.kv.cuda_fetch import CudaFetchAhead
+from offload.kv.page_table import DiskSlots, KVSequence, PageLocation, PageTable, group_pages
+from offload.kv.placement import Placement
+from offload.kv.readahead import Chunk, ReadAhead
 from storage import PageArena, Tier
 from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 from storage.disk_store import DiskExtentStore, TransferHandle
@@ -147,7 +147,7 @@ class PagedKV:
 
     def enable_fetch_ahead(self, max_pages: int) -> None:
         """On CUDA, let ``fetch_ahead`` copy up to ``max_pages`` pages of the next layer to the
-        device on a side stream (``offload.cuda_fetch``); no-op on other devices."""
+        device on a side stream (``offload.kv.cuda_fetch``); no-op on other devices."""
         if self.compute_device.type == "cuda":
             self.fetcher = CudaFetchAhead(self.compute_device, max_pages=max_pages)
 

@@ -7,7 +7,7 @@
 
 Each constant comes from real work of the kind the cost model (``planner.cost``) charges for:
 memory copies, cold disk reads by extent size, page attention, a decode step's matrix-vector
-products, dense matmul and the per-layer overhead of the real engine (``offload.profile_probes``
+products, dense matmul and the per-layer overhead of the real engine (``offload.tuning.profile_probes``
 holds the probes). The profile is saved as JSON under ``<cache dir>/profiles/`` in a file named
 after the machine (``profile_path``), written atomically; ``load_or_measure`` reuses it while
 it parses and fits the request (a profile measured with ``--quick`` is only reused by quick
@@ -31,10 +31,10 @@ from typing import Any
 import psutil
 import torch
 
-from offload import profile_probes as probes
+from offload.tuning import profile_probes as probes
 from offload.config import RuntimeConfig, parse_dtype
 from offload.errors import OffloadError
-from offload.model_source import default_cache_dir, ensure_cache_dir
+from offload.model.model_source import default_cache_dir, ensure_cache_dir
 from planner.profile import HardwareProfile
 
 __all__ = ["measure_profile", "profile_path", "load_or_measure", "format_table", "build_parser", "main",

@@ -190,19 +190,19 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own options: offload bench --help
-        from offload import bench
+        from offload.commands import bench
 
         return bench.main(argv[1:])
     if argv[:1] == ["profile"]:
-        from offload import profile
+        from offload.tuning import profile
 
         return profile.main(argv[1:])
     if argv[:1] == ["plan"]:
-        from offload import plan_cmd
+        from offload.commands import plan_cmd
 
         return plan_cmd.main(argv[1:])
     if argv[:1] == ["cache"]:
-        from offload import cache_cmd
+        from offload.commands import cache_cmd
 
         return cache_cmd.main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 
-from offload.model_config import ModelConfig
-from offload.paged_kv import ring_pages
-from offload.placement import Placement
+from offload.model.model_config import ModelConfig
+from offload.kv.paged_kv import ring_pages
+from offload.kv.placement import Placement
 from planner import Plan, PlanProblem
 from storage.aligned import DISK_ALIGNMENT, round_up
 

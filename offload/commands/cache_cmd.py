@@ -17,7 +17,7 @@ from pathlib import Path
 
 from offload.config import parse_size
 from offload.errors import InputError
-from offload.model_source import default_cache_dir
+from offload.model.model_source import default_cache_dir
 
 __all__ = ["main"]
 

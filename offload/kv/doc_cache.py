@@ -44,8 +44,8 @@ from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocSt
 
 if TYPE_CHECKING:
     from offload.engine import Engine
-    from offload.model_source import ModelSource
-    from offload.paged_kv import KVSequence
+    from offload.model.model_source import ModelSource
+    from offload.kv.paged_kv import KVSequence
 
 __all__ = ["DocCache", "DocCacheError", "LAYOUT_VERSION", "default_cache_limit"]
 

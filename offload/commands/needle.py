@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from offload.errors import InputError
-from offload.text import first_line
+from offload.model.text import first_line
 
 __all__ = ["Needle", "NEEDLES", "package_essays_dir", "read_essays", "build_document", "fit_document", "found",
            "NeedleCase", "run_needle_case"]

@@ -1,0 +1,1 @@
+"""Attention pieces: decode attention where the pages are, prefill attention, page selection."""

@@ -1,0 +1,1 @@
+"""Model runners (Llama family, Gemma 3), their configs, RoPE, weights, model sources and text."""
