@@ -9,7 +9,9 @@ range per parallel item, so two threads have work even with one KV head. An item
 pages once: each page of K and V is read while all query heads of the KV group use it (GQA),
 with an online softmax rescaled once per page, and the next listed page is prefetched row by
 row meanwhile (listed pages sit at scattered slots, which defeats the hardware prefetcher).
-The per-range partials are merged by log-sum-exp at the end. Layout of the page arena:
+The per-range partials are merged by log-sum-exp at the end. A listed page may start at a
+later row (``starts``; the dense entries' ``skip``), so a sliding-window ring's first page can
+hide the keys that fell out of the window. Layout of the page arena:
 ``docs/layout.md`` (head-major ``[num_kv_heads, num_slots, page_size, head_dim]``).
 
 Speed (this 2-core machine, 2 threads, SmolLM2 shapes, 8K tokens of fp32 pages at shuffled
@@ -74,8 +76,9 @@ def _exp_nonpositive(x):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _attend_range_nb(q, k_pages, v_pages, slots, lens, h, start, stop, scale, acc, m, l):
-    """Online-softmax partial of KV head h over its listed pages start..stop-1.
+def _attend_range_nb(q, k_pages, v_pages, slots, lens, starts, h, start, stop, scale, acc, m, l):
+    """Online-softmax partial of KV head h over its listed pages start..stop-1, each page i
+    contributing its rows starts[h, i]..lens[h, i]-1 (none when starts >= lens).
 
     Writes acc [G, D] (unnormalised sum of p * v), m [G] (running max), l [G] (sum of p).
     """
@@ -90,18 +93,24 @@ def _attend_range_nb(q, k_pages, v_pages, slots, lens, h, start, stop, scale, ac
     qg = q[h * group:(h + 1) * group]
     for i in range(start, stop):
         n = lens[h, i]
-        if n <= 0:
+        t0 = starts[h, i]
+        if n <= t0:
             continue
         slot = slots[h, i]
-        # The next listed page's rows are requested one row per row computed here (a hint
-        # spread over the work); rows it has beyond this page's n go at the end.
-        next_n = lens[h, i + 1] if i + 1 < stop else 0
-        next_slot = slots[h, i + 1] if next_n > 0 else slot
-        # Step 1: scores of every query head of the group against the page's valid keys.
-        kp = load_page(k_pages, h, slot, n, kbuf)
-        for t in range(n):
-            if t < next_n:
-                prefetch_rows(k_pages, h, next_slot, t, t + 1)
+        # The next listed page's visible rows are requested one row per row computed here (a
+        # hint spread over the work); rows it has beyond this page's count go at the end.
+        next_t0 = starts[h, i + 1] if i + 1 < stop else 0
+        next_count = lens[h, i + 1] - next_t0 if i + 1 < stop else 0
+        next_slot = slots[h, i + 1] if next_count > 0 else slot
+        # Step 1: scores of every query head of the group against the page's visible keys.
+        # kp and vp are views from the first visible row, so every loop below counts from 0
+        # (loops from a variable start vectorized worse: ~25% slower at 8K tokens). 16-bit
+        # pages are widened from row 0: only the first page of a ring has rows to skip.
+        kp = load_page(k_pages, h, slot, n, kbuf)[t0:]
+        count = n - t0
+        for t in range(count):
+            if t < next_count:
+                prefetch_rows(k_pages, h, next_slot, next_t0 + t, next_t0 + t + 1)
             for g in range(group):
                 dot = np.float32(0.0)
                 for d in range(head_dim):
@@ -110,12 +119,12 @@ def _attend_range_nb(q, k_pages, v_pages, slots, lens, h, start, stop, scale, ac
         # Step 2: one rescale per page and head; s becomes the unnormalised probabilities.
         for g in range(group):
             page_max = s[g, 0]
-            for t in range(1, n):
+            for t in range(1, count):
                 page_max = max(page_max, s[g, t])
             new_max = max(m[g], page_max)
             alpha = np.float32(math.exp(m[g] - new_max))
             total = np.float32(0.0)
-            for t in range(n):
+            for t in range(count):
                 p = _exp_nonpositive(s[g, t] - new_max)
                 s[g, t] = p
                 total += p
@@ -125,17 +134,17 @@ def _attend_range_nb(q, k_pages, v_pages, slots, lens, h, start, stop, scale, ac
                 for d in range(head_dim):
                     acc[g, d] *= alpha
         # Step 3: accumulate p * v while the page's values are in cache.
-        vp = load_page(v_pages, h, slot, n, vbuf)
-        for t in range(n):
-            if t < next_n:
-                prefetch_rows(v_pages, h, next_slot, t, t + 1)
+        vp = load_page(v_pages, h, slot, n, vbuf)[t0:]
+        for t in range(count):
+            if t < next_count:
+                prefetch_rows(v_pages, h, next_slot, next_t0 + t, next_t0 + t + 1)
             for g in range(group):
                 p = s[g, t]
                 for d in range(head_dim):
                     acc[g, d] += p * vp[t, d]
-        if next_n > n:
-            prefetch_rows(k_pages, h, next_slot, n, next_n)
-            prefetch_rows(v_pages, h, next_slot, n, next_n)
+        if next_count > count:
+            prefetch_rows(k_pages, h, next_slot, next_t0 + count, next_t0 + next_count)
+            prefetch_rows(v_pages, h, next_slot, next_t0 + count, next_t0 + next_count)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -168,7 +177,7 @@ def _merge_ranges_nb(acc, m, l, num_splits, out, lse):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
-def _attention_pages_nb(q, k_pages, v_pages, slots, lens, scale, num_splits, out, lse):
+def _attention_pages_nb(q, k_pages, v_pages, slots, lens, starts, scale, num_splits, out, lse):
     num_kv_heads, num_listed = slots.shape
     group = q.shape[0] // num_kv_heads
     head_dim = q.shape[1]
@@ -181,8 +190,8 @@ def _attention_pages_nb(q, k_pages, v_pages, slots, lens, scale, num_splits, out
         h = it // num_splits
         start = min(num_listed, (it % num_splits) * per_split)
         stop = min(num_listed, start + per_split)
-        _attend_range_nb(q, k_pages, v_pages, slots, lens, h, start, stop, np.float32(scale),
-                         acc[it], m[it], l[it])
+        _attend_range_nb(q, k_pages, v_pages, slots, lens, starts, h, start, stop,
+                         np.float32(scale), acc[it], m[it], l[it])
     _merge_ranges_nb(acc, m, l, num_splits, out, lse)
 
 
@@ -208,18 +217,23 @@ def _check_pages(k: np.ndarray, v: np.ndarray, q: np.ndarray) -> None:
                          f"num_kv_heads ({num_kv_heads}), with page_size > 0")
 
 
-def _check_selection(slots: np.ndarray, lens: np.ndarray, num_slots: int, page_size: int) -> None:
+def _check_selection(slots: np.ndarray, lens: np.ndarray, starts: np.ndarray, num_slots: int,
+                     page_size: int) -> None:
     if lens.size and (lens.min() < 0 or lens.max() > page_size):
         raise ValueError(f"lens must lie in 0..page_size ({page_size}), got "
                          f"{lens.min()}..{lens.max()}")
-    used = slots[lens > 0]
+    if starts.size and (starts.min() < 0 or starts.max() > page_size):
+        raise ValueError(f"starts must lie in 0..page_size ({page_size}), got "
+                         f"{starts.min()}..{starts.max()}")
+    used = slots[lens > starts]
     if used.size and (used.min() < 0 or used.max() >= num_slots):
-        raise ValueError(f"slots with lens > 0 must lie in 0..{num_slots - 1}, got "
-                         f"{used.min()}..{used.max()}")
+        raise ValueError(f"slots with lens > 0 must lie in 0..{num_slots - 1} (a page with "
+                         f"starts >= lens is not read), got {used.min()}..{used.max()}")
 
 
 def attention_pages(q: Any, k_pages: Any, v_pages: Any, slots: Any, lens: Any, *,
-                    scale: float, num_threads: int | None = None) -> tuple[Any, Any]:
+                    scale: float, starts: Any = None,
+                    num_threads: int | None = None) -> tuple[Any, Any]:
     """Attention of one query per head over listed host pages, as a mergeable partial.
 
     Args:
@@ -233,6 +247,11 @@ def attention_pages(q: Any, k_pages: Any, v_pages: Any, slots: Any, lens: Any, *
         lens: [num_kv_heads, M] int32 in 0..page_size: valid (leading) tokens of each listed
             page; entries past a head's list have 0 (their slot is then ignored).
         scale: softmax scale applied to q . k.
+        starts: optional [num_kv_heads, M] int32 in 0..page_size (numpy or CPU torch; None:
+            all 0): the first visible row of each listed page, so page i contributes its rows
+            ``starts[h, i] .. lens[h, i] - 1`` and nothing when ``starts >= lens`` (its slot is
+            then ignored). A sliding-window ring uses it to hide the keys of its first page
+            that fell out of the window.
         num_threads: Numba threads for this call (None: Numba's current setting).
 
     Returns:
@@ -241,7 +260,7 @@ def attention_pages(q: Any, k_pages: Any, v_pages: Any, slots: Any, lens: Any, *
         torch tensors when q is a tensor, numpy arrays otherwise.
 
     Raises:
-        ValueError: a dtype, shape, device, slot or length that does not fit the above.
+        ValueError: a dtype, shape, device, slot, length or start that does not fit the above.
     """
     qn = query_matrix(q)
     k = kernel_pages(k_pages, "k_pages", 4)
@@ -253,26 +272,55 @@ def attention_pages(q: Any, k_pages: Any, v_pages: Any, slots: Any, lens: Any, *
     num_listed = int(np.shape(slots)[1])
     sl = index_array(slots, "slots", (num_kv_heads, num_listed))
     ln = index_array(lens, "lens", (num_kv_heads, num_listed))
-    _check_selection(sl, ln, num_slots, page_size)
+    if starts is None:
+        st = np.zeros((num_kv_heads, num_listed), dtype=np.int32)
+    else:
+        st = index_array(starts, "starts", (num_kv_heads, num_listed))
+    _check_selection(sl, ln, st, num_slots, page_size)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     out = np.empty((qn.shape[0], head_dim), dtype=np.float32)
     lse = np.empty(qn.shape[0], dtype=np.float32)
     with numba_threads(num_threads) as threads:
         splits = _num_splits(num_kv_heads, max(num_listed, 1), threads)
-        _attention_pages_nb(qn, k, v, sl, ln, float(scale), splits, out, lse)
+        _attention_pages_nb(qn, k, v, sl, ln, st, float(scale), splits, out, lse)
     return like_query(q, out, lse)
 
 
+def _ring_pages(num_listed: int, num_tokens: int, skip: int,
+                page_size: int) -> tuple[int, np.ndarray, int]:
+    """The dense walk of ``num_tokens`` tokens over ``num_listed`` pages with the first ``skip``
+    hidden, as (first listed page kept, lens [num_kept] int32, first visible row of that page).
+    Pages wholly before ``skip`` are dropped rather than listed empty::
+
+        listed pages  | p0          | p1          | p2     |
+        tokens        |xxxxxxxxxxxxx|xxxx.........|........|   x: skip, .: visible
+                                         ^ first = 1, start = 4
+    """
+    first = skip // page_size
+    lens = np.clip(num_tokens - page_size * np.arange(first, num_listed, dtype=np.int32), 0,
+                   page_size).astype(np.int32, copy=False)
+    return first, lens, skip - first * page_size
+
+
 def attention_contiguous_pages(q: Any, k_pages: Any, v_pages: Any, slots_1d: Any,
-                               num_tokens: int, *, scale: float,
+                               num_tokens: int, *, scale: float, skip: int = 0,
                                num_threads: int | None = None) -> tuple[Any, Any]:
-    """Dense case of ``attention_pages``: every KV head attends the first ``num_tokens``
-    tokens laid over the pages ``slots_1d`` (int32 [M]) in order; the last page may be
-    partial. Other arguments and the result are those of ``attention_pages``.
+    """Dense case of ``attention_pages``: every KV head attends the tokens ``skip ..
+    num_tokens - 1`` of the ``num_tokens`` laid over the pages ``slots_1d`` in order; the last
+    page may be partial. Other arguments and the result are those of ``attention_pages``.
+
+    Args:
+        slots_1d: [M] int32 (numpy or CPU torch): the slots of the pages in order.
+        num_tokens: tokens held by the listed pages, 0..M * page_size.
+        skip: leading tokens not attended, 0..num_tokens (a sliding-window ring's keys that
+            fell out of the window, all in its first page or pages); ``skip == num_tokens``
+            leaves nothing visible (out 0, lse -inf). The slots of wholly skipped pages are not
+            read.
 
     Raises:
-        ValueError: num_tokens outside 0..M * page_size, or what attention_pages rejects.
+        ValueError: num_tokens outside 0..M * page_size, skip outside 0..num_tokens, or what
+            attention_pages rejects.
     """
     k_shape = np.shape(k_pages)
     if len(k_shape) != 4:
@@ -283,29 +331,40 @@ def attention_contiguous_pages(q: Any, k_pages: Any, v_pages: Any, slots_1d: Any
     if not 0 <= int(num_tokens) <= num_pages * page_size:
         raise ValueError(f"num_tokens must lie in 0..{num_pages * page_size} "
                          f"(len(slots_1d) * page_size), got {num_tokens}")
-    page_lens = np.clip(int(num_tokens) - page_size * np.arange(num_pages), 0, page_size)
-    slots = np.broadcast_to(sl, (num_kv_heads, num_pages))
-    lens = np.broadcast_to(page_lens.astype(np.int32), (num_kv_heads, num_pages))
-    return attention_pages(q, k_pages, v_pages, slots, lens, scale=scale, num_threads=num_threads)
+    if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) \
+            or not 0 <= int(skip) <= int(num_tokens):
+        raise ValueError(f"skip must be an int in 0..num_tokens ({int(num_tokens)}), got {skip!r}")
+    first, page_lens, start = _ring_pages(num_pages, int(num_tokens), int(skip), page_size)
+    shape = (num_kv_heads, num_pages - first)
+    starts = np.zeros(shape, dtype=np.int32)
+    if starts.size:
+        starts[:, 0] = start
+    return attention_pages(q, k_pages, v_pages, np.broadcast_to(sl[first:], shape),
+                           np.broadcast_to(page_lens, shape), scale=scale, starts=starts,
+                           num_threads=num_threads)
 
 
 def attention_contiguous_pages_trusted(q: np.ndarray, k_pages: np.ndarray, v_pages: np.ndarray,
-                                       slots_1d: np.ndarray, num_tokens: int,
-                                       scale: float) -> tuple[np.ndarray, np.ndarray]:
+                                       slots_1d: np.ndarray, num_tokens: int, scale: float, *,
+                                       skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``attention_contiguous_pages`` without input checks or conversions, for a caller that
     built every input itself (the engine's decode, where the checks cost more than the
     kernel on short page lists): q float32 C-contiguous [num_heads, head_dim]; k/v numpy
     pages as ``kernel_pages`` returns them; slots_1d int32 [M] within the arena; 0 <=
-    num_tokens <= M * page_size. Numba's current thread count. Returns numpy (out, lse)."""
+    num_tokens <= M * page_size; 0 <= skip <= num_tokens (leading tokens not attended).
+    Numba's current thread count. Returns numpy (out, lse)."""
     num_kv_heads, _, page_size, head_dim = k_pages.shape
-    num_listed = slots_1d.shape[0]
-    page_lens = np.clip(num_tokens - page_size * np.arange(num_listed, dtype=np.int32), 0, page_size)
+    first, page_lens, start = _ring_pages(slots_1d.shape[0], num_tokens, skip, page_size)
+    num_listed = page_lens.shape[0]
     slots = np.empty((num_kv_heads, num_listed), dtype=np.int32)
-    slots[:] = slots_1d
+    slots[:] = slots_1d[first:]
     lens = np.empty((num_kv_heads, num_listed), dtype=np.int32)
     lens[:] = page_lens
+    starts = np.zeros((num_kv_heads, num_listed), dtype=np.int32)
+    if start:
+        starts[:, 0] = start
     out = np.empty((q.shape[0], head_dim), dtype=np.float32)
     lse = np.empty(q.shape[0], dtype=np.float32)
     splits = _num_splits(num_kv_heads, max(num_listed, 1), numba.get_num_threads())
-    _attention_pages_nb(q, k_pages, v_pages, slots, lens, float(scale), splits, out, lse)
+    _attention_pages_nb(q, k_pages, v_pages, slots, lens, starts, float(scale), splits, out, lse)
     return out, lse

@@ -8,7 +8,8 @@ pages for one KV head ONCE, scores all the query heads of that KV group against 
 ``tl.dot`` (the group padded to 16 rows), keeps an fp32 online softmax and writes a partial
 ``(out, lse)``; ``gpu_kernels.merge.merge_partials`` then reduces the splits by log-sum-exp.
 The sparse variant walks a per-head list of selected pages instead (Quest, Tang et al. 2024;
-InfiniGen, Lee et al. 2024) with the same kernel.
+InfiniGen, Lee et al. 2024) with the same kernel. The dense walk may start at a per-sequence
+``first_key`` (a sliding-window ring whose first page holds keys that left the window).
 
 Tiles hold BLOCK_N tokens of consecutive pages of the walk (several pages per tile when
 pages are small, part of a page when they are large), each token gathered through the block
@@ -43,17 +44,18 @@ _NO_WINDOW = 2**31 - 1
 @triton.jit
 def _paged_decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, selected_ptr, num_selected_ptr,
-    out_ptr, lse_ptr,
+    first_key_ptr, out_ptr, lse_ptr,
     scale, window, group, head_dim,
     stride_q_b, stride_q_h, stride_q_d,
     stride_k_head, stride_k_slot, stride_k_tok, stride_k_d,
     stride_v_head, stride_v_slot, stride_v_tok, stride_v_d,
-    stride_bt_b, stride_bt_page, stride_sl_b,
+    stride_bt_b, stride_bt_page, stride_sl_b, stride_fk_b,
     stride_sel_b, stride_sel_h, stride_sel_i, stride_nsel_b, stride_nsel_h,
     stride_out_split, stride_out_b, stride_out_h, stride_out_d,
     stride_lse_split, stride_lse_b, stride_lse_h,
     PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPARSE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPARSE: tl.constexpr, HAS_FIRST_KEY: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -61,8 +63,9 @@ def _paged_decode_attention_kernel(
     num_splits = tl.num_programs(2)
 
     # Step 1: the walk of this (sequence, KV head): entries 0..num_entries-1 are pages (dense:
-    # consecutive from the window's first page; sparse: the selected list) and positions
-    # lo..seq_len-1 are visible. Split `split` takes a contiguous range of its tiles.
+    # consecutive from the page of the first visible key; sparse: the selected list) and
+    # positions lo..seq_len-1 are visible (dense: lo is the later of the window's start and
+    # first_key, capped at seq_len). Split `split` takes a contiguous range of its tiles.
     seq_len = tl.load(seq_lens_ptr + b * stride_sl_b)
     if SPARSE:
         num_entries = tl.load(num_selected_ptr + b * stride_nsel_b + kv_head * stride_nsel_h)
@@ -70,6 +73,9 @@ def _paged_decode_attention_kernel(
         lo = 0
     else:
         lo = tl.maximum(seq_len - window, 0)
+        if HAS_FIRST_KEY:
+            first_key = tl.load(first_key_ptr + b * stride_fk_b)
+            lo = tl.minimum(tl.maximum(lo, first_key), seq_len)
         first_page = lo // PAGE_SIZE
         num_entries = tl.cdiv(seq_len, PAGE_SIZE) - first_page
     num_tiles = tl.cdiv(num_entries * PAGE_SIZE, BLOCK_N)
@@ -154,6 +160,7 @@ def paged_decode_attention(
     *,
     scale: float,
     window: int | None = None,
+    first_key: torch.Tensor | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
@@ -171,6 +178,11 @@ def paged_decode_attention(
             query_pre_attn_scalar**-0.5).
         window: when given (>= 1), only the last ``window`` keys of each sequence are visible
             (sliding-window layers).
+        first_key: optional [B] int32, same device: keys of sequence b at positions below
+            ``first_key[b]`` (0 .. seq_lens[b]) are not visible, e.g. those of a sliding-window
+            ring's first page that fell out of the window. With ``window`` the visible
+            positions are ``max(seq_lens[b] - window, first_key[b]) .. seq_lens[b] - 1``;
+            ``first_key[b] == seq_lens[b]`` leaves none. None: no cut (and no cost).
         num_splits: key splits per (sequence, KV head); default chosen from the page count.
         out: optional [B, num_heads, head_dim] float32 destination.
         lse: optional [B, num_heads] float32 destination.
@@ -186,10 +198,10 @@ def paged_decode_attention(
     Runs the Triton kernel where ``use_triton(q)``; elsewhere ``paged_decode_attention_ref``.
     """
     _check_dense(q, k_cache, v_cache, block_table, seq_lens, scale=scale, window=window,
-                num_splits=num_splits, out=out, lse=lse)
+                first_key=first_key, num_splits=num_splits, out=out, lse=lse)
     if not use_triton(q):
         return paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
-                                          window=window, out=out, lse=lse)
+                                          window=window, first_key=first_key, out=out, lse=lse)
     page_size = k_cache.shape[2]
     max_entries = block_table.shape[1]
     if window is not None:  # a window spans at most window // page_size + 2 pages
@@ -197,7 +209,7 @@ def paged_decode_attention(
     dummy = block_table  # stands in for the sparse-only pointers
     return _launch(q, k_cache, v_cache, block_table, seq_lens, dummy, dummy, scale=scale,
                    window=_NO_WINDOW if window is None else window, max_entries=max_entries,
-                   num_splits=num_splits, out=out, lse=lse)
+                   num_splits=num_splits, out=out, lse=lse, first_key=first_key)
 
 
 def sparse_paged_decode_attention(
@@ -256,8 +268,12 @@ def _choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: 
 
 def _launch(q, k_cache, v_cache, block_table, seq_lens, selected, num_selected, *, scale: float,
             window: int, max_entries: int, num_splits: int | None, out, lse,
-            sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate, size the grid, run the kernel and reduce the splits (inputs already checked)."""
+            sparse: bool = False,
+            first_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate, size the grid, run the kernel and reduce the splits (inputs already checked).
+
+    ``first_key`` None passes seq_lens as a stand-in pointer, never read (HAS_FIRST_KEY=False).
+    """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_cache.shape
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -277,13 +293,18 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, selected, num_selected, 
                                device=q.device)
         part_lse = torch.empty((num_splits, batch, num_heads), dtype=torch.float32, device=q.device)
     group = num_heads // num_kv_heads
+    has_first_key = first_key is not None
+    first_key_arg = first_key if has_first_key else seq_lens
     _paged_decode_attention_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, selected, num_selected, part_out, part_lse,
+        q, k_cache, v_cache, block_table, seq_lens, selected, num_selected, first_key_arg,
+        part_out, part_lse,
         float(scale), window, group, head_dim, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *block_table.stride(), seq_lens.stride(0), *_sparse_strides(selected, num_selected, sparse),
+        *block_table.stride(), seq_lens.stride(0), first_key_arg.stride(0),
+        *_sparse_strides(selected, num_selected, sparse),
         *part_out.stride(), *part_lse.stride(),
         PAGE_SIZE=page_size, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=block_d, SPARSE=sparse, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        BLOCK_D=block_d, SPARSE=sparse, HAS_FIRST_KEY=has_first_key,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         merge_partials(part_out, part_lse, out=out, lse=lse)
@@ -306,9 +327,15 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256  # the largest entry of _CONFIGS
 
 
-def _check_dense(q, k_cache, v_cache, block_table, seq_lens, *, scale, window, num_splits,
-                 out, lse) -> None:
+def _check_dense(q, k_cache, v_cache, block_table, seq_lens, *, scale, window, first_key,
+                 num_splits, out, lse) -> None:
     _check_common(q, k_cache, v_cache, block_table, seq_lens, scale, out, lse)
+    if first_key is not None:
+        _check_index("first_key", first_key, 1, q.device)
+        if tuple(first_key.shape) != (q.shape[0],):
+            raise ValueError(f"first_key must be [B={q.shape[0]}], got {tuple(first_key.shape)}")
+        if q.device.type == "cpu":
+            _check_first_key(first_key, seq_lens)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                or window < 1):
         raise ValueError(f"window must be None or an int >= 1, got {window!r}")
@@ -402,6 +429,16 @@ def _check_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: i
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_slots):
         raise ValueError(f"block_table entries in use must be slots 0 .. {num_slots - 1}, got "
                          f"values in {int(used.min())} .. {int(used.max())}")
+
+
+def _check_first_key(first_key: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Every sequence's first visible key lies in 0 .. seq_lens[b]."""
+    bad = (first_key < 0) | (first_key > seq_lens)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"first_key must lie in 0 .. seq_lens[b] for every sequence b, got "
+                         f"first_key[{b}] = {int(first_key[b])} with seq_lens[{b}] = "
+                         f"{int(seq_lens[b])}")
 
 
 def _check_selection(selected: torch.Tensor, num_selected: torch.Tensor, seq_lens: torch.Tensor,

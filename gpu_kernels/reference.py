@@ -126,6 +126,7 @@ def paged_decode_attention_ref(
     *,
     scale: float,
     window: int | None = None,
+    first_key: torch.Tensor | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
@@ -144,6 +145,9 @@ def paged_decode_attention_ref(
         seq_lens: [B] int32 key counts (0 allowed).
         scale: softmax scale applied to q·k.
         window: when given, only the last ``window`` keys of each sequence are visible.
+        first_key: optional [B] int32: positions below ``first_key[b]`` are not visible; with
+            ``window``, sequence b sees ``max(seq_lens[b] - window, first_key[b]) ..
+            seq_lens[b] - 1``.
         num_splits: ignored (the reference does not split the keys).
         out, lse: optional float32 destinations [B, num_heads, head_dim] and [B, num_heads].
 
@@ -159,11 +163,17 @@ def paged_decode_attention_ref(
     for b in range(batch):
         n = int(seq_lens[b])
         lo = 0 if window is None else max(0, n - window)
+        if first_key is not None:
+            lo = max(lo, int(first_key[b]))
         if n <= lo:
             continue
-        pages = block_table[b, : -(-n // page_size)].long()
-        k = k_cache[:, pages].reshape(num_kv_heads, -1, head_dim)[:, lo:n]  # [nkv, L, hd]
-        v = v_cache[:, pages].reshape(num_kv_heads, -1, head_dim)[:, lo:n]
+        # Only the pages holding visible keys are gathered: lo .. n-1 seen from its first page.
+        first = lo // page_size
+        pages = block_table[b, first : -(-n // page_size)].long()
+        base = first * page_size
+        # [nkv, L, hd]
+        k = k_cache[:, pages].reshape(num_kv_heads, -1, head_dim)[:, lo - base : n - base]
+        v = v_cache[:, pages].reshape(num_kv_heads, -1, head_dim)[:, lo - base : n - base]
         res_out[b], res_lse[b] = _grouped_attention(q[b], k, v, scale)
     return _into(res_out, res_lse, out, lse)
 

@@ -11,12 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_kernels.attention import attention_contiguous_pages, attention_pages
+from cpu_kernels.attention import (
+    attention_contiguous_pages,
+    attention_contiguous_pages_trusted,
+    attention_pages,
+)
+from cpu_kernels.inputs import kernel_pages
 from cpu_kernels.reference import attention_pages_ref
 from tests.cpu_kernels.arenas import (
     NUM_KV_HEADS,
+    SPARE_SLOTS,
     Selection,
     make_selection,
+    nan_arena,
     page_lens,
     to_numpy_f32,
 )
@@ -37,6 +44,22 @@ FULL_CASES = [(s, p, hd, g, d) for s in SEQ_LENS for p in PAGE_SIZES for hd in H
 SCENARIOS = ["empty", "all_lens_zero", "single_page", "one_head_empty", "per_head",
              "partial_middle"]
 THREADS = [1, 2]
+# First visible key (sliding-window rings), page size 16: (num_tokens, skip). 69 tokens are 4
+# full pages and a partial one: skip nothing, inside the first page, the whole first page,
+# inside the second, all but one key, all; then whole pages of an exact multiple, all of it,
+# and no tokens at all.
+SKIP_CASES = [(69, 0), (69, 5), (69, 16), (69, 20), (69, 68), (69, 69), (64, 48), (64, 64),
+              (0, 0)]
+SKIP_DTYPES = [torch.float32, torch.bfloat16]
+SKIP_ENTRIES = ["checked", "trusted"]
+# Per KV head (lens, starts) of each listed page: a cut in the first page, pages cut whole
+# (starts == lens), starts past lens, and a head that sees nothing.
+STARTS_SCENARIOS = {
+    "first_page_cut": ([[16, 16, 7], [16, 16, 7]], [[5, 0, 0], [15, 0, 0]]),
+    "whole_pages": ([[16, 16, 16, 3], [16, 9, 0, 0]], [[16, 16, 2, 0], [16, 3, 0, 0]]),
+    "past_lens": ([[16, 4, 16], [5, 5, 5]], [[0, 9, 1], [0, 5, 4]]),
+    "one_head_empty": ([[16, 7], [16, 7]], [[3, 0], [16, 7]]),
+}
 SCALE = 0.125
 F32 = torch.float32
 
@@ -147,9 +170,6 @@ def test_contiguous_pages(seq):
 def test_trusted_entry_matches_the_reference(seq, dtype):
     """The engine's unchecked entry point over numpy views of an arena (strided too, as a
     staging buffer's K pages are) gives the reference's partial."""
-    from cpu_kernels.attention import attention_contiguous_pages_trusted
-    from cpu_kernels.inputs import kernel_pages
-
     ps, gen = 16, np.random.default_rng(5)
     num_pages = -(-seq // ps)
     sel = make_selection([page_lens(seq, num_pages, ps)] * NUM_KV_HEADS, ps, 64, 4, dtype, gen)
@@ -315,6 +335,10 @@ def _bad(sel: Selection, what: str) -> dict:
         "lens_range": dict(lens=lens_big),
         "scale": dict(scale=float("nan")),
         "threads": dict(num_threads=0),
+        "starts_range": dict(starts=np.full(sel.lens.shape, 17, np.int32)),
+        "starts_negative": dict(starts=np.full(sel.lens.shape, -1, np.int32)),
+        "starts_shape": dict(starts=np.zeros((NUM_KV_HEADS, 3), np.int32)),
+        "starts_float": dict(starts=np.zeros(sel.lens.shape, np.float32)),
     }
     args.update(changes[what])
     return args
@@ -330,6 +354,9 @@ BAD_INPUTS = [
     ("slots_float", "integers"), ("slot_range", "slots with lens > 0 must lie"),
     ("lens_range", "lens must lie in 0..page_size"), ("scale", "scale must be finite"),
     ("threads", "num_threads must be"),
+    ("starts_range", r"starts must lie in 0\.\.page_size \(16\)"),
+    ("starts_negative", r"starts must lie in 0\.\.page_size \(16\)"),
+    ("starts_shape", "starts must have shape"), ("starts_float", "starts must hold integers"),
 ]
 
 
@@ -344,6 +371,14 @@ def test_bad_inputs_rejected(sel97, what, match):
 def test_contiguous_bad_num_tokens(sel97, num_tokens, match):
     with pytest.raises(ValueError, match=match):
         attention_contiguous_pages(sel97.q, sel97.k, sel97.v, sel97.slots[0], num_tokens, scale=SCALE)
+
+
+@pytest.mark.parametrize("num_tokens,skip", [(97, -1), (97, 98), (0, 1), (97, 2.0), (97, True)])
+def test_contiguous_bad_skip(sel97, num_tokens, skip):
+    match = rf"skip must be an int in 0\.\.num_tokens \({num_tokens}\)"
+    with pytest.raises(ValueError, match=match):
+        attention_contiguous_pages(sel97.q, sel97.k, sel97.v, sel97.slots[0], num_tokens,
+                                   scale=SCALE, skip=skip)
 
 
 def test_contiguous_bad_slots(sel97):
@@ -367,3 +402,94 @@ def test_one_kv_head_many_pages():
                                num_threads=numba.config.NUMBA_NUM_THREADS)
     oracle = dense_attention_f64(sel, SCALE)
     _assert_partial(out, lse, oracle[0][:7], oracle[1][:7], 1000)
+
+
+# --- first visible key: a sliding-window ring whose first page(s) hold keys out of the window ---
+
+def _poison(arena: torch.Tensor, h: int, slot: int, rows: int) -> None:
+    """NaN into the first ``rows`` rows of a page: a kernel that reads a hidden key turns NaN."""
+    if rows > 0 and slot >= 0:
+        arena[h, slot, :rows] = float("nan")
+
+
+def _ring(num_tokens: int, skip: int, dtype: torch.dtype, gen: np.random.Generator) -> Selection:
+    """Every KV head's ``num_tokens`` keys over the same shuffled slots (at least one listed
+    page), with the oracle's keys (``keys``/``values``) cut by hand to ``skip .. num_tokens-1``
+    and the hidden rows poisoned afterwards."""
+    ps, hd, group = 16, 80, 3
+    num_pages = max(1, -(-num_tokens // ps))
+    num_slots = num_pages + SPARE_SLOTS
+    slots = gen.permutation(num_slots)[:num_pages].astype(np.int32)
+    k, v = nan_arena(num_slots, ps, hd), nan_arena(num_slots, ps, hd)
+    for arena in (k, v):
+        rows = torch.from_numpy(gen.standard_normal((NUM_KV_HEADS, num_tokens, hd))).float()
+        for i, n in enumerate(page_lens(num_tokens, num_pages, ps)):
+            arena[:, slots[i], :n] = rows[:, i * ps:i * ps + n]
+    k, v = k.to(dtype), v.to(dtype)
+    keys = [k[h, slots].reshape(-1, hd)[skip:num_tokens].double().numpy()
+            for h in range(NUM_KV_HEADS)]
+    values = [v[h, slots].reshape(-1, hd)[skip:num_tokens].double().numpy()
+              for h in range(NUM_KV_HEADS)]
+    for h in range(NUM_KV_HEADS):
+        for i, slot in enumerate(slots):
+            _poison(k, h, int(slot), min(ps, skip - i * ps))
+            _poison(v, h, int(slot), min(ps, skip - i * ps))
+    q = gen.standard_normal((NUM_KV_HEADS * group, hd)).astype(np.float32)
+    lens = np.broadcast_to(page_lens(num_tokens, num_pages, ps), (NUM_KV_HEADS, num_pages))
+    return Selection(q, k, v, np.broadcast_to(slots, lens.shape), lens, keys, values)
+
+
+@pytest.mark.parametrize("entry", SKIP_ENTRIES)
+@pytest.mark.parametrize("dtype", SKIP_DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens,skip", SKIP_CASES,
+                         ids=[f"n{n}-skip{s}" for n, s in SKIP_CASES])
+def test_contiguous_skip(num_tokens, skip, dtype, entry):
+    """The checked and the trusted dense entries hide the first ``skip`` tokens, and never
+    read them (they are NaN), against a float64 softmax over the visible keys."""
+    sel = _ring(num_tokens, skip, dtype, np.random.default_rng(7))
+    slots = np.ascontiguousarray(sel.slots[0])
+    if entry == "checked":
+        out, lse = attention_contiguous_pages(sel.q, sel.k, sel.v, slots, num_tokens, scale=SCALE,
+                                              skip=skip)
+    else:
+        out, lse = attention_contiguous_pages_trusted(sel.q, kernel_pages(sel.k, "k", 4),
+                                                      kernel_pages(sel.v, "v", 4), slots,
+                                                      num_tokens, SCALE, skip=skip)
+    _assert_partial(out, lse, *dense_attention_f64(sel, SCALE), num_tokens - skip)
+    if skip == num_tokens:
+        assert np.all(out == 0) and np.all(lse == -np.inf)
+    else:
+        assert np.isfinite(out).all() and np.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scenario", list(STARTS_SCENARIOS))
+def test_pages_with_starts(scenario, dtype):
+    """Per-page first visible rows: page i of KV head h gives rows starts..lens-1. A page with
+    starts >= lens gives nothing and its slot (set to -1 here) is never checked or read."""
+    lens_list, starts_list = STARTS_SCENARIOS[scenario]
+    lens = [np.array(x, np.int32) for x in lens_list]
+    sel = make_selection(lens, 16, 64, 3, dtype, np.random.default_rng(8))
+    starts = np.array(starts_list, np.int32)
+    keys, values = [], []
+    for h in range(NUM_KV_HEADS):
+        pieces = [(int(sel.slots[h, i]), int(starts[h, i]), int(sel.lens[h, i]))
+                  for i in range(sel.slots.shape[1]) if sel.lens[h, i] > starts[h, i]]
+        keys.append(np.concatenate([sel.k[h, s, a:b].double().numpy() for s, a, b in pieces]
+                                   or [np.zeros((0, 64))]))
+        values.append(np.concatenate([sel.v[h, s, a:b].double().numpy() for s, a, b in pieces]
+                                     or [np.zeros((0, 64))]))
+    for h in range(NUM_KV_HEADS):
+        for i in range(sel.slots.shape[1]):
+            _poison(sel.k, h, int(sel.slots[h, i]), int(starts[h, i]))
+            _poison(sel.v, h, int(sel.slots[h, i]), int(starts[h, i]))
+    sel.slots[starts >= sel.lens] = -1
+    # torch index arrays for the 16-bit pages, numpy for float32: both are accepted.
+    starts_arg = starts if dtype == torch.float32 else torch.from_numpy(starts)
+    out, lse = attention_pages(sel.q, sel.k, sel.v, sel.slots, sel.lens, scale=SCALE,
+                               starts=starts_arg)
+    oracle = Selection(sel.q, sel.k, sel.v, sel.slots, sel.lens, keys, values)
+    _assert_partial(out, lse, *dense_attention_f64(oracle, SCALE), 64)
+    empty_heads = np.repeat([len(x) == 0 for x in keys], 3)
+    assert np.all(out[empty_heads] == 0) and np.all(lse[empty_heads] == -np.inf)
+    assert np.isfinite(out).all()

@@ -32,6 +32,12 @@ NUM_KV_HEADS = 2
 WINDOWS = [1, 20, 32, 97, 512]
 NUM_SPLITS = [1, 2, 5, 16]
 SPARSE_SCENARIOS = ["empty", "single", "partial_last", "unordered", "per_head"]
+# First visible key per sequence (sliding-window rings), page size 16: one batch of 69-token
+# sequences (4 full pages and a partial one) cut at 0, inside the first page, at the whole
+# first page, inside the second, leaving one key, and at every key; with each window. A
+# 300-token pair spans several tiles and splits.
+FIRST_KEYS = [0, 5, 16, 20, 68, 69]
+FIRST_KEY_WINDOWS = [None, 1, 12, 40]
 # Scores of about +-1e4 (exact integers, so kernel and reference see identical logits).
 EXTREME_SHIFTS = [-9216.0, 9216.0]
 
@@ -193,6 +199,57 @@ def test_empty_sequences_and_empty_batch():
     e = make_paged([], head_dim=64, group=2, page_size=16, dtype=torch.float32)
     out, lse = paged_decode_attention(*e.args, scale=0.125)
     assert out.shape == (0, 2 * NUM_KV_HEADS, 64) and lse.shape == (0, 2 * NUM_KV_HEADS)
+
+
+# --- first visible key ------------------------------------------------------------------------
+
+def _poison_hidden(p: Paged, lo: list[int]) -> None:
+    """NaN into the arena rows of positions below lo[b] (keys out of a ring's window; the
+    oracle's contiguous copies keep their values)."""
+    page_size = p.k_cache.shape[2]
+    for b, cut in enumerate(lo):
+        for pos in range(cut):
+            slot = int(p.block_table[b, pos // page_size])
+            p.k_cache[:, slot, pos % page_size] = float("nan")
+            p.v_cache[:, slot, pos % page_size] = float("nan")
+
+
+def check_first_key(p: Paged, first_key: list[int], dtype: torch.dtype, *, window: int | None,
+                    num_splits: int | None = None) -> None:
+    """Kernel vs reference and reference vs the oracle over positions max(n - window,
+    first_key) .. n-1 cut by hand; sequences with nothing visible give zeros and -inf."""
+    lens = p.seq_lens.tolist()
+    lo = [max(fk, n - window if window else 0) for fk, n in zip(first_key, lens)]
+    _poison_hidden(p, lo)
+    fk = torch.tensor(first_key, dtype=torch.int32, device=p.q.device)
+    out, lse = paged_decode_attention(*p.args, scale=0.125, window=window, first_key=fk,
+                                      num_splits=num_splits)
+    ref_out, ref_lse = paged_decode_attention_ref(*p.args, scale=0.125, window=window,
+                                                  first_key=fk)
+    num_keys = max(n - a for n, a in zip(lens, lo))
+    check_close(out, lse, ref_out, ref_lse, dtype, num_keys)
+    pieces = [[[(a, n)]] * p.k_cache.shape[0] for a, n in zip(lo, lens)]
+    want_out, want_lse = naive_pieces(p, 0.125, pieces)
+    check_close(ref_out, ref_lse, want_out, want_lse, torch.float32, num_keys)
+    empty = torch.tensor([a >= n for a, n in zip(lo, lens)], device=p.q.device)
+    assert bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse[~empty]).all())
+
+
+@pytest.mark.parametrize("window", FIRST_KEY_WINDOWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_first_key(window, dtype):
+    """One batch whose rows each have their own first_key (GQA 3, shuffled slots)."""
+    p = make_paged([69] * len(FIRST_KEYS), head_dim=64, group=3, page_size=16, dtype=dtype)
+    check_first_key(p, FIRST_KEYS, dtype, window=window)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_first_key_long_sequences(num_splits):
+    """300 tokens over 19 pages (tiles of 128 tokens): first_key 133 starts the walk at page 8
+    with a cut inside it (two tiles, split further), 290 at page 18 (one tile)."""
+    p = make_paged([300, 300, 0], head_dim=64, group=4, page_size=16, dtype=torch.float16)
+    check_first_key(p, [133, 290, 0], torch.float16, window=None, num_splits=num_splits)
 
 
 # --- sparse -----------------------------------------------------------------------------------
@@ -382,6 +439,10 @@ def _bad_dense(p: Paged, what: str) -> tuple[tuple, dict]:
     if what in bad:
         return bad[what](), kw
     kw.update({"window": {"window": 0}, "num_splits": {"num_splits": 0},
+               "first_key_dtype": {"first_key": torch.zeros(2, dtype=torch.int64)},
+               "first_key_shape": {"first_key": torch.zeros(3, dtype=torch.int32)},
+               "first_key_past_len": {"first_key": torch.tensor([0, 41], dtype=torch.int32)},
+               "first_key_negative": {"first_key": torch.tensor([-1, 0], dtype=torch.int32)},
                "scale": {"scale": float("inf")},
                "out": {"out": torch.empty(2, 6, 64, dtype=torch.float16)}}[what])
     return (q, k, v, bt, sl), kw
@@ -394,6 +455,10 @@ BAD_DENSE = [
     ("heads_not_multiple", "multiple of num_kv_heads"), ("too_long", "seq_lens must lie"),
     ("bad_slot", "block_table entries"), ("head_dim_512", "head_dim must be <= 256"), ("window", "window must be"),
     ("num_splits", "num_splits must be"), ("scale", "scale must be"), ("out", "out must be"),
+    ("first_key_dtype", "first_key must be an int32"),
+    ("first_key_shape", r"first_key must be \[B=2\]"),
+    ("first_key_past_len", r"first_key must lie in 0 \.\. seq_lens\[b\].*first_key\[1\] = 41"),
+    ("first_key_negative", r"first_key must lie in 0 \.\. seq_lens\[b\].*first_key\[0\] = -1"),
 ]
 
 
@@ -475,6 +540,14 @@ def test_dense_cuda(case):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_cuda(scenario, dtype):
     _sparse_case(scenario, dtype, 32, 128, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 40])
+def test_first_key_cuda(window):
+    p = make_paged([69] * len(FIRST_KEYS), head_dim=128, group=4, page_size=16,
+                   dtype=torch.bfloat16, device="cuda")
+    check_first_key(p, FIRST_KEYS, torch.bfloat16, window=window)
 
 
 @pytest.mark.gpu
