@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from offload.kv.page_table import cdiv  # noqa: E402
 
 
 def timed(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> list[float]:
@@ -110,10 +111,10 @@ def bench_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
         # One layer's pages fit in the last-level cache at 8K tokens; a decode step reads every
         # layer's, so the kernel walks enough distinct arenas (>= --working-set-mib) that each
         # call reads from memory, as in a real step.
-        pages = -(-tokens // ps)
+        pages = cdiv(tokens, ps)
         dtype = torch.float32 if dt == "fp32" else torch.bfloat16
         nbytes = 2 * nkv * tokens * hd * torch.empty((), dtype=dtype).element_size()
-        copies = max(1, -(-args.working_set_mib * 2**20 // nbytes))
+        copies = max(1, cdiv(args.working_set_mib * 2**20, nbytes))
         arenas = []
         for _ in range(copies):
             k = torch.randn(nkv, pages + 7, ps, hd).to(dtype)

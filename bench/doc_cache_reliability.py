@@ -67,12 +67,15 @@ except OffloadError as e:
 def make_qa(cache: Path, *, doc_cache: bool = True, kv_dir: Path | None = None, limit: int | None = None):
     from offload.api import LongDocQA
     from offload.config import RuntimeConfig
+    from planner.profile import HardwareProfile
 
-    # The DISK tier and the planner's profile live in kv_dir (the full-disk case keeps them off
-    # the small file system, which only the DocCache store fills).
+    # The DISK tier lives in kv_dir (the full-disk case keeps it off the small file system,
+    # which only the DocCache store fills). A fixed profile: where the planner puts pages does
+    # not matter to the DocCache, and no worker then measures one (a measurement in a worker
+    # killed on purpose, or on the full disk, would only add time and noise).
     config = RuntimeConfig(device="cpu", device_memory_bytes=2 * 2**20, host_memory_bytes=12 * 2**20,
                            staging_chunk_pages=8, kv_dir=str(kv_dir or cache / "kv"),
-                           profile_dir=str(kv_dir) if kv_dir else None)
+                           profile=HardwareProfile.preset("cpu-2core"))
     if limit is None and os.environ.get(LIMIT_ENV):
         limit = int(os.environ[LIMIT_ENV])
     return LongDocQA("smollm2-135m", config=config, cache_dir=cache, random_weights=True, num_layers=LAYERS,

@@ -87,7 +87,7 @@ def main() -> int:
             k = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(torch.bfloat16)
             v = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(torch.bfloat16)
             engine.kv.append(seq, layer, k, v, placement)
-    engine.kv.flush_writes()
+    engine.kv.writes.flush()
     write_s = time.perf_counter() - t0
     peak_write = peak_rss()  # the random K/V chunks being generated add their own temporaries
     hwm_reset = hwm_reset and reset_peak_rss()

@@ -55,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from offload.commands.bench import time_disk_reads  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
 from offload.engine import DEVICE_RESERVE_PAGES, Engine  # noqa: E402
 from offload.model.model_source import default_cache_dir, resolve_model  # noqa: E402
@@ -62,6 +63,7 @@ from offload.tuning.planning import staging_bytes  # noqa: E402
 from offload.tuning.profile import measure_profile  # noqa: E402
 from offload.tuning.profile_probes import disk_probe  # noqa: E402
 from planner import CostModel, HardwareProfile  # noqa: E402
+from offload.kv.page_table import cdiv  # noqa: E402
 
 MiB = 2**20
 WARMUP_STEPS = 4
@@ -94,7 +96,7 @@ def _budgets(engine: Engine, c: Config) -> dict[str, int]:
     """Engine budgets that leave the config's KV room after the DEVICE reserve and the HOST
     staging area."""
     cfg, slot = engine.model_config, engine.arena.slot_bytes
-    kv = -(-c.context // engine.config.page_size) * cfg.num_layers * slot
+    kv = cdiv(c.context, engine.config.page_size) * cfg.num_layers * slot
     reserve = DEVICE_RESERVE_PAGES * cfg.num_layers * slot
     staging = staging_bytes(slot, staging_chunk_pages=engine.config.staging_chunk_pages,
                             staging_buffers=engine.config.staging_buffers)
@@ -115,7 +117,7 @@ def _fill(engine: Engine, tokens: int, placement=None):
             k = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen, dtype=engine.kv_dtype)
             v = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen, dtype=engine.kv_dtype)
             engine.kv.append(seq, layer, k, v, placement)
-    engine.kv.flush_writes()
+    engine.kv.writes.flush()
     return seq
 
 
@@ -133,7 +135,7 @@ def _fill_together(engine: Engine, tokens: int, placements: dict) -> dict:
                 k = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gens[m], dtype=engine.kv_dtype)
                 v = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gens[m], dtype=engine.kv_dtype)
                 engine.kv.append(seqs[m], layer, k, v, placement)
-    engine.kv.flush_writes()
+    engine.kv.writes.flush()
     return seqs
 
 
@@ -147,11 +149,11 @@ def _steps_s(engine: Engine, seq, steps: int) -> tuple[float, float]:
 
 def _disk_now(profile: HardwareProfile, engine: Engine, seq) -> HardwareProfile:
     """``profile`` with its cold-read bandwidth replaced by what reading this engine's DISK
-    pages alone achieves now (``PagedKV.time_disk_reads``: the decode step's chunks, staging
+    pages alone achieves now (``offload.commands.bench.time_disk_reads``: the decode step's chunks, staging
     depth and threads, no compute). This VM's disk drifts by up to 2x within minutes and reads
     some files faster than others, so a disk number from minutes ago or from another file
     misprices the step; the decode measurements themselves never enter a prediction."""
-    nbytes, seconds = engine.kv.time_disk_reads(seq)
+    nbytes, seconds = time_disk_reads(engine, seq)
     if not nbytes:
         return profile
     return dataclasses.replace(profile, disk_read_gbps_by_extent=((1, nbytes / seconds / 1e9),))

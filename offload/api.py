@@ -29,6 +29,7 @@ from offload.commands.progress import PrefillProgress
 from offload.sampling import SamplingConfig
 from offload.stats import RunStats
 from offload.model.text import first_line, load_codec
+from offload.tuning.profile import profile_for
 
 __all__ = ["LongDocQA", "Doc", "Answer", "AnswerStream"]
 
@@ -86,10 +87,15 @@ class LongDocQA:
 
     Args:
         model: a model name (``smollm2-135m``), a ``.gguf`` file or a checkpoint directory.
-        config: runtime options (device, dtypes, budgets, page size).
-        cache_dir: where converted models live; default ``$OFFLOAD_CACHE`` or ``~/.cache/offload``.
+        config: runtime options (device, dtypes, budgets, page size). Without a ``profile``
+            and with budgets that may spill, this machine's saved hardware profile under
+            ``cache_dir`` is used, measured once first when there is none (a notice on stderr;
+            ``offload.tuning.profile.profile_for``).
+        cache_dir: where converted models, DocCaches, the DISK tier and the hardware profile
+            live; default ``$OFFLOAD_CACHE`` or ``~/.cache/offload``.
         random_weights / num_layers: shape-only models for throughput runs.
-        show_progress: show a prefill progress bar on stderr.
+        show_progress: show a prefill progress bar on stderr (and the steps of a profile
+            measurement, if one is needed).
         allow_long_context: allow prompts beyond the model's context window.
     """
 
@@ -113,8 +119,9 @@ class LongDocQA:
         config = config or RuntimeConfig()
         if config.kv_dir is None:  # DISK tier files live beside the converted models
             config = dataclasses.replace(config, kv_dir=str(cache / "kv"))
-        if config.profile_dir is None:  # and so does the planner's hardware profile
-            config = dataclasses.replace(config, profile_dir=str(cache))
+        # Measured here, once per machine, when none is saved and the budgets may spill: the
+        # engine never measures (a first prefill would stall for seconds inside forward).
+        config = profile_for(config, progress=show_progress, cache_dir=cache)
         self.engine = Engine(self.source, config)
         cfg = self.source.config
         self.codec = load_codec(self.source.tokenizer_dir, cfg.vocab_size, cfg.eos_token_ids)

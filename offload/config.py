@@ -13,10 +13,26 @@ from offload.kv.placement import Placement
 if TYPE_CHECKING:
     from planner.profile import HardwareProfile
 
-__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "PLANNERS", "parse_size", "parse_dtype", "DTYPES"]
+__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "Planner", "DiskBackend", "PLANNERS", "parse_size",
+           "parse_dtype", "DTYPES"]
 
-DISK_BACKENDS = ("auto", "posix", "kvikio")  # storage.kvikio_io.BACKENDS
-PLANNERS = ("lp", "greedy")
+
+class Planner(enum.Enum):
+    """How spilled pages are placed when no placement is given."""
+
+    LP = "lp"  # the LP planner over the hardware profile
+    GREEDY = "greedy"  # fill DEVICE, then HOST, then DISK, layer by layer (the baseline)
+
+
+class DiskBackend(enum.Enum):
+    """File I/O of the DISK tier and the DocCache store (``storage.kvikio_io.BACKENDS``)."""
+
+    AUTO = "auto"  # KvikIO when CUDA and the kvikio package are present, else POSIX
+    POSIX = "posix"
+    KVIKIO = "kvikio"
+
+
+PLANNERS = tuple(p.value for p in Planner)
 
 
 class DecodeKernel(enum.Enum):
@@ -42,6 +58,21 @@ DTYPES: dict[str, torch.dtype] = {
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def _member(kind: type[enum.Enum], name: str, value: object) -> enum.Enum:
+    """``value`` as a member of ``kind`` (a member or its string value).
+
+    Raises:
+        ValueError: neither; the message names the field and the allowed values.
+    """
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
 
 
 def parse_size(text: str) -> int:
@@ -105,9 +136,10 @@ class RuntimeConfig:
             4K-token split predicted 10% faster than greedy at 0.93x-1.05x of greedy's speed,
             while gains predicted at 18% and more measured 1.11x-1.30x).
         profile: the hardware profile the planner prices with; None = this machine's saved
-            ``offload profile`` (a quick measurement is made and saved when there is none).
-        profile_dir: the cache dir where that profile is saved; None = ``$OFFLOAD_CACHE`` or
-            ``~/.cache/offload``.
+            ``offload profile`` under ``$OFFLOAD_CACHE`` (or ``~/.cache/offload``) when there is
+            one, else the device type's preset (cpu-2core, rtx4090-pcie4). The engine never
+            measures: ``LongDocQA`` and the CLI fill this field first, measuring once per
+            machine when they may spill (``offload.tuning.profile.profile_for``).
     """
 
     device: str | None = None
@@ -124,21 +156,20 @@ class RuntimeConfig:
     staging_chunk_pages: int = 64
     staging_buffers: int = 4
     overlap: bool = True
-    disk_backend: str = "auto"
+    disk_backend: DiskBackend = DiskBackend.AUTO
     shuffle_pages_seed: int | None = None
     seed: int = 0
     decode_kernel: DecodeKernel = DecodeKernel.AUTO
     host_attention: HostAttention = HostAttention.CPU
-    planner: str = "lp"
+    planner: Planner = Planner.LP
     plan_min_gain: float = 0.10
     profile: HardwareProfile | None = None
-    profile_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.disk_backend not in DISK_BACKENDS:
-            raise ValueError(f"disk_backend must be one of {', '.join(DISK_BACKENDS)}, got {self.disk_backend!r}")
-        if self.planner not in PLANNERS:
-            raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
+        # A field over a closed set takes the enum or its string value (RuntimeConfig(planner="lp")).
+        for name, kind in (("disk_backend", DiskBackend), ("planner", Planner), ("decode_kernel", DecodeKernel),
+                           ("host_attention", HostAttention)):
+            object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise ValueError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:

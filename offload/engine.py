@@ -1,6 +1,6 @@
 """The engine: layer-wise prefill and paged decode of a Llama-family or Gemma 3 model.
 
-Schedule of ``forward`` (prefill of T tokens, or a decode step when T = 1)::
+Two named paths. ``prefill`` (T prompt tokens)::
 
     h = embed(ids)                                  [T, hidden]
     for layer l:                                    (one layer at a time: layer-wise prefill)
@@ -12,13 +12,25 @@ Schedule of ``forward`` (prefill of T tokens, or a decode step when T = 1)::
         the layer's new K/V join its pages
     logits of the last positions
 
+``decode_step`` (one token)::
+
+    page moves of the step (tail pages, evictions, sliding rings)    PagedKV.prepare_decode
+    one read set per layer (the selector's pages, routes, chunks)    step_reads
+    DISK chunks of every layer read ahead                            KVReader.plan
+    for layer l:
+        q, k, v = qkv(l, h); k, v -> the layer's tail page
+        attention over the layer's read set (global and sliding layers alike)
+        counters from the read set; CUDA: the next layer's pieces copied ahead
+        h = o_proj + MLP
+
 Peak memory is the weights + the KV pages + h + one layer's new K/V + one chunk's working
 set (scores of one partial are bounded by ``attn_scores_bytes``); no other layer's K/V
 exists outside its pages.
 
 Sliding-window layers (Gemma 3) keep a DEVICE ring of the pages their window still sees
-(``PagedKV``); their queries attend with the window mask. Only global layers' pages are
-placed by the planner and reach HOST or DISK.
+(``PagedKV``); their prefill queries attend with the window mask, their decode query over the
+ring with the window's first key cut inside the kernels. Only global layers' pages are placed
+by the planner and reach HOST or DISK.
 """
 from __future__ import annotations
 
@@ -35,25 +47,32 @@ from typing import TYPE_CHECKING
 import psutil
 import torch
 
-from gpu_kernels.reference import merge_partials_ref
-from offload.attention.decode import DecodeAttention, group_partial_fn
-from offload.config import HostAttention, RuntimeConfig
+from offload.attention.decode import DecodeAttention
+from offload.attention.prefill import PrefillAttention
+from offload.attention.selection import ExactSelector, PageSelector
+from offload.config import HostAttention, Planner, RuntimeConfig
 from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError, UnsupportedModelError
 from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
 from offload.model.llama import LlamaRunner
 from offload.model.model_source import AnyModelConfig, ModelSource, default_cache_dir
+from offload.kv.counters import IOSnapshot, kind_strings, tier_strings
 from offload.kv.paged_kv import KVSequence, PagedKV, ring_pages
+from offload.kv.readahead import Chunk
+from offload.kv.reads import LayerReads
 from offload.kv.placement import Placement
 from offload.tuning.planning import (DEVICE_RESERVE_PAGES, WRITE_STAGING_BYTES, engine_problem, plan_placement,
                               plan_summary, staging_bytes)
+from offload.tuning.profile_store import DEFAULT_PRESETS, load_saved
 from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
 from offload.model.weights import load_checkpoint, random_weights
+from planner.profile import HardwareProfile
 from storage import PageArena, Tier, make_io
 from storage.disk_store import DiskExtentStore
+from offload.kv.page_table import cdiv
 
 if TYPE_CHECKING:
-    from planner import HardwareProfile, Plan, PlanProblem
+    from planner import Plan, PlanProblem
 
 __all__ = ["Engine", "LayerCallback"]
 
@@ -137,6 +156,11 @@ class Engine:
             self.kv, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size, head_dim=cfg.head_dim,
             scale=self.runner.scale, device=self.device, scores_bytes=self.config.attn_scores_bytes,
             kernel=self.config.decode_kernel)
+        self.prefill_attention = PrefillAttention(
+            self.kv, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size,
+            head_dim=cfg.head_dim, scale=self.runner.scale, scores_bytes=self.config.attn_scores_bytes)
+        # Which pages a decode step attends (exact mode: all); the sparse modes are selectors.
+        self.selector: PageSelector = ExactSelector()
         logger.info(
             "engine: %s on %s, %s weights %.2f GiB, KV arena %d pages of %d tokens (%.2f GiB, %s)",
             source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
@@ -165,7 +189,7 @@ class Engine:
                                 "pass --cache-dir with a writable directory") from None
         budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
         try:
-            io = make_io(c.disk_backend)
+            io = make_io(c.disk_backend.value)
         except ValueError as e:
             root.rmdir()
             raise InputError(str(e)) from None
@@ -179,7 +203,7 @@ class Engine:
         if budget and slots < 1:
             raise CapacityError(f"--host-memory {budget} bytes leaves no room for KV pages after the "
                                 f"{reserved}-byte DISK staging area; raise it to at least "
-                                f"{-(-(reserved + self._slot_bytes()) // 2**20)}MiB")
+                                f"{cdiv((reserved + self._slot_bytes()), 2**20)}MiB")
         if slots < 1:
             return None
         cfg = self.model_config
@@ -194,8 +218,8 @@ class Engine:
         if self.config.placement is not None:
             return self.config.placement
         ps = self.config.page_size
-        have = -(-seq.num_tokens // ps)
-        new_pages = -(-(seq.num_tokens + new_tokens) // ps) - have
+        have = cdiv(seq.num_tokens, ps)
+        new_pages = cdiv(seq.num_tokens + new_tokens, ps) - have
         if new_tokens == 1 or self.kv.free_slots(Tier.DEVICE) >= self.pages_needed(seq, new_tokens):
             return Placement(None, 0)
         plan = self._plan(new_pages)
@@ -234,7 +258,7 @@ class Engine:
             staging_chunk_pages=c.staging_chunk_pages, staging_buffers=c.staging_buffers,
             allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU)
         try:
-            self.last_plan = (greedy_plan(problem, self.hardware_profile()) if c.planner == "greedy"
+            self.last_plan = (greedy_plan(problem, self.hardware_profile()) if c.planner == Planner.GREEDY
                               else plan(problem, self.hardware_profile(), min_gain=c.plan_min_gain))
             self.last_problem = problem
             return self.last_plan
@@ -243,14 +267,20 @@ class Engine:
                                 "--device-memory, --host-memory or --disk-space") from None
 
     def hardware_profile(self) -> HardwareProfile:
-        """The profile the planner prices placements with: the configured one, else this
-        machine's saved ``offload profile`` (a quick measurement, saved, when there is none)."""
+        """The profile the planner prices placements with, chosen on first use and never
+        measured here: ``RuntimeConfig.profile`` ("given"); else this machine's saved
+        ``offload profile`` under ``default_cache_dir()`` ("saved"); else a preset by device
+        type, ``DEFAULT_PRESETS`` ("preset"). Measuring takes seconds and runs an engine of its
+        own, so the entry points do it before building one (``offload.tuning.profile.profile_for``)."""
         if self._profile is None:
-            from offload.tuning.profile import load_or_measure
-
-            where = Path(self.config.profile_dir) if self.config.profile_dir else None
-            self._profile = self.config.profile or load_or_measure(
-                device=self.device, dtype=self.kv_dtype, cache_dir=where, quick=True, progress=False)
+            if self.config.profile is not None:
+                self._profile, self._profile_origin = self.config.profile, "given"
+            elif (saved := load_saved(device=self.device, dtype=self.kv_dtype)) is not None:
+                self._profile, self._profile_origin = saved, "saved"
+            else:
+                preset = HardwareProfile.preset(DEFAULT_PRESETS[self.device.type])
+                self._profile, self._profile_origin = preset, "preset"
+            logger.info("hardware profile: %s (%s)", self._profile.name, self._profile_origin)
         return self._profile
 
     def host_share(self, layer: int) -> float:
@@ -287,7 +317,7 @@ class Engine:
             if self.device.type == "cuda":
                 # GPU memory is reserved up front: the full context of one sequence plus
                 # copy-on-write tails of a few forks, at most half of what is free.
-                context_pages = -(-cfg.max_position_embeddings // ps) + 4
+                context_pages = cdiv(cfg.max_position_embeddings, ps) + 4
                 want = sum(context_pages if r == 0 else 2 * r + 4 for r in self.ring_pages) * slot_bytes
                 budget = min(want, torch.cuda.mem_get_info(self.device)[0] // 2)
             else:
@@ -305,8 +335,8 @@ class Engine:
         """Slots a sequence must newly take to hold ``new_tokens`` more tokens: the new pages
         of each global layer, at most a ring (plus a copy-on-write tail) per sliding layer."""
         ps = self.config.page_size
-        total = -(-(seq.num_tokens + new_tokens) // ps)
-        grow = total - -(-seq.num_tokens // ps)
+        total = cdiv(seq.num_tokens + new_tokens, ps)
+        grow = total - cdiv(seq.num_tokens, ps)
         return sum(grow if r == 0 else min(r, grow + 1) for r in self.ring_pages)
 
     def check_request(self, seq: KVSequence, prompt_tokens: int, max_new_tokens: int,
@@ -330,13 +360,13 @@ class Engine:
             raise CapacityError(
                 f"the DEVICE KV arena cannot hold this request: it needs {need} more pages of "
                 f"{self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at least "
-                f"{-(-minimum // 2**20)}MiB"
+                f"{cdiv(minimum, 2**20)}MiB"
             )
         # Tails (and their copy-on-write copies), decode growth and sliding-window rings
         # always live on DEVICE.
         ps = self.config.page_size
-        tail = 2 + -(-max_new_tokens // ps)
-        ring_need = -(-(prompt_tokens + max_new_tokens) // ps) + 1
+        tail = 2 + cdiv(max_new_tokens, ps)
+        ring_need = cdiv(prompt_tokens + max_new_tokens, ps) + 1
         device_need = sum(tail if r == 0 else min(r, ring_need) for r in self.ring_pages)
         if free < device_need:
             minimum = (self.arena.num_used + device_need) * self.arena.slot_bytes
@@ -344,7 +374,7 @@ class Engine:
             raise CapacityError(
                 f"the DEVICE KV arena cannot hold this request's {what}: it needs {device_need} "
                 f"pages of {self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at "
-                f"least {-(-minimum // 2**20)}MiB"
+                f"least {cdiv(minimum, 2**20)}MiB"
             )
         spare = sum(self.kv.free_slots(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK))
         if need > spare:
@@ -365,16 +395,19 @@ class Engine:
         self.kv.release(seq)
 
     # ----- compute ------------------------------------------------------------------------
+    def forward(self, seq: KVSequence, ids: Sequence[int] | torch.Tensor, *, num_logits: int = 1,
+                on_layer: LayerCallback | None = None) -> torch.Tensor:
+        """``prefill`` for several tokens, ``decode_step`` for one (returns [num_logits, vocab]
+        float32 logits, at most one row for a decode step)."""
+        ids_t = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        if ids_t.numel() == 1 and seq.num_tokens:
+            return self.decode_step(seq, int(ids_t[0]), on_layer=on_layer)
+        return self.prefill(seq, ids_t, num_logits=num_logits, on_layer=on_layer)
+
     @torch.inference_mode()
-    def forward(
-        self,
-        seq: KVSequence,
-        ids: Sequence[int] | torch.Tensor,
-        *,
-        num_logits: int = 1,
-        on_layer: LayerCallback | None = None,
-    ) -> torch.Tensor:
-        """Run new tokens through the model, appending their K/V to ``seq``'s pages.
+    def prefill(self, seq: KVSequence, ids: Sequence[int] | torch.Tensor, *, num_logits: int = 1,
+                on_layer: LayerCallback | None = None) -> torch.Tensor:
+        """Run a prompt through the model layer by layer, appending its K/V to ``seq``'s pages.
 
         Args:
             ids: [T] token ids (T >= 1).
@@ -393,44 +426,82 @@ class Engine:
         h = self.runner.embed(ids_t)
         num_layers = self.model_config.num_layers
         placement = self.placement_for(seq, t)
-        if t == 1:
-            self.kv.make_tail_room(seq)  # decode growth's page moves, before reads are planned
+        reader = self.kv.reader
         if t <= self.config.prefill_chunk_tokens and self.config.overlap:
-            self.kv.plan_reads(seq)  # one pass over the stored pages per layer: read DISK ahead
+            # One pass over the stored pages per layer (a question over a DocCache): read
+            # their DISK chunks ahead, in the order the layers will take them.
+            reader.plan([reader.layer_reads(seq, layer) for layer in range(num_layers)])
         if self.kv.fetcher is not None:
-            self.kv.fetcher.begin_step()  # pieces a previous pass fetched and nobody took
-        fetch = t == 1 and self.kv.fetcher is not None and self.config.overlap
-        if fetch:
-            self._fetch_ahead(seq, 0)
+            self.kv.fetcher.begin_layer()  # pieces a previous pass fetched and nobody took
         for layer in range(num_layers):
-            if t == 1:
-                h = self._decode_layer(seq, layer, h, positions, start, placement)
-                if fetch and layer + 1 < num_layers:  # layer's kernels are queued: copy the next one's pages
-                    self._fetch_ahead(seq, layer + 1)
-            else:
-                self._prefill_layer(seq, layer, h, positions, start, placement)
+            self._prefill_layer(seq, layer, h, positions, start, placement)
             if on_layer is not None:
                 on_layer(layer + 1, num_layers)
         return self.runner.logits(h[t - min(num_logits, t):])
 
-    def _fetch_ahead(self, seq: KVSequence, layer: int) -> None:
-        """CUDA: copy ``layer``'s HOST/DISK pieces to the device on the side stream (global
-        layers only: a sliding layer's ring lives on DEVICE)."""
-        if self.windows[layer] is None:
-            self.decode_attention.fetch_ahead(seq, layer, host_share=self.host_share(layer))
+    @torch.inference_mode()
+    def decode_step(self, seq: KVSequence, token: int, *, on_layer: LayerCallback | None = None) -> torch.Tensor:
+        """One token through the model: its K/V go to each layer's DEVICE tail page and its
+        query attends over the layer's read set. Returns [1, vocab] float32 logits.
 
-    def _decode_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
-                      placement: Placement) -> torch.Tensor:
-        """One token: its K/V go straight to the DEVICE tail page and its query attends over
-        the stored pages, itself included."""
-        q, k, v = self.runner.qkv(layer, h, pos)
-        self.kv.append(seq, layer, k, v, placement)
-        window = self.windows[layer]
-        if window is None:
-            attn = self.decode_attention(seq, layer, q, host_share=self.host_share(layer))
-        else:  # the ring's first page may hold keys out of the window: cut there
-            attn = self._attend(seq, layer, q, pos, None, None, start, q_first=start, window=window)
-        return self.runner.finish_layer(layer, h, attn)
+        The step's page moves are made first (``PagedKV.prepare_decode``), then one read set
+        per layer (``step_reads``), which the DISK read-ahead, the CUDA fetch-ahead, attention
+        and the counters all consume."""
+        pos = torch.tensor([seq.num_tokens], device=self.device)
+        h = self.runner.embed(torch.tensor([token], dtype=torch.int64, device=self.device))
+        num_layers = self.model_config.num_layers
+        self.kv.prepare_decode(seq)
+        reads, needs_query = self.step_reads(seq)
+        reader, fetcher = self.kv.reader, self.kv.fetcher
+        if self.config.overlap:
+            reader.plan(reads)
+        if fetcher is not None:
+            fetcher.begin_layer()  # pieces a previous pass fetched and nobody took
+        fetch = fetcher is not None and self.config.overlap
+        group_tokens = self.decode_attention.max_group_tokens
+        if fetch:
+            reader.fetch_ahead(reads[0], group_tokens)
+        for layer in range(num_layers):
+            q, k, v = self.runner.qkv(layer, h, pos)
+            self.kv.append(seq, layer, k, v)
+            layer_reads = reads[layer]
+            if needs_query[layer]:
+                layer_reads = self._reads_with_query(seq, layer_reads, q)
+            attn = self.decode_attention(layer_reads, q)
+            reader.count(layer_reads)
+            if fetch and layer + 1 < num_layers:  # layer's kernels are queued: copy the next one's pages
+                reader.fetch_ahead(reads[layer + 1], group_tokens)
+            h = self.runner.finish_layer(layer, h, attn)
+            if on_layer is not None:
+                on_layer(layer + 1, num_layers)
+        return self.runner.logits(h)
+
+    def step_reads(self, seq: KVSequence) -> tuple[list[LayerReads], list[bool]]:
+        """The decode step's read set of every layer, from the selector's answers before the
+        query exists, and per layer whether the selector must be asked again with the query.
+        Called after ``prepare_decode``: each layer's length counts the step's own token."""
+        reads, needs = [], []
+        for layer in range(self.model_config.num_layers):
+            length = seq.lengths[layer] + 1
+            choice = self.selector.choose(seq, layer, length=length, query=None)
+            reads.append(self._layer_reads(seq, layer, length, choice.pages, None))
+            needs.append(choice.needs_query)
+        return reads, needs
+
+    def _layer_reads(self, seq: KVSequence, layer: int, length: int, pages: Sequence[int] | None,
+                     planned: set[Chunk] | None) -> LayerReads:
+        return self.kv.reader.layer_reads(seq, layer, rule=self.decode_attention.routes, length=length, pages=pages,
+                                          host_share=self.host_share(layer), window=self.windows[layer],
+                                          planned=planned)
+
+    def _reads_with_query(self, seq: KVSequence, before: LayerReads, q: torch.Tensor) -> LayerReads:
+        """The layer's final read set once its query exists: pages read ahead stay planned,
+        pages added are read on demand, planned pages no longer named are dropped."""
+        layer = before.layer
+        choice = self.selector.choose(seq, layer, length=before.length, query=q)
+        after = self._layer_reads(seq, layer, before.length, choice.pages, set(before.chunks(ahead=True)))
+        self.kv.reader.drop_unused(before, after)
+        return after
 
     def _prefill_layer(self, seq: KVSequence, layer: int, h: torch.Tensor, pos: torch.Tensor, start: int,
                        placement: Placement) -> None:
@@ -448,60 +519,10 @@ class Engine:
             q, k, v = self.runner.qkv(layer, h[c0:c1], pos[c0:c1])
             kbuf[:, c0:c1] = k.transpose(0, 1)
             vbuf[:, c0:c1] = v.transpose(0, 1)
-            attn = self._attend(seq, layer, q, pos[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start, q_first=start + c0,
-                                window=self.windows[layer])
+            attn = self.prefill_attention(seq, layer, q, pos[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start,
+                                          q_first=start + c0, window=self.windows[layer])
             h[c0:c1] = self.runner.finish_layer(layer, h[c0:c1], attn)
         self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
-
-    def _attend(self, seq: KVSequence, layer: int, q: torch.Tensor, pos: torch.Tensor,
-                k_new: torch.Tensor | None, v_new: torch.Tensor | None, new_start: int, *, q_first: int,
-                window: int | None = None) -> torch.Tensor:
-        """Exact attention of q [T, nq, hd] -> [T, nq * hd] over the layer's stored pages and
-        the new tokens' keys ``k_new``/``v_new`` [nkv, N, hd] at positions new_start.. (None
-        when the new tokens are already stored, as in decode).
-
-        The queries sit at positions q_first.. (``pos`` on the device). With a sliding
-        ``window`` query i sees keys i - window < j <= i: keys before the first query's window
-        are cut off, and the mask is applied only to pieces some query must not fully see.
-        """
-        cfg = self.model_config
-        t = q.shape[0]
-        qg = q.view(t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim).permute(1, 2, 0, 3)
-        partial, max_tokens = group_partial_fn(q.device, num_heads=cfg.num_heads, num_queries=t,
-                                               scores_bytes=self.config.attn_scores_bytes)
-        scale = self.runner.scale
-        outs, lses = [], []
-        # Keys from `seen` on are in some query's window; from `all_see` on in every one's.
-        seen = q_first - window + 1 if window is not None else 0
-        all_see = q_first + t - window if window is not None else 0
-
-        def piece(k: torch.Tensor, v: torch.Tensor, k0: int, causal: bool) -> None:
-            cut = max(0, seen - k0)
-            if cut >= k.shape[1]:
-                return
-            k, v, k0 = k[:, cut:].to(q.dtype), v[:, cut:].to(q.dtype), k0 + cut
-            if causal or k0 < all_see:
-                k_pos = torch.arange(k0, k0 + k.shape[1], device=q.device)
-                out, lse = partial(qg, k, v, scale=scale, q_pos=pos, k_pos=k_pos, window=window)
-            else:
-                out, lse = partial(qg, k, v, scale=scale)
-            outs.append(out)
-            lses.append(lse)
-
-        # Stored tokens precede every query: no causal mask.
-        for g in self.kv.groups(seq, layer, max_tokens):
-            piece(g.k, g.v, g.start_pos, False)
-        # New tokens up to the first query are visible to every query; only the later ones
-        # (this chunk's own) need the causal mask, and a decode step (one query) has none.
-        n = 0 if k_new is None else k_new.shape[1]
-        split = q_first + 1 - new_start if n else 0
-        for lo, hi in ((0, min(split, n)), (min(split, n), n)):
-            for a in range(max(lo, seen - new_start), hi, max_tokens):
-                b = min(hi, a + max_tokens)
-                assert k_new is not None and v_new is not None
-                piece(k_new[:, a:b], v_new[:, a:b], new_start + a, lo == split)
-        out, _ = merge_partials_ref(outs, lses)  # [nkv, g, T, hd]
-        return out.permute(2, 0, 1, 3).reshape(t, cfg.num_heads * cfg.head_dim).to(q.dtype)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -535,7 +556,7 @@ class Engine:
         sampler = Sampler(sampling)
         stops = set(stop_ids)
         t0 = time.perf_counter()
-        logits = self.forward(seq, prompt_ids, num_logits=num_prompt_logits, on_layer=on_layer)
+        logits = self.prefill(seq, prompt_ids, num_logits=num_prompt_logits, on_layer=on_layer)
         tok = sampler(logits[-1])
         self.sync()
         stats.prefill_s = stats.ttft_s = time.perf_counter() - t0
@@ -543,13 +564,13 @@ class Engine:
         if record_logits is not None:
             record_logits.append(logits)
         self.fill_stats(stats, seq)
-        io0 = self._io_snapshot()
+        io0 = self.kv.io.snapshot()
         stats.generated_tokens = 1
         stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
         yield tok
         t1 = time.perf_counter()
         while stats.generated_tokens < max_new_tokens and tok not in stops:
-            logits = self.forward(seq, [tok])
+            logits = self.decode_step(seq, tok)
             tok = sampler(logits[-1])
             if record_logits is not None:
                 record_logits.append(logits)
@@ -557,25 +578,18 @@ class Engine:
             stats.decode_tokens += 1
             stats.decode_s = time.perf_counter() - t1
             self.fill_stats(stats, seq)
-            self._decode_io(stats, *io0)
+            self._decode_io(stats, self.kv.io.snapshot().minus(io0))
             stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
             yield tok
 
-    def _io_snapshot(self) -> tuple[dict[str, int], dict[str, int], int, float, dict[str, dict[str, int]]]:
-        io = self.kv.io
-        return (dict(io.bytes_read), dict(io.cpu_attended_bytes), io.copied_to_device_bytes, io.fetch_wait_s,
-                {kind: dict(d) for kind, d in io.read_by_kind.items()})
-
-    def _decode_io(self, stats: RunStats, bytes_before: dict[str, int], cpu_before: dict[str, int],
-                   copied_before: int, wait_before: float, kind_before: dict[str, dict[str, int]]) -> None:
+    def _decode_io(self, stats: RunStats, io: IOSnapshot) -> None:
+        """Per-token decode I/O from the counters' change over the decode (``io``)."""
         n = max(1, stats.decode_tokens)
-        io = self.kv.io
-        stats.bytes_read_per_token = {t: (b - bytes_before[t]) // n for t, b in io.bytes_read.items()}
-        stats.bytes_read_per_token_by_kind = {
-            kind: {t: (b - kind_before[kind][t]) // n for t, b in d.items()} for kind, d in io.read_by_kind.items()}
-        stats.cpu_attended_bytes_per_token = {t: (b - cpu_before[t]) // n for t, b in io.cpu_attended_bytes.items()}
-        stats.copied_to_device_bytes_per_token = (io.copied_to_device_bytes - copied_before) // n
-        stats.fetch_wait_s = self.kv.io.fetch_wait_s - wait_before
+        stats.bytes_read_per_token = tier_strings(io.bytes_read, n)
+        stats.bytes_read_per_token_by_kind = kind_strings(io.read_by_kind, n)
+        stats.cpu_attended_bytes_per_token = tier_strings(io.cpu_attended_bytes, n)
+        stats.copied_to_device_bytes_per_token = io.copied_to_device_bytes // n
+        stats.fetch_wait_s = io.fetch_wait_s
         stats.compute_s = max(0.0, stats.decode_s - stats.fetch_wait_s)
 
     def fill_stats(self, stats: RunStats, seq: KVSequence) -> None:
@@ -583,9 +597,10 @@ class Engine:
         stats.cold_reads = self.disk.cold_read_mode if self.disk is not None else "none (no disk tier)"
         stats.disk_backend = self.disk.backend if self.disk is not None else "none (no disk tier)"
         stats.disk_bytes_written = self.kv.io.disk_bytes_written
-        stats.kv_written_bytes_by_kind = {kind: dict(d) for kind, d in self.kv.io.written_by_kind.items()}
-        stats.kv_held_bytes_by_kind = self.kv.held_bytes(seq)
+        stats.kv_written_bytes_by_kind = kind_strings(self.kv.io.written_by_kind)
+        stats.kv_held_bytes_by_kind = kind_strings(self.kv.held_bytes(seq))
         stats.plan = plan_summary(self.last_plan) if self.last_plan is not None else None
+        stats.profile = f"{self._profile.name} ({self._profile_origin})" if self._profile is not None else None
         stats.weights_bytes = self.runner.weights_bytes
         stats.kv_bytes_per_token = self.kv_bytes_per_token
         stats.page_size = self.config.page_size

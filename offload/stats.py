@@ -41,6 +41,9 @@ class RunStats:
         plan: the planner's last executed plan (method, predicted decode step, bottleneck, KV
             bytes per tier of the pages it placed, delegated share), or None while every page
             fits DEVICE.
+        profile: the hardware profile the planner priced with, as "<profile name> (given|saved|
+            preset)": given in ``RuntimeConfig.profile``, this machine's saved one, or the
+            device type's preset (``Engine.hardware_profile``); None while the planner has not run.
     """
 
     ttft_s: float = 0.0
@@ -70,6 +73,7 @@ class RunStats:
     disk_backend: str = ""
     disk_bytes_written: int = 0
     plan: dict[str, Any] | None = None
+    profile: str | None = None
     doc_cache: str = ""
     doc_cache_verify_s: float = 0.0
     doc_cache_bytes_read: int = 0

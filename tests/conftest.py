@@ -32,14 +32,35 @@ def _seed():
     torch.manual_seed(0)
 
 
+TEST_PROFILE = "cpu-2core"
+"""The hardware preset tests plan with: a measured profile would differ per machine and run,
+and measuring one takes seconds (the profile tests measure on purpose, in their own dirs)."""
+
+
+def save_test_profile(cache: Path) -> None:
+    """Saves the ``TEST_PROFILE`` preset as this machine's profile under ``cache`` (CPU, fp32:
+    what a CPU test run looks up), unless one is saved there already, so that ``LongDocQA`` and
+    the CLI find it and do not measure (``offload.tuning.profile.profile_for``)."""
+    from offload.tuning.profile_store import load_profile, profile_path, save_profile
+    from planner.profile import HardwareProfile
+
+    path = profile_path(cache, "cpu", dtype=torch.float32)
+    if load_profile(path) is None:
+        save_profile(path, HardwareProfile.preset(TEST_PROFILE))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offload_home(tmp_path_factory):
-    """Engines save what they measure (the planner's hardware profile) under $OFFLOAD_CACHE:
-    point it at a session directory unless the caller set it, never at the user's cache."""
+    """Point $OFFLOAD_CACHE (the default cache dir: models, DISK tiers, saved hardware
+    profiles) at a session directory unless the caller set it, never at the user's cache,
+    with the test preset saved as the machine's profile there (commands run without
+    --cache-dir find it and do not measure)."""
     if "OFFLOAD_CACHE" in os.environ:
         yield
         return
-    os.environ["OFFLOAD_CACHE"] = str(tmp_path_factory.mktemp("offload-home"))
+    home = tmp_path_factory.mktemp("offload-home")
+    save_test_profile(home)
+    os.environ["OFFLOAD_CACHE"] = str(home)
     try:
         yield
     finally:
@@ -48,9 +69,13 @@ def _offload_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """Model cache for the session (OFFLOAD_TEST_CACHE reuses one across runs)."""
+    """Model cache for the session (OFFLOAD_TEST_CACHE reuses one across runs), with the test
+    preset saved as the machine's profile there: LongDocQA and the CLI given this cache dir
+    look their profile up in it."""
     env = os.environ.get("OFFLOAD_TEST_CACHE")
-    return Path(env) if env else tmp_path_factory.mktemp("offload-cache")
+    path = Path(env) if env else tmp_path_factory.mktemp("offload-cache")
+    save_test_profile(path)
+    return path
 
 
 @pytest.fixture(scope="session")

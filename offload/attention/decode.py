@@ -1,22 +1,24 @@
 """Decode attention computed where the pages are, merged by log-sum-exp.
 
-One decode query of a layer attends over the layer's stored pages, tier by tier::
+One decode query of a layer attends over the pieces of the layer's read set
+(``offload.kv.reads.LayerReads``), each by its route::
 
-    DEVICE pages  -> one in-place paged kernel over the arena (no gather):
+    PAGED_DEVICE  -> one in-place paged kernel over the DEVICE arena (no gather):
                        CUDA: Triton paged decode attention (split-KV);
-                       CPU:  the Numba page kernel (or torch's fused flash op over views)
-    HOST pages    -> delegated: the Numba page kernel on the CPU, in place in the HOST arena;
-                       only q goes there and (out, lse) comes back (FlexGen's CPU delegation);
-                     not delegated: copied to the compute device by groups, attended there
-    DISK pages    -> staged chunks, attended on the compute device: CPU (Numba kernel): in
-                     place in the staging buffer (``PagedKV.staged_pages``, no unpack copy);
-                     CUDA: unpacked and copied (``PagedKV.page_groups``), then the same Triton
-                     kernel, a chunk read as one-token pages
+                       CPU:  the Numba page kernel
+    PAGED_CPU     -> the Numba page kernel on the CPU where the pages lie: delegated HOST pages
+                     in the HOST arena (FlexGen's CPU delegation: only q goes there and (out, lse)
+                     comes back); on a CPU-only machine also staged DISK chunks, in place in the
+                     staging buffer (no unpack copy)
+    GROUPS        -> runs of tokens on the compute device (gathers, CUDA copies of HOST pages,
+                     unpacked DISK chunks), then the same kernel (Triton on CUDA, a chunk read as
+                     one-token pages) or torch's fused CPU op
     all pieces    -> merged by log-sum-exp
 
-Which HOST pages are attended on the CPU is the placement's decision (a share of each layer's
-HOST pages, the first ones in page order). On a CPU-only machine HOST and DEVICE are the same
-RAM, so both are attended in place either way.
+Which pages, which HOST share is delegated and which route each tier takes are decided once,
+when the read set is built (``routes`` gives the builder this attention's rules); this module
+only computes. A sliding layer's first page may hold keys out of the window: the piece's
+``skip`` cuts them inside the kernels.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from cpu_kernels import flash_torch
 from cpu_kernels.inputs import kernel_pages
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
 from offload.config import DecodeKernel
-from offload.kv.paged_kv import KVSequence, PagedKV
+from offload.kv.paged_kv import PagedKV
+from offload.kv.reads import LayerReads, Piece, Route, RouteRule
 from storage import PageArena, Tier
 
 __all__ = ["DecodeKernel", "DecodeAttention", "group_partial_fn"]
@@ -80,76 +83,43 @@ class DecodeAttention:
         self._numba_in_ram = device.type == "cpu" and kernel == DecodeKernel.NUMBA
         self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
         self._arena_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(arena) -> numpy views of K, V
-        self._partial, self._max_group_tokens = group_partial_fn(
+        self._partial, self.max_group_tokens = group_partial_fn(
             device, num_heads=num_kv_heads * group_size, num_queries=1, scores_bytes=scores_bytes)
 
-    def __call__(self, seq: KVSequence, layer: int, q: torch.Tensor, *, host_share: float = 1.0) -> torch.Tensor:
-        """q [1, num_heads, head_dim] on the compute device -> [1, num_heads * head_dim].
+    @property
+    def routes(self) -> RouteRule:
+        """The routes a read set takes to this attention (``KVReader.layer_reads``)."""
+        return RouteRule(device_paged=self.kernel != DecodeKernel.TORCH, cpu_in_ram=self._numba_in_ram,
+                         device_kernel_on_cpu=self.kernel == DecodeKernel.NUMBA, cuda=self.device.type == "cuda")
 
-        ``host_share``: the share of the layer's HOST pages (the first ones in page order)
-        attended on the CPU where they lie; the others are copied to the compute device. On a
-        CPU-only machine with the Numba kernel every HOST page is attended in place."""
-        ps = self.kv.page_size
-        length = seq.lengths[layer]
-        segments = list(self.kv.segments(seq, layer))
-        delegated = self._delegated_pages(segments, host_share)
-        in_place: dict[Tier, tuple[list[int], int]] = {}  # tier -> (slots, tokens)
+    def __call__(self, reads: LayerReads, q: torch.Tensor) -> torch.Tensor:
+        """q [1, num_heads, head_dim] on the compute device -> [1, num_heads * head_dim]: the
+        attention of the query over exactly the pages ``reads`` names."""
+        reader = self.kv.reader
         outs: list[torch.Tensor] = []
         lses: list[torch.Tensor] = []
-        for tier, first, slots in segments:
-            if tier == Tier.DEVICE and self.kernel != DecodeKernel.TORCH:
-                self._collect(in_place, tier, slots, min(len(slots) * ps, length - first * ps))
-                continue
-            if tier == Tier.HOST and delegated:
-                mine, slots = slots[:delegated], slots[delegated:]
-                delegated -= len(mine)
-                self._collect(in_place, tier, mine, min(len(mine) * ps, length - first * ps))
-                first += len(mine)
-            if tier == Tier.DISK and self._numba_in_ram:
-                for k, v, tokens in self.kv.staged_pages(seq, layer, first, slots):
-                    out, lse = self._numba_arena(q, k, v, list(range(k.shape[1])), tokens)
-                    self.kv.io.cpu_attended_bytes[tier.value] += k.shape[1] * self.kv.page_bytes
-                    outs.append(out)
-                    lses.append(lse)
-            elif slots:
-                for g in self.kv.page_groups(seq, layer, tier, first, slots, self._max_group_tokens):
+        for piece in reads.pieces:
+            if piece.route == Route.PAGED_DEVICE:
+                pool = self.kv.pool_of(piece.tier)
+                if self.kernel == DecodeKernel.TRITON:
+                    part = self._triton_pages(q, pool, piece)
+                else:
+                    part = self._numba_pages(q, pool, list(piece.slots), piece.tokens, piece.skip)
+            elif piece.route == Route.PAGED_CPU and piece.tier == Tier.DISK:
+                with reader.staged(piece) as (k, v):
+                    part = self._numba_arena(q, k, v, piece.tokens, piece.skip)
+            elif piece.route == Route.PAGED_CPU:
+                part = self._numba_pages(q, self.kv.pool_of(piece.tier), list(piece.slots), piece.tokens, piece.skip)
+            else:
+                for g in reader.groups(piece, reads.layer, self.max_group_tokens):
                     out, lse = self._group_partial(q, g.k, g.v)
                     outs.append(out)
                     lses.append(lse)
-        for tier, (slots, tokens) in in_place.items():
-            pool = self.kv.pool(tier)
-            if tier == Tier.DEVICE and self.kernel == DecodeKernel.TRITON:
-                out, lse = self._triton_pages(q, pool, slots, tokens)
-            else:
-                out, lse = self._numba_pages(q, pool, slots, tokens)
-                self.kv.io.cpu_attended_bytes[tier.value] += len(slots) * self.kv.page_bytes
-            self.kv.count_read(layer, tier, len(slots) * self.kv.page_bytes)
-            outs.append(out)
-            lses.append(lse)
+                continue
+            outs.append(part[0])
+            lses.append(part[1])
         out = outs[0] if len(outs) == 1 else merge_partials_ref(outs, lses)[0]
         return out.reshape(1, -1).to(q.dtype)
-
-    def _delegated_pages(self, segments: list[tuple[Tier, int, list[int]]], host_share: float) -> int:
-        """How many of the layer's HOST pages (the first ones in page order) the CPU attends."""
-        if self._numba_in_ram:
-            host_share = 1.0
-        return round(host_share * sum(len(slots) for tier, _, slots in segments if tier == Tier.HOST))
-
-    def fetch_ahead(self, seq: KVSequence, layer: int, *, host_share: float = 1.0) -> None:
-        """On CUDA with a fetcher (``PagedKV.enable_fetch_ahead``): start copying the pieces
-        this layer's attention will move to the device (HOST pages not delegated, DISK
-        chunks) on the side stream, in the same groups ``__call__`` asks for."""
-        if self.kv.fetcher is None:
-            return
-        delegated = self._delegated_pages(list(self.kv.segments(seq, layer)), host_share)
-        self.kv.fetch_ahead(seq, layer, delegated_pages=delegated, max_tokens=self._max_group_tokens)
-
-    @staticmethod
-    def _collect(acc: dict[Tier, tuple[list[int], int]], tier: Tier, slots: list[int], tokens: int) -> None:
-        # Only a sequence's last page can be partial, and it is always on DEVICE, so the
-        # DEVICE segments concatenated in page order keep every full page before it.
-        have, n = acc.get(tier, ([], 0))
-        acc[tier] = (have + slots, n + tokens)
 
     def _group_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
         """(out, lse) [num_heads, head_dim] / [num_heads] over a [nkv, n, hd] piece."""
@@ -159,27 +129,28 @@ class DecodeAttention:
         out, lse = self._partial(qg, k.to(q.dtype), v.to(q.dtype), scale=self.scale)
         return out.reshape(-1, self.head_dim), lse.reshape(-1)
 
-    def _numba_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
+    def _numba_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int, skip: int) -> Partial:
         """In place over a CPU arena (DEVICE on a CPU machine, or HOST): only q moves."""
         arrays = self._arena_arrays.get(id(pool))
         if arrays is None:  # the arena's numpy views, made once (the arena lives as long as we do)
             arrays = self._arena_arrays[id(pool)] = (kernel_pages(pool.k, "k", 4), kernel_pages(pool.v, "v", 4))
-        return self._numba_arrays(q, *arrays, slots, tokens)
+        return self._numba_arrays(q, *arrays, slots, tokens, skip)
 
-    def _numba_arena(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[int],
-                     tokens: int) -> Partial:
-        """The Numba page kernel over pages [nkv, slots, page, hd] of CPU memory (an arena or
-        a staging buffer), the first ``tokens`` tokens laid over ``slots`` in order."""
-        return self._numba_arrays(q, kernel_pages(k, "k", 4), kernel_pages(v, "v", 4), slots, tokens)
+    def _numba_arena(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, skip: int) -> Partial:
+        """The Numba page kernel over all pages [nkv, n, page, hd] of CPU memory (a staging
+        buffer), tokens ``skip .. tokens - 1`` laid over them in order."""
+        return self._numba_arrays(q, kernel_pages(k, "k", 4), kernel_pages(v, "v", 4), list(range(k.shape[1])),
+                                  tokens, skip)
 
-    def _numba_arrays(self, q: torch.Tensor, k: np.ndarray, v: np.ndarray, slots: list[int], tokens: int) -> Partial:
+    def _numba_arrays(self, q: torch.Tensor, k: np.ndarray, v: np.ndarray, slots: list[int], tokens: int,
+                      skip: int) -> Partial:
         # The engine built every input, so the kernel's checked entry point (whose checks cost
         # more than the kernel on short page lists) is skipped.
         from cpu_kernels import attention_contiguous_pages_trusted
 
         q_cpu = np.ascontiguousarray(q.reshape(-1, self.head_dim).float().cpu().numpy())
         out, lse = attention_contiguous_pages_trusted(q_cpu, k, v, np.asarray(slots, dtype=np.int32), tokens,
-                                                      self.scale)
+                                                      self.scale, skip=skip)
         return (torch.from_numpy(out).to(self.device, non_blocking=True),
                 torch.from_numpy(lse).to(self.device, non_blocking=True))
 
@@ -199,12 +170,15 @@ class DecodeAttention:
                                           v.unsqueeze(2), self._token_table[:, :n], lens, scale=self.scale)
         return out[0], lse[0]
 
-    def _triton_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int) -> Partial:
-        """In place over the DEVICE arena through a one-row block table."""
+    def _triton_pages(self, q: torch.Tensor, pool: PageArena, piece: Piece) -> Partial:
+        """In place over the DEVICE arena through a one-row block table (a sliding window's
+        ``skip`` as the kernel's first visible key)."""
         from gpu_kernels.paged_attention import paged_decode_attention
 
-        table = torch.tensor([slots], dtype=torch.int32).to(self.device, non_blocking=True)
-        lens = torch.tensor([tokens], dtype=torch.int32).to(self.device, non_blocking=True)
+        table = torch.tensor([piece.slots], dtype=torch.int32).to(self.device, non_blocking=True)
+        lens = torch.tensor([piece.tokens], dtype=torch.int32).to(self.device, non_blocking=True)
+        first = (torch.tensor([piece.skip], dtype=torch.int32).to(self.device, non_blocking=True)
+                 if piece.skip else None)
         out, lse = paged_decode_attention(q.reshape(1, -1, self.head_dim).to(pool.k.dtype), pool.k, pool.v, table,
-                                          lens, scale=self.scale)  # one dtype: see _triton_tokens
+                                          lens, scale=self.scale, first_key=first)  # one dtype: see _triton_tokens
         return out[0], lse[0]

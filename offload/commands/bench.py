@@ -56,6 +56,7 @@ from offload.model.model_source import ModelSource, default_cache_dir, ensure_ca
 from offload.kv.placement import Placement
 from offload.stats import RunStats
 from storage import Tier
+from offload.kv.page_table import cdiv
 
 __all__ = ["main"]
 
@@ -124,7 +125,7 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
         doc = engine.new_sequence()
         t0 = time.perf_counter()
         logits = engine.forward(doc, ids)
-        engine.kv.flush_writes()
+        engine.kv.writes.flush()
         res.prefill_s.append(time.perf_counter() - t0)
         tok = int(torch.argmax(logits[-1]))
         stats, toks = _decode_fork(engine, doc, tok, decode)
@@ -148,6 +149,25 @@ class Beside:
     read_gbps: float
 
 
+def time_disk_reads(engine: Engine, seq: Any) -> tuple[int, float]:
+    """Read every DISK page of ``seq`` once as a decode step does (the chunks of the step's
+    exact read sets, the same staging depth and reader threads), without compute:
+    (bytes, seconds)."""
+    kv = engine.kv
+    if kv.readahead is None or kv.disk is None:
+        return 0, 0.0
+    kv.writes.flush()
+    routes = engine.decode_attention.routes
+    chunks = [c for layer in range(engine.model_config.num_layers)
+              for c in kv.reader.layer_reads(seq, layer, rule=routes).chunks()]
+    t0 = time.perf_counter()
+    kv.readahead.plan(chunks)
+    for c in chunks:
+        buf, _ = kv.readahead.take(c)
+        kv.readahead.give_back(buf)
+    return sum(c.num_pages for c in chunks) * kv.disk.disk_page_bytes, time.perf_counter() - t0
+
+
 def _decode_beside_reads(dev: Engine, kept: Any, disk: Engine, disk_seq: Any, decode: int, reps: int) -> Beside:
     """Time ``reps`` all-DEVICE decodes of ``decode`` steps each while a thread repeats the DISK
     spill's reads of one step (``time_disk_reads``: same chunks, staging and threads) until they
@@ -160,7 +180,7 @@ def _decode_beside_reads(dev: Engine, kept: Any, disk: Engine, disk_seq: Any, de
     def read_loop() -> None:
         try:
             while not stop.is_set():
-                moved.append(disk.kv.time_disk_reads(disk_seq))
+                moved.append(time_disk_reads(disk, disk_seq))
         except BaseException as e:  # noqa: BLE001 - re-raised on the bench's thread below
             errors.append(e)
 
@@ -224,7 +244,7 @@ def _run_hf(source: ModelSource, ids: list[int], decode: int, reps: int, results
 def _overlap_placement(engine: Engine, n_tokens: int, step_s: float, read_gbps: float) -> Placement:
     """DEVICE/DISK split whose disk reads per step take about ``step_s`` (the compute time)."""
     ps, layers = engine.config.page_size, engine.model_config.num_layers
-    pages = -(-n_tokens // ps)
+    pages = cdiv(n_tokens, ps)
     disk_pages = int(step_s * read_gbps * 1e9 / (engine.arena.slot_bytes * layers))
     disk_pages = max(1, min(pages - 1, disk_pages))
     return Placement(device_pages=pages - disk_pages, host_pages=0)
@@ -289,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     kept: dict[str, Any] = {}
 
     def run(name: str, note: str, keep: bool = False, **kw: Any) -> Engine:
+        # Every row gives a placement or a DEVICE budget of twice the prompt, so no engine here
+        # ever plans: the bench needs no hardware profile and never measures one
+        # (offload.tuning.profile.profile_for would for the DEVICE budget alone).
         kw.setdefault("device_memory_bytes", 2 * len(ids) * kv_per_token + 64 * 2**20)
         engine = Engine(source, RuntimeConfig(device=str(device), dtype=dtype, kv_dir=kv_dir, **kw))
         results[name] = Result(name, note)
@@ -305,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     # Cold read bandwidth, same pattern as a decode step, in this run.
     seq = disk.new_sequence()
     disk.forward(seq, ids)
-    reads = [disk.kv.time_disk_reads(seq) for _ in range(3)]
+    reads = [time_disk_reads(disk, seq) for _ in range(3)]
     read_gbps = _median([b / s / 1e9 for b, s in reads])
     disk_bytes = reads[0][0]
     cold = disk.disk.cold_read_mode if disk.disk is not None else "none"

@@ -2,6 +2,11 @@
 
 Errors the user can fix print one line ``offload: error: ...`` on stderr and exit with
 status 2, without a traceback.
+
+``ingest``, ``ask`` and ``generate`` build their engine through ``LongDocQA``: with budgets that
+may spill (``--device-memory``, ``--disk-space``) and no hardware profile saved under the cache
+dir, it measures one first (a few seconds, once per machine; ``offload.tuning.profile.profile_for``)
+and says so in one line on stderr, also with ``--quiet`` (which hides only the step lines).
 """
 from __future__ import annotations
 

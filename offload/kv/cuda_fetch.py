@@ -25,7 +25,8 @@ A layer's fetched pieces hold at most ``max_pages`` pages of device memory (the 
 counts them in its DEVICE working set); pieces past that are copied when attention asks for
 them, as without fetch-ahead. Pieces are keyed by where the pages live (tier, layer, slots),
 so a forked sequence that shares them can take them too; pieces not taken are dropped at the
-next ``begin_step``.
+next ``begin_layer`` (the engine calls it at the start of each pass and before each layer's
+fetch).
 """
 from __future__ import annotations
 
@@ -133,7 +134,6 @@ class CudaFetchAhead:
         self._ready.clear()
         self._held_pages = 0
 
-    begin_step = begin_layer
 
     @property
     def held_pages(self) -> int:

@@ -41,6 +41,7 @@ import torch
 from offload.errors import OffloadError
 from storage import AlignedBuffer, make_io
 from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocStore
+from offload.kv.page_table import cdiv
 
 if TYPE_CHECKING:
     from offload.engine import Engine
@@ -135,7 +136,7 @@ class DocCache:
                  limit_bytes: int | None = None, rebuild: bool = True) -> None:
         self.engine = engine
         try:
-            io = engine.disk.io if engine.disk is not None else make_io(engine.config.disk_backend)
+            io = engine.disk.io if engine.disk is not None else make_io(engine.config.disk_backend.value)
         except ValueError as e:
             raise DocCacheError(str(e)) from None
         self.store = DocStore(Path(cache_dir) / "docs", io=io)  # the DISK tier's backend
@@ -233,7 +234,7 @@ class DocCache:
         for layer in range(eng.model_config.num_layers):
             first = seq.table.first_live(layer)
             layers.append({"first_page": first, "tokens": seq.lengths[layer]})
-            incoming += (-(-seq.lengths[layer] // ps) - first) * self.page_bytes
+            incoming += (cdiv(seq.lengths[layer], ps) - first) * self.page_bytes
         limit = self.limit_bytes if self.limit_bytes is not None else default_cache_limit(
             self.store.root, self.store.size_bytes())
         evicted = self.store.evict(limit, incoming_bytes=incoming, keep=frozenset({doc_id}))
@@ -243,7 +244,7 @@ class DocCache:
         builder = self.store.builder(doc_id, self.page_bytes)
         try:
             for layer in range(eng.model_config.num_layers):
-                for g in kv.groups(seq, layer, 1 << 30):
+                for g in kv.reader.layer_groups(seq, layer, 1 << 30):
                     builder.write_pages(layer, self._pages_bytes(g.k, g.v))
             meta = {"fingerprint": self.fingerprint, "token_ids_sha256": _ids_hash(ids), "num_tokens": len(ids),
                     "page_size": ps, "kv_dtype": str(eng.kv_dtype), "layers": layers}
@@ -259,7 +260,7 @@ class DocCache:
         """K, V [nkv, n, hd] (n tokens from a page boundary) as whole pages [pages, 2, nkv, ps, hd]."""
         ps = self.engine.config.page_size
         nkv, n, hd = k.shape
-        pages = -(-n // ps)
+        pages = cdiv(n, ps)
         kv = torch.zeros(2, nkv, pages * ps, hd, dtype=k.dtype)  # the last page's tail is zero padding
         kv[0, :, :n] = k.cpu()
         kv[1, :, :n] = v.cpu()
@@ -277,7 +278,7 @@ class DocCache:
         for layer, info in enumerate(meta["layers"]):
             first, n_tok = int(info["first_page"]), int(info["tokens"])
             pages = reader.num_pages(layer)
-            if n_tok != tokens or pages != -(-n_tok // ps) - first:
+            if n_tok != tokens or pages != cdiv(n_tok, ps) - first:
                 raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layer {layer} holds {pages} pages, "
                                       f"its meta says tokens {n_tok} from page {first}")
             layers.append((first, pages))
@@ -310,7 +311,7 @@ class DocCache:
                 first = layers[layer][0]
                 start = (first + p0) * ps
                 arr = data.view(eng.kv_dtype).view(count, 2, cfg.num_kv_heads, ps, cfg.head_dim)
-                eng.kv.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement)
+                eng.kv.writes.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement)
                 del arr, data
         except BaseException:
             eng.release(seq)

@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import heapq
 from collections.abc import Iterator
 
 from storage import Tier
 
-__all__ = ["PageLocation", "PageTable", "KVSequence", "DiskSlots", "group_pages", "MIN_VIEW_PAGES"]
+__all__ = ["PageLocation", "PageTable", "KVSequence", "DiskSlots", "group_pages", "MIN_VIEW_PAGES", "LayerKind",
+           "cdiv"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling of a / b for b > 0 (pages of a token count, chunks of a page count)."""
+    return -(-a // b)
+
+
+class LayerKind(enum.Enum):
+    """How a layer keeps its KV: GLOBAL layers keep every page, placed on the tiers; SLIDING
+    layers (Gemma 3's local layers) keep a DEVICE ring of the pages their window still sees."""
+
+    GLOBAL = "global"
+    SLIDING = "sliding"
 
 # Runs of at least this many consecutive slots are attended through views; shorter runs are
 # gathered together (one copy) so a fragmented table does not become many tiny matmuls.

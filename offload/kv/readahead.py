@@ -5,10 +5,32 @@ import collections
 import dataclasses
 import time
 
+import torch
+
 from storage.aligned import AlignedBuffer
 from storage.disk_store import DiskExtentStore, TransferHandle
+from offload.kv.page_table import cdiv
 
-__all__ = ["Chunk", "ReadAhead"]
+__all__ = ["Chunk", "ReadAhead", "PageLayout"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageLayout:
+    """How a DISK page lies in a staging buffer: ``page_bytes`` of K then V, head-major
+    ([2, num_kv_heads, page_size, head_dim] of ``dtype``), padded to ``disk_page_bytes``."""
+
+    page_bytes: int
+    disk_page_bytes: int
+    dtype: torch.dtype
+    num_kv_heads: int
+    page_size: int
+    head_dim: int
+
+    def pages(self, buf: AlignedBuffer, n: int) -> torch.Tensor:
+        """A buffer as pages [n, 2, num_kv_heads, page_size, head_dim] (no copy)."""
+        raw = buf.torch()[: n * self.disk_page_bytes].view(n, self.disk_page_bytes)
+        return raw[:, : self.page_bytes].view(self.dtype).view(n, 2, self.num_kv_heads, self.page_size,
+                                                                self.head_dim)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,12 +62,14 @@ class ReadAhead:
             raise ValueError(f"split must be >= 1, got {split}")
         self.store = store
         self.chunk_pages = chunk_pages
-        self.piece_pages = -(-chunk_pages // split)
+        self.piece_pages = cdiv(chunk_pages, split)
         self.buffers = [AlignedBuffer(chunk_pages * store.disk_page_bytes) for _ in range(num_buffers)]
         self._free = list(self.buffers)
         self._planned: collections.deque[Chunk] = collections.deque()
         self.unplanned = 0  # chunks asked for out of plan (each drops the plan: reads turn serial)
         self._inflight: collections.deque[tuple[Chunk, AlignedBuffer, list[TransferHandle]]] = collections.deque()
+        self._spare: AlignedBuffer | None = None  # on-demand reads (``read_now``), made when first needed
+        self.on_demand = 0  # chunks read by ``read_now``
 
     @property
     def staging_bytes(self) -> int:
@@ -101,7 +125,41 @@ class ReadAhead:
         return buf, time.perf_counter() - t0
 
     def give_back(self, buf: AlignedBuffer) -> None:
+        if buf is self._spare:
+            return
         self._free.append(buf)
+        self._pump()
+
+    def read_now(self, c: Chunk) -> tuple[AlignedBuffer, float]:
+        """Chunk ``c`` read on demand (a page chosen only once the query existed), into a
+        buffer of its own, leaving the plan and the reads in flight as they are; the caller
+        gives the buffer back before the next ``read_now``. Returns it and the seconds spent."""
+        if self._spare is None:
+            self._spare = AlignedBuffer(self.chunk_pages * self.store.disk_page_bytes)
+        t0 = time.perf_counter()
+        self._wait_all(self._read(c, self._spare))
+        self.on_demand += 1
+        return self._spare, time.perf_counter() - t0
+
+    def drop(self, chunks: list[Chunk]) -> None:
+        """Forget planned chunks nobody will take (a selection that, once the query existed,
+        left pages it had asked to read ahead): not yet started ones are removed, ones in
+        flight are waited for and their buffers returned."""
+        gone = set(chunks)
+        if not gone:
+            return
+        self._planned = collections.deque(c for c in self._planned if c not in gone)
+        keep: collections.deque[tuple[Chunk, AlignedBuffer, list[TransferHandle]]] = collections.deque()
+        for item in self._inflight:
+            if item[0] in gone:
+                try:
+                    self._wait_all(item[2])
+                except OSError:
+                    pass  # a read nobody uses: its error does not matter
+                self._free.append(item[1])
+            else:
+                keep.append(item)
+        self._inflight = keep
         self._pump()
 
     def reset(self) -> None:

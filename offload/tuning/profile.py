@@ -8,19 +8,22 @@
 Each constant comes from real work of the kind the cost model (``planner.cost``) charges for:
 memory copies, cold disk reads by extent size, page attention, a decode step's matrix-vector
 products, dense matmul and the per-layer overhead of the real engine (``offload.tuning.profile_probes``
-holds the probes). The profile is saved as JSON under ``<cache dir>/profiles/`` in a file named
-after the machine (``profile_path``), written atomically; ``load_or_measure`` reuses it while
-it parses and fits the request (a profile measured with ``--quick`` is only reused by quick
-requests), and measures again otherwise.
+and ``offload.tuning.engine_probe`` hold the probes). The profile is saved as JSON under
+``<cache dir>/profiles/`` in a file named after the machine (``offload.tuning.profile_store``),
+written atomically; ``load_or_measure`` reuses it while it parses and fits the request (a
+profile measured with ``--quick`` is only reused by quick requests), and measures again
+otherwise.
+
+The engine never measures (``Engine.hardware_profile`` only reads a saved profile or takes a
+preset): the entry points that build an engine which may spill (``LongDocQA``, the CLI) call
+``profile_for`` first, so a missing profile is measured once per machine, announced, before
+any engine exists.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
-import os
-import platform
 import socket
 import sys
 import time
@@ -31,20 +34,24 @@ from typing import Any
 import psutil
 import torch
 
-from offload.tuning import profile_probes as probes
 from offload.config import RuntimeConfig, parse_dtype
 from offload.errors import OffloadError
 from offload.model.model_source import default_cache_dir, ensure_cache_dir
+from offload.tuning import engine_probe
+from offload.tuning import profile_probes as probes
+from offload.tuning.profile_store import (QUICK_SUFFIX, is_quick, load_profile, profile_path, resolve_target,
+                                          save_profile)
 from planner.profile import HardwareProfile
 
-__all__ = ["measure_profile", "profile_path", "load_or_measure", "format_table", "build_parser", "main",
-           "QUICK_SUFFIX"]
+__all__ = ["measure_profile", "load_or_measure", "profile_for", "MEASURE_NOTICE", "format_table", "build_parser",
+           "main"]
 
 logger = logging.getLogger(__name__)
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
-QUICK_SUFFIX = " (quick)"
-"""End of the ``name`` of a profile measured with ``quick=True`` (the JSON has no other marker)."""
+MEASURE_NOTICE = ("offload: no hardware profile is saved for this machine; measuring one now (a few seconds, "
+                  "once per machine; `offload profile` measures a full one)")
+"""The line ``profile_for`` prints on stderr before it measures."""
 
 DISK_EXTENTS = (64 * KiB, MiB, 4 * MiB)
 H2D_SIZES = (64 * KiB, MiB, 16 * MiB, 64 * MiB)
@@ -86,17 +93,6 @@ class _Run:
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
-
-
-def resolve_target(device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """The device and compute dtype a request means, with ``RuntimeConfig``'s defaults and checks.
-
-    Raises:
-        ValueError: an unknown device or dtype, or CUDA asked for where there is none.
-    """
-    config = RuntimeConfig(device=None if device is None else str(device), dtype=dtype)
-    dev = config.resolved_device()
-    return dev, config.resolved_dtype(dev)
 
 
 # ----- the steps ---------------------------------------------------------------------------------
@@ -153,8 +149,8 @@ def _step_matmul(run: _Run) -> str:
 
 
 def _step_overhead(run: _Run) -> str:
-    run.found["overhead"], run.found["piece"] = probes.engine_overheads(run.device, run.dtype, run.kv_dir,
-                                                                         steps=run.sizes.overhead_steps)
+    run.found["overhead"], run.found["piece"] = engine_probe.engine_overheads(run.device, run.dtype, run.kv_dir,
+                                                                              steps=run.sizes.overhead_steps)
     return (f"{run.found['overhead'] * 1e3:.3f} ms per layer and step, "
             f"{run.found['piece'] * 1e3:.3f} ms per extra attention piece")
 
@@ -259,75 +255,6 @@ def _assemble(run: _Run, quick: bool) -> HardwareProfile:
 
 
 # ----- the saved profile ------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _fs_device_id(path: Path) -> int:
-    """``st_dev`` of ``path``, or of its nearest existing parent (a cache dir not made yet)."""
-    for p in (path, *path.parents):
-        try:
-            return os.stat(p).st_dev
-        except OSError:
-            continue
-    return 0
-
-
-def machine_fields(cache_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """What identifies the machine for a profile's numbers (hashed into its file name)."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        gpu = f"{props.name} {props.total_memory}"
-    else:
-        gpu = "cpu"
-    return {"host": socket.gethostname(), "cpu": _cpu_model(), "cores": str(os.cpu_count()),
-            "ram": str(psutil.virtual_memory().total), "gpu": gpu, "torch": torch.__version__,
-            "fs": str(_fs_device_id(cache_dir)), "dtype": str(dtype)}
-
-
-def profile_path(cache_dir: Path, device: torch.device | str, *, dtype: torch.dtype | None = None) -> Path:
-    """``<cache_dir>/profiles/<cpu|cuda>-<hash12>.json``: the hash covers host name, CPU model,
-    logical cores, total RAM, GPU name and memory (or "cpu"), torch version, the file system
-    of ``cache_dir`` and the probe dtype (None: the device's default compute dtype)."""
-    dev, dt = resolve_target(device, dtype)
-    fields = machine_fields(Path(cache_dir), dev, dt)
-    key = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(fields.items())).encode()).hexdigest()
-    return Path(cache_dir) / "profiles" / f"{dev.type}-{key[:12]}.json"
-
-
-def is_quick(profile: HardwareProfile) -> bool:
-    return profile.name.endswith(QUICK_SUFFIX)
-
-
-def _load(path: Path) -> HardwareProfile | None:
-    """The saved profile, or None when there is none or it cannot be used (warned)."""
-    if not path.is_file():
-        return None
-    try:
-        return HardwareProfile.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
-        logger.warning("saved hardware profile %s is unusable (%s); measuring again", path, e)
-        return None
-
-
-def _save(path: Path, profile: HardwareProfile) -> None:
-    """Atomic: a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(profile.to_json() + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_or_measure(*, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                     cache_dir: Path | None = None, refresh: bool = False, quick: bool = False,
                     progress: bool = True, details: dict[str, Any] | None = None) -> HardwareProfile:
@@ -341,15 +268,70 @@ def load_or_measure(*, device: torch.device | str | None = None, dtype: torch.dt
     cache = ensure_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     path = profile_path(cache, dev, dtype=dt)
     if not refresh:
-        saved = _load(path)
+        saved = load_profile(path)
         if saved is not None and (quick or not is_quick(saved)):
             logger.info("hardware profile from %s", path)
             return saved
     profile = measure_profile(device=dev, dtype=dt, cache_dir=cache, quick=quick, progress=progress,
                               details=details)
-    _save(path, profile)
+    save_profile(path, profile)
     logger.info("hardware profile saved to %s", path)
     return profile
+
+
+def _may_plan(config: RuntimeConfig) -> bool:
+    """Whether an engine built from ``config`` can ever call the planner (see ``profile_for``)."""
+    return config.placement is None and (config.device_memory_bytes is not None or bool(config.disk_space_bytes))
+
+
+def profile_for(config: RuntimeConfig, *, progress: bool, cache_dir: Path | None = None) -> RuntimeConfig:
+    """``config`` with the hardware profile its engine will plan with, measured here (once per
+    machine, quick) when none is saved, so that the engine never measures inside ``forward``.
+
+    When it measures: only when ``config.profile`` is None and the engine can call the
+    planner. ``Engine.placement_for`` plans only when ``config.placement`` is None and a
+    prefill's new pages do not fit the DEVICE arena; ``Engine._make_disk`` makes a DISK tier
+    only when a budget is given. So the rule is: no given profile, no given placement, and
+    ``device_memory_bytes`` set or ``disk_space_bytes`` set above 0. Without those budgets the
+    DEVICE arena is sized for the whole context (at most half the free memory) and nothing
+    spills; should a prefill spill anyway, the engine prices it with a saved profile or a
+    preset (``Engine.hardware_profile``), still without measuring.
+
+    Before measuring it prints ``MEASURE_NOTICE`` on stderr, whatever ``progress`` says: a
+    pause of seconds with no word is the worse surprise, and it happens once per machine. A
+    measurement that fails (e.g. no room for its scratch file) is reported on stderr and
+    leaves ``config`` unchanged: the engine then uses a preset, and the run goes on.
+
+    Args:
+        config: the runtime options the engine will be built with.
+        progress: one line per measuring step on stderr (False: only the notice).
+        cache_dir: the cache dir whose ``profiles`` folder holds the saved profile (and whose
+            ``kv`` folder the disk probe uses); None = ``default_cache_dir()``.
+
+    Returns:
+        ``config`` itself when no profile is needed or one is given, else a copy whose
+        ``profile`` is this machine's saved (or just measured and saved) quick-or-better profile.
+
+    Raises:
+        CacheDirError: the cache dir cannot be written.
+    """
+    if config.profile is not None or not _may_plan(config):
+        return config
+    dev = config.resolved_device()
+    dt = config.kv_dtype or config.resolved_dtype(dev)  # the engine's KV dtype: what its pages cost
+    cache = ensure_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    saved = load_profile(profile_path(cache, dev, dtype=dt))  # any saved one serves a quick request
+    if saved is not None:
+        return dataclasses.replace(config, profile=saved)
+    _say(MEASURE_NOTICE)
+    try:
+        # refresh: the look-up above found nothing usable; measure and save without reading again.
+        profile = load_or_measure(device=dev, dtype=dt, cache_dir=cache, refresh=True, quick=True, progress=progress)
+    except OSError as e:
+        _say(f"offload: measuring the hardware profile under {cache / 'kv'} failed ({e}); planning with the "
+             "preset profile instead")
+        return config
+    return dataclasses.replace(config, profile=profile)
 
 
 # ----- command line ----------------------------------------------------------------------------------

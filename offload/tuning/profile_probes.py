@@ -12,8 +12,11 @@ returns the median over ``repeats`` timed runs after one untimed warm-up:
   dense matmul (``matmul_tflops``);
 - on a CPU-only machine, how much slower that compute runs while cold disk reads run beside it
   (``read_interference``: seconds lost per GB read);
-- the fixed per-layer time of a decode step of the real engine on a tiny random-weight model
-  (``layer_overhead_s``) and the time of each extra attention piece (``piece_overhead_s``).
+- free memory per tier (``free_bytes``).
+
+The engine's own overheads (``layer_overhead_s``, ``piece_overhead_s``) are measured by
+``offload.tuning.engine_probe``, which builds an ``Engine``: none of these probes imports the
+engine, so the engine may import what sits below it without a circle.
 
 Working sets are larger than the last-level cache, so the rates are those of memory, not of
 cache. Units: GB/s (1e9 bytes/s), TFLOP/s, seconds. The disk probe's scratch file is removed
@@ -37,13 +40,12 @@ import numpy as np
 import psutil
 import torch
 
-from offload.model.model_config import ModelConfig
 from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 
 __all__ = [
     "DiskResult", "median_seconds", "copy_gbps", "host_to_device_gbps", "disk_probe",
     "cpu_attention_gbps", "device_attention_gbps", "weights_gbps", "read_interference", "matmul_tflops",
-    "engine_overheads", "free_bytes", "tiny_model_config",
+    "free_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -392,65 +394,6 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int
     out = torch.empty(n, n, dtype=dtype, device=device)
     t = median_seconds(lambda: torch.mm(a, b, out=out), repeats, sync=_sync_for(device))
     return 2 * n**3 / t / 1e12
-
-
-# ----- engine overhead ---------------------------------------------------------------------------
-def tiny_model_config() -> ModelConfig:
-    """The tiny Llama whose decode step is all overhead (launches, Python): 4 layers of
-    hidden 64, 2 query heads and 1 KV head of 32, vocabulary 256."""
-    return ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
-                       num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       max_position_embeddings=4096, tie_word_embeddings=True)
-
-
-def engine_overheads(device: torch.device, dtype: torch.dtype, kv_dir: Path, *, steps: int = 20,
-                     warmup: int = 3) -> tuple[float, float]:
-    """Fixed times of ``offload.engine.Engine``'s decode step, from a tiny random-weight model
-    (``tiny_model_config``; ``ModelSource.weights_dir`` None) whose compute is negligible:
-
-    - per layer: the median step with every page on DEVICE, divided by the layer count;
-    - per extra attention piece: the same with each layer's pages spread over DEVICE, HOST and
-      DISK (two more pieces: the HOST call and one staged DISK chunk of 42 pages, read as the
-      engine reads a chunk, in pieces, with their merge), minus the DEVICE-only step, divided
-      by 2 x layers (0 when noise makes it negative).
-
-    The DISK tier lives in a fresh directory under ``kv_dir``, removed when the engine closes."""
-    from offload.kv.placement import Placement
-
-    cfg = tiny_model_config()
-    device_only = _tiny_step_s(device, dtype, kv_dir, None, steps=steps, warmup=warmup)
-    spread = _tiny_step_s(device, dtype, kv_dir, Placement(device_pages=1, host_pages=1), steps=steps, warmup=warmup)
-    return device_only / cfg.num_layers, max(0.0, (spread - device_only) / (2 * cfg.num_layers))
-
-
-def _tiny_step_s(device: torch.device, dtype: torch.dtype, kv_dir: Path, placement, *, steps: int,
-                 warmup: int, prompt_tokens: int = 44 * 32 + 8) -> float:
-    """Median decode step of the tiny model after a ``prompt_tokens`` prompt (44 full pages of
-    32 tokens and a partial tail), under ``placement`` (None: all DEVICE)."""
-    from offload.config import RuntimeConfig
-    from offload.engine import Engine
-    from offload.model.model_source import ModelSource
-
-    cfg = tiny_model_config()
-    source = ModelSource("profile-tiny-llama", cfg, None, None)
-    tiers = (dict(placement=placement, host_memory_bytes=16 * MiB, disk_space_bytes=16 * MiB) if placement
-             else dict(disk_space_bytes=0))
-    config = RuntimeConfig(device=str(device), dtype=dtype, device_memory_bytes=16 * MiB, kv_dir=str(kv_dir), **tiers)
-    engine = Engine(source, config)
-    try:
-        seq = engine.new_sequence()
-        engine.forward(seq, [i % cfg.vocab_size for i in range(prompt_tokens)])
-        token = [1]
-
-        def step() -> None:
-            engine.forward(seq, token)
-            engine.sync()
-
-        t = median_seconds(step, steps, warmup=warmup)
-        engine.release(seq)
-    finally:
-        engine.close()
-    return t
 
 
 # ----- free memory -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def _doc_pages(qa: LongDocQA, doc) -> list[torch.Tensor]:
     seq = doc._seq
     out = []
     for layer in range(qa.engine.model_config.num_layers):
-        for g in qa.engine.kv.groups(seq, layer, max_tokens=1 << 30):
+        for g in qa.engine.kv.reader.layer_groups(seq, layer, max_tokens=1 << 30):
             out += [g.k.clone(), g.v.clone()]
     return out
 

@@ -170,3 +170,33 @@ def test_disk_backend_kvikio_where_it_cannot_run_is_refused(capsys, tmp_path, ca
     assert main(args + ["--disk-backend", "posix"]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["disk_backend"] == "posix" and stats["peak_bytes"]["disk"] > 0
+
+
+def test_a_spilling_command_measures_the_profile_once_and_says_so_even_quiet(capsys, tmp_path, monkeypatch):
+    """No profile saved under --cache-dir and a budget that spills: the first run measures one
+    (faked here) before building its engine, with one notice line that --quiet keeps and no
+    step lines; the next run finds it saved."""
+    import dataclasses
+
+    from offload.tuning import profile as prof
+    from planner import HardwareProfile
+
+    calls: list[dict] = []
+
+    def measure(**kwargs):
+        calls.append(kwargs)
+        return dataclasses.replace(HardwareProfile.preset("cpu-2core"), name="measured by the test (quick)")
+
+    monkeypatch.setattr(prof, "measure_profile", measure)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("x" * 3000)  # 94 pages of 48 KiB: past a 1 MiB DEVICE arena
+    args = ["generate", "--prompt-file", str(prompt), "--model", "smollm2-135m", "--random-weights",
+            "--num-layers", "1", "--max-new-tokens", "2", "--json", "--quiet", "--cache-dir", str(tmp_path / "cache"),
+            "--device-memory", "1MiB", "--device", "cpu", "--disk-backend", "posix"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [prof.MEASURE_NOTICE]
+    assert len(calls) == 1 and calls[0]["quick"] and not calls[0]["progress"]
+    assert json.loads(captured.out)["stats"]["profile"] == "measured by the test (quick) (given)"
+    assert main(args) == 0
+    assert capsys.readouterr().err == "" and len(calls) == 1

@@ -13,6 +13,11 @@ import pytest
 from offload.api import LongDocQA
 from offload.config import RuntimeConfig
 from offload.kv.doc_cache import DocCacheError
+from planner.profile import HardwareProfile
+
+# Each test spills into its own fresh cache dir: a given profile keeps LongDocQA from
+# measuring one per test (tests/conftest.py, TEST_PROFILE).
+PROFILE = HardwareProfile.preset("cpu-2core")
 
 DOC = " ".join(f"line {i}: the quick brown fox number {i * 7 % 13} jumps." for i in range(60))  # ~3.4K bytes
 QUESTION = "Which number jumps?"
@@ -21,7 +26,7 @@ QUESTION = "Which number jumps?"
 def _qa(cache: Path, model: str = "smollm2-135m", layers: int = 2, **kw) -> LongDocQA:
     device_mib = 10 if model.startswith("gemma3") else 2  # Gemma: five rings of 17 pages of 64 KiB
     config = RuntimeConfig(device="cpu", device_memory_bytes=device_mib * 2**20, host_memory_bytes=12 * 2**20,
-                           staging_chunk_pages=8, kv_dir=str(cache / "kv"))
+                           staging_chunk_pages=8, kv_dir=str(cache / "kv"), profile=PROFILE)
     return LongDocQA(model, config=config, cache_dir=cache, random_weights=True, num_layers=layers, **kw)
 
 

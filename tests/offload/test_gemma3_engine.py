@@ -17,11 +17,15 @@ from offload.config import RuntimeConfig
 from offload.engine import Engine
 from offload.errors import CapacityError
 from offload.model.model_source import resolve_model
-from offload.kv.paged_kv import GLOBAL, SLIDING, ring_pages
+from offload.kv.page_table import LayerKind
+from offload.kv.paged_kv import ring_pages
 from offload.kv.placement import Placement
 from offload.stats import RunStats
 from storage import Tier
 from tests.tolerances import MODEL_LOGITS_FP32_ATOL, TOL
+from offload.kv.page_table import cdiv
+
+GLOBAL, SLIDING = LayerKind.GLOBAL.value, LayerKind.SLIDING.value  # as stats and JSON name them
 
 SL, FU = "sliding_attention", "full_attention"
 WINDOW, PAGE = 8, 4
@@ -89,7 +93,7 @@ def test_small_model_matches_transformers(small, tmp_path, where, device):
     assert toks == ref[PROMPT - 1:].argmax(-1).tolist()  # = transformers' greedy tokens, by induction
     held = engine.kv.held_bytes(seq)
     if where != "device":
-        assert held[GLOBAL][Tier.DEVICE.value] < held[GLOBAL][Tier.HOST.value] + held[GLOBAL][Tier.DISK.value]
+        assert held[LayerKind.GLOBAL][Tier.DEVICE] < held[LayerKind.GLOBAL][Tier.HOST] + held[LayerKind.GLOBAL][Tier.DISK]
     engine.close()
 
 
@@ -104,7 +108,7 @@ def test_planned_spill_matches_transformers(small, tmp_path, planner):
     torch.testing.assert_close(ours, _hf_logits(model, ids + toks[:-1]), atol=1e-4, rtol=1e-5)
     assert engine.last_problem is not None and engine.last_problem.num_layers == 2  # the global layers
     held = engine.kv.held_bytes(seq)
-    assert held[GLOBAL][Tier.HOST.value] + held[GLOBAL][Tier.DISK.value] > 0
+    assert held[LayerKind.GLOBAL][Tier.HOST] + held[LayerKind.GLOBAL][Tier.DISK] > 0
     engine.close()
 
 
@@ -120,7 +124,7 @@ def test_sliding_layers_keep_a_device_ring(small, tmp_path):
         first, n = seq.table.first_live(layer), seq.table.num_pages(layer)
         live = seq.table.tiers(layer)[first:n]
         if window is None:
-            assert first == 0 and n == -(-seq.num_tokens // PAGE)
+            assert first == 0 and n == cdiv(seq.num_tokens, PAGE)
         else:
             assert 0 < len(live) <= ring and set(live) == {Tier.DEVICE}
             assert first * PAGE <= seq.num_tokens - WINDOW  # everything older was dropped

@@ -18,6 +18,7 @@ import torch
 from tests.offload.arch_pairs import (hf_greedy, hf_logits, make_engine, ours_greedy,
                                       ours_teacher_forced, save_tiny)
 from tests.tolerances import MODEL_LOGITS_FP32_ATOL
+from offload.kv.page_table import cdiv
 
 pytestmark = pytest.mark.gpu
 
@@ -88,7 +89,7 @@ def test_cuda_paged_kv_lives_on_the_gpu(tmp_path):
     assert engine.arena.k.is_cuda
     seq = engine.new_sequence()
     engine.forward(seq, ids[:100])
-    assert engine.arena.num_used == 4 * -(-100 // 32)
+    assert engine.arena.num_used == 4 * cdiv(100, 32)
     engine.release(seq)
 
 

@@ -8,6 +8,7 @@ from offload.errors import CapacityError
 from offload.kv.page_table import MIN_VIEW_PAGES, group_pages
 from offload.kv.paged_kv import PagedKV
 from storage import PageArena
+from offload.kv.page_table import cdiv
 
 NUM_KV_HEADS = 2
 HEAD_DIM = 8
@@ -42,7 +43,7 @@ def _read_back(kv: PagedKV, seq, layer: int, max_tokens: int = 1 << 20):
     """The layer's K and V as [nkv, length, hd], assembled from ``groups`` (checking that the
     groups tile the positions in order)."""
     ks, vs, pos = [], [], 0
-    for g in kv.groups(seq, layer, max_tokens):
+    for g in kv.reader.layer_groups(seq, layer, max_tokens):
         assert g.start_pos == pos
         assert g.k.shape == g.v.shape and g.k.shape[0] == NUM_KV_HEADS and g.k.shape[2] == HEAD_DIM
         pos += g.k.shape[1]
@@ -93,7 +94,7 @@ def test_group_pages_keep_long_runs_contiguous(max_pages):
             assert group == list(range(group[0], group[0] + len(group)))
             assert contiguous
     run_groups = [g for f, g, _ in group_pages(slots, max_pages) if 2 <= f < 2 + len(run)]
-    assert len(run_groups) == -(-len(run) // max_pages)
+    assert len(run_groups) == cdiv(len(run), max_pages)
 
 
 def test_group_pages_pack_short_runs_together():
@@ -110,8 +111,8 @@ def test_append_across_pages_reads_back_exactly(shuffle_seed, max_tokens):
     length = sum(CHUNKS)
     assert seq.lengths == [length] * NUM_LAYERS and seq.num_tokens == length
     for layer in range(NUM_LAYERS):
-        assert seq.table.num_pages(layer) == -(-length // PAGE_SIZE)
-        for g in kv.groups(seq, layer, max_tokens):
+        assert seq.table.num_pages(layer) == cdiv(length, PAGE_SIZE)
+        for g in kv.reader.layer_groups(seq, layer, max_tokens):
             assert g.k.shape[1] <= max(max_tokens, PAGE_SIZE)
         k, v = _read_back(kv, seq, layer, max_tokens)
         assert torch.equal(k, want[layer][0]) and torch.equal(v, want[layer][1])
@@ -123,7 +124,7 @@ def test_layers_of_different_lengths_during_prefill():
     k, v = _tokens(6)
     kv.append(seq, 0, k, v)
     assert seq.lengths == [6, 0]
-    assert list(kv.groups(seq, 1, 100)) == []
+    assert list(kv.reader.layer_groups(seq, 1, 100)) == []
     rk, rv = _read_back(kv, seq, 0)
     assert torch.equal(rk, k.transpose(0, 1)) and torch.equal(rv, v.transpose(0, 1))
 

@@ -18,6 +18,7 @@ from planner import HardwareProfile, greedy_plan, plan
 from storage import Tier
 from tests.offload.arch_pairs import ours_teacher_forced, save_tiny
 from tests.tolerances import TOL
+from offload.kv.page_table import cdiv
 
 GiB = 2**30
 PROMPT = 300
@@ -100,7 +101,7 @@ def test_engine_executes_the_plan(tiny, tmp_path, planner):
     reference = _engine(folder, tmp_path / "ref")
     want = ours_teacher_forced(reference, ids, FORCED, prompt_logits=16)
     slot, layers = reference.arena.slot_bytes, reference.model_config.num_layers
-    pages = -(-PROMPT // 16)
+    pages = cdiv(PROMPT, 16)
     # DEVICE: the reserve (8 pages per layer) + 1.5 layers' pages; HOST: 1 layer's; DISK: the rest.
     # One staging buffer: reads cannot run ahead of the layer before, so spreading the DISK
     # pages over the layers is predicted faster than greedy's last layers (the LP's plan is used).
@@ -135,7 +136,7 @@ def test_delegated_share_of_host_pages(tiny, tmp_path):
     from offload.stats import RunStats
 
     folder, ids = tiny
-    pages = -(-PROMPT // 16)
+    pages = cdiv(PROMPT, 16)
     layers = resolve_model(str(folder), cache_dir=folder / "cache").config.num_layers
     with pytest.raises(ValueError, match=f"one entry per layer \\({layers}\\)"):
         _engine(folder, tmp_path, placement=Placement(0, None, delegated_share=(0.5,) * (layers + 1)))

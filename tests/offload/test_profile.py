@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from offload.config import RuntimeConfig
+from offload.kv.placement import Placement
 from offload.tuning import profile as prof
 from offload.tuning import profile_probes as probes
+from offload.tuning import profile_store as store
 from planner.profile import HardwareProfile
 
 MiB = 2**20
@@ -35,7 +38,7 @@ def quick_run(tmp_path_factory) -> tuple[HardwareProfile, dict, Path]:
 def test_quick_profile_is_plausible(quick_run):
     profile, details, _ = quick_run
     assert isinstance(profile, HardwareProfile)  # __post_init__ validated every field
-    assert profile.name.endswith(prof.QUICK_SUFFIX) and prof.is_quick(profile)
+    assert profile.name.endswith(store.QUICK_SUFFIX) and store.is_quick(profile)
     assert profile.device_is_host
     assert 0.5 <= profile.host_to_device_pinned_gbps <= 200
     assert profile.host_to_device_pageable_gbps == profile.host_to_device_pinned_gbps  # no pinned memory on CPU
@@ -153,7 +156,7 @@ def test_read_interference_rejects_a_file_that_does_not_tile(tmp_path):
 
 def test_profile_saved_by_format_1_is_measured_again(tmp_path, fake):
     """Format 1 had no read interference: a plan priced without it would undercount DISK."""
-    path = prof.profile_path(tmp_path, "cpu", dtype=torch.float32)
+    path = store.profile_path(tmp_path, "cpu", dtype=torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = {k: v for k, v in HardwareProfile.preset("cpu-2core").to_dict().items()
            if k != "read_interference_s_per_gb"}
@@ -172,7 +175,7 @@ class FakeMeasure:
     def __call__(self, *, quick: bool = False, **kwargs: object) -> HardwareProfile:
         self.quick_flags.append(quick)
         base = HardwareProfile.preset("cpu-2core")
-        return dataclasses.replace(base, name="measured on test" + (prof.QUICK_SUFFIX if quick else ""),
+        return dataclasses.replace(base, name="measured on test" + (store.QUICK_SUFFIX if quick else ""),
                                    layer_overhead_s=1e-4 * len(self.quick_flags))
 
 
@@ -185,7 +188,7 @@ def fake(monkeypatch) -> FakeMeasure:
 
 def test_saves_then_reuses(tmp_path, fake):
     first = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
-    path = prof.profile_path(tmp_path, "cpu")
+    path = store.profile_path(tmp_path, "cpu")
     assert path.is_file() and HardwareProfile.from_json(path.read_text()) == first
     second = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
     assert fake.quick_flags == [False]
@@ -198,7 +201,7 @@ def test_refresh_measures_again(tmp_path, fake):
     again = prof.load_or_measure(device="cpu", cache_dir=tmp_path, refresh=True, progress=False)
     assert fake.quick_flags == [False, False]
     assert again != first
-    assert HardwareProfile.from_json(prof.profile_path(tmp_path, "cpu").read_text()) == again
+    assert HardwareProfile.from_json(store.profile_path(tmp_path, "cpu").read_text()) == again
 
 
 CORRUPT_FILES = ["{not json", "[1, 2]", '{"format_version": 1, "name": "x"}',
@@ -208,10 +211,10 @@ CORRUPT_FILES = ["{not json", "[1, 2]", '{"format_version": 1, "name": "x"}',
 
 @pytest.mark.parametrize("text", CORRUPT_FILES)
 def test_unusable_file_is_measured_again_with_a_warning(tmp_path, fake, caplog, text):
-    path = prof.profile_path(tmp_path, "cpu")
+    path = store.profile_path(tmp_path, "cpu")
     path.parent.mkdir(parents=True)
     path.write_text(text)
-    with caplog.at_level(logging.WARNING, logger="offload.tuning.profile"):
+    with caplog.at_level(logging.WARNING, logger="offload.tuning.profile_store"):
         got = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
     assert fake.quick_flags == [False]
     assert any("unusable" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
@@ -223,7 +226,7 @@ def test_quick_profile_is_not_reused_by_a_full_request(tmp_path, fake):
     assert prof.load_or_measure(device="cpu", cache_dir=tmp_path, quick=True, progress=False) == quick
     full = prof.load_or_measure(device="cpu", cache_dir=tmp_path, quick=False, progress=False)
     assert fake.quick_flags == [True, False]
-    assert not prof.is_quick(full)
+    assert not store.is_quick(full)
     # A full profile serves a later quick request too.
     assert prof.load_or_measure(device="cpu", cache_dir=tmp_path, quick=True, progress=False) == full
     assert fake.quick_flags == [True, False]
@@ -231,20 +234,91 @@ def test_quick_profile_is_not_reused_by_a_full_request(tmp_path, fake):
 
 # ----- the file name ----------------------------------------------------------------------------------
 def test_profile_path_is_stable_and_names_the_device(tmp_path):
-    path = prof.profile_path(tmp_path, "cpu")
-    assert path == prof.profile_path(tmp_path, torch.device("cpu"))
+    path = store.profile_path(tmp_path, "cpu")
+    assert path == store.profile_path(tmp_path, torch.device("cpu"))
     assert path.parent == tmp_path / "profiles"
     assert re.fullmatch(r"cpu-[0-9a-f]{12}\.json", path.name)
 
 
 def test_profile_path_changes_with_what_identifies_the_machine(tmp_path, monkeypatch):
-    base = prof.profile_path(tmp_path, "cpu")
-    assert prof.profile_path(tmp_path, "cpu", dtype=torch.bfloat16) != base
-    monkeypatch.setattr(prof, "_fs_device_id", lambda path: 123456789)
-    assert prof.profile_path(tmp_path, "cpu") != base
+    base = store.profile_path(tmp_path, "cpu")
+    assert store.profile_path(tmp_path, "cpu", dtype=torch.bfloat16) != base
+    monkeypatch.setattr(store, "_fs_device_id", lambda path: 123456789)
+    assert store.profile_path(tmp_path, "cpu") != base
     monkeypatch.undo()
-    monkeypatch.setattr(prof.socket, "gethostname", lambda: "another-host")
-    assert prof.profile_path(tmp_path, "cpu") != base
+    monkeypatch.setattr(store.socket, "gethostname", lambda: "another-host")
+    assert store.profile_path(tmp_path, "cpu") != base
+
+
+# ----- looking up without measuring ------------------------------------------------------------------
+def test_load_saved_reads_only(tmp_path, fake):
+    cache = tmp_path / "not-made-yet"
+    assert store.load_saved(device="cpu", dtype=torch.float32, cache_dir=cache) is None
+    assert not cache.exists() and fake.quick_flags == []  # nothing created, nothing measured
+    saved = prof.load_or_measure(device="cpu", dtype=torch.float32, cache_dir=cache, quick=True, progress=False)
+    assert store.load_saved(device="cpu", dtype=torch.float32, cache_dir=cache) == saved
+    assert store.load_saved(device="cpu", dtype=torch.bfloat16, cache_dir=cache) is None  # another dtype's file
+
+
+def test_load_saved_defaults_to_offload_cache(tmp_path, monkeypatch, fake):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path))
+    saved = prof.load_or_measure(device="cpu", cache_dir=tmp_path, progress=False)
+    assert store.load_saved(device="cpu", dtype=None) == saved
+
+
+# ----- profile_for: the entry points measure once, before the engine -----------------------------------
+SPILLS = RuntimeConfig(device="cpu", device_memory_bytes=MiB)
+# (config, why profile_for leaves it alone): no engine built from it can call the planner, or
+# it names its profile.
+NEVER_PLANS = [
+    (RuntimeConfig(device="cpu"), "no budgets: DEVICE holds the context, no DISK tier"),
+    (RuntimeConfig(device="cpu", disk_space_bytes=0, host_memory_bytes=MiB), "disk off, no DEVICE budget"),
+    (RuntimeConfig(device="cpu", device_memory_bytes=MiB, placement=Placement(1, 1)), "a given placement"),
+    (dataclasses.replace(SPILLS, profile=HardwareProfile.preset("h100-sxm")), "a given profile"),
+]
+
+
+@pytest.mark.parametrize("config, why", NEVER_PLANS, ids=[w for _, w in NEVER_PLANS])
+def test_profile_for_leaves_alone_a_config_that_never_plans(tmp_path, fake, capsys, config, why):
+    assert prof.profile_for(config, progress=True, cache_dir=tmp_path) is config
+    assert fake.quick_flags == [] and capsys.readouterr().err == ""
+    assert not (tmp_path / "profiles").exists()
+
+
+@pytest.mark.parametrize("config", [SPILLS, RuntimeConfig(device="cpu", disk_space_bytes=64 * MiB)],
+                         ids=["device budget", "disk budget"])
+def test_profile_for_measures_once_with_a_notice_even_when_quiet(tmp_path, fake, capsys, config):
+    got = prof.profile_for(config, progress=False, cache_dir=tmp_path)
+    assert fake.quick_flags == [True]
+    assert capsys.readouterr().err.splitlines() == [prof.MEASURE_NOTICE]
+    assert got == dataclasses.replace(config, profile=got.profile) and got.profile.name == "measured on test (quick)"
+    assert store.load_saved(device="cpu", dtype=torch.float32, cache_dir=tmp_path) == got.profile
+    again = prof.profile_for(config, progress=False, cache_dir=tmp_path)
+    assert again.profile == got.profile and fake.quick_flags == [True]  # saved: no second measurement
+    assert capsys.readouterr().err == ""
+
+
+def test_profile_for_uses_a_saved_full_profile_and_the_kv_dtype(tmp_path, fake, capsys):
+    full = prof.load_or_measure(device="cpu", dtype=torch.bfloat16, cache_dir=tmp_path, progress=False)
+    config = dataclasses.replace(SPILLS, kv_dtype=torch.bfloat16)  # pages cost bf16: the bf16 profile
+    assert prof.profile_for(config, progress=True, cache_dir=tmp_path).profile == full
+    assert fake.quick_flags == [False] and capsys.readouterr().err == ""
+
+
+def test_profile_for_defaults_to_offload_cache(tmp_path, monkeypatch, fake):
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "home"))
+    prof.profile_for(SPILLS, progress=False)
+    assert store.load_saved(device="cpu", dtype=torch.float32) is not None
+
+
+def test_profile_for_goes_on_without_a_profile_when_measuring_fails(tmp_path, monkeypatch, capsys):
+    def no_room(**kwargs: object) -> HardwareProfile:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prof, "measure_profile", no_room)
+    assert prof.profile_for(SPILLS, progress=False, cache_dir=tmp_path) is SPILLS
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == prof.MEASURE_NOTICE and "No space left on device" in err[1] and "preset" in err[1]
 
 
 # ----- command line -------------------------------------------------------------------------------------
@@ -252,12 +326,12 @@ def test_main_quick_json_then_table_from_the_saved_file(tmp_path, capsys):
     assert prof.main(["--quick", "--json", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     profile = HardwareProfile.from_json(captured.out)
-    assert prof.is_quick(profile)
+    assert store.is_quick(profile)
     assert "[1/8] memory copies" in captured.err  # progress goes to stderr, JSON alone to stdout
     assert prof.main(["--quick", "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
-    assert "saved earlier" in captured.out and str(prof.profile_path(tmp_path, "cpu")) in captured.out
+    assert "saved earlier" in captured.out and str(store.profile_path(tmp_path, "cpu")) in captured.out
     for row in ("disk read 64 KiB", "disk read 4 MiB", "CPU attention", "layer overhead", "device is host"):
         assert row in captured.out
 

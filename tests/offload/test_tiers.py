@@ -17,6 +17,7 @@ from storage import StorageIOError, Tier
 from storage.disk_store import PosixIO
 from tests.offload.arch_pairs import ours_teacher_forced, save_tiny
 from tests.tolerances import TOL
+from offload.kv.page_table import cdiv
 
 PROMPT = 300
 FORCED = [5, 6, 7, 8]
@@ -104,7 +105,7 @@ def test_host_pages_are_attended_in_place_on_cpu(tiny, tmp_path):
     try:
         seq = engine.new_sequence()
         engine.forward(seq, ids)
-        groups = [g for g in engine.kv.groups(seq, 0, 1 << 20) if g.tier == Tier.HOST]
+        groups = [g for g in engine.kv.reader.layer_groups(seq, 0, 1 << 20) if g.tier == Tier.HOST]
         host = engine.host_arena
         lo = host.k.data_ptr()
         hi = lo + host.k.numel() * host.k.element_size()
@@ -130,7 +131,7 @@ def test_read_fault_surfaces_with_the_file_name(tiny, tmp_path, short):
     try:
         seq = engine.new_sequence()
         engine.forward(seq, ids)
-        engine.kv.flush_writes()
+        engine.kv.writes.flush()
         engine.disk._io = _FailingReads(short)  # inject the fault at the storage layer
         with pytest.raises(StorageIOError, match=r"layer_000\.kv.*(short read|Input/output error)"):
             engine.forward(seq, [1])
@@ -214,34 +215,34 @@ def test_restore_from_disk_layout_pages_equals_the_token_path(tiny, tmp_path, to
     try:
         kv, cfg, ps = engine.kv, engine.model_config, 16
         gen = torch.Generator().manual_seed(3)
-        n = -(-tokens // ps)
+        n = cdiv(tokens, ps)
         pages = torch.randn(n, 2, cfg.num_kv_heads, ps, cfg.head_dim, generator=gen)
         pages[-1, :, :, tokens - (n - 1) * ps:] = 0.0  # the padding a DocCache stores
         tok = pages.permute(1, 0, 3, 2, 4).reshape(2, n * ps, cfg.num_kv_heads, cfg.head_dim)[:, :tokens]
         by_tokens, by_pages, by_pieces = engine.new_sequence(), engine.new_sequence(), engine.new_sequence()
         placement = Placement(2, 3)
         for layer in range(cfg.num_layers):
-            kv.restore(by_tokens, layer, 0, tok[0], tok[1], placement)
-            kv.restore_pages(by_pages, layer, 0, pages, tokens, placement)
+            kv.writes.restore(by_tokens, layer, 0, tok[0], tok[1], placement)
+            kv.writes.restore_pages(by_pages, layer, 0, pages, tokens, placement)
             for p0 in range(0, n, 3):  # pieces of 3 pages, each continuing the last
                 piece = pages[p0: p0 + 3]
-                kv.restore_pages(by_pieces, layer, p0 * ps, piece, min(3 * ps, tokens - p0 * ps), placement)
-        kv.flush_writes()
+                kv.writes.restore_pages(by_pieces, layer, p0 * ps, piece, min(3 * ps, tokens - p0 * ps), placement)
+        kv.writes.flush()
         for layer in range(cfg.num_layers):
-            want = [(g.start_pos, g.k.clone(), g.v.clone()) for g in kv.groups(by_tokens, layer, 1 << 20)]
+            want = [(g.start_pos, g.k.clone(), g.v.clone()) for g in kv.reader.layer_groups(by_tokens, layer, 1 << 20)]
             for seq in (by_pages, by_pieces):
                 assert seq.table.tiers(layer) == by_tokens.table.tiers(layer)
                 assert seq.lengths[layer] == by_tokens.lengths[layer] == tokens
                 assert set(seq.table.tiers(layer)) == {Tier.DEVICE, Tier.HOST, Tier.DISK}
-                got = [(g.start_pos, g.k.clone(), g.v.clone()) for g in kv.groups(seq, layer, 1 << 20)]
+                got = [(g.start_pos, g.k.clone(), g.v.clone()) for g in kv.reader.layer_groups(seq, layer, 1 << 20)]
                 assert [g[0] for g in got] == [w[0] for w in want]
                 k_got = torch.cat([g[1] for g in got], dim=1)
                 v_got = torch.cat([g[2] for g in got], dim=1)
                 assert torch.equal(k_got, torch.cat([w[1] for w in want], dim=1))
                 assert torch.equal(k_got, tok[0].transpose(0, 1)) and torch.equal(v_got, tok[1].transpose(0, 1))
         with pytest.raises(ValueError, match="shape"):
-            kv.restore_pages(engine.new_sequence(), 0, 0, pages, tokens + ps)
+            kv.writes.restore_pages(engine.new_sequence(), 0, 0, pages, tokens + ps)
         with pytest.raises(ValueError, match="page-aligned end"):  # a gap after the restored pages
-            kv.restore_pages(by_pages, 0, tokens + ps, pages[:1], ps)
+            kv.writes.restore_pages(by_pages, 0, tokens + ps, pages[:1], ps)
     finally:
         engine.close()

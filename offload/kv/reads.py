@@ -1,0 +1,465 @@
+"""Read sets: the pages one layer attends in one step, derived once, consumed by everyone.
+
+A decode step makes one ``LayerReads`` per layer, right after the step's page moves
+(``PagedKV.prepare_decode``) and before anything is read. It names, per piece, the pages, their
+tier, their slots and how attention reaches them (``Route``). Then:
+
+- the read-ahead reads exactly the DISK chunks of the pieces marked ``ahead``, all layers in
+  order (``KVReader.plan``); pieces not marked ahead are read on demand (``read_now``);
+- on CUDA the fetch-ahead copies exactly the HOST groups and DISK chunks of the pieces routed
+  through the compute device (``KVReader.fetch_ahead``, keys from ``fetch_keys``);
+- attention computes one ``(out, lse)`` partial per piece (``offload.attention.decode``);
+- the I/O counters are updated from the read set when it is consumed (``KVReader.count``).
+
+Nobody re-derives pages from the page table: a sparse selection (a ``PageSelector`` in
+``offload.attention.selection``) only changes which pages the builder is given. The set
+describes bytes to attend, not a policy::
+
+    page ids:   0   1   2   3   4   5   6   7   8   9  (tail)
+    tier:       D   D   H   H   H   K   K   K   K   D       D = DEVICE, H = HOST, K = DISK
+    selected:   *       *   *       *   *       *   *
+    pieces:     DEVICE PAGED_DEVICE [0, 9]; HOST PAGED_CPU [2] (delegated share);
+                HOST GROUPS [3]; DISK chunk [5, 6]; DISK chunk [8]
+
+A piece has a ``kind``. Exact mode builds only ``DENSE`` pieces (whole pages as stored); the
+sparse, 4-bit and recompute modes add their own kinds (sampled tokens with weights, 4-bit
+pages, keys rebuilt from low-rank factors) beside it.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import enum
+from collections.abc import Collection, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from offload.kv.counters import IOCounters
+from offload.kv.page_table import KVSequence, LayerKind, cdiv, group_pages
+from offload.kv.readahead import Chunk, PageLayout, ReadAhead
+from storage import PageArena, Tier
+from storage.aligned import AlignedBuffer
+
+if TYPE_CHECKING:
+    from offload.kv.paged_kv import PagedKV
+
+__all__ = ["PieceKind", "Route", "Piece", "LayerReads", "PageChoice", "RouteRule", "PageGroup", "KVReader",
+           "fetch_keys", "GROUPS_ONLY"]
+
+
+class PieceKind(enum.Enum):
+    """What form a piece's bytes take (exact mode: ``DENSE`` only)."""
+
+    DENSE = "dense"  # whole pages as stored: K and V of every token
+
+
+class Route(enum.Enum):
+    """How attention reaches a piece's pages."""
+
+    PAGED_DEVICE = "paged_device"  # the compute device's paged kernel, in place in the DEVICE arena
+    PAGED_CPU = "paged_cpu"  # the CPU's Numba paged kernel in place: HOST arena, DISK staging buffer
+    GROUPS = "groups"  # runs of tokens on the compute device: views, gathers, copies, unpacked chunks
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteRule:
+    """Which route each tier takes, fixed by the attention that consumes the set.
+
+    Attributes:
+        device_paged: DEVICE pages through the paged kernel in place (else token groups).
+        cpu_in_ram: a CPU-only machine with the Numba kernel: HOST pages and staged DISK chunks
+            are attended where they lie (PAGED_CPU) whatever the HOST share says.
+        device_kernel_on_cpu: the DEVICE paged kernel runs on the CPU (counted as CPU-attended).
+        cuda: the compute device is a GPU (HOST and DISK groups cross PCIe).
+    """
+
+    device_paged: bool = False
+    cpu_in_ram: bool = False
+    device_kernel_on_cpu: bool = False
+    cuda: bool = False
+
+
+GROUPS_ONLY = RouteRule()
+"""Every piece as token groups on the compute device (prefill's chunked attention)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageChoice:
+    """A selector's answer: the page ids to attend (ascending; None = every live page) and
+    whether the choice is final before the query exists (read ahead) or must be made again
+    with the query (pages then added are read on demand)."""
+
+    pages: tuple[int, ...] | None = None
+    needs_query: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Piece:
+    """Pages of one layer on one tier that attention takes as one unit.
+
+    Attributes:
+        tier, kind, route: where the pages are, in what form, and how attention reaches them.
+        page_ids, slots: the pages in page order and their slots on ``tier`` (DISK: page
+            positions in the layer's file).
+        tokens: tokens held by the listed pages laid end to end (only a sequence's last page
+            is partly filled, and it is listed last).
+        skip: leading tokens of the first listed page out of a sliding window (not attended).
+        chunk: for DISK, the staging chunk that reads the pages.
+        ahead: read ahead (known before the query); False: read on demand.
+        cpu_attended: a CPU kernel attends it where it lies. copied: it crosses to a GPU.
+    """
+
+    tier: Tier
+    kind: PieceKind
+    route: Route
+    page_ids: tuple[int, ...]
+    slots: tuple[int, ...]
+    tokens: int
+    skip: int = 0
+    chunk: Chunk | None = None
+    ahead: bool = True
+    cpu_attended: bool = False
+    copied: bool = False
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.page_ids)
+
+    def runs(self, page_size: int) -> list[Piece]:
+        """The piece cut where its page ids jump: runs of consecutive pages, in order (only
+        the last run can hold the partly filled last page)."""
+        cuts = [i for i in range(1, self.num_pages) if self.page_ids[i] != self.page_ids[i - 1] + 1]
+        if not cuts:
+            return [self]
+        short = self.num_pages * page_size - self.tokens
+        bounds = [0, *cuts, self.num_pages]
+        return [dataclasses.replace(self, page_ids=self.page_ids[a:b], slots=self.slots[a:b],
+                                    tokens=(b - a) * page_size - (short if b == self.num_pages else 0),
+                                    skip=self.skip if a == 0 else 0)
+                for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerReads:
+    """The read set of one layer in one step: its pieces, in the order attention takes them."""
+
+    layer: int
+    kind: LayerKind
+    pieces: tuple[Piece, ...]
+    length: int  # the layer's tokens the step attends over (a decode step's own token included)
+
+    def pages(self) -> list[int]:
+        """Every page id the set names, ascending."""
+        return sorted(p for piece in self.pieces for p in piece.page_ids)
+
+    def chunks(self, *, ahead: bool | None = None) -> list[Chunk]:
+        """The DISK chunks, in order (only those read ahead, or on demand, when ``ahead`` is given)."""
+        return [p.chunk for p in self.pieces
+                if p.chunk is not None and (ahead is None or p.ahead == ahead)]
+
+    def bytes_by_tier(self, page_bytes: int) -> dict[Tier, int]:
+        out = {t: 0 for t in Tier}
+        for p in self.pieces:
+            out[p.tier] += p.num_pages * page_bytes
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageGroup:
+    """K/V of consecutive tokens of one layer, for one attention partial.
+
+    k, v: [num_kv_heads, num_tokens, head_dim] on the compute device.
+    start_pos: position of the first token (meaningful where the pages are consecutive, as
+    in prefill's exact sets). tier: where the pages live.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start_pos: int
+    tier: Tier
+
+
+def fetch_keys(reads: LayerReads, max_pages: int, page_size: int) -> list[tuple[Hashable, int]]:
+    """What a CUDA fetch-ahead copies for ``reads``, in order: (key, pages) of each HOST group
+    and DISK chunk routed through the compute device (the keys attention takes them by)."""
+    keys: list[tuple[Hashable, int]] = []
+    for piece in reads.pieces:
+        if piece.route != Route.GROUPS or piece.tier == Tier.DEVICE:
+            continue
+        if piece.tier == Tier.DISK:
+            assert piece.chunk is not None
+            keys.append(((Tier.DISK, piece.chunk), piece.num_pages))
+        else:
+            for run in piece.runs(page_size):
+                for _, group, _ in group_pages(list(run.slots), max_pages):
+                    keys.append(((Tier.HOST, reads.layer, tuple(group)), len(group)))
+    return keys
+
+
+class KVReader:
+    """Builds read sets from the page tables and executes their reads.
+
+    Owned by the engine's thread, like the ``PagedKV`` it reads (``kv``); the store's threads
+    only fill the read-ahead's staging buffers.
+    """
+
+    def __init__(self, kv: "PagedKV", *, readahead: ReadAhead | None, layout: PageLayout | None,
+                 counters: IOCounters) -> None:
+        self.kv = kv
+        self.readahead = readahead
+        self.layout = layout
+        self.io = counters
+        self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ----- building -----------------------------------------------------------------------
+    def layer_reads(self, seq: KVSequence, layer: int, *, rule: RouteRule = GROUPS_ONLY, length: int | None = None,
+                    pages: Sequence[int] | None = None, host_share: float = 0.0, window: int | None = None,
+                    planned: Collection[Chunk] | None = None) -> LayerReads:
+        """The read set of ``layer`` over ``length`` tokens (default: the layer's length).
+
+        Args:
+            rule: the routes the consuming attention takes.
+            length: tokens to attend over; a decode step passes the length after its append
+                (its page exists already: ``PagedKV.prepare_decode``).
+            pages: ascending page ids to attend (a selection); None = every live page.
+            host_share: share of the set's HOST pages (the first ones in page order) the CPU
+                attends in place (PAGED_CPU); the rest cross to the compute device.
+            window: a sliding layer's window in keys, for a single query at position
+                ``length - 1``: keys before ``length - window`` are skipped inside the first page.
+            planned: the DISK chunks already planned for this layer (a set rebuilt once the
+                query exists): a chunk of this set among them is taken from the read-ahead,
+                any other is read on demand. None = every chunk is read ahead.
+        """
+        kv, ps = self.kv, self.kv.page_size
+        length = seq.lengths[layer] if length is None else length
+        first_live, n = seq.table.first_live(layer), cdiv(length, ps)
+        ids = list(range(first_live, n)) if pages is None else list(pages)
+        assert all(first_live <= p < n for p in ids), "a selection names a page the layer does not hold"
+        assert n <= seq.table.num_pages(layer), "the step's pages must exist before its reads are planned"
+        tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        skip = max(0, length - window) - first_live * ps if window is not None and ids and ids[0] == first_live else 0
+        by_tier: dict[Tier, list[int]] = collections.defaultdict(list)
+        for p in ids:
+            by_tier[tiers[p]].append(p)
+        pieces: list[Piece] = []
+        dense = dict(kind=PieceKind.DENSE)
+
+        def tokens(pids: list[int]) -> int:
+            return len(pids) * ps - (ps * n - length if pids and pids[-1] == n - 1 else 0)
+
+        def add(tier: Tier, route: Route, pids: list[int], **kw: object) -> None:
+            if not pids:
+                return
+            cpu = route == Route.PAGED_CPU or (route == Route.PAGED_DEVICE and rule.device_kernel_on_cpu)
+            copied = route == Route.GROUPS and tier != Tier.DEVICE and rule.cuda
+            pieces.append(Piece(tier=tier, route=route, page_ids=tuple(pids), slots=tuple(slots[p] for p in pids),
+                                tokens=tokens(pids), skip=skip if pids[0] == first_live else 0,
+                                cpu_attended=cpu, copied=copied, **dense, **kw))
+
+        for pids, chunk in self._chunks(layer, by_tier[Tier.DISK], slots):
+            route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
+            add(Tier.DISK, route, pids, chunk=chunk, ahead=planned is None or chunk in planned)
+        host = by_tier[Tier.HOST]
+        delegated = len(host) if rule.cpu_in_ram else round(host_share * len(host))
+        add(Tier.HOST, Route.GROUPS, host[delegated:])
+        add(Tier.DEVICE, Route.PAGED_DEVICE if rule.device_paged else Route.GROUPS, by_tier[Tier.DEVICE])
+        add(Tier.HOST, Route.PAGED_CPU, host[:delegated])
+        return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length)
+
+    def _chunks(self, layer: int, pids: list[int], slots: list[int]) -> Iterator[tuple[list[int], Chunk]]:
+        """DISK pages cut into staging chunks: consecutive pages at consecutive file positions,
+        at most ``chunk_pages`` each."""
+        if not pids:
+            return
+        assert self.readahead is not None
+        limit = self.readahead.chunk_pages
+        run = [pids[0]]
+        for p in pids[1:]:
+            if len(run) == limit or p != run[-1] + 1 or slots[p] != slots[run[-1]] + 1:
+                yield run, Chunk(layer, run[0], slots[run[0]], len(run))
+                run = []
+            run.append(p)
+        yield run, Chunk(layer, run[0], slots[run[0]], len(run))
+
+    # ----- reading ahead ------------------------------------------------------------------
+    def plan(self, step_reads: Sequence[LayerReads]) -> None:
+        """Start reading the DISK chunks the step's sets read ahead, layer by layer in order."""
+        if self.readahead is None:
+            return
+        self.kv.writes.flush()
+        self.readahead.plan([c for r in step_reads for c in r.chunks(ahead=True)])
+
+    def drop_unused(self, before: LayerReads, after: LayerReads) -> None:
+        """Forget the chunks ``before`` read ahead that ``after`` (the same layer's set once
+        the query existed) no longer names."""
+        if self.readahead is not None:
+            keep = set(after.chunks(ahead=True))
+            self.readahead.drop([c for c in before.chunks(ahead=True) if c not in keep])
+
+    def count(self, reads: LayerReads) -> None:
+        """Count the set's bytes as read (and as CPU-attended or copied where it says)."""
+        io, pb = self.io, self.kv.page_bytes
+        by_kind = io.read_by_kind[reads.kind]
+        for p in reads.pieces:
+            nbytes = p.num_pages * pb
+            io.bytes_read[p.tier] += nbytes
+            by_kind[p.tier] += nbytes
+            if p.cpu_attended:
+                io.cpu_attended_bytes[p.tier] += nbytes
+            if p.copied:
+                io.copied_to_device_bytes += nbytes
+
+    # ----- staged DISK chunks ---------------------------------------------------------------
+    def _take(self, piece: Piece) -> AlignedBuffer:
+        assert self.readahead is not None and piece.chunk is not None
+        if self.kv.writes.pending:
+            self.kv.writes.flush()
+        take = self.readahead.take if piece.ahead else self.readahead.read_now
+        buf, waited = take(piece.chunk)
+        self.io.fetch_wait_s += waited
+        return buf
+
+    @contextlib.contextmanager
+    def staged(self, piece: Piece) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A DISK piece where the read-ahead staged it, without unpacking: k and v strided
+        views [num_kv_heads, n, page_size, head_dim] into the staging buffer (a page arena of
+        n slots for an in-place CPU kernel), valid inside the ``with`` block."""
+        assert self.layout is not None and self.readahead is not None
+        buf = self._take(piece)
+        try:
+            pages = self.layout.pages(buf, piece.num_pages)
+            yield pages[:, 0].transpose(0, 1), pages[:, 1].transpose(0, 1)
+            del pages
+        finally:
+            self.readahead.give_back(buf)
+
+    # ----- token groups -------------------------------------------------------------------
+    def groups(self, piece: Piece, layer: int, max_tokens: int) -> Iterator[PageGroup]:
+        """A piece as groups of at most ``max_tokens`` tokens (at least one page each) on the
+        compute device: views or gathers of an arena (copied to a GPU for HOST pages), or an
+        unpacked DISK chunk; pieces the CUDA fetch-ahead copied are taken from it. A sliding
+        window's ``skip`` is cut from the first group."""
+        cut = piece.skip
+        for g in self._groups(piece, layer, max(1, max_tokens // self.kv.page_size)):
+            if cut:
+                g, cut = PageGroup(g.k[:, cut:], g.v[:, cut:], g.start_pos + cut, g.tier), 0
+            yield g
+
+    def _groups(self, piece: Piece, layer: int, max_pages: int) -> Iterator[PageGroup]:
+        if piece.tier == Tier.DISK:
+            yield from self._disk_groups(piece, max_pages)
+            return
+        for run in piece.runs(self.kv.page_size):
+            yield from self._run_groups(run, layer, max_pages)
+
+    def _run_groups(self, piece: Piece, layer: int, max_pages: int) -> Iterator[PageGroup]:
+        ps, kv = self.kv.page_size, self.kv
+        pool: PageArena = kv.pool_of(piece.tier)
+        fetcher = kv.fetcher
+        short = piece.num_pages * ps - piece.tokens  # the partly filled last page's missing tokens
+        for s, group, contiguous in group_pages(list(piece.slots), max_pages):
+            n_tokens = len(group) * ps - (short if s + len(group) == piece.num_pages else 0)
+            start = piece.page_ids[s] * ps
+            fetched = fetcher.take((piece.tier, layer, tuple(group))) if fetcher is not None else None
+            if fetched is not None:  # copied ahead on the side stream
+                yield PageGroup(fetched[0][:, :n_tokens], fetched[1][:, :n_tokens], start, piece.tier)
+                continue
+            k, v = pool.read(group, n_tokens, contiguous=contiguous)
+            if k.device != kv.compute_device:
+                k = k.to(kv.compute_device, non_blocking=True)
+                v = v.to(kv.compute_device, non_blocking=True)
+            yield PageGroup(k, v, start, piece.tier)
+
+    def _unpack_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [num_kv_heads, chunk tokens, head_dim] that DISK chunks are unpacked into.
+
+        A group yielded from them is valid until the next group is asked for (attention
+        computes each partial before asking for the next).
+        """
+        if self._unpack is None:
+            assert self.readahead is not None and self.layout is not None
+            lo = self.layout
+            shape = (lo.num_kv_heads, self.readahead.chunk_pages * lo.page_size, lo.head_dim)
+            self._unpack = (torch.empty(shape, dtype=lo.dtype), torch.empty(shape, dtype=lo.dtype))
+        return self._unpack
+
+    def _disk_groups(self, piece: Piece, max_pages: int) -> Iterator[PageGroup]:
+        assert self.layout is not None and piece.chunk is not None
+        ps, lo, kv = self.kv.page_size, self.layout, self.kv
+        first = piece.page_ids[0] * ps
+        fetched = kv.fetcher.take((Tier.DISK, piece.chunk)) if kv.fetcher is not None else None
+        if fetched is not None:  # read, then copied ahead on the side stream
+            k, v = fetched
+        else:
+            n = piece.num_pages
+            with self.staged(piece) as (k_pages, v_pages):
+                # Pages are page-major on disk; attention wants head-major runs of tokens. The
+                # copy goes into one persistent buffer (fresh memory each chunk would cost
+                # page faults on every byte).
+                k_all, v_all = self._unpack_buffers()
+                k, v = k_all[:, : n * ps], v_all[:, : n * ps]
+                k.view(lo.num_kv_heads, n, ps, lo.head_dim).copy_(k_pages)
+                v.view(lo.num_kv_heads, n, ps, lo.head_dim).copy_(v_pages)
+            k, v = k[:, : piece.tokens], v[:, : piece.tokens]
+            if k.device != kv.compute_device:
+                k, v = k.to(kv.compute_device), v.to(kv.compute_device)
+        for s in range(0, k.shape[1], max_pages * ps):
+            e = min(k.shape[1], s + max_pages * ps)
+            yield PageGroup(k[:, s:e], v[:, s:e], first + s, Tier.DISK)
+
+    def layer_groups(self, seq: KVSequence, layer: int, max_tokens: int) -> Iterator[PageGroup]:
+        """Every stored token of ``layer`` as groups in page order, through an exact read set
+        of token groups (prefill, DocCache writing, tests), counted as read."""
+        reads = self.layer_reads(seq, layer)
+        runs = [run for piece in reads.pieces for run in piece.runs(self.kv.page_size)]
+        for run in sorted(runs, key=lambda r: r.page_ids[0]):
+            yield from self.groups(run, layer, max_tokens)
+        self.count(reads)
+
+    # ----- CUDA fetch-ahead ---------------------------------------------------------------------
+    def fetch_ahead(self, reads: LayerReads, max_tokens: int) -> None:
+        """Start copying the set's HOST groups and DISK chunks routed through the CUDA device
+        on the side stream (``offload.kv.cuda_fetch``), in the groups ``groups`` takes, until
+        the fetcher's allowance is full. Waits for the chunks' disk reads (the GPU still runs
+        the queued layer meanwhile). No-op without a fetcher."""
+        f = self.kv.fetcher
+        if f is None:
+            return
+        f.begin_layer()
+        if self.kv.writes.pending:
+            self.kv.writes.flush()
+        by_key = {}
+        for piece in reads.pieces:
+            if piece.route == Route.GROUPS and piece.tier == Tier.DISK:
+                by_key[(Tier.DISK, piece.chunk)] = piece
+        max_pages = max(1, max_tokens // self.kv.page_size)
+        for key, pages in fetch_keys(reads, max_pages, self.kv.page_size):
+            if not f.room(pages):
+                return
+            if key[0] == Tier.DISK:
+                piece = by_key[key]
+                assert self.layout is not None and self.readahead is not None
+                buf = self._take(piece)
+                try:
+                    f.put_pages(key, self.layout.pages(buf, pages), piece.tokens)
+                finally:
+                    self.readahead.give_back(buf)
+            else:
+                self._fetch_host_group(key, list(key[2]))
+
+    def _fetch_host_group(self, key: Hashable, group: list[int]) -> None:
+        pool, f = self.kv.pool_of(Tier.HOST), self.kv.fetcher
+        assert f is not None
+        s0, n = group[0], len(group)
+        if group == list(range(s0, s0 + n)):
+            k_src, v_src = pool.k[:, s0:s0 + n], pool.v[:, s0:s0 + n]
+        else:
+            idx = torch.tensor(group, dtype=torch.int64)
+            shape = (pool.num_kv_heads, n, self.kv.page_size, pool.head_dim)
+            k_src = torch.empty(shape, dtype=pool.dtype, pin_memory=True)
+            v_src = torch.empty(shape, dtype=pool.dtype, pin_memory=True)
+            torch.index_select(pool.k, 1, idx, out=k_src)
+            torch.index_select(pool.v, 1, idx, out=v_src)
+        f.put_run(key, k_src, v_src, n * self.kv.page_size)
