@@ -104,6 +104,7 @@ def measure(checkpoint: Path, essays_text: str) -> tuple[float, float, int]:
     return float(np.mean(errors)), agreement, len(exact_prefix)
 
 
+@pytest.mark.slow  # prefills of both real models; the 4-bit kernels are checked on random pages in the default run
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
 def test_quant4_pages_on_real_kv(model, request, essays_text, capsys):
     if model == "smollm2-135m":

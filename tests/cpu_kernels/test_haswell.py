@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.tolerances import KERNEL_TOL, LSE_ATOL
@@ -61,6 +62,7 @@ print("RESULT " + json.dumps(res))
 """
 
 
+@pytest.mark.slow  # recompiles every Numba kernel in a fresh interpreter
 def test_kernels_compiled_for_haswell(tmp_path):
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="",
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),

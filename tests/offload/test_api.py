@@ -19,6 +19,18 @@ def _qa(cache_dir) -> LongDocQA:
     return LongDocQA("smollm2-135m", config=RuntimeConfig(device="cpu"), cache_dir=cache_dir)
 
 
+@pytest.fixture(scope="module")
+def qa(smollm2_source, cache_dir) -> LongDocQA:
+    """One LongDocQA for the module's tests (each question runs on a scratch fork, so tests
+    sharing it see the document as it was ingested)."""
+    return _qa(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def doc(qa, document):
+    return qa.ingest(document)
+
+
 def _doc_pages(qa: LongDocQA, doc) -> list[torch.Tensor]:
     seq = doc._seq
     out = []
@@ -28,9 +40,7 @@ def _doc_pages(qa: LongDocQA, doc) -> list[torch.Tensor]:
     return out
 
 
-def test_ask_twice_equals_fresh_single_question_runs(smollm2_source, cache_dir, document):
-    qa = _qa(cache_dir)
-    doc = qa.ingest(document)
+def test_ask_twice_equals_fresh_single_question_runs(qa, doc, cache_dir, document):
     assert doc.num_tokens > 1000
     before = _doc_pages(qa, doc)
     used_before = qa.engine.arena.num_used
@@ -49,18 +59,14 @@ def test_ask_twice_equals_fresh_single_question_runs(smollm2_source, cache_dir, 
     assert answers[0].stats.context_tokens > doc.num_tokens
 
 
-def test_stream_yields_the_answer_text(smollm2_source, cache_dir, document):
-    qa = _qa(cache_dir)
-    doc = qa.ingest(document)
+def test_stream_yields_the_answer_text(qa, doc):
     stream = qa.ask_stream(doc, QUESTIONS[0], max_new_tokens=MAX_NEW)
     pieces = list(stream)
     assert len(pieces) > 1
     assert "".join(pieces) == stream.answer.text == qa.ask(doc, QUESTIONS[0], max_new_tokens=MAX_NEW).text
 
 
-def test_seeded_sampling_reproduces(smollm2_source, cache_dir, document):
-    qa = _qa(cache_dir)
-    doc = qa.ingest(document)
+def test_seeded_sampling_reproduces(qa, doc):
     s1 = SamplingConfig(temperature=1.0, top_p=0.95, seed=7)
     a = qa.ask(doc, QUESTIONS[0], max_new_tokens=MAX_NEW, sampling=s1)
     b = qa.ask(doc, QUESTIONS[0], max_new_tokens=MAX_NEW, sampling=s1)
@@ -69,8 +75,7 @@ def test_seeded_sampling_reproduces(smollm2_source, cache_dir, document):
     assert a.token_ids != c.token_ids
 
 
-def test_generate_tokenizes_like_the_hf_tokenizer(smollm2_source, smollm2_tokenizer, cache_dir):
-    qa = _qa(cache_dir)
+def test_generate_tokenizes_like_the_hf_tokenizer(qa, smollm2_tokenizer):
     prompt = "The capital of France is"
     ans = qa.generate(prompt, max_new_tokens=4)
     seq = qa.engine.new_sequence()
@@ -86,8 +91,7 @@ def test_generate_tokenizes_like_the_hf_tokenizer(smollm2_source, smollm2_tokeni
     ("   \n", "q?", "document is empty"),
     ("Some text.", "", "question is empty"),
 ])
-def test_bad_input_is_refused(smollm2_source, cache_dir, doc_text, question, match):
-    qa = _qa(cache_dir)
+def test_bad_input_is_refused(qa, doc_text, question, match):
     with pytest.raises(InputError, match=match):
         qa.ask(qa.ingest(doc_text), question)
 

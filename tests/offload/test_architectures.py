@@ -33,6 +33,7 @@ def test_tiny_model_matches_transformers(arch, tmp_path):
     assert (ours - want).abs().max().item() <= MODEL_LOGITS_FP32_ATOL
 
 
+@pytest.mark.slow  # an 8400-token prefill in both implementations
 def test_llama3_rope_scaling_beyond_8192_positions(tmp_path):
     """Positions past the original 8192-token context, where llama3 scaling matters."""
     hf = save_tiny("llama3", tmp_path)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from offload.commands.cli import main
 
 
+@pytest.mark.slow  # every configuration three times, plus reads beside compute: about a minute
 def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cache_dir, tmp_path):
     out_json = tmp_path / "bench.json"
     assert main(["bench", "--tokens", "200", "--decode-tokens", "2", "--reps", "3", "--no-hf", "--quiet",

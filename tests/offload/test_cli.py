@@ -95,6 +95,7 @@ def test_long_context_override(capsys, tmp_path, cache_dir):
     assert out["stats"]["prefill_tokens"] == 8300 and len(out["token_ids"]) == 2
 
 
+@pytest.mark.slow  # a fresh interpreter loads torch and the model: subprocess tests run with make test-slow
 def test_json_output_in_a_subprocess(tmp_path, smollm2_source, cache_dir):
     prompt = tmp_path / "p.txt"
     prompt.write_text("The three primary colours are")
@@ -111,6 +112,7 @@ def test_json_output_in_a_subprocess(tmp_path, smollm2_source, cache_dir):
     assert s["peak_bytes"]["device"] > 0 and s["prefill_tokens"] > 3
 
 
+@pytest.mark.slow
 def test_error_in_a_subprocess_has_no_traceback(tmp_path, cache_dir):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "offload", "ask", "--doc", str(tmp_path / "missing.txt"),

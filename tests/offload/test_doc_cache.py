@@ -34,7 +34,8 @@ def _answer(qa: LongDocQA, doc) -> list[int]:
     return qa.ask(doc, QUESTION, max_new_tokens=8).token_ids
 
 
-@pytest.mark.parametrize("model, layers", [("smollm2-135m", 2), ("gemma3-270m", 6)])
+@pytest.mark.parametrize("model, layers", [("smollm2-135m", 2),
+                                           pytest.param("gemma3-270m", 6, marks=pytest.mark.slow)])
 def test_hit_in_a_new_instance_answers_like_a_fresh_ingest(tmp_path, model, layers):
     with _qa(tmp_path, model, layers, doc_cache=False) as qa:
         fresh = _answer(qa, qa.ingest(DOC))
@@ -109,6 +110,7 @@ def test_cache_limit_evicts_least_recently_used(tmp_path):
         qa.ingest(DOC + " too big")
 
 
+@pytest.mark.slow  # kills and restarts subprocesses: minutes
 def test_reliability_script_small():
     """bench/doc_cache_reliability.py with few trials: kills at every named phase and a random
     moment, corruptions, two concurrent ingests, a full disk; it exits 0 only if every count

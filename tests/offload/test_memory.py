@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def _growth(n: int) -> tuple[int, int]:
     return growth, per_token
 
 
+@pytest.mark.slow  # two subprocess prefills of 2K and 8K tokens
 def test_prefill_peak_memory_does_not_grow_with_all_layers_kv():
     g2, per_token = _growth(2048)
     g8, _ = _growth(8192)
