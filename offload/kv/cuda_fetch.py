@@ -5,7 +5,7 @@ Decode on CUDA attends DEVICE pages in place; the pages of a layer that live on 
 delegated to the CPU) or on DISK must first cross PCIe. Copied on the compute stream, each
 copy waits for the layer's compute before it and the next layer's attention waits for it: the
 link and the GPU take turns. Here the engine, once it has queued layer l's kernels, asks for
-layer l + 1's pages (``PagedKV.fetch_ahead``); they are copied on this side stream, so the
+layer l + 1's pages (``KVReader.fetch_ahead``, from that layer's read set); they are copied on this side stream, so the
 copies run while the GPU still computes layer l, and layer l + 1's attention waits only on an
 event of its own piece (``take``), never on a host synchronize::
 

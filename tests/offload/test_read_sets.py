@@ -61,9 +61,9 @@ class RandomSubset:
         return PageChoice(pages=pages, needs_query=self.after_query and query is None)
 
 
-def _engine(tmp_path, kernel: DecodeKernel) -> Engine:
+def _engine(tmp_path, kernel: DecodeKernel, device: str = "cpu") -> Engine:
     placement = Placement(device_pages=(4, 6, 3), host_pages=(5, 3, 8), delegated_share=(0.5, 1.0, 0.0))
-    config = RuntimeConfig(device="cpu", dtype=torch.float32, page_size=PAGE, device_memory_bytes=4 * MiB,
+    config = RuntimeConfig(device=device, dtype=torch.float32, page_size=PAGE, device_memory_bytes=4 * MiB,
                            host_memory_bytes=12 * MiB, disk_space_bytes=16 * MiB, kv_dir=str(tmp_path),
                            placement=placement, staging_chunk_pages=3, staging_buffers=2, decode_kernel=kernel,
                            profile=HardwareProfile.preset("cpu-2core"), shuffle_pages_seed=3)
@@ -80,9 +80,9 @@ def _page_kv(engine: Engine, seq, layer: int, page: int) -> tuple[torch.Tensor, 
         buf = AlignedBuffer(kv.disk.disk_page_bytes)
         kv.disk.submit_read(layer, slot, 1, buf.memoryview()).wait()
         pages = kv.layout.pages(buf, 1)[0].clone()  # [2, nkv, ps, hd]
-        return pages[0, :, :n], pages[1, :, :n]
+        return pages[0, :, :n].to(engine.device), pages[1, :, :n].to(engine.device)
     pool = kv.pool_of(tier)
-    return pool.k[:, slot, :n].clone(), pool.v[:, slot, :n].clone()
+    return pool.k[:, slot, :n].to(engine.device), pool.v[:, slot, :n].to(engine.device)
 
 
 def _reference(engine: Engine, seq, layer: int, pages: tuple[int, ...], q: torch.Tensor) -> torch.Tensor:
@@ -96,10 +96,14 @@ def _reference(engine: Engine, seq, layer: int, pages: tuple[int, ...], q: torch
     return torch.einsum("hgt,htd->hgd", w, v).reshape(1, -1)
 
 
-@pytest.mark.parametrize("kernel", [DecodeKernel.NUMBA, DecodeKernel.TORCH])
+KERNELS = [("cpu", DecodeKernel.NUMBA), ("cpu", DecodeKernel.TORCH),
+           pytest.param("cuda", DecodeKernel.AUTO, marks=pytest.mark.gpu)]  # CUDA: Triton + fetch-ahead
+
+
+@pytest.mark.parametrize("device, kernel", KERNELS)
 @pytest.mark.parametrize("after_query", [False, True], ids=["ahead", "after-query"])
-def test_random_subset_is_what_everyone_reads(tmp_path, monkeypatch, kernel, after_query):
-    engine = _engine(tmp_path, kernel)
+def test_random_subset_is_what_everyone_reads(tmp_path, monkeypatch, device, kernel, after_query):
+    engine = _engine(tmp_path, kernel, device)
     try:
         selector = RandomSubset(seed=7, after_query=after_query)
         seq = engine.new_sequence()
@@ -150,6 +154,9 @@ def test_random_subset_is_what_everyone_reads(tmp_path, monkeypatch, kernel, aft
             for p in pages:
                 want[tiers[p].value] += engine.kv.page_bytes
         assert stats.bytes_read_per_token == {t: b // steps for t, b in want.items()}
+        f = engine.kv.fetcher
+        if f is not None:  # CUDA: every piece copied ahead was one attention took
+            assert f.fetched_pieces > 0 and f.taken_pieces == f.fetched_pieces
     finally:
         engine.close()
 
