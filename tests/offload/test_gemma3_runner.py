@@ -78,7 +78,9 @@ BAD_CONFIGS = [
 # (num_hidden_layers, sliding_window_pattern) for deriving layer kinds without layer_types.
 PATTERNS = [(18, 6), (4, 6), (7, 3), (5, 1)]
 # Real-checkpoint sequence lengths: all past the 512-token window.
-REAL_NUM_TOKENS = [600, pytest.param(2048, marks=pytest.mark.slow)]
+# The real checkpoint costs a GGUF conversion (~45 s on 2 cores): its tests are `slow`; the
+# default run checks the runner on small random-weight configs against transformers.
+REAL_NUM_TOKENS = [pytest.param(600, marks=pytest.mark.slow), pytest.param(2048, marks=pytest.mark.slow)]
 MUTATIONS = ["window_plus_1", "window_minus_1", "no_window", "swap_rope_bases", "no_final_softcap"]
 
 
@@ -214,6 +216,7 @@ def test_real_checkpoint_matches_transformers(gemma3_checkpoint, essays_text, nu
     assert diff <= MODEL_LOGITS_FP32_ATOL
 
 
+@pytest.mark.slow
 def test_real_config_parsed(gemma3_checkpoint):
     from transformers import AutoConfig
 
