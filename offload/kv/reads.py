@@ -244,7 +244,6 @@ class KVReader:
         for p in ids:
             by_tier[tiers[p]].append(p)
         pieces: list[Piece] = []
-        dense = dict(kind=PieceKind.DENSE)
 
         def tokens(pids: list[int]) -> int:
             return len(pids) * ps - (ps * n - length if pids and pids[-1] == n - 1 else 0)
@@ -254,9 +253,9 @@ class KVReader:
                 return
             cpu = route == Route.PAGED_CPU or (route == Route.PAGED_DEVICE and rule.device_kernel_on_cpu)
             copied = route == Route.GROUPS and tier != Tier.DEVICE and rule.cuda
-            pieces.append(Piece(tier=tier, route=route, page_ids=tuple(pids), slots=tuple(slots[p] for p in pids),
-                                tokens=tokens(pids), skip=skip if pids[0] == first_live else 0,
-                                cpu_attended=cpu, copied=copied, **dense, **kw))
+            pieces.append(Piece(tier=tier, kind=PieceKind.DENSE, route=route, page_ids=tuple(pids),
+                                slots=tuple(slots[p] for p in pids), tokens=tokens(pids),
+                                skip=skip if pids[0] == first_live else 0, cpu_attended=cpu, copied=copied, **kw))
 
         for pids, chunk in self._chunks(layer, by_tier[Tier.DISK], slots):
             route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
