@@ -57,9 +57,9 @@ sys.path.insert(0, str(ROOT))
 
 from offload.commands.bench import time_disk_reads  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
-from offload.engine import DEVICE_RESERVE_PAGES, Engine  # noqa: E402
+from offload.engine import Engine  # noqa: E402
 from offload.model.model_source import default_cache_dir, resolve_model  # noqa: E402
-from offload.tuning.planning import staging_bytes  # noqa: E402
+from offload.tuning.planning import DEVICE_RESERVE_PAGES, staging_bytes  # noqa: E402
 from offload.tuning.profile import measure_profile  # noqa: E402
 from offload.tuning.profile_probes import disk_probe  # noqa: E402
 from planner import CostModel, HardwareProfile  # noqa: E402

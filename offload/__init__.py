@@ -9,6 +9,7 @@ from offload.engine import Engine
 from offload.errors import (
     CacheDirError,
     CapacityError,
+    ClosedError,
     ContextTooLongError,
     InputError,
     ModelNotFoundError,
@@ -21,5 +22,5 @@ from offload.stats import RunStats
 __all__ = [
     "Answer", "AnswerStream", "Doc", "LongDocQA", "RuntimeConfig", "Engine", "SamplingConfig",
     "RunStats", "OffloadError", "InputError", "ModelNotFoundError", "UnsupportedModelError",
-    "ContextTooLongError", "CacheDirError", "CapacityError",
+    "ContextTooLongError", "CacheDirError", "CapacityError", "ClosedError",
 ]

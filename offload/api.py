@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ from typing import Any
 from offload.config import RuntimeConfig
 from offload.kv.doc_cache import DocCache
 from offload.engine import Engine
-from offload.errors import InputError
+from offload.errors import ClosedError, InputError
 from offload.model.model_source import default_cache_dir, ensure_cache_dir, resolve_model
 from offload.kv.paged_kv import KVSequence
-from offload.commands.progress import PrefillProgress
+from offload.commands.progress import PrefillProgress, say
 from offload.sampling import SamplingConfig
 from offload.stats import RunStats
 from offload.model.text import first_line, load_codec
@@ -50,6 +51,10 @@ class Doc:
     num_tokens: int
     stats: RunStats
     _seq: KVSequence = dataclasses.field(repr=False)
+    # The engine holding the pages, weakly (a Doc kept after its LongDocQA closed must not keep
+    # the weights and arenas alive): a Doc is usable only with the LongDocQA that ingested it
+    # (another engine's pages sit in other arenas; its page ids would name wrong pages there).
+    _engine: weakref.ref[Engine] | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,7 +100,8 @@ class LongDocQA:
             live; default ``$OFFLOAD_CACHE`` or ``~/.cache/offload``.
         random_weights / num_layers: shape-only models for throughput runs.
         show_progress: show a prefill progress bar on stderr (and the steps of a profile
-            measurement, if one is needed).
+            measurement, if one is needed, and a line when an ingest waits for another
+            process building the same document's DocCache).
         allow_long_context: allow prompts beyond the model's context window.
     """
 
@@ -127,36 +133,56 @@ class LongDocQA:
         self.codec = load_codec(self.source.tokenizer_dir, cfg.vocab_size, cfg.eos_token_ids)
         self.show_progress = show_progress
         self.allow_long_context = allow_long_context
-        self.doc_cache = (DocCache(self.engine, self.source, cache, limit_bytes=cache_limit_bytes, rebuild=rebuild)
+        self.doc_cache = (DocCache(self.engine, self.source, cache, limit_bytes=cache_limit_bytes, rebuild=rebuild,
+                                   notice=say if show_progress else None)
                           if doc_cache else None)
 
     # ----- documents ----------------------------------------------------------------------
-    def ingest(self, text: str) -> Doc:
+    def ingest(self, text: str, *, require_doc_cache: bool = False) -> Doc:
         """Prefill a document once; its pages are reused by every ``ask``.
 
+        A document is refused before its prefill when, after it, a question of
+        ``QUESTION_TOKENS`` (64) tokens with ``ANSWER_TOKENS`` (128) new tokens would not fit
+        the KV budgets (``Engine.check_document``); any such question is answered after an
+        ingest that succeeds.
+
+        With the DocCache on, a document whose DocCache cannot be saved (larger than
+        ``cache_limit_bytes`` or than the free space of the cache dir) is still ingested, not
+        saved: ``doc.stats.doc_cache`` is "not saved" and ``doc.stats.doc_cache_reason`` says
+        why. This is decided before the prefill.
+
+        Args:
+            require_doc_cache: raise ``DocCacheError`` instead, before the prefill, when the
+                DocCache cannot be saved (``offload ingest``, whose only job is the DocCache).
+
         Raises:
-            InputError: empty document; ContextTooLongError: longer than the context window.
+            InputError: empty document; ContextTooLongError: longer than the context window;
+            CapacityError: no room for the document and a question; DocCacheError (with
+            ``require_doc_cache``).
         """
-        if not text or not text.strip():
-            raise InputError("the document is empty; give a document with some text")
+        self._check_open("ingest")
+        _check_text(text, "document", "ingest")
         ids = self.codec.qa_prompt(text, "").doc_ids
         stats = RunStats()
-        if len(ids) > self.engine.max_context and not self.allow_long_context:
-            self.engine.check_request(self.engine.new_sequence(), len(ids), 1)  # raises ContextTooLongError
+        if require_doc_cache and self.doc_cache is None:
+            raise InputError("require_doc_cache=True needs the DocCache; make the LongDocQA with doc_cache=True")
+        self.engine.check_document(len(ids), allow_long_context=self.allow_long_context)
         t0 = time.perf_counter()
         if self.doc_cache is None:
             seq = self._prefill(ids, stats)
             doc_id = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
         else:
-            seq, res = self.doc_cache.ingest(ids, lambda i: self._prefill(i, stats))
+            seq, res = self.doc_cache.ingest(ids, lambda i: self._prefill(i, stats), required=require_doc_cache)
             doc_id = res.doc_id
             stats.doc_cache = res.status
+            stats.doc_cache_reason = res.reason
             stats.doc_cache_verify_s = res.verify_s
             stats.doc_cache_bytes_read = res.bytes
             stats.doc_cache_evicted = list(res.evicted)
         stats.ttft_s = time.perf_counter() - t0
+        self.engine.add_document(seq)  # its pages may move off DEVICE to make room for questions
         self.engine.fill_stats(stats, seq)
-        return Doc(doc_id, len(ids), stats, seq)
+        return Doc(doc_id, len(ids), stats, seq, weakref.ref(self.engine))
 
     def _prefill(self, ids: list[int], stats: RunStats) -> KVSequence:
         """The document's prefill onto a new sequence (progress shown), timed into ``stats``."""
@@ -167,7 +193,7 @@ class LongDocQA:
             try:
                 stats.prefill_tokens = len(ids)
                 t0 = time.perf_counter()
-                self.engine.forward(seq, ids, on_layer=progress)
+                self.engine.forward(seq, ids, on_layer=progress, document=True)
                 self.engine.sync()
                 stats.prefill_s = time.perf_counter() - t0
             finally:
@@ -178,8 +204,33 @@ class LongDocQA:
         return seq
 
     def close(self) -> None:
-        """Finish DISK writes and remove the DISK tier's files; the object is unusable after."""
+        """Finish DISK writes and remove the DISK tier's files; the object is unusable after
+        (its methods raise ``ClosedError``). Closing twice is allowed."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.engine.close()
+
+    def _check_open(self, what: str) -> None:
+        if getattr(self, "_closed", False):
+            raise ClosedError(f"{what}: this LongDocQA was closed; make a new LongDocQA (a document's DocCache "
+                              "makes its ingest fast)")
+
+    def _check_doc(self, doc: object, what: str) -> Doc:
+        """``doc`` if it is a live Doc of this object's engine.
+
+        Raises:
+            InputError: not a Doc, another LongDocQA's Doc, or a forgotten one."""
+        if not isinstance(doc, Doc):
+            raise InputError(f"{what} takes a Doc returned by LongDocQA.ingest, got {type(doc).__name__}; "
+                             "call doc = qa.ingest(text) first")
+        if doc._engine is None or doc._engine() is not self.engine:
+            raise InputError(f"{what}: this Doc ({doc.doc_id}) was ingested by another LongDocQA, and a Doc "
+                             "belongs to the object that ingested it; ingest the document with this one "
+                             "(its DocCache makes that fast)")
+        if doc._seq.released:
+            raise InputError(f"{what}: this document ({doc.doc_id}) was forgotten; ingest it again")
+        return doc
 
     def __enter__(self) -> "LongDocQA":
         return self
@@ -188,8 +239,12 @@ class LongDocQA:
         self.close()
 
     def forget(self, doc: Doc) -> None:
-        """Free a document's pages; the Doc must not be used afterwards."""
-        self.engine.release(doc._seq)
+        """Free a document's pages; the Doc must not be used afterwards.
+
+        Raises:
+            InputError: not this object's Doc, or forgotten already."""
+        self._check_open("forget")
+        self.engine.release(self._check_doc(doc, "forget")._seq)
 
     # ----- questions ----------------------------------------------------------------------
     def ask(self, doc: Doc, question: str, *, max_new_tokens: int = 128,
@@ -209,10 +264,10 @@ class LongDocQA:
         (document, "Question: ...", "Answer:") and its answer ends at the end of its first
         non-empty line (``stop_reason`` "newline"): base models go on to invent more
         question-answer pairs."""
-        if doc._seq.released:
-            raise InputError("this document was forgotten; ingest it again")
-        if not question or not question.strip():
-            raise InputError("the question is empty; ask something")
+        self._check_open("ask")
+        self._check_doc(doc, "ask")
+        _check_text(question, "question", "ask")
+        _check_generation(max_new_tokens, sampling)
         prompt = self.codec.qa_prompt("", question)
         return self._stream(doc._seq, prompt.question_ids, max_new_tokens, sampling,
                             stop=True, fork=True, one_line=not self.codec.has_chat_template,
@@ -231,8 +286,9 @@ class LongDocQA:
 
     def generate_stream(self, prompt: str, *, max_new_tokens: int = 128,
                         sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False) -> AnswerStream:
-        if not prompt:
-            raise InputError("the prompt is empty; give some text to continue")
+        self._check_open("generate")
+        _check_text(prompt, "prompt", "generate")
+        _check_generation(max_new_tokens, sampling)
         ids = self.codec.encode(prompt)
         if not ids:
             raise InputError("the prompt tokenizes to nothing; give some text to continue")
@@ -242,13 +298,16 @@ class LongDocQA:
     def _stream(self, base: KVSequence, ids: list[int], max_new_tokens: int,
                 sampling: SamplingConfig, *, stop: bool, fork: bool, one_line: bool = False,
                 doc_cache: str = "") -> AnswerStream:
-        seq = self.engine.fork(base) if fork else base
         try:
-            self.engine.check_request(seq, len(ids), max_new_tokens,
-                                      allow_long_context=self.allow_long_context)
+            # Checked on the document before the fork (its copy-on-write tails counted): when
+            # DEVICE is short, the document's pages move to HOST or DISK, not the question's.
+            self.engine.check_request(base, len(ids), max_new_tokens, allow_long_context=self.allow_long_context,
+                                      make_room=fork)
         except BaseException:
-            self.engine.release(seq)
+            if not fork:
+                self.engine.release(base)
             raise
+        seq = self.engine.fork(base) if fork else base
         return AnswerStream(lambda stream: self._pieces(stream, seq, ids, max_new_tokens, sampling, stop, one_line,
                                                         doc_cache))
 
@@ -285,3 +344,20 @@ class LongDocQA:
             yield text[len(shown):]
         stream.answer = Answer(text, out, stats)
 
+
+def _check_text(text: object, what: str, method: str) -> None:
+    """Raises InputError unless ``text`` is a str with some non-blank text."""
+    if isinstance(text, (bytes, bytearray)):
+        raise InputError(f"{method} takes the {what} as str, got {type(text).__name__}; decode it first, "
+                         "e.g. data.decode('utf-8')")
+    if not isinstance(text, str):
+        raise InputError(f"{method} takes the {what} as str, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(f"the {what} is empty; give {method} some text")
+
+
+def _check_generation(max_new_tokens: object, sampling: object) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an int of at least 1, got {max_new_tokens!r}")
+    if not isinstance(sampling, SamplingConfig):
+        raise InputError(f"sampling takes a SamplingConfig, got {type(sampling).__name__}")

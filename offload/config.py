@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from offload.errors import InputError
 from offload.kv.placement import Placement
 
 if TYPE_CHECKING:
     from planner.profile import HardwareProfile
 
 __all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "Planner", "DiskBackend", "PLANNERS", "parse_size",
-           "parse_dtype", "DTYPES"]
+           "parse_dtype", "format_size", "DTYPES"]
 
 
 class Planner(enum.Enum):
@@ -64,7 +65,7 @@ def _member(kind: type[enum.Enum], name: str, value: object) -> enum.Enum:
     """``value`` as a member of ``kind`` (a member or its string value).
 
     Raises:
-        ValueError: neither; the message names the field and the allowed values.
+        InputError: neither; the message names the field and the allowed values.
     """
     if isinstance(value, kind):
         return value
@@ -72,26 +73,55 @@ def _member(kind: type[enum.Enum], name: str, value: object) -> enum.Enum:
         return kind(value)
     except ValueError:
         allowed = ", ".join(m.value for m in kind)
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
+        raise InputError(f"{name} must be one of {allowed}, got {value!r}") from None
+
+
+def _bytes_field(name: str, value: object) -> int | None:
+    """A size field's value as bytes: an int, or a size string ('512MiB') parsed.
+
+    Raises:
+        InputError: anything else (a float, a bool, a malformed string); names the field.
+    """
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError:
+            raise InputError(f"{name} must be a number of bytes or a size such as '512MiB', got {value!r}") from None
+    raise InputError(f"{name} takes a number of bytes (int) or a size string such as '512MiB', "
+                     f"got {type(value).__name__} {value!r}")
 
 
 def parse_size(text: str) -> int:
     """'64MiB', '24GiB', '1.5GB', '1000' -> bytes.
 
     Raises:
-        ValueError: not a size.
+        InputError: not a size (a subclass of ValueError).
     """
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r}; write e.g. 512MiB, 2GiB or a number of bytes")
+        raise InputError(f"not a size: {text!r}; write e.g. 512MiB, 2GiB or a number of bytes")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(num_bytes: int | float) -> str:
+    """Bytes in the unit that shows them: '512 B', '1.0 KiB', '23.9 MiB', '1.50 GiB'."""
+    n = float(num_bytes)
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit == "GiB" else f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def parse_dtype(text: str) -> torch.dtype:
     try:
         return DTYPES[text.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {text!r}; use one of fp32, bf16, fp16") from None
+    except (KeyError, AttributeError):
+        raise InputError(f"unknown dtype {text!r}; use one of fp32, bf16, fp16") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -166,39 +196,48 @@ class RuntimeConfig:
     profile: HardwareProfile | None = None
 
     def __post_init__(self) -> None:
+        # Size fields take bytes or a size string (RuntimeConfig(device_memory_bytes="512MiB")).
+        for name in ("device_memory_bytes", "host_memory_bytes", "disk_space_bytes", "attn_scores_bytes"):
+            object.__setattr__(self, name, _bytes_field(name, getattr(self, name)))
+        for name in ("page_size", "prefill_chunk_tokens", "staging_chunk_pages", "staging_buffers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InputError(f"{name} takes an int, got {type(value).__name__} {value!r}")
         # A field over a closed set takes the enum or its string value (RuntimeConfig(planner="lp")).
         for name, kind in (("disk_backend", DiskBackend), ("planner", Planner), ("decode_kernel", DecodeKernel),
                            ("host_attention", HostAttention)):
             object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
         if not 0.0 <= self.plan_min_gain < 1.0:
-            raise ValueError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
+            raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:
-            raise ValueError(f"page_size must be in [1, 4096], got {self.page_size}")
+            raise InputError(f"page_size must be in [1, 4096], got {self.page_size}")
         if self.prefill_chunk_tokens < 1:
-            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+            raise InputError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
         if self.device_memory_bytes is not None and self.device_memory_bytes < 1:
-            raise ValueError(f"device_memory_bytes must be >= 1, got {self.device_memory_bytes}")
+            raise InputError(f"device_memory_bytes must be at least 1 byte, got {self.device_memory_bytes}; give the "
+                             "DEVICE KV budget, e.g. '512MiB', or None for the default")
         for name in ("dtype", "kv_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPES.values():
-                raise ValueError(f"{name} must be a torch dtype among fp32, bf16, fp16 "
+                raise InputError(f"{name} must be a torch dtype among fp32, bf16, fp16 "
                                  f"(parse_dtype turns a name into one), got {value!r}")
         if self.device is not None:
             try:
                 dev = torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"device {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+                raise InputError(f"device {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
             if dev.type not in ("cpu", "cuda"):
-                raise ValueError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
+                raise InputError(f"device {self.device!r} is not supported; use cpu, cuda or cuda:N")
         for name in ("host_memory_bytes", "disk_space_bytes"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise InputError(f"{name} must be >= 0 bytes, got {value}; give a budget such as '1GiB' "
+                                 "(0 = no such tier), or None for the default")
         if self.staging_chunk_pages < 1 or self.staging_buffers < 1:
-            raise ValueError(f"staging_chunk_pages and staging_buffers must be >= 1, got "
+            raise InputError(f"staging_chunk_pages and staging_buffers must be >= 1, got "
                              f"{self.staging_chunk_pages} and {self.staging_buffers}")
         if self.attn_scores_bytes < 1:
-            raise ValueError(f"attn_scores_bytes must be >= 1, got {self.attn_scores_bytes}")
+            raise InputError(f"attn_scores_bytes must be >= 1, got {self.attn_scores_bytes}")
 
     def resolved_device(self) -> torch.device:
         if self.device is None:

@@ -35,10 +35,8 @@ by the planner and reach HOST or DISK.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -60,8 +58,8 @@ from offload.kv.paged_kv import KVSequence, PagedKV, ring_pages
 from offload.kv.readahead import Chunk
 from offload.kv.reads import LayerReads
 from offload.kv.placement import Placement
-from offload.tuning.planning import (DEVICE_RESERVE_PAGES, WRITE_STAGING_BYTES, engine_problem, plan_placement,
-                              plan_summary, staging_bytes)
+from offload.tuning.planning import (ANSWER_TOKENS, DEVICE_RESERVE_PAGES, QUESTION_TOKENS, WRITE_STAGING_BYTES,
+                                     engine_problem, plan_placement, plan_summary, staging_bytes)
 from offload.tuning.profile_store import DEFAULT_PRESETS, load_saved
 from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
@@ -69,6 +67,7 @@ from offload.model.weights import load_checkpoint, random_weights
 from planner.profile import HardwareProfile
 from storage import PageArena, Tier, make_io
 from storage.disk_store import DiskExtentStore
+from storage.run_dirs import RunDir, make_run_dir, remove_dead_run_dirs
 from offload.kv.page_table import cdiv
 
 if TYPE_CHECKING:
@@ -80,10 +79,15 @@ logger = logging.getLogger(__name__)
 
 LayerCallback = Callable[[int, int], None]  # (layers done, num layers)
 
+# The budgets capacity errors ask to raise, as the CLI flag and the API field that set them.
+_DEVICE_BUDGET = "--device-memory (RuntimeConfig.device_memory_bytes)"
+_TIER_BUDGETS = ("--device-memory, --host-memory or --disk-space (RuntimeConfig.device_memory_bytes, "
+                 "host_memory_bytes or disk_space_bytes)")
 
-def _remove_disk_tier(store: DiskExtentStore, root: Path) -> None:
+
+def _remove_disk_tier(store: DiskExtentStore, run_dir: RunDir) -> None:
     store.close()
-    shutil.rmtree(root, ignore_errors=True)
+    run_dir.remove()  # the files, then the run's lock
 
 
 def make_runner(source: ModelSource, *, dtype: torch.dtype, device: torch.device,
@@ -125,7 +129,7 @@ class Engine:
         self.windows: tuple[int | None, ...] = cfg.layer_windows
         self.global_layers = tuple(i for i, w in enumerate(self.windows) if w is None)
         self.ring_pages = tuple(0 if w is None else ring_pages(w, self.config.page_size) for w in self.windows)
-        self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed)
+        # The tiers first: a budget too small for them fails before the weights load.
         self.arena = PageArena(
             num_slots=self._arena_slots(),
             num_kv_heads=cfg.num_kv_heads,
@@ -139,6 +143,7 @@ class Engine:
                                  staging_buffers=self.config.staging_buffers) if self.disk is not None else 0)
         write_staging = WRITE_STAGING_BYTES if self.disk is not None else 0
         self.host_arena = self._make_host_arena(reserved=staging)
+        self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed)
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
                           disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
@@ -161,6 +166,9 @@ class Engine:
             head_dim=cfg.head_dim, scale=self.runner.scale, scores_bytes=self.config.attn_scores_bytes)
         # Which pages a decode step attends (exact mode: all); the sparse modes are selectors.
         self.selector: PageSelector = ExactSelector()
+        # Documents' sequences (``add_document``): their pages may move off DEVICE to make
+        # room for a question or another document's ingest.
+        self._documents: list[KVSequence] = []
         logger.info(
             "engine: %s on %s, %s weights %.2f GiB, KV arena %d pages of %d tokens (%.2f GiB, %s)",
             source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
@@ -181,20 +189,30 @@ class Engine:
         if c.disk_space_bytes == 0 or not spill:
             return None, None
         base = Path(c.kv_dir) if c.kv_dir else default_cache_dir() / "kv"
-        root = base / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            root.mkdir(parents=True, exist_ok=False)
+        try:  # runs killed before they could remove their files (SIGKILL, power loss)
+            removed = remove_dead_run_dirs(base)
+            if removed:
+                logger.info("removed %d DISK-tier directories of processes that no longer run", len(removed))
         except OSError as e:
-            raise CacheDirError(f"cannot create the DISK tier directory {root} ({e.strerror}); "
-                                "pass --cache-dir with a writable directory") from None
-        budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
+            logger.warning("could not remove the DISK-tier files of a run that no longer runs (%s)", e)
         try:
-            io = make_io(c.disk_backend.value)
-        except ValueError as e:
-            root.rmdir()
-            raise InputError(str(e)) from None
-        store = DiskExtentStore(root, num_layers=self.model_config.num_layers, page_bytes=self._slot_bytes(), io=io)
-        self._finalizer = weakref.finalize(self, _remove_disk_tier, store, root)
+            run_dir = make_run_dir(base)  # locked for this engine's life: never taken for dead
+        except OSError as e:
+            raise CacheDirError(f"cannot create the DISK tier directory under {base} ({e.strerror}); "
+                                "pass --cache-dir with a writable directory") from None
+        root = run_dir.path
+        try:
+            budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
+            try:
+                io = make_io(c.disk_backend.value)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            store = DiskExtentStore(root, num_layers=self.model_config.num_layers, page_bytes=self._slot_bytes(),
+                                    io=io)
+        except BaseException:
+            run_dir.remove()
+            raise
+        self._finalizer = weakref.finalize(self, _remove_disk_tier, store, run_dir)
         return store, budget // store.disk_page_bytes
 
     def _make_host_arena(self, *, reserved: int) -> PageArena | None:
@@ -211,26 +229,49 @@ class Engine:
                          head_dim=cfg.head_dim, dtype=self.kv_dtype, device="cpu", tier=Tier.HOST,
                          pin_memory=self.device.type == "cuda")
 
-    def placement_for(self, seq: KVSequence, new_tokens: int) -> Placement:
+    def placement_for(self, seq: KVSequence, new_tokens: int, *, document: bool = False) -> Placement:
         """Where this forward pass's new full pages go: the configured placement; all DEVICE
-        when they fit there (and for decode steps, whose new page is the DEVICE tail); else
-        the planner's placement of the new pages into the rooms the tiers have left."""
+        for a decode step (its new page is the DEVICE tail), on an engine with DEVICE alone
+        (``check_request`` refused what does not fit), and when the pass fits DEVICE with
+        ``reserve`` pages to spare; else the planner's placement of the new pages into the
+        rooms the tiers have left, DEVICE's less the reserve and the pages the pass puts there
+        whatever the plan (``_device_bound``).
+
+        The reserve: for a ``document`` (an ingest or a DocCache restore, which questions
+        fork), the DEVICE room a question about it takes (``question_reserve``: its tails,
+        copy-on-write copies and sliding-window rings live on DEVICE only), so that an ingest
+        never leaves too little for it (other documents' pages move off DEVICE to make it,
+        ``make_device_room``); for other passes, nothing (a request's own tails were
+        counted by ``check_request``; pages move off DEVICE as decode needs its room), and
+        ``DEVICE_RESERVE_PAGES`` per layer and the rings when the planner places them."""
         if self.config.placement is not None:
             return self.config.placement
         ps = self.config.page_size
         have = cdiv(seq.num_tokens, ps)
         new_pages = cdiv(seq.num_tokens + new_tokens, ps) - have
-        if new_tokens == 1 or self.kv.free_slots(Tier.DEVICE) >= self.pages_needed(seq, new_tokens):
+        free = self.kv.free_slots(Tier.DEVICE)
+        reserve = self.question_reserve(seq.num_tokens + new_tokens) if document else 0
+        device_only = self.host_arena is None and self.disk is None
+        if new_tokens == 1 or device_only or free >= self.pages_needed(seq, new_tokens) + reserve:
             return Placement(None, 0)
-        plan = self._plan(new_pages)
+        if document:
+            bound = self._device_bound(seq.num_tokens, new_tokens)
+            if free < reserve + bound:  # other documents' pages make the room
+                self.make_device_room(reserve + bound - free)
+                free = self.kv.free_slots(Tier.DEVICE)
+            room = free - reserve - bound
+        else:
+            room = free - DEVICE_RESERVE_PAGES * self.model_config.num_layers - sum(self.ring_pages)
+        plan = self._plan(new_pages, max(0, room))
         placement = plan_placement(plan, first_page=have, layers=self.global_layers,
                                    num_layers=self.model_config.num_layers)
         self._host_shares = placement.delegated_share
         return placement
 
-    def _plan(self, new_pages: int) -> Plan:
-        """The planner's split of ``new_pages`` pages per global layer (LP, or the greedy rule);
-        the DEVICE room left to it excludes the sliding layers' rings.
+    def _plan(self, new_pages: int, device_room: int) -> Plan:
+        """The planner's split of ``new_pages`` pages per global layer (LP, or the greedy rule)
+        with ``device_room`` DEVICE pages for it (``placement_for`` has taken out the rings,
+        tails and reserve).
 
         The LP minimises FlexGen's per-layer model; its rounded plan, the even split and the
         greedy split are then priced as the read-ahead runs them (DISK reads running ahead
@@ -245,14 +286,11 @@ class Engine:
         from planner import PlanInfeasibleError, greedy_plan, plan
 
         cfg, c = self.model_config, self.config
-        # Tails, a question's scratch pages and decode growth of every layer; the sliding
-        # layers' rings.
-        reserve = DEVICE_RESERVE_PAGES * cfg.num_layers + sum(self.ring_pages)
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         problem = engine_problem(
             cfg, num_layers=len(self.global_layers), new_pages=new_pages, page_size=c.page_size,
             dtype_bytes=self.runner.dtype.itemsize,
-            kv_dtype_bytes=elem, device_room_pages=max(0, self.kv.free_slots(Tier.DEVICE) - reserve),
+            kv_dtype_bytes=elem, device_room_pages=device_room,
             host_room_pages=self.kv.free_slots(Tier.HOST),
             disk_room_pages=min(self.kv.free_slots(Tier.DISK), 1 << 40),
             staging_chunk_pages=c.staging_chunk_pages, staging_buffers=c.staging_buffers,
@@ -264,7 +302,7 @@ class Engine:
             return self.last_plan
         except PlanInfeasibleError as e:
             raise CapacityError(f"the KV tiers cannot place {new_pages} new pages per layer ({e}); raise "
-                                "--device-memory, --host-memory or --disk-space") from None
+                                f"{_TIER_BUDGETS}") from None
 
     def hardware_profile(self) -> HardwareProfile:
         """The profile the planner prices placements with, chosen on first use and never
@@ -294,9 +332,11 @@ class Engine:
 
     def close(self) -> None:
         """Finish DISK writes and remove the DISK tier's files (also done at exit)."""
-        self.kv.close()
-        if self.disk is not None:
-            self._finalizer()
+        try:
+            self.kv.close()
+        finally:  # a failed write must not leave the files behind
+            if self.disk is not None:
+                self._finalizer()
 
     # ----- sizing -------------------------------------------------------------------------
     @property
@@ -339,50 +379,161 @@ class Engine:
         grow = total - cdiv(seq.num_tokens, ps)
         return sum(grow if r == 0 else min(r, grow + 1) for r in self.ring_pages)
 
+    def _span(self, num_tokens: int, new_tokens: int) -> int:
+        """Pages that tokens [num_tokens, num_tokens + new_tokens) of a layer touch."""
+        return cdiv(num_tokens % self.config.page_size + new_tokens, self.config.page_size)
+
+    def _device_bound(self, num_tokens: int, new_tokens: int) -> int:
+        """DEVICE pages a pass of ``new_tokens`` after ``num_tokens`` takes whatever the
+        placement: per global layer its partly filled last page, per sliding layer its ring's."""
+        ps = self.config.page_size
+        grow = cdiv(num_tokens + new_tokens, ps) - cdiv(num_tokens, ps)
+        partial = 1 if (num_tokens + new_tokens) % ps else 0
+        return sum(partial if r == 0 else min(r, grow + 1) for r in self.ring_pages)
+
+    def request_pages(self, num_tokens: int, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Slots a request takes at most on a fork of a ``num_tokens``-token sequence (or on a
+        new sequence): per global layer the pages its tokens touch, the fork's copy-on-write
+        copy of a partly filled tail included; per sliding layer at most a ring."""
+        span = self._span(num_tokens, prompt_tokens + max_new_tokens)
+        return sum(span if r == 0 else min(r, span) for r in self.ring_pages)
+
+    def request_device_pages(self, num_tokens: int, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Of ``request_pages``, those that live on DEVICE whatever the placement: per sliding
+        layer its ring pages; per global layer the fork's copy of the tail, the prompt's
+        partly filled last page and the decode pages. A global layer's other new pages go
+        where the planner places them, or to HOST or DISK when DEVICE runs short
+        (``PagedKV.add_pages``)."""
+        span = self._span(num_tokens, prompt_tokens + max_new_tokens)
+        tail = min(span, 2 + cdiv(max_new_tokens, self.config.page_size))
+        return sum(tail if r == 0 else min(r, span) for r in self.ring_pages)
+
+    def question_reserve(self, num_tokens: int) -> int:
+        """DEVICE pages a document's pass leaves free when it can (``placement_for``): what a
+        question of ``QUESTION_TOKENS`` tokens with ``ANSWER_TOKENS`` new tokens takes there
+        on a fork of the ``num_tokens``-token document."""
+        return self.request_device_pages(num_tokens, QUESTION_TOKENS, ANSWER_TOKENS)
+
+    def add_document(self, seq: KVSequence) -> None:
+        """Register a document's sequence (``LongDocQA.ingest``): its pages may move off
+        DEVICE to make room for a question or for another document (``make_device_room``).
+        A released sequence drops out."""
+        self._documents = [*self._live_documents(), seq]
+
+    def _live_documents(self) -> list[KVSequence]:
+        return [d for d in self._documents if not d.released]
+
+    def make_device_room(self, pages: int, *, first: KVSequence | None = None) -> int:
+        """Free up to ``pages`` DEVICE slots by moving documents' full pages of global layers
+        to HOST or DISK (``PagedKV.move_off_device``: their contents are unchanged, a page a
+        question's fork shares stays): ``first``'s, then the registered documents'. Returns
+        how many moved."""
+        moved = 0
+        others = [d for d in self._live_documents() if d is not first]
+        for seq in [first, *others] if first is not None else others:
+            if moved >= pages:
+                break
+            moved += self.kv.move_off_device(seq, pages - moved, self.global_layers)
+        if moved:
+            logger.info("moved %d documents' pages off DEVICE to make room", moved)
+        return moved
+
+    def _device_fix(self, pages: int) -> str:
+        """The advice for a DEVICE arena that must hold ``pages`` slots beside those in use."""
+        minimum = (self.arena.num_used + pages) * self.arena.slot_bytes
+        return f"use {_DEVICE_BUDGET} of at least {cdiv(minimum, 2**20)}MiB"
+
+    def check_document(self, num_tokens: int, *, allow_long_context: bool = False) -> None:
+        """Refuse up front, before its prefill or DocCache restore, a document of
+        ``num_tokens`` tokens after which a question could not be answered: the document and
+        a question of ``QUESTION_TOKENS`` tokens with ``ANSWER_TOKENS`` new tokens on a fork
+        of it must fit the tiers' free pages. DEVICE must hold the question's tails and rings
+        (``request_device_pages``) beside the document's pages that stay there: its rings,
+        tails and each global layer's first page (``PagedKV.move_off_device`` keeps it), or
+        every page on an engine with DEVICE alone. Other documents' pages that can move off
+        DEVICE count as room (``make_device_room`` moves them when it is needed).
+
+        Raises:
+            ContextTooLongError: the document alone exceeds the context window.
+            CapacityError: the budgets are too small; the message says which to raise.
+        """
+        empty = self.new_sequence()
+        self.check_request(empty, num_tokens, 1, allow_long_context=allow_long_context)
+        doc = self.pages_needed(empty, num_tokens)
+        question = self.request_pages(num_tokens, QUESTION_TOKENS, ANSWER_TOKENS)
+        free, slot = self.kv.free_slots(Tier.DEVICE), self.arena.slot_bytes
+        what = (f"this document ({num_tokens} tokens) and a question about it ({QUESTION_TOKENS} tokens, "
+                f"{ANSWER_TOKENS} new tokens)")
+        if self.disk is None and self.host_arena is None:
+            if doc + question > free:
+                raise CapacityError(f"the DEVICE KV arena cannot hold {what}: they need {doc + question} pages of "
+                                    f"{slot} bytes and {free} are free; {self._device_fix(doc + question)}")
+            return
+        spare = sum(self.kv.free_slots(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK))
+        if doc + question > spare:
+            raise CapacityError(f"the KV tiers cannot hold {what}: they need {doc + question} pages of {slot} "
+                                f"bytes and {spare} are free over all tiers; raise {_TIER_BUDGETS}")
+        stays = self._device_bound(0, num_tokens) + len(self.global_layers)
+        device = stays + self.request_device_pages(num_tokens, QUESTION_TOKENS, ANSWER_TOKENS)
+        movable = sum(self.kv.movable_device_pages(d, self.global_layers) for d in self._live_documents())
+        # Moving them off frees DEVICE as far as HOST and DISK hold them beside the pages of
+        # the document and question that are not on DEVICE.
+        free += max(0, min(movable, spare - free - (doc + question - device)))
+        if device > free:
+            raise CapacityError(
+                f"the DEVICE KV arena cannot hold {what}: the document keeps {stays} pages there (its tails, "
+                f"first pages and sliding-window rings) and the question takes {device - stays}, {device} pages of "
+                f"{slot} bytes, and {free} are free; {self._device_fix(device)}")
+
     def check_request(self, seq: KVSequence, prompt_tokens: int, max_new_tokens: int,
-                      *, allow_long_context: bool = False) -> None:
-        """Refuse up front a request that exceeds the context window or the KV arena.
+                      *, allow_long_context: bool = False, make_room: bool = False) -> None:
+        """Refuse up front a request on ``seq``, or on a fork of it (the fork's copy-on-write
+        tails are counted), that exceeds the context window or the KV tiers.
+
+        Args:
+            make_room: when DEVICE lacks the room the request's tails and rings need there
+                (``request_device_pages``), first move ``seq``'s own full pages of global
+                layers to HOST or DISK, then other documents' (``make_device_room``; their
+                contents are unchanged). For a document about to be forked for a question: the
+                documents' pages move, the question's are scratch.
 
         Raises:
             ContextTooLongError, CapacityError.
         """
         total = seq.num_tokens + prompt_tokens + max_new_tokens
         if total > self.max_context and not allow_long_context:
+            # Fewer new tokens help only when the input alone fits the window.
+            fix = ("shorten the input (alone it fills the window, leaving no room for an answer)"
+                   if seq.num_tokens + prompt_tokens >= self.max_context else
+                   f"shorten the input or lower --max-new-tokens (max_new_tokens) to at most "
+                   f"{self.max_context - seq.num_tokens - prompt_tokens}")
             raise ContextTooLongError(
                 f"the request needs {total} tokens ({seq.num_tokens} cached + {prompt_tokens} prompt + "
-                f"{max_new_tokens} to generate) but the model's context is {self.max_context}; shorten "
-                "the input, lower --max-new-tokens, or pass --allow-long-context to go past it anyway"
+                f"{max_new_tokens} to generate) but the model's context is {self.max_context}; {fix}, "
+                "or pass --allow-long-context (allow_long_context=True) to go past it anyway"
             )
-        need = self.pages_needed(seq, prompt_tokens + max_new_tokens)
-        free = self.kv.free_slots(Tier.DEVICE)
-        if self.disk is None and self.host_arena is None and need > free:
-            minimum = (self.arena.num_used + need) * self.arena.slot_bytes
-            raise CapacityError(
-                f"the DEVICE KV arena cannot hold this request: it needs {need} more pages of "
-                f"{self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at least "
-                f"{cdiv(minimum, 2**20)}MiB"
-            )
-        # Tails (and their copy-on-write copies), decode growth and sliding-window rings
-        # always live on DEVICE.
-        ps = self.config.page_size
-        tail = 2 + cdiv(max_new_tokens, ps)
-        ring_need = cdiv(prompt_tokens + max_new_tokens, ps) + 1
-        device_need = sum(tail if r == 0 else min(r, ring_need) for r in self.ring_pages)
-        if free < device_need:
-            minimum = (self.arena.num_used + device_need) * self.arena.slot_bytes
-            what = "tail pages and sliding-window rings" if any(self.ring_pages) else "tail pages"
-            raise CapacityError(
-                f"the DEVICE KV arena cannot hold this request's {what}: it needs {device_need} "
-                f"pages of {self.arena.slot_bytes} bytes and {free} are free; use --device-memory of at "
-                f"least {cdiv(minimum, 2**20)}MiB"
-            )
+        need = self.request_pages(seq.num_tokens, prompt_tokens, max_new_tokens)
+        free, slot = self.kv.free_slots(Tier.DEVICE), self.arena.slot_bytes
+        if self.disk is None and self.host_arena is None:
+            if need > free:
+                raise CapacityError(f"the DEVICE KV arena cannot hold this request: it needs {need} more pages of "
+                                    f"{slot} bytes and {free} are free; {self._device_fix(need)}")
+            return
         spare = sum(self.kv.free_slots(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK))
         if need > spare:
+            raise CapacityError(f"the KV tiers cannot hold this request: it needs {need} more pages of {slot} bytes "
+                                f"and {spare} are free over all tiers; raise {_TIER_BUDGETS}")
+        # Tails (and their copy-on-write copies), decode growth and sliding-window rings
+        # always live on DEVICE.
+        device_need = self.request_device_pages(seq.num_tokens, prompt_tokens, max_new_tokens)
+        if free < device_need and make_room:
+            self.make_device_room(device_need - free, first=seq)
+            free = self.kv.free_slots(Tier.DEVICE)
+        if free < device_need:
+            what = "tail pages and sliding-window rings" if any(self.ring_pages) else "tail pages"
             raise CapacityError(
-                f"the KV tiers cannot hold this request: it needs {need} more pages of "
-                f"{self.arena.slot_bytes} bytes and {spare} are free over all tiers; raise "
-                "--device-memory, --host-memory or --disk-space"
-            )
+                f"the DEVICE KV arena cannot hold this request's {what}: it needs {device_need} pages of {slot} "
+                f"bytes and {free} are free; {self._device_fix(device_need)}")
 
     # ----- sequences ----------------------------------------------------------------------
     def new_sequence(self) -> KVSequence:
@@ -396,23 +547,25 @@ class Engine:
 
     # ----- compute ------------------------------------------------------------------------
     def forward(self, seq: KVSequence, ids: Sequence[int] | torch.Tensor, *, num_logits: int = 1,
-                on_layer: LayerCallback | None = None) -> torch.Tensor:
+                on_layer: LayerCallback | None = None, document: bool = False) -> torch.Tensor:
         """``prefill`` for several tokens, ``decode_step`` for one (returns [num_logits, vocab]
         float32 logits, at most one row for a decode step)."""
         ids_t = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         if ids_t.numel() == 1 and seq.num_tokens:
             return self.decode_step(seq, int(ids_t[0]), on_layer=on_layer)
-        return self.prefill(seq, ids_t, num_logits=num_logits, on_layer=on_layer)
+        return self.prefill(seq, ids_t, num_logits=num_logits, on_layer=on_layer, document=document)
 
     @torch.inference_mode()
     def prefill(self, seq: KVSequence, ids: Sequence[int] | torch.Tensor, *, num_logits: int = 1,
-                on_layer: LayerCallback | None = None) -> torch.Tensor:
+                on_layer: LayerCallback | None = None, document: bool = False) -> torch.Tensor:
         """Run a prompt through the model layer by layer, appending its K/V to ``seq``'s pages.
 
         Args:
             ids: [T] token ids (T >= 1).
             num_logits: logits are returned for the last ``num_logits`` positions.
             on_layer: called after each layer with (layers done, num layers).
+            document: the prompt is a document that questions will fork: its placement keeps
+                the DEVICE room of a question free (``placement_for``).
 
         Returns:
             [num_logits, vocab] float32 logits.
@@ -425,7 +578,7 @@ class Engine:
         positions = torch.arange(start, start + t, device=self.device)
         h = self.runner.embed(ids_t)
         num_layers = self.model_config.num_layers
-        placement = self.placement_for(seq, t)
+        placement = self.placement_for(seq, t, document=document)
         reader = self.kv.reader
         if t <= self.config.prefill_chunk_tokens and self.config.overlap:
             # One pass over the stored pages per layer (a question over a DocCache): read

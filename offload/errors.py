@@ -16,6 +16,7 @@ __all__ = [
     "ContextTooLongError",
     "CacheDirError",
     "CapacityError",
+    "ClosedError",
 ]
 
 
@@ -45,3 +46,7 @@ class CacheDirError(OffloadError):
 
 class CapacityError(OffloadError):
     """A memory budget too small for the pages that must be held."""
+
+
+class ClosedError(OffloadError):
+    """An object used after its ``close()``."""

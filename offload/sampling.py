@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import torch
+
+from offload.errors import InputError
 
 __all__ = ["SamplingConfig", "Sampler", "top_p_mask"]
 
@@ -23,10 +27,14 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise InputError(f"{name} takes a number, got {type(value).__name__} {value!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
 
     @property
     def is_greedy(self) -> bool:

@@ -34,8 +34,9 @@ class RunStats:
         disk_backend: the DISK tier's file I/O ("posix" or "kvikio").
         disk_bytes_written: DISK bytes written by the engine so far.
         doc_cache: for an ingest with the DocCache on: "hit" (restored, no prefill), "miss"
-            (prefilled and saved) or "rebuilt" (a DocCache failed verification: quarantined,
-            prefilled and saved again); "" when off. doc_cache_verify_s / doc_cache_bytes_read:
+            (prefilled and saved), "rebuilt" (a DocCache failed verification: quarantined,
+            prefilled and saved again) or "not saved" (prefilled; its DocCache could not be
+            saved, ``doc_cache_reason`` says why); "" when off. doc_cache_verify_s / doc_cache_bytes_read:
             checksum time and bytes read on a hit; doc_cache_evicted: DocCaches removed to fit
             the cache limit.
         plan: the planner's last executed plan (method, predicted decode step, bottleneck, KV
@@ -75,6 +76,7 @@ class RunStats:
     plan: dict[str, Any] | None = None
     profile: str | None = None
     doc_cache: str = ""
+    doc_cache_reason: str = ""
     doc_cache_verify_s: float = 0.0
     doc_cache_bytes_read: int = 0
     doc_cache_evicted: list[str] = dataclasses.field(default_factory=list)

@@ -37,7 +37,7 @@ import signal
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,16 @@ def _layer_file(layer: int) -> str:
 
 def _crc(data: bytes | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _names_file_of(path: Path, fd: int) -> bool:
+    """True when ``path`` names the file open at ``fd`` (not removed or replaced since)."""
+    held = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _lock_fd(path: Path, kind: int, *, blocking: bool = True) -> int | None:
@@ -153,10 +163,16 @@ class DocBuilder:
 
     def __init__(self, store: "DocStore", doc_id: str, page_bytes: int) -> None:
         self.store, self.doc_id, self.page_bytes = store, doc_id, page_bytes
-        self.dir = store.root / f"{BUILD_PREFIX}{doc_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.dir.mkdir(parents=True)
-        self._owner = os.open(self.dir / "owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._owner, fcntl.LOCK_EX)  # held until commit/abort or death
+        while True:
+            self.dir = store.root / f"{BUILD_PREFIX}{doc_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.dir.mkdir(parents=True)
+            self._owner = os.open(self.dir / "owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._owner, fcntl.LOCK_EX)  # held until commit/abort or death
+            # Between the open and the flock, another process's clean_leftovers could take
+            # the lock, find the build dead and remove it: start again in a new directory then.
+            if _names_file_of(self.dir / "owner.lock", self._owner):
+                break
+            os.close(self._owner)
         self._files: dict[int, int] = {}
         self._offsets: dict[int, int] = {}  # bytes written so far per layer file
         self._crcs: dict[int, list[int]] = {}
@@ -364,10 +380,24 @@ class DocStore:
         return self.root / f"{doc_id}.lock"
 
     @contextlib.contextmanager
-    def exclusive(self, doc_id: str) -> Iterator[None]:
-        """Hold the DocCache's exclusive lock (one builder at a time; waits for readers)."""
-        with _flock(self.lock_path(doc_id), fcntl.LOCK_EX):
+    def exclusive(self, doc_id: str, *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the DocCache's exclusive lock (one builder at a time; waits for readers).
+
+        Args:
+            on_wait: called once, before waiting, when another holder has the lock (the
+                caller says that it waits; a wait of a whole build is otherwise silent).
+        """
+        path = self.lock_path(doc_id)
+        fd = _lock_fd(path, fcntl.LOCK_EX, blocking=False)
+        if fd is None:
+            if on_wait is not None:
+                on_wait()
+            fd = _lock_fd(path, fcntl.LOCK_EX)
+        assert fd is not None  # a blocking lock always comes
+        try:
             yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def builder(self, doc_id: str, page_bytes: int) -> DocBuilder:
         return DocBuilder(self, doc_id, page_bytes)
@@ -387,6 +417,9 @@ class DocStore:
             return None
         fd = _lock_fd(self.lock_path(doc_id), fcntl.LOCK_SH)
         assert fd is not None  # a blocking lock always comes
+        if not path.is_file():  # removed (evicted by another process) before we got the lock
+            os.close(fd)
+            return None
         try:
             manifest = self._read_manifest(doc_id)
             if manifest.get("meta", {}).get("fingerprint") != fingerprint:

@@ -251,7 +251,9 @@ def _overlap_placement(engine: Engine, n_tokens: int, step_s: float, read_gbps: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="offload bench", description=__doc__.splitlines()[0])
+    from offload.commands.args import OneLineParser
+
+    p = OneLineParser(prog="offload bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights of the model's shape, random prompt ids, no transformers peer")
@@ -269,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     if args.reps < 3:
         print("offload bench: error: --reps must be >= 3 (median and spread need repeats)", file=sys.stderr)
         return 2

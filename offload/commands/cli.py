@@ -1,7 +1,8 @@
 """The ``offload`` command line: ``ingest``, ``ask``, ``generate``, ``cache``, ``bench``, ``profile``, ``plan``.
 
 Errors the user can fix print one line ``offload: error: ...`` on stderr and exit with
-status 2, without a traceback.
+status 2, without a traceback. Ctrl-C (SIGINT, status 130) and SIGTERM (status 143) end a run
+cleanly: its DISK-tier files are removed (``offload.commands.signals``).
 
 ``ingest``, ``ask`` and ``generate`` build their engine through ``LongDocQA``: with budgets that
 may spill (``--device-memory``, ``--disk-space``) and no hardware profile saved under the cache
@@ -17,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from offload.config import RuntimeConfig, parse_dtype, parse_size
+from offload.commands.args import OneLineParser, check_generation_flags, read_text, size_flag
+from offload.config import RuntimeConfig, parse_dtype
+from offload.commands.signals import TERMINATED_STATUS, Terminated, sigterm_raises
 from offload.errors import InputError, OffloadError, StorageIOError
 from offload.sampling import SamplingConfig
 
@@ -74,19 +77,19 @@ def _add_doc_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload", description="Tiered KV-cache offloading runtime for long-context LLMs.")
+    parser = OneLineParser(prog="offload", description="Tiered KV-cache offloading runtime for long-context LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     ingest = sub.add_parser("ingest", help="prefill a document once and keep its KV as a DocCache; prints its id")
-    ingest.add_argument("doc", type=Path, help="text file with the document")
+    ingest.add_argument("doc", type=Path, help="text file with the document (- reads standard input)")
     _add_model_args(ingest)
     _add_doc_cache_args(ingest)
     ask = sub.add_parser("ask", help="answer a question about a document (chat template or completion prompt)")
-    ask.add_argument("--doc", type=Path, required=True, help="text file with the document")
+    ask.add_argument("--doc", type=Path, required=True, help="text file with the document (- reads standard input)")
     ask.add_argument("--question", required=True)
     _add_model_args(ask)
     _add_doc_cache_args(ask)
     gen = sub.add_parser("generate", help="continue raw text (no template)")
-    gen.add_argument("--prompt-file", type=Path, required=True)
+    gen.add_argument("--prompt-file", type=Path, required=True, help="text file with the prompt (- reads standard input)")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     _add_model_args(gen)
     sub.add_parser("bench", help="prefill/decode of every placement beside the HF peers (offload bench --help)")
@@ -96,55 +99,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# RuntimeConfig's fields as the flags that set them, for the messages of its checks.
+_FLAGS = {"device_memory_bytes": "--device-memory", "host_memory_bytes": "--host-memory",
+          "disk_space_bytes": "--disk-space", "page_size": "--page-size", "prefill_chunk_tokens": "--prefill-chunk",
+          "disk_backend": "--disk-backend", "kv_dtype": "--kv-dtype", "dtype": "--dtype", "device": "--device"}
+
+
 def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
-    """The one mapping of CLI options to a RuntimeConfig."""
-    return RuntimeConfig(
-        device=args.device,
-        dtype=parse_dtype(args.dtype) if args.dtype else None,
-        kv_dtype=parse_dtype(args.kv_dtype) if args.kv_dtype else None,
-        device_memory_bytes=parse_size(args.device_memory) if args.device_memory else None,
-        host_memory_bytes=parse_size(args.host_memory) if args.host_memory else None,
-        disk_space_bytes=parse_size(args.disk_space) if args.disk_space is not None else None,
-        page_size=args.page_size,
-        prefill_chunk_tokens=args.prefill_chunk,
-        seed=args.seed,
-        disk_backend=args.disk_backend,
-    )
+    """The one mapping of CLI options to a RuntimeConfig.
 
-
-def _read_text(path: Path, what: str) -> str:
+    Raises:
+        InputError: a bad value, named by its flag (not by the config field it sets).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} {path} is a directory; give a text file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{what} {path} is not UTF-8 text; convert it to UTF-8") from None
-    except OSError as e:
-        raise InputError(f"{what} {path} cannot be read ({e.strerror}); check its permissions") from None
-    if not text.strip():
-        raise InputError(f"{what} {path} is empty; give a file with text")
-    return text
+        return RuntimeConfig(
+            device=args.device,
+            dtype=parse_dtype(args.dtype) if args.dtype else None,
+            kv_dtype=parse_dtype(args.kv_dtype) if args.kv_dtype else None,
+            device_memory_bytes=size_flag("--device-memory", args.device_memory, minimum=1),
+            host_memory_bytes=size_flag("--host-memory", args.host_memory),
+            disk_space_bytes=size_flag("--disk-space", args.disk_space),
+            page_size=args.page_size,
+            prefill_chunk_tokens=args.prefill_chunk,
+            seed=args.seed,
+            disk_backend=args.disk_backend,
+        )
+    except InputError as e:
+        message = str(e)
+        for field in sorted(_FLAGS, key=len, reverse=True):
+            if message.startswith(field + " ") or message.startswith(f"{field}="):
+                message = _FLAGS[field] + message[len(field):]
+                break
+        raise InputError(message.replace(", or None for the default", ", or leave the flag out for the default")) \
+            from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, run before one loads (a mistake costs no wait).
+
+    Raises:
+        InputError: naming the flag and the fix.
+    """
+    check_generation_flags(args)
+    if args.command == "ask" and not args.question.strip():
+        raise InputError("--question is empty; ask something about the document")
+    if args.command in ("ask", "ingest"):
+        size_flag("--cache-limit", args.cache_limit, minimum=1)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from offload.api import LongDocQA  # heavy imports only after argument parsing
-
+    check_args(args)
     config = runtime_config_from_args(args)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    text = (_read_text(args.doc, "document") if args.command in ("ask", "ingest")
-            else _read_text(args.prompt_file, "prompt file"))
+    text = (read_text(args.doc, "document", "--doc" if args.command == "ask" else "the document argument")
+            if args.command in ("ask", "ingest") else read_text(args.prompt_file, "prompt file", "--prompt-file"))
     doc_cache = {}
     if args.command in ("ask", "ingest"):
         doc_cache = dict(doc_cache=not args.no_doc_cache, rebuild=not args.no_rebuild,
-                         cache_limit_bytes=parse_size(args.cache_limit) if args.cache_limit else None)
+                         cache_limit_bytes=size_flag("--cache-limit", args.cache_limit, minimum=1))
+    from offload.api import LongDocQA  # heavy imports only after every argument is checked
+
     qa = LongDocQA(args.model, config=config, cache_dir=args.cache_dir, random_weights=args.random_weights,
                    num_layers=args.num_layers, show_progress=not args.quiet,
                    allow_long_context=args.allow_long_context, **doc_cache)
     if args.command == "ingest":
-        try:
-            doc = qa.ingest(text)
+        try:  # its only job is the DocCache: one that cannot be saved fails before the prefill
+            doc = qa.ingest(text, require_doc_cache=not args.no_doc_cache)
         finally:
             qa.close()
         s = doc.stats
@@ -155,16 +175,28 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{doc.num_tokens} tokens; DocCache {s.doc_cache or 'off'}; {s.ttft_s:.2f} s"
                   + (f"; evicted {len(s.doc_cache_evicted)}" if s.doc_cache_evicted else "") + "]", file=sys.stderr)
         return 0
-    if args.command == "ask":
-        doc = qa.ingest(text)
-        stream = qa.ask_stream(doc, args.question, max_new_tokens=args.max_new_tokens, sampling=sampling)
-    else:
-        stream = qa.generate_stream(text, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                    ignore_eos=args.ignore_eos)
+    try:  # an error or an interrupt before the stream still removes this run's DISK files
+        if args.command == "ask":
+            doc = qa.ingest(text)
+            if doc.stats.doc_cache == "not saved":  # answered all the same
+                print(f"offload: the document was not cached: {doc.stats.doc_cache_reason}", file=sys.stderr)
+            stream = qa.ask_stream(doc, args.question, max_new_tokens=args.max_new_tokens, sampling=sampling)
+        else:
+            stream = qa.generate_stream(text, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                        ignore_eos=args.ignore_eos)
+    except BaseException:
+        qa.close()
+        raise
+    printed = False
     try:
         for piece in stream:
             if not args.json:
                 print(piece, end="", flush=True)
+                printed = True
+    except KeyboardInterrupt:
+        if printed:
+            print(flush=True)  # the partial answer ends its line before "offload: interrupted"
+        raise
     finally:
         qa.close()
     answer = stream.answer
@@ -210,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         from offload.commands import cache_cmd
 
         return cache_cmd.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
@@ -218,10 +253,16 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     try:
-        return _run(args)
+        with sigterm_raises():  # SIGTERM cleans up as SIGINT does: the run's DISK files go
+            return _run(args)
     except (OffloadError, StorageIOError, ValueError) as e:
-        print(f"offload: error: {e}", file=sys.stderr)
+        fix = ("; check that disk (free space, the kernel log) and run again: DocCaches are verified before "
+               "use, so a failed read leaves none of them damaged" if isinstance(e, StorageIOError) else "")
+        print(f"offload: error: {e}{fix}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("offload: terminated", file=sys.stderr)
+        return TERMINATED_STATUS
     except KeyboardInterrupt:
         print("offload: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from offload.config import parse_dtype, parse_size
+from offload.commands.args import OneLineParser, size_flag
+from offload.config import parse_dtype
 
 __all__ = ["main", "build_parser"]
 
@@ -26,12 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="offload plan", description="Plan where a model's KV cache lives (LP over "
+    p = OneLineParser(prog="offload plan", description="Plan where a model's KV cache lives (LP over "
                                 "tier fractions, priced by a hardware profile) without running the model.")
     p.add_argument("--model", default="smollm2-135m",
                    help="a named shape (llama-3.1-8b, qwen2.5-7b, ...), a packaged model or a checkpoint directory")
     p.add_argument("--context", type=int, required=True, help="tokens of context per sequence")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="plan a context longer than the model's window (ask refuses one without this flag too)")
     p.add_argument("--device-memory", default=None, help="device memory for the run: weights + buffers + KV "
                    "(e.g. 24GiB; default: the profile's free device memory)")
     p.add_argument("--host-memory", default=None, help="host memory for staging + KV (default: the profile's free)")
@@ -81,24 +84,58 @@ def _model_config(name: str, cache_dir: Path | None):
                          show_progress=False).config
 
 
-def _size(value: str | None) -> int | None:
-    return None if value is None else parse_size(value)
+def _check(args: argparse.Namespace) -> None:
+    """The flags' own checks, before a profile is measured or a model resolved.
+
+    Raises:
+        InputError: naming the flag."""
+    from offload.errors import InputError
+
+    for flag, value in (("--context", args.context), ("--batch-size", args.batch_size),
+                        ("--layer-groups", args.layer_groups)):
+        if value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    if not 1 <= args.page_size <= 4096:
+        raise InputError(f"--page-size must be between 1 and 4096 tokens (default 32), got {args.page_size}")
+    if not 0.0 < args.sparse_fraction <= 1.0:
+        raise InputError(f"--sparse-fraction must be in (0, 1] (the share of pages a step reads), "
+                         f"got {args.sparse_fraction}")
+    if args.sparse_fraction < 1.0 and not args.what_if:
+        raise InputError("--sparse-fraction applies only with --what-if; add --what-if")
+    size_flag("--device-memory", args.device_memory, minimum=1)
+    size_flag("--host-memory", args.host_memory)
+    size_flag("--disk-space", args.disk_space)
+    for flag, value in (("--dtype", args.dtype), ("--kv-dtype", args.kv_dtype)):
+        if value is not None:
+            try:
+                parse_dtype(value)
+            except ValueError as e:
+                raise InputError(f"{flag}: {e}") from None
 
 
 def _run(args: argparse.Namespace) -> int:
+    from offload.errors import ContextTooLongError
     from offload.tuning.planning import model_problem
     from planner import PlanInfeasibleError, greedy_plan, plan
 
-    if args.context < 1:
-        raise ValueError(f"--context must be >= 1, got {args.context}")
+    _check(args)
+    cfg = _model_config(args.model, args.cache_dir)
+    window = cfg.max_position_embeddings
+    if args.context > window and not args.allow_long_context:
+        raise ContextTooLongError(
+            f"--context {args.context} exceeds {args.model}'s context window of {window} tokens; the engine "
+            "refuses such a prompt, so plan at most that, or pass --allow-long-context to plan it anyway")
+    if args.context > window:
+        print(f"offload plan: note: {args.context} tokens are past {args.model}'s context window of {window} "
+              "(--allow-long-context)", file=sys.stderr)
     profile = _profile(args)
     dtype = parse_dtype(args.dtype or ("fp32" if profile.device_is_host else "bf16"))
     kv_dtype = parse_dtype(args.kv_dtype) if args.kv_dtype else dtype
-    cfg = _model_config(args.model, args.cache_dir)
     problem = model_problem(
         cfg, context_tokens=args.context, dtype_bytes=dtype.itemsize, kv_dtype_bytes=kv_dtype.itemsize,
-        device_budget_bytes=_size(args.device_memory), host_budget_bytes=_size(args.host_memory),
-        disk_budget_bytes=_size(args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
+        device_budget_bytes=size_flag("--device-memory", args.device_memory, minimum=1),
+        host_budget_bytes=size_flag("--host-memory", args.host_memory),
+        disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
         what_if=args.what_if, sparse_fraction=args.sparse_fraction, num_layer_groups=args.layer_groups)
     try:
         result = plan(problem, profile)
@@ -130,7 +167,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)

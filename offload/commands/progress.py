@@ -1,10 +1,16 @@
-"""Progress display for long work (prefill), on stderr, off when asked."""
+"""Progress display for long work (prefill) and one-line notices, on stderr, off when asked."""
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
-__all__ = ["PrefillProgress"]
+__all__ = ["PrefillProgress", "say"]
+
+
+def say(line: str) -> None:
+    """One notice line on stderr (e.g. that a run waits for another process)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class PrefillProgress:

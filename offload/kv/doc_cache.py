@@ -33,11 +33,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from offload.config import format_size
 from offload.errors import OffloadError
 from storage import AlignedBuffer, make_io
 from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocStore
@@ -56,6 +58,8 @@ RESTORE_PIECE_BYTES = 32 * 2**20  # a DocCache is restored in pieces of at most 
 LAYOUT_VERSION = 1
 # Default --cache-limit: this share of the file system's free space (plus what the store holds).
 DEFAULT_LIMIT_SHARE = 0.25
+# Free space a DocCache needs beyond its pages: the manifest (a CRC per page), file-system rounding.
+SPACE_MARGIN_BYTES = 2**20
 
 
 class DocCacheError(OffloadError):
@@ -112,7 +116,8 @@ def fingerprint(engine: "Engine", source: "ModelSource", memo_path: Path) -> str
 
 @dataclasses.dataclass(slots=True)
 class LoadResult:
-    """What ``DocCache.ingest`` did: status ("hit", "miss", "rebuilt"), timings and bytes."""
+    """What ``DocCache.ingest`` did: status ("hit", "miss", "rebuilt", "not saved"), timings,
+    bytes, and for "not saved" the reason."""
 
     status: str
     doc_id: str
@@ -120,6 +125,7 @@ class LoadResult:
     verify_s: float = 0.0
     bytes: int = 0
     evicted: list[str] = dataclasses.field(default_factory=list)
+    reason: str = ""
 
 
 class DocCache:
@@ -130,11 +136,15 @@ class DocCache:
         cache_dir: the cache directory.
         limit_bytes: bound of the store (``--cache-limit``); None = ``default_cache_limit``.
         rebuild: rebuild a DocCache that fails verification (False: raise DocCacheError).
+        notice: says a line to the user, e.g. on stderr (waiting for another process's
+            build); None: the line is only logged.
     """
 
     def __init__(self, engine: "Engine", source: "ModelSource", cache_dir: Path, *,
-                 limit_bytes: int | None = None, rebuild: bool = True) -> None:
+                 limit_bytes: int | None = None, rebuild: bool = True,
+                 notice: Callable[[str], None] | None = None) -> None:
         self.engine = engine
+        self.notice = notice  # says a line to the user (None: only logged)
         try:
             io = engine.disk.io if engine.disk is not None else make_io(engine.config.disk_backend.value)
         except ValueError as e:
@@ -158,12 +168,19 @@ class DocCache:
         h.update(np.asarray(ids, dtype=np.int64).tobytes())
         return h.hexdigest()[:32]
 
-    def ingest(self, ids: list[int], prefill) -> tuple["KVSequence", LoadResult]:
+    def ingest(self, ids: list[int], prefill, *, required: bool = False) -> tuple["KVSequence", LoadResult]:
         """The document's sequence: restored from its DocCache, or ``prefill(ids)``'s
         (a ``KVSequence``) saved as a new DocCache.
 
+        Whether a new DocCache can be saved (``refusal``: the cache limit, the free space) is
+        known from the token count, so it is decided before the prefill: with ``required`` a
+        DocCache that cannot be saved raises then; without it the document is prefilled and
+        not saved (status "not saved", ``LoadResult.reason`` says why), as it is when the disk
+        fills up during the save.
+
         Raises:
-            DocCacheError: verification failed and rebuilding is off, or no space.
+            DocCacheError: verification failed and rebuilding is off; or, with ``required``,
+                the DocCache cannot be saved (raised before the prefill when that is known).
         """
         doc_id = self.doc_id(ids)
         status = "miss"
@@ -172,7 +189,14 @@ class DocCache:
             return seq, result
         if result is not None:
             status = "rebuilt"
-        with self.store.exclusive(doc_id):
+        refusal = self.refusal(self.kv_bytes(len(ids)))
+        if refusal is not None:
+            if required:
+                raise DocCacheError(refusal)
+            t0 = time.perf_counter()
+            seq = prefill(ids)
+            return seq, self._not_saved(doc_id, refusal, time.perf_counter() - t0)
+        with self.store.exclusive(doc_id, on_wait=lambda: self._say_waiting(doc_id)):
             if status == "miss":  # another process may have built it while we waited
                 seq, again = self._try_load(doc_id, ids, locked=True)
                 if seq is not None:
@@ -182,10 +206,67 @@ class DocCache:
             seq = prefill(ids)
             try:
                 evicted = self._save(doc_id, ids, seq)
+            except DocCacheError as e:  # no space after all: the prefill is kept unless the DocCache was required
+                if required:
+                    self.engine.release(seq)
+                    raise
+                return seq, self._not_saved(doc_id, str(e), time.perf_counter() - t0)
             except BaseException:
                 self.engine.release(seq)
                 raise
             return seq, LoadResult(status, doc_id, time.perf_counter() - t0, 0.0, 0, evicted)
+
+    def _not_saved(self, doc_id: str, reason: str, seconds: float) -> LoadResult:
+        logger.info("DocCache %s not saved: %s", doc_id, reason)
+        return LoadResult("not saved", doc_id, seconds, reason=reason)
+
+    # ----- sizes --------------------------------------------------------------------------
+    def kv_bytes(self, num_tokens: int) -> int:
+        """Bytes of the pages the DocCache of a ``num_tokens``-token document holds (what
+        ``_save`` writes): every page of a global layer, a sliding layer's ring."""
+        ps = self.engine.config.page_size
+        pages = cdiv(num_tokens, ps)
+        live = sum(pages - (0 if w is None else max(0, num_tokens - w) // ps) for w in self.engine.windows)
+        return live * self.page_bytes
+
+    def _bounds(self) -> tuple[int, int, int]:
+        """(limit, free, held): the store's bound (``limit_bytes``, else
+        ``default_cache_limit``), the free bytes of its file system, the bytes it holds."""
+        held = self.store.size_bytes()
+        free = shutil.disk_usage(self.store.root).free
+        limit = self.limit_bytes if self.limit_bytes is not None else default_cache_limit(self.store.root, held)
+        return limit, free, held
+
+    def refusal(self, incoming: int) -> str | None:
+        """Why a new DocCache of ``incoming`` bytes cannot be saved now, or None when it can:
+        it exceeds the cache limit, or the file system's free space plus the DocCaches that
+        eviction could remove (``SPACE_MARGIN_BYTES`` kept for the manifest and rounding)."""
+        limit, free, held = self._bounds()
+        kv = f"the document's KV ({format_size(incoming)})"
+        skip = "or pass --no-doc-cache (doc_cache=False) not to use the DocCache"
+        if incoming > limit and self.limit_bytes is not None:
+            return (f"{kv} exceeds --cache-limit (cache_limit_bytes), {format_size(limit)}; raise it above "
+                    f"{format_size(incoming)}, {skip}")
+        if incoming > limit:
+            return (f"{kv} exceeds the default DocCache limit, {format_size(limit)} ({DEFAULT_LIMIT_SHARE:.0%} of the "
+                    f"{format_size(free)} free on the disk of {self.store.root}, plus the {format_size(held)} that "
+                    f"DocCaches hold); pass a larger --cache-limit (cache_limit_bytes) or --cache-dir (cache_dir) on "
+                    f"a larger disk, {skip}")
+        if incoming + SPACE_MARGIN_BYTES > free + held:
+            return (f"{kv} does not fit the {format_size(free)} free on the disk of {self.store.root} (with the "
+                    f"{format_size(held)} of DocCaches eviction could remove); free some space or pass --cache-dir "
+                    f"(cache_dir) on a larger disk, {skip}")
+        return None
+
+    def _say_waiting(self, doc_id: str) -> None:
+        """Another holder has the document's exclusive lock: most often a process building
+        its DocCache, which can take as long as a prefill; say so rather than hang silently."""
+        line = (f"offload: waiting for another process to finish building (or removing) the DocCache of this "
+                f"document ({doc_id[:12]}) ...")
+        if self.notice is not None:
+            self.notice(line)
+        else:
+            logger.info("%s", line)
 
     def _try_load(self, doc_id: str, ids: list[int], *, locked: bool = False):
         """(sequence, result) on a hit; (None, result) after quarantining a failed DocCache;
@@ -235,12 +316,13 @@ class DocCache:
             first = seq.table.first_live(layer)
             layers.append({"first_page": first, "tokens": seq.lengths[layer]})
             incoming += (cdiv(seq.lengths[layer], ps) - first) * self.page_bytes
-        limit = self.limit_bytes if self.limit_bytes is not None else default_cache_limit(
-            self.store.root, self.store.size_bytes())
-        evicted = self.store.evict(limit, incoming_bytes=incoming, keep=frozenset({doc_id}))
-        if incoming > limit:
-            raise DocCacheError(f"the document's KV ({incoming / 2**20:.1f} MiB) exceeds --cache-limit "
-                                f"({limit / 2**20:.1f} MiB); raise the limit")
+        refusal = self.refusal(incoming)
+        if refusal is not None:
+            raise DocCacheError(refusal)
+        # Evicted down to the limit, and to the free space as well.
+        limit, free, held = self._bounds()
+        evicted = self.store.evict(min(limit, free + held - SPACE_MARGIN_BYTES), incoming_bytes=incoming,
+                                   keep=frozenset({doc_id}))
         builder = self.store.builder(doc_id, self.page_bytes)
         try:
             for layer in range(eng.model_config.num_layers):
@@ -250,10 +332,14 @@ class DocCache:
                     "page_size": ps, "kv_dtype": str(eng.kv_dtype), "layers": layers}
             builder.commit(meta)
         except DocCacheNoSpace as e:
-            raise DocCacheError(str(e)) from None
+            raise DocCacheError(e.strerror or str(e)) from None
         except BaseException:
             builder.abort()
             raise
+        # Another process may have published a DocCache while ours was built (its build ran
+        # beside ours, uncounted above): evict again, so the store ends within the limit (two
+        # concurrent builds otherwise left it above for good: later asks only hit).
+        evicted += self.store.evict(limit, keep=frozenset({doc_id}))
         return evicted
 
     def _pages_bytes(self, k: torch.Tensor, v: torch.Tensor) -> memoryview:
@@ -288,7 +374,7 @@ class DocCache:
         ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="doccache-read")
         try:
             eng.check_request(seq, tokens, 1, allow_long_context=True)
-            placement = eng.placement_for(seq, tokens)
+            placement = eng.placement_for(seq, tokens, document=True)  # room kept for a question, as at ingest
             # Pieces of at most RESTORE_PIECE_BYTES (a sliding layer's ring: whole), so a long
             # document's restore holds a few pieces of memory, not a few layers.
             per_piece = max(1, RESTORE_PIECE_BYTES // reader.page_bytes)

@@ -81,6 +81,7 @@ class PagedKV:
             raise ValueError(f"windows must hold num_layers ({num_layers}) entries, each None or >= 1; "
                              f"got {self.windows!r}")
         self.kinds = tuple(LayerKind.GLOBAL if w is None else LayerKind.SLIDING for w in self.windows)
+        self.global_layers = tuple(i for i, k in enumerate(self.kinds) if k == LayerKind.GLOBAL)
         self.compute_device = compute_device or arena.device
         self._shuffle = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
         self._disk_slots = [DiskSlots() for _ in range(num_layers)]
@@ -230,15 +231,19 @@ class PagedKV:
                    placement: Placement) -> None:
         """Append pages ``have .. need - 1`` of ``layer`` to the table, each on its tier (a
         sliding layer's and the partly filled last page on DEVICE, the others where
-        ``placement`` says), evicting older DEVICE pages when DEVICE is short. A refused
+        ``placement`` says). When DEVICE is short, the sequence's older full pages of global
+        layers move to HOST or DISK first: this layer's own, then the other global layers'
+        (a sliding layer's ring cannot move, so its room comes from them). A refused
         allocation takes nothing."""
         window = self.windows[layer]
         new_ids = list(range(have, need))
         tiers = [Tier.DEVICE if (window is not None or (pid == need - 1 and end % self.page_size))
                  else placement.tier_of(pid, layer) for pid in new_ids]
         short = tiers.count(Tier.DEVICE) - self.free_slots(Tier.DEVICE)
-        if short > 0 and window is None:
-            self._evict(seq, layer, short)
+        if short > 0:
+            own = self.move_off_device(seq, short, [layer]) if window is None else 0
+            if own < short:
+                self.move_off_device(seq, short - own, [g for g in self.global_layers if g != layer])
         taken: dict[Tier, collections.deque[int]] = {}
         try:
             for tier in dict.fromkeys(tiers):
@@ -260,21 +265,41 @@ class PagedKV:
             self._free(tier, layer, [s for tr, s in zip(tiers, slots) if tr == tier])
         seq.table.drop_before(layer, keep)
 
-    def _evict(self, seq: KVSequence, layer: int, count: int) -> None:
-        """Make room on DEVICE for new tail pages: move up to ``count`` of this layer's oldest
-        full DEVICE pages (never page 0, the attention sink; never a page another sequence
-        shares) to HOST if it has room, else DISK. Moves nothing it cannot place."""
+    def move_off_device(self, seq: KVSequence, count: int, layers: Sequence[int]) -> int:
+        """Make DEVICE room: move up to ``count`` of ``seq``'s full DEVICE pages of ``layers``
+        (global layers) to HOST if it has room, else DISK, spread evenly over the layers, each
+        layer's oldest first (``_evict``: never page 0, never a page another sequence shares).
+        The pages' contents are unchanged; only where they live. Returns how many moved."""
+        moved, active = 0, list(layers)
+        while moved < count and active:
+            share = cdiv(count - moved, len(active))
+            still = []
+            for layer in active:
+                n = self._evict(seq, layer, min(share, count - moved))
+                moved += n
+                if n == share:  # it may hold more
+                    still.append(layer)
+                if moved == count:
+                    break
+            active = still
+        return moved
+
+    def _evict(self, seq: KVSequence, layer: int, count: int) -> int:
+        """Move up to ``count`` of this layer's oldest full DEVICE pages (never page 0, the
+        attention sink; never a page another sequence shares) to HOST if it has room, else
+        DISK. Moves nothing it cannot place; returns how many moved."""
         ps = self.page_size
         full = seq.lengths[layer] // ps
         tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        moved = 0
         for pid in range(1, full):
-            if count == 0:
-                return
+            if moved == count:
+                break
             if tiers[pid] != Tier.DEVICE or self.arena.refcount(slots[pid]) != 1:
                 continue
             target = Tier.HOST if self.free_slots(Tier.HOST) > 0 else Tier.DISK
             if target == Tier.DISK and self.free_slots(Tier.DISK) <= 0:
-                return
+                break
             old = slots[pid]
             (new,) = self._allocate(target, layer, 1, ps)
             if target == Tier.HOST:
@@ -288,7 +313,18 @@ class PagedKV:
             self.arena.free([old])
             seq.table.replace(layer, pid, PageLocation(target, new))
             self.io.evicted_pages += 1
-            count -= 1
+            moved += 1
+        return moved
+
+    def movable_device_pages(self, seq: KVSequence, layers: Sequence[int]) -> int:
+        """How many of ``seq``'s DEVICE pages of ``layers`` ``move_off_device`` could move
+        (full, not page 0, not shared), were HOST and DISK roomy enough."""
+        ps, count = self.page_size, 0
+        for layer in layers:
+            tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+            count += sum(1 for pid in range(max(1, seq.table.first_live(layer)), seq.lengths[layer] // ps)
+                         if tiers[pid] == Tier.DEVICE and self.arena.refcount(slots[pid]) == 1)
+        return count
 
     # ----- sharing ------------------------------------------------------------------------
     def fork(self, seq: KVSequence) -> KVSequence:

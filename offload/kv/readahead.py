@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import time
 
 import torch
 
 from storage.aligned import AlignedBuffer
-from storage.disk_store import DiskExtentStore, TransferHandle
+from storage.disk_store import DiskExtentStore, TransferHandle, TransferResult
 from offload.kv.page_table import cdiv
 
 __all__ = ["Chunk", "ReadAhead", "PageLayout"]
@@ -55,6 +57,13 @@ class ReadAhead:
     stay busy even while the consumer holds a buffer (one read per chunk left the disk idle
     whenever the buffers in flight were fewer than the threads: a 2-core VM's disk delivered
     about 1.5 GB/s that way and 2.1-2.4 GB/s with the pieces in flight).
+
+    Failures: a read's error is raised by the ``take`` (or ``read_now``) of its chunk, also
+    when the store refused the submission itself (closed, pages never written): that error is
+    kept in the chunk's handle, so ``plan`` and ``give_back`` never raise one. A failed
+    ``take`` waits for every read in flight, drops the plan and returns every buffer, and so
+    does ``reset``: afterwards the read-ahead is ``idle`` (a failed decode step leaves no read
+    going into a staging buffer and no buffer lost).
     """
 
     def __init__(self, store: DiskExtentStore, *, num_buffers: int, chunk_pages: int, split: int = 4) -> None:
@@ -75,17 +84,33 @@ class ReadAhead:
     def staging_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing planned, no read in flight and every staging buffer free (``read_now``'s
+        spare buffer aside): the state after ``reset`` and after a failed ``take``."""
+        return not self._planned and not self._inflight and len(self._free) == len(self.buffers)
+
     def plan(self, chunks: list[Chunk]) -> None:
         self.reset()
         self._planned.extend(chunks)
         self._pump()
 
     def _read(self, c: Chunk, buf: AlignedBuffer) -> list[TransferHandle]:
+        """Submit the pieces of chunk ``c`` into ``buf``. A piece the store refuses (closed,
+        pages never written) ends the submission: it is returned as a handle holding that
+        error, after the pieces already submitted (which ``_wait_all`` waits for)."""
         dpb, mv = self.store.disk_page_bytes, buf.memoryview()
         handles = []
         for p in range(0, c.num_pages, self.piece_pages):
             n = min(self.piece_pages, c.num_pages - p)
-            handles.append(self.store.submit_read(c.layer, c.disk_slot + p, n, mv[p * dpb:(p + n) * dpb]))
+            try:
+                handles.append(self.store.submit_read(c.layer, c.disk_slot + p, n, mv[p * dpb:(p + n) * dpb]))
+            except Exception as e:  # noqa: BLE001 - raised by the chunk's take, like any read error
+                refused: cf.Future[TransferResult] = cf.Future()
+                refused.set_exception(e)
+                handles.append(TransferHandle(refused, op="read", layer=c.layer, first_page=c.disk_slot + p,
+                                              num_pages=n))
+                break
         return handles
 
     @staticmethod
@@ -100,6 +125,11 @@ class ReadAhead:
                 first = first or e
         if first is not None:
             raise first
+
+    def _settle(self, handles: list[TransferHandle]) -> None:
+        """Wait for every piece of a chunk nobody will use; its error no longer matters."""
+        with contextlib.suppress(Exception):
+            self._wait_all(handles)
 
     def _pump(self) -> None:
         while self._free and self._planned:
@@ -127,6 +157,7 @@ class ReadAhead:
     def give_back(self, buf: AlignedBuffer) -> None:
         if buf is self._spare:
             return
+        assert buf not in self._free, "a staging buffer was given back twice"
         self._free.append(buf)
         self._pump()
 
@@ -152,10 +183,7 @@ class ReadAhead:
         keep: collections.deque[tuple[Chunk, AlignedBuffer, list[TransferHandle]]] = collections.deque()
         for item in self._inflight:
             if item[0] in gone:
-                try:
-                    self._wait_all(item[2])
-                except OSError:
-                    pass  # a read nobody uses: its error does not matter
+                self._settle(item[2])  # a read nobody uses: its error does not matter
                 self._free.append(item[1])
             else:
                 keep.append(item)
@@ -167,8 +195,5 @@ class ReadAhead:
         self._planned.clear()
         while self._inflight:
             _, buf, handles = self._inflight.popleft()
-            try:
-                self._wait_all(handles)
-            except OSError:
-                pass
+            self._settle(handles)
             self._free.append(buf)

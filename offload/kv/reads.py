@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import weakref
 from collections.abc import Collection, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -202,12 +203,14 @@ class KVReader:
     """Builds read sets from the page tables and executes their reads.
 
     Owned by the engine's thread, like the ``PagedKV`` it reads (``kv``); the store's threads
-    only fill the read-ahead's staging buffers.
+    only fill the read-ahead's staging buffers. ``kv`` owns this reader and is held through a
+    weak proxy: a strong one made a cycle, so a closed engine's arenas and staging buffers
+    (GPU and pinned memory on CUDA) stayed allocated until the cycle collector ran.
     """
 
     def __init__(self, kv: "PagedKV", *, readahead: ReadAhead | None, layout: PageLayout | None,
                  counters: IOCounters) -> None:
-        self.kv = kv
+        self.kv: PagedKV = weakref.proxy(kv)  # type: ignore[assignment]  # see the class docstring
         self.readahead = readahead
         self.layout = layout
         self.io = counters

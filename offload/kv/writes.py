@@ -10,6 +10,7 @@ Owned by the engine's thread.
 from __future__ import annotations
 
 import collections
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,7 +36,9 @@ class KVWriter:
     """
 
     def __init__(self, kv: "PagedKV", *, max_write_bytes: int) -> None:
-        self.kv = kv
+        # A weak proxy: ``kv`` owns this writer, and a strong reference back made a cycle that
+        # kept a closed engine's KV memory until the cycle collector ran (``KVReader`` alike).
+        self.kv: PagedKV = weakref.proxy(kv)  # type: ignore[assignment]
         self.max_write_bytes = max_write_bytes
         # DISK writes in flight: the handle, what holds the source bytes alive, their size.
         self._writes: collections.deque[tuple[TransferHandle, object, int]] = collections.deque()

@@ -14,13 +14,16 @@ atomic rename, so a half-written conversion is never used.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from offload.errors import CacheDirError, InputError, ModelNotFoundError
@@ -206,6 +209,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _gguf_progress(show: bool) -> Iterator[None]:
+    """Hide transformers' GGUF de-quantization bar unless ``show``: it is a bare ``tqdm`` that
+    ``disable_progress_bar`` does not reach."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if show or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def convert_gguf(gguf: Path, cache_dir: Path, *, show_progress: bool = True) -> Path:
     """Dequantize a GGUF once into an fp32 safetensors checkpoint in the cache; return its dir."""
     dest = cache_dir / "models" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
@@ -222,7 +242,8 @@ def convert_gguf(gguf: Path, cache_dir: Path, *, show_progress: bool = True) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_progress(show_progress):
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses a GGUF-quantized model; its weights are already dequantized.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

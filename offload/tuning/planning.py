@@ -25,16 +25,24 @@ from offload.kv.placement import Placement
 from planner import Plan, PlanProblem
 from storage.aligned import DISK_ALIGNMENT, round_up
 
-__all__ = ["DEVICE_RESERVE_PAGES", "WRITE_STAGING_BYTES", "model_problem", "engine_problem", "plan_placement",
-           "plan_summary", "weight_bytes", "decode_weight_bytes", "working_bytes", "staging_bytes"]
+__all__ = ["DEVICE_RESERVE_PAGES", "QUESTION_TOKENS", "ANSWER_TOKENS", "WRITE_STAGING_BYTES", "model_problem",
+           "engine_problem", "plan_placement", "plan_summary", "weight_bytes", "decode_weight_bytes", "working_bytes",
+           "staging_bytes"]
 
 logger = logging.getLogger(__name__)
 
 # Bytes of DISK writes in flight at most (counted in the HOST budget).
 WRITE_STAGING_BYTES = 8 * 2**20
-# DEVICE pages per layer kept free when pages spill: tails, a question's scratch pages (its
+# DEVICE pages per layer kept free when pages spill (a whole-run plan, ``model_problem``; the
+# engine's passes other than a document's): tails, a question's scratch pages (its
 # copy-on-write tails), decode growth.
 DEVICE_RESERVE_PAGES = 8
+# The question every ingested document must be able to take: this many question tokens and
+# answer tokens on a fork of it. The engine keeps the DEVICE room for it free when it places
+# a document's pages (``Engine.question_reserve``) and refuses up front a document it could
+# not take (``Engine.check_document``).
+QUESTION_TOKENS = 64
+ANSWER_TOKENS = 128
 
 
 def weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:

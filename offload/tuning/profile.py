@@ -378,7 +378,9 @@ def format_table(profile: HardwareProfile, path: Path, details: dict[str, Any] |
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="offload profile", description=__doc__.splitlines()[0])
+    from offload.commands.args import OneLineParser
+
+    p = OneLineParser(prog="offload profile", description=__doc__.splitlines()[0])
     p.add_argument("--refresh", action="store_true", help="measure again even if a saved profile exists")
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat (a few seconds)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
@@ -391,7 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     details: dict[str, Any] = {}
     cache = args.cache_dir if args.cache_dir is not None else default_cache_dir()
     try:

@@ -66,8 +66,8 @@ def test_unwritable_cache_dir(capsys, doc_file, tmp_path):
 @pytest.mark.parametrize("flag, value, words", [
     ("--device-memory", "lots", "not a size"),
     ("--dtype", "fp8", "unknown dtype"),
-    ("--page-size", "0", "page_size"),
-    ("--top-p", "1.5", "top_p"),
+    ("--page-size", "0", "--page-size must be between 1 and 4096"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1]"),
 ])
 def test_bad_option_values(capsys, doc_file, cache_dir, flag, value, words):
     assert main(["ask", "--doc", str(doc_file), "--question", "q", "--cache-dir", str(cache_dir), flag, value]) == 2
@@ -146,7 +146,9 @@ def test_ingest_then_ask_reuses_the_doc_cache_and_cache_commands(tmp_path, capsy
     assert main(["cache", "verify", "--cache-dir", str(tmp_path)]) == 0
     assert "ok" in capsys.readouterr().out
     assert main(["cache", "remove", "nope", "--cache-dir", str(tmp_path)]) == 2
-    assert "no DocCache 'nope'" in capsys.readouterr().err
+    assert "'nope' is not a DocCache id" in capsys.readouterr().err
+    assert main(["cache", "remove", "0" * 32, "--cache-dir", str(tmp_path)]) == 2
+    assert f"no DocCache '{'0' * 32}'" in capsys.readouterr().err
     assert main(["cache", "remove", first["doc_id"], "--cache-dir", str(tmp_path)]) == 0
     assert main(["cache", "gc", "--cache-dir", str(tmp_path)]) == 0
     assert "removed" in capsys.readouterr().out

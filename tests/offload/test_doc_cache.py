@@ -106,8 +106,11 @@ def test_cache_limit_evicts_least_recently_used(tmp_path):
         assert third.stats.doc_cache == "miss" and len(third.stats.doc_cache_evicted) == 1
         assert qa.ingest(docs[0]).stats.doc_cache == "hit"
         assert qa.ingest(docs[1]).stats.doc_cache == "miss"  # it was the one evicted
-    with _qa(tmp_path, cache_limit_bytes=size // 2) as qa, pytest.raises(DocCacheError, match="cache-limit"):
-        qa.ingest(DOC + " too big")
+    with _qa(tmp_path, cache_limit_bytes=size // 2) as qa:  # over the limit: ingested, not saved
+        doc = qa.ingest(DOC + " too big")
+        assert doc.stats.doc_cache == "not saved" and "cache_limit_bytes" in doc.stats.doc_cache_reason
+        with pytest.raises(DocCacheError, match="cache-limit"):
+            qa.ingest(DOC + " too big", require_doc_cache=True)
 
 
 @pytest.mark.slow  # kills and restarts subprocesses: minutes
@@ -118,3 +121,69 @@ def test_reliability_script_small():
     from bench.doc_cache_reliability import main
 
     assert main(["--kills", "1", "--corruptions", "3", "--seed", "1"]) == 0
+
+
+def test_an_ingest_that_waits_for_another_build_says_so(tmp_path):
+    """Another holder of the document's exclusive lock (a process building its DocCache): the
+    ingest says once that it waits, then goes on; with the lock free it says nothing. Quiet
+    (``show_progress`` off), the line is only logged."""
+    import fcntl
+    import os
+    import threading
+
+    short = DOC[:500]  # a quick prefill
+    with _qa(tmp_path) as qa:
+        assert qa.doc_cache is not None and qa.doc_cache.notice is None  # quiet
+        said: list[str] = []
+        qa.doc_cache.notice = said.append
+        qa.forget(qa.ingest(short + " Postscript."))  # the lock is free: no word
+        assert said == []
+        ids = qa.codec.qa_prompt(short, "").doc_ids
+        holder = os.open(qa.doc_cache.store.lock_path(qa.doc_cache.doc_id(ids)), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: as another process's
+        released = threading.Lock()
+
+        def release() -> None:  # the other build ends (without publishing)
+            with released:
+                nonlocal holder
+                if holder >= 0:
+                    os.close(holder)
+                    holder = -1
+
+        qa.doc_cache.notice = lambda line: (said.append(line), release())
+        backstop = threading.Timer(10.0, release)  # without a notice the ingest would wait forever
+        backstop.start()
+        try:
+            doc = qa.ingest(short)
+        finally:
+            backstop.cancel()
+            release()
+        assert doc.stats.doc_cache == "miss" and len(said) == 1, said
+        assert "waiting for another process" in said[0] and doc.doc_id[:12] in said[0]
+
+
+def test_a_build_beside_another_processes_build_ends_within_the_cache_limit(tmp_path, monkeypatch):
+    """Another process publishes a DocCache while ours is built (after our eviction made room
+    for ours alone): once ours is published, the least recently used one is evicted, so the
+    store ends within --cache-limit (two concurrent builds used to leave it above for good)."""
+    short = DOC[:500]  # a quick prefill
+    with _qa(tmp_path) as qa:
+        qa.ingest(short)
+        store = qa.doc_cache.store
+        (info,) = store.list()
+        assert store.remove(info.doc_id)
+    limit = int(1.5 * info.size_bytes)  # one DocCache fits, two do not
+    with _qa(tmp_path, cache_limit_bytes=limit) as qa:
+        store = qa.doc_cache.store
+        real_builder = store.builder
+
+        def builder_beside_another(doc_id: str, page_bytes: int):
+            other = real_builder("f" * 32, page_bytes)  # the other process's build, published meanwhile
+            other.write_pages(0, bytes(info.size_bytes // page_bytes * page_bytes))
+            other.commit({"fingerprint": "another document"})
+            return real_builder(doc_id, page_bytes)
+
+        monkeypatch.setattr(store, "builder", builder_beside_another)
+        doc = qa.ingest(short)
+        assert doc.stats.doc_cache == "miss" and doc.stats.doc_cache_evicted == ["f" * 32]
+        assert [i.doc_id for i in store.list()] == [doc.doc_id] and store.size_bytes() <= limit

@@ -50,7 +50,8 @@ def test_too_small_device_budget_is_refused_up_front(tiny):
     small = Engine(resolve_model(str(folder), cache_dir=folder / "cache"),
                    RuntimeConfig(device="cpu", device_memory_bytes=40_000))
     seq = small.new_sequence()
-    with pytest.raises(CapacityError, match=r"--device-memory of at least \d+MiB"):
+    with pytest.raises(CapacityError,
+                       match=r"--device-memory \(RuntimeConfig.device_memory_bytes\) of at least \d+MiB"):
         small.check_request(seq, len(ids), 4)
     assert small.arena.num_used == 0
 

@@ -108,7 +108,7 @@ def test_greedy_picks_argmax():
 
 @pytest.mark.parametrize("temperature", [-0.1, -1.0, math.nan])
 def test_config_rejects_bad_temperature(temperature):
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         SamplingConfig(temperature=temperature)
 
 

@@ -144,7 +144,8 @@ def test_device_budget_too_small_is_refused_up_front(tiny, tmp_path):
     folder, ids = tiny
     engine = _engine(folder, tmp_path, device_memory_bytes=20_000, host_memory_bytes=16 * 2**20)
     try:
-        with pytest.raises(CapacityError, match=r"tail pages.*--device-memory of at least \d+MiB"):
+        with pytest.raises(CapacityError, match=r"tail pages.*--device-memory \(RuntimeConfig.device_memory_bytes\) "
+                                                r"of at least \d+MiB"):
             engine.check_request(engine.new_sequence(), len(ids), 8)
         assert engine.arena.num_used == 0
     finally:

@@ -254,3 +254,71 @@ def test_a_lock_taken_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
     monkeypatch.setattr(doc_store.fcntl, "flock", flock_after_gc)
     with store.exclusive("doc"):
         assert len(calls) == 2 and calls[1] == os.stat(path).st_ino != calls[0]
+
+
+def test_exclusive_says_when_it_must_wait_for_another_holder(tmp_path):
+    """``on_wait`` is called once, before waiting, only when another holder has the lock (here
+    another open file description, which flock treats as another process's)."""
+    store = DocStore(tmp_path)
+    waits: list[str] = []
+    with store.exclusive("doc", on_wait=lambda: waits.append("free")):
+        pass
+    assert waits == []
+    holder = os.open(store.lock_path("doc"), os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process building the document's DocCache
+
+    def on_wait() -> None:
+        waits.append("busy")
+        os.close(holder)  # ... which then finishes
+
+    with store.exclusive("doc", on_wait=on_wait):
+        assert waits == ["busy"]
+        other = os.open(store.lock_path("doc"), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # held now: the next taker waits
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+
+
+def test_a_doc_cache_evicted_while_open_waits_for_its_lock_is_none_not_corrupt(tmp_path, monkeypatch):
+    """Another process evicts the DocCache between ``open``'s existence check and its shared
+    lock: ``open`` finds none (a miss), never a "corrupt" DocCache (which would be quarantined,
+    or refused with --no-rebuild)."""
+    from storage import doc_store
+
+    store = DocStore(tmp_path)
+    _build(store, "a")
+    real_lock_fd = doc_store._lock_fd
+
+    def lock_after_an_eviction(path: Path, kind: int, *, blocking: bool = True):
+        if kind == fcntl.LOCK_SH:
+            monkeypatch.setattr(doc_store, "_lock_fd", real_lock_fd)
+            assert DocStore(tmp_path).remove("a")  # the other process, just before our lock
+        return real_lock_fd(path, kind, blocking=blocking)
+
+    monkeypatch.setattr(doc_store, "_lock_fd", lock_after_an_eviction)
+    assert store.open("a", FP) is None
+    assert not store.exists("a") and not list(tmp_path.glob(".quarantine-*"))
+
+
+def test_a_build_that_a_cleanup_took_for_dead_in_its_first_instant_starts_again(tmp_path, monkeypatch):
+    """Another process's ``clean_leftovers`` runs between a builder's open of its owner lock
+    and its flock, finds the lock free and removes the new build directory: the builder
+    notices and builds in a new directory (it used to write into the removed one and fail)."""
+    from storage import doc_store
+
+    real_flock, cleaned = fcntl.flock, []
+
+    def flock_after_a_cleanup(fd: int, op: int) -> None:
+        if not cleaned:
+            cleaned.append([])  # the cleanup's own flocks pass through
+            cleaned[0] = DocStore(tmp_path).clean_leftovers()
+        real_flock(fd, op)
+
+    monkeypatch.setattr(doc_store.fcntl, "flock", flock_after_a_cleanup)
+    store = DocStore(tmp_path)
+    _build(store, "doc")
+    assert len(cleaned[0]) == 1 and cleaned[0][0].startswith(".quarantine-doc-")  # the first directory went
+    store.verify("doc")
+    assert not list(tmp_path.glob(BUILD_PREFIX + "*"))

@@ -1,0 +1,96 @@
+"""Command-line arguments checked before anything heavy runs: one-line errors, flag names.
+
+Every ``offload`` command parses with ``OneLineParser``: a usage mistake prints one line,
+``offload: error: ...`` with the flag and the fix, and exits 2 (argparse's default prints the
+whole usage first). The checks here run before a model loads, so a bad value costs no wait.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from offload.config import parse_size
+from offload.errors import InputError
+
+__all__ = ["OneLineParser", "size_flag", "check_generation_flags", "read_text", "STDIN"]
+
+STDIN = Path("-")  # a path argument of "-" means standard input, as Unix tools read it
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"offload: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def size_flag(flag: str, value: str | None, *, minimum: int = 0) -> int | None:
+    """The bytes a size flag gives, or None when it was not given.
+
+    Raises:
+        InputError: not a size, or below ``minimum``; names the flag.
+    """
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise InputError(f"{flag} {value!r} is not a size; write e.g. 512MiB, 2GiB or a number of bytes") from None
+    if size < minimum:
+        raise InputError(f"{flag} {value} is too small: it must be at least {minimum} byte"
+                         f"{'s' if minimum != 1 else ''}; give e.g. 512MiB")
+    return size
+
+
+def check_generation_flags(args: argparse.Namespace) -> None:
+    """The generation flags every generating command has, checked before the model loads.
+
+    Raises:
+        InputError: naming the flag and the values it takes.
+    """
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:  # also false for nan
+        raise InputError(f"--top-p must be in (0, 1] (1 keeps every token), got {args.top_p}")
+    if not 1 <= args.page_size <= 4096:
+        raise InputError(f"--page-size must be between 1 and 4096 tokens (default 32), got {args.page_size}")
+    if args.prefill_chunk < 1:
+        raise InputError(f"--prefill-chunk must be at least 1 token (default 1024), got {args.prefill_chunk}")
+    if args.num_layers is not None and args.num_layers < 1:
+        raise InputError(f"--num-layers must be at least 1, got {args.num_layers}")
+
+
+def read_text(path: Path, what: str, flag: str) -> str:
+    """A UTF-8 text file's contents, or standard input's when ``path`` is ``-``.
+
+    Raises:
+        InputError: missing, a directory, unreadable, not UTF-8, or empty.
+    """
+    name = "standard input" if path == STDIN else str(path)
+    try:
+        if path == STDIN:
+            if sys.stdin is None:
+                raise InputError(f"{flag} - reads standard input, and there is none; pipe the {what} in")
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+            text = data.decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{what} {name} does not exist; check the path given to {flag}") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {name} is a directory; give {flag} a text file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {name} is not UTF-8 text; convert it to UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{what} {name} cannot be read ({e.strerror}); check its permissions") from None
+    if "\x00" in text:
+        raise InputError(f"{what} {name} holds NUL bytes, so it is binary, not text; give {flag} a text file")
+    if not text.strip():
+        raise InputError(f"{what} {name} is empty; give {flag} a file with text")
+    return text
