@@ -18,7 +18,8 @@ with budgets that spill its KV to DISK. It prints counts:
 3. two processes ingesting one document at once: one builds ("miss"), the other waits and
    reuses ("hit"); both answers equal the single-process answer.
 4. a full disk: a real size-limited tmpfs when this machine lets us mount one (root), else a
-   fault injected at the storage layer (said in the output): a clear error, no partial files,
+   fault injected at the storage layer (said in the output): a clear reason the document was
+   not saved (an error with ``require_doc_cache``), no partial files,
    the DocCache that was there before still verifies.
 """
 from __future__ import annotations
@@ -206,9 +207,10 @@ def full_disk(reference_cache: Path) -> dict:
                     if phase == "write" and "layer_002" in str(path):
                         raise OSError(28, "No space left on device", str(path))
                 qa.doc_cache.store.fault_hook = no_space
-            try:
-                qa.ingest(DOC * 2)
-                out["error"] = None
+            try:  # the API ingests all the same and says why it was not saved (the CLI's ingest exits 2)
+                doc = qa.ingest(DOC * 2)
+                out["error"] = (f"not saved: {doc.stats.doc_cache_reason}"
+                                if doc.stats.doc_cache == "not saved" and doc.stats.doc_cache_reason else None)
             except DocCacheError as e:
                 out["error"] = str(e)
             store = DocStore(mount / "docs")

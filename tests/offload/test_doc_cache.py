@@ -71,6 +71,7 @@ def _layer_files(cache: Path) -> list[Path]:
     return sorted((cache / "docs").glob("*/layer_*.kv"))
 
 
+@pytest.mark.slow
 def test_corruption_is_quarantined_and_rebuilt_or_refused(tmp_path):
     with _qa(tmp_path) as qa:
         fresh = _answer(qa, qa.ingest(DOC))
@@ -94,6 +95,7 @@ def test_corruption_is_quarantined_and_rebuilt_or_refused(tmp_path):
         assert qa.ingest(DOC).stats.doc_cache == "hit"
 
 
+@pytest.mark.slow
 def test_cache_limit_evicts_least_recently_used(tmp_path):
     docs = [DOC + f" Appendix {i}." for i in range(3)]
     with _qa(tmp_path) as qa:

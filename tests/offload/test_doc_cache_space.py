@@ -85,7 +85,8 @@ def test_ingest_over_the_cache_limit_fails_before_the_prefill(run, tmp_path):
 
 @pytest.mark.parametrize("limit, words", [(None, "exceeds the default DocCache limit, 16.0 KiB (25% of the "
                                                  "64.0 KiB free on the disk of"),
-                                          ("1GiB", "does not fit the 64.0 KiB free on the disk of")])
+                                          pytest.param("1GiB", "does not fit the 64.0 KiB free on the disk of",
+                                                       marks=pytest.mark.slow)])
 def test_a_small_disk_is_found_before_the_prefill(run, tmp_path, monkeypatch, limit, words):
     _small_disk(monkeypatch, 64 * 2**10)
     flags = ["--cache-limit", limit] if limit else []

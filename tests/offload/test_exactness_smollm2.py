@@ -109,7 +109,10 @@ def _tiered_engine(source, tmp_path, name, **kw) -> Engine:
                                         kv_dir=str(tmp_path), staging_chunk_pages=4, decode_kernel=kernel, **kw))
 
 
-@pytest.mark.parametrize("name", list(PLACEMENTS))
+# The delegated placements (the TORCH kernel over HOST pages in place) run in the slow suite:
+# tests/offload/test_read_sets.py covers that route against a dense reference by default.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.endswith("delegated") else n
+                                  for n in PLACEMENTS])
 @pytest.mark.parametrize("n", [1024, pytest.param(4096, marks=pytest.mark.slow)])
 def test_tiered_placements_match_transformers(smollm2_source, hf_reference, essay_prompt, tmp_path, name, n):
     engine = _tiered_engine(smollm2_source, tmp_path, name)

@@ -98,7 +98,8 @@ def test_failure_01_a_doc_asked_through_another_longdocqa_is_refused(qa, doc, ca
         other.close()
 
 
-@pytest.mark.parametrize("spill", [False, True], ids=["all-device", "spilled-to-disk"])
+@pytest.mark.parametrize("spill", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["all-device", "spilled-to-disk"])
 def test_failure_06_a_closed_longdocqa_refuses_every_call(smollm2_source, cache_dir, tmp_path, spill):
     config = RuntimeConfig(device="cpu", device_memory_bytes="16MiB", disk_space_bytes="1GiB",
                            kv_dir=str(tmp_path / "kv")) if spill else RuntimeConfig(device="cpu")
@@ -201,6 +202,7 @@ def test_failure_11a_quiet_first_run_converts_the_model_without_a_bar(capfd, doc
     assert "Converting" not in err and "%|" not in err, err
 
 
+@pytest.mark.slow
 def test_failure_11b_interrupted_answer_ends_its_line(capsys, doc_file, cache_dir, monkeypatch):
     from offload.engine import Engine
 
