@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from offload.commands.cli import main
+from tests.offload.test_cli import _err as _one_error_line
 from storage import doc_store
 from storage.doc_store import DocStore
 from storage.run_dirs import LOCK_NAME, make_run_dir
@@ -20,13 +21,6 @@ from storage.run_dirs import LOCK_NAME, make_run_dir
 DOC_ID = "0123456789abcdef0123456789abcdef"
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("offload: error: ")
-    return lines[0]
 
 
 @pytest.fixture()
