@@ -14,8 +14,8 @@ from offload.kv.placement import Placement
 if TYPE_CHECKING:
     from planner.profile import HardwareProfile
 
-__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "Planner", "DiskBackend", "PLANNERS", "parse_size",
-           "parse_dtype", "format_size", "DTYPES"]
+__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "Planner", "DiskBackend", "Sparse", "PLANNERS",
+           "SPARSE_MODES", "parse_size", "parse_dtype", "format_size", "check_sparse_budget", "DTYPES"]
 
 
 class Planner(enum.Enum):
@@ -50,6 +50,32 @@ class HostAttention(enum.Enum):
 
     CPU = "cpu"  # delegated: the Numba kernel where the pages are; q and (out, lse) move
     DEVICE = "device"  # the pages are copied to the compute device
+
+
+class Sparse(enum.Enum):
+    """Which pages a decode step attends in the growing (global) layers."""
+
+    EXACT = "exact"  # every page
+    QUEST = "quest"  # the pages whose key bounds score highest against the live query (Tang et al. 2024)
+
+
+SPARSE_MODES = tuple(m.value for m in Sparse)
+# Modes the interface names that are not built yet: asking for one says so instead of
+# running something else.
+PLANNED_SPARSE_MODES = ("speculative",)
+
+
+def check_sparse_budget(value: object, name: str = "sparse_budget") -> float:
+    """``value`` as a sparse budget F in (0, 1].
+
+    Raises:
+        InputError: not a number in (0, 1] (a subclass of ValueError).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise InputError(f"{name} must be a number in (0, 1] (the share of exact attention's K/V bytes a "
+                         f"decode step may read; 1 reads every page), got {value!r}")
+    return float(value)
+
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -170,6 +196,12 @@ class RuntimeConfig:
             one, else the device type's preset (cpu-2core, rtx4090-pcie4). The engine never
             measures: ``LongDocQA`` and the CLI fill this field first, measuring once per
             machine when they may spill (``offload.tuning.profile.profile_for``).
+        sparse: which pages a decode step attends in the global layers: "exact" (all) or
+            "quest" (``offload.attention.quest``). Prefill, and a question's own prefill over
+            its document, always attend every page.
+        sparse_budget: F, the most a sparse decode step reads of the K/V bytes exact attention
+            would read in the global layers at that step (sink, window, tail and the page
+            bounds it scans included), in (0, 1].
     """
 
     device: str | None = None
@@ -194,6 +226,8 @@ class RuntimeConfig:
     planner: Planner = Planner.LP
     plan_min_gain: float = 0.10
     profile: HardwareProfile | None = None
+    sparse: Sparse = Sparse.EXACT
+    sparse_budget: float = 0.1
 
     def __post_init__(self) -> None:
         # Size fields take bytes or a size string (RuntimeConfig(device_memory_bytes="512MiB")).
@@ -207,6 +241,10 @@ class RuntimeConfig:
         for name, kind in (("disk_backend", DiskBackend), ("planner", Planner), ("decode_kernel", DecodeKernel),
                            ("host_attention", HostAttention)):
             object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
+        if self.sparse in PLANNED_SPARSE_MODES:
+            raise InputError(f"sparse mode {self.sparse!r} is not built yet; use one of {', '.join(SPARSE_MODES)}")
+        object.__setattr__(self, "sparse", _member(Sparse, "sparse", self.sparse))
+        object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:

@@ -47,8 +47,11 @@ import torch
 
 from offload.attention.decode import DecodeAttention
 from offload.attention.prefill import PrefillAttention
+from offload.attention.prompt_prior import PRIOR_QUERIES, PageMass
+from offload.attention.quest import QuestSelector
+from offload.attention.read_account import ReadAccount, StepReads
 from offload.attention.selection import ExactSelector, PageSelector
-from offload.config import HostAttention, Planner, RuntimeConfig
+from offload.config import HostAttention, Planner, RuntimeConfig, Sparse
 from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError, UnsupportedModelError
 from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
 from offload.model.llama import LlamaRunner
@@ -165,7 +168,11 @@ class Engine:
             self.kv, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size,
             head_dim=cfg.head_dim, scale=self.runner.scale, scores_bytes=self.config.attn_scores_bytes)
         # Which pages a decode step attends (exact mode: all); the sparse modes are selectors.
-        self.selector: PageSelector = ExactSelector()
+        self.selector: PageSelector = (
+            QuestSelector(budget=self.config.sparse_budget, page_size=self.config.page_size, kinds=self.kv.kinds,
+                          scale=self.runner.scale)
+            if self.config.sparse == Sparse.QUEST else ExactSelector())
+        self.last_step = StepReads()  # the last decode step's global-layer bytes (``read_account``)
         # Documents' sequences (``add_document``): their pages may move off DEVICE to make
         # room for a question or another document's ingest.
         self._documents: list[KVSequence] = []
@@ -614,6 +621,8 @@ class Engine:
         group_tokens = self.decode_attention.max_group_tokens
         if fetch:
             reader.fetch_ahead(reads[0], group_tokens)
+        step = StepReads()
+        bounds0, selection0 = self._selector_spent()
         for layer in range(num_layers):
             q, k, v = self.runner.qkv(layer, h, pos)
             self.kv.append(seq, layer, k, v)
@@ -622,18 +631,29 @@ class Engine:
                 layer_reads = self._reads_with_query(seq, layer_reads, q)
             attn = self.decode_attention(layer_reads, q)
             reader.count(layer_reads)
+            step.add_layer(reads[layer], layer_reads, exact_pages=cdiv(layer_reads.length, self.config.page_size)
+                           - seq.table.first_live(layer), page_bytes=self.kv.page_bytes)
             if fetch and layer + 1 < num_layers:  # layer's kernels are queued: copy the next one's pages
                 reader.fetch_ahead(reads[layer + 1], group_tokens)
             h = self.runner.finish_layer(layer, h, attn)
             if on_layer is not None:
                 on_layer(layer + 1, num_layers)
+        bounds1, selection1 = self._selector_spent()
+        step.finish(bounds_bytes=bounds1 - bounds0, selection_s=selection1 - selection0,
+                    fallback=self.selector.fallback)
+        self.last_step = step
         return self.runner.logits(h)
+
+    def _selector_spent(self) -> tuple[int, float]:
+        """Key-bound bytes the selector has scanned and seconds it has spent (0 in exact mode)."""
+        return self.selector.bounds_bytes, self.selector.selection_s
 
     def step_reads(self, seq: KVSequence) -> tuple[list[LayerReads], list[bool]]:
         """The decode step's read set of every layer, from the selector's answers before the
         query exists, and per layer whether the selector must be asked again with the query.
         Called after ``prepare_decode``: each layer's length counts the step's own token."""
         reads, needs = [], []
+        self.selector.fallback = ""
         for layer in range(self.model_config.num_layers):
             length = seq.lengths[layer] + 1
             choice = self.selector.choose(seq, layer, length=length, query=None)
@@ -672,10 +692,24 @@ class Engine:
             q, k, v = self.runner.qkv(layer, h[c0:c1], pos[c0:c1])
             kbuf[:, c0:c1] = k.transpose(0, 1)
             vbuf[:, c0:c1] = v.transpose(0, 1)
+            mass = self._page_mass(layer, q, pos[c0:c1], start + t) if c1 == t else None
             attn = self.prefill_attention(seq, layer, q, pos[c0:c1], kbuf[:, :c1], vbuf[:, :c1], start,
-                                          q_first=start + c0, window=self.windows[layer])
+                                          q_first=start + c0, window=self.windows[layer], mass=mass)
+            if mass is not None:
+                seq.prior[layer] = mass.result()
             h[c0:c1] = self.runner.finish_layer(layer, h[c0:c1], attn)
         self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
+
+    def _page_mass(self, layer: int, q: torch.Tensor, pos: torch.Tensor, end: int) -> PageMass | None:
+        """The prompt prior's collector for a global layer's last prefill chunk, when the
+        selector reads priors (``offload.attention.prompt_prior``); None otherwise."""
+        if not getattr(self.selector, "wants_prior", False) or self.windows[layer] is not None:
+            return None
+        cfg = self.model_config
+        m = min(PRIOR_QUERIES, q.shape[0])
+        qg = q[-m:].reshape(m, cfg.num_kv_heads, cfg.group_size, cfg.head_dim).permute(1, 2, 0, 3)
+        return PageMass(qg, pos[-m:], scale=self.runner.scale, page_size=self.config.page_size,
+                        num_pages=cdiv(end, self.config.page_size))
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -718,12 +752,15 @@ class Engine:
             record_logits.append(logits)
         self.fill_stats(stats, seq)
         io0 = self.kv.io.snapshot()
+        account = ReadAccount()
         stats.generated_tokens = 1
         stats.stop_reason = "eos" if tok in stops else "max_new_tokens"
         yield tok
         t1 = time.perf_counter()
         while stats.generated_tokens < max_new_tokens and tok not in stops:
             logits = self.decode_step(seq, tok)
+            account.add(self.last_step)
+            account.fill(stats)
             tok = sampler(logits[-1])
             if record_logits is not None:
                 record_logits.append(logits)
@@ -761,3 +798,6 @@ class Engine:
         stats.device = str(self.device)
         stats.dtype = str(self.dtype).removeprefix("torch.")
         stats.kv_dtype = str(self.kv_dtype).removeprefix("torch.")
+        stats.sparse = self.config.sparse.value
+        stats.sparse_budget = self.config.sparse_budget if self.config.sparse != Sparse.EXACT else None
+        stats.key_bounds_bytes = seq.bounds.nbytes() if seq.bounds is not None else 0

@@ -45,6 +45,24 @@ class RunStats:
         profile: the hardware profile the planner priced with, as "<profile name> (given|saved|
             preset)": given in ``RuntimeConfig.profile``, this machine's saved one, or the
             device type's preset (``Engine.hardware_profile``); None while the planner has not run.
+        sparse / sparse_budget: the decode mode ("exact", "quest") and its budget F (None in exact mode).
+        kv_fraction_read / kv_fraction_read_max: K/V bytes the decode steps attended in the
+            global layers (key bounds scanned included) over what exact attention reads at
+            each step: mean and max over the steps (``offload.attention.read_account``); 1.0
+            in exact mode; None with no decode step.
+        kv_fraction_fetched: bytes brought from HOST or DISK (read-ahead dropped unused
+            included) over the same denominator, mean over the steps.
+        sparse_fallback: why steps attended every page in a sparse mode (the budget covers
+            every page, or leaves none to choose), "" if none did.
+        selection_s: time spent scoring and choosing pages over the decode.
+        selected_pages_per_layer: pages attended per global layer and step, on average.
+        speculation_hit_rate: share of the chosen pages a speculative prefetch had brought
+            (None: no speculation).
+        sync_miss_bytes_per_token: HOST/DISK bytes named only once the layer's query existed,
+            read on demand, per decoded token.
+        wasted_prefetch_bytes_per_token: DISK bytes read ahead that the final set dropped.
+        key_bounds_bytes: bytes of the sequence's key bounds held on the compute device;
+            key_bounds_bytes_read_per_token: of them, scanned per decoded token.
     """
 
     ttft_s: float = 0.0
@@ -75,6 +93,19 @@ class RunStats:
     disk_bytes_written: int = 0
     plan: dict[str, Any] | None = None
     profile: str | None = None
+    sparse: str = "exact"
+    sparse_budget: float | None = None
+    kv_fraction_read: float | None = None
+    kv_fraction_read_max: float | None = None
+    kv_fraction_fetched: float | None = None
+    sparse_fallback: str = ""
+    selection_s: float = 0.0
+    selected_pages_per_layer: float | None = None
+    speculation_hit_rate: float | None = None
+    sync_miss_bytes_per_token: int = 0
+    wasted_prefetch_bytes_per_token: int = 0
+    key_bounds_bytes: int = 0
+    key_bounds_bytes_read_per_token: int = 0
     doc_cache: str = ""
     doc_cache_reason: str = ""
     doc_cache_verify_s: float = 0.0

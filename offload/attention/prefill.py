@@ -20,6 +20,7 @@ import torch
 
 from gpu_kernels.reference import merge_partials_ref
 from offload.attention.decode import group_partial_fn
+from offload.attention.prompt_prior import PageMass
 from offload.kv.page_table import KVSequence
 from offload.kv.paged_kv import PagedKV
 
@@ -44,10 +45,14 @@ class PrefillAttention:
         self.scores_bytes = scores_bytes
 
     def __call__(self, seq: KVSequence, layer: int, q: torch.Tensor, pos: torch.Tensor, k_new: torch.Tensor,
-                 v_new: torch.Tensor, new_start: int, *, q_first: int, window: int | None = None) -> torch.Tensor:
+                 v_new: torch.Tensor, new_start: int, *, q_first: int, window: int | None = None,
+                 mass: PageMass | None = None) -> torch.Tensor:
         """q [T, num_heads, head_dim] at positions q_first.. (``pos`` on the device) ->
         [T, num_heads * head_dim], over the layer's stored pages and the new tokens' keys
-        ``k_new``/``v_new`` [num_kv_heads, N, head_dim] at positions new_start.."""
+        ``k_new``/``v_new`` [num_kv_heads, N, head_dim] at positions new_start..
+
+        ``mass`` (a global layer's last chunk in a sparse mode) is shown every key piece once:
+        the prompt prior (``offload.attention.prompt_prior``), with no second read of the pages."""
         t = q.shape[0]
         qg = q.view(t, self.num_kv_heads, self.group_size, self.head_dim).permute(1, 2, 0, 3)
         partial, max_tokens = group_partial_fn(q.device, num_heads=self.num_heads, num_queries=t,
@@ -62,6 +67,8 @@ class PrefillAttention:
             if cut >= k.shape[1]:
                 return
             k, v, k0 = k[:, cut:].to(q.dtype), v[:, cut:].to(q.dtype), k0 + cut
+            if mass is not None:
+                mass.add(k, k0)
             if causal or k0 < all_see:
                 k_pos = torch.arange(k0, k0 + k.shape[1], device=q.device)
                 out, lse = partial(qg, k, v, scale=self.scale, q_pos=pos, k_pos=k_pos, window=window)

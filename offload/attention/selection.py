@@ -25,7 +25,16 @@ __all__ = ["PageSelector", "ExactSelector", "PageChoice"]
 
 
 class PageSelector(Protocol):
-    """Chooses the pages a decode step attends, layer by layer."""
+    """Chooses the pages a decode step attends, layer by layer.
+
+    Attributes (read by the engine's ``read_account``): ``fallback``, why the current step
+    attends every page in a sparse mode ("" otherwise; the engine resets it per step);
+    ``bounds_bytes`` and ``selection_s``, key-bound bytes scanned and seconds spent so far.
+    """
+
+    fallback: str
+    bounds_bytes: int
+    selection_s: float
 
     def choose(self, seq: KVSequence, layer: int, *, length: int, query: torch.Tensor | None) -> PageChoice:
         """The pages of ``layer`` to attend when it holds ``length`` tokens (the step's own
@@ -40,6 +49,9 @@ class PageSelector(Protocol):
 
 class ExactSelector:
     """Every live page, known before the query (exact mode)."""
+
+    def __init__(self) -> None:
+        self.fallback, self.bounds_bytes, self.selection_s = "", 0, 0.0
 
     def choose(self, seq: KVSequence, layer: int, *, length: int, query: torch.Tensor | None) -> PageChoice:
         return PageChoice(pages=None, needs_query=False)

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from offload.config import parse_size
+from offload.config import check_sparse_budget, parse_size
 from offload.errors import InputError
 
-__all__ = ["OneLineParser", "size_flag", "check_generation_flags", "read_text", "STDIN"]
+__all__ = ["OneLineParser", "size_flag", "check_generation_flags", "sparse_fields", "read_text", "STDIN"]
 
 STDIN = Path("-")  # a path argument of "-" means standard input, as Unix tools read it
 
@@ -64,6 +64,24 @@ def check_generation_flags(args: argparse.Namespace) -> None:
         raise InputError(f"--prefill-chunk must be at least 1 token (default 1024), got {args.prefill_chunk}")
     if args.num_layers is not None and args.num_layers < 1:
         raise InputError(f"--num-layers must be at least 1, got {args.num_layers}")
+
+
+def sparse_fields(args: argparse.Namespace) -> dict[str, object]:
+    """``--sparse`` and ``--sparse-budget`` as RuntimeConfig fields (none given: exact).
+
+    Raises:
+        InputError: a budget without a sparse mode, or outside (0, 1].
+    """
+    mode, budget = getattr(args, "sparse", None), getattr(args, "sparse_budget", None)
+    if budget is not None and mode in (None, "exact"):
+        raise InputError(f"--sparse-budget applies to a sparse mode; add --sparse quest (got --sparse-budget "
+                         f"{budget} with {'no --sparse' if mode is None else '--sparse exact'})")
+    fields: dict[str, object] = {}
+    if mode is not None:
+        fields["sparse"] = mode
+    if budget is not None:
+        fields["sparse_budget"] = check_sparse_budget(budget, "--sparse-budget")
+    return fields
 
 
 def read_text(path: Path, what: str, flag: str) -> str:

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from offload.commands.args import OneLineParser, check_generation_flags, read_text, size_flag
-from offload.config import RuntimeConfig, parse_dtype
+from offload.commands.args import OneLineParser, check_generation_flags, read_text, size_flag, sparse_fields
+from offload.config import SPARSE_MODES, RuntimeConfig, parse_dtype
 from offload.commands.signals import TERMINATED_STATUS, Terminated, sigterm_raises
 from offload.errors import InputError, OffloadError, StorageIOError
 from offload.sampling import SamplingConfig
@@ -55,6 +55,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (throughput runs)")
     g.add_argument("--num-layers", type=int, default=None, help="with --random-weights: use only this many layers")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling and random weights")
+    g.add_argument("--sparse", choices=SPARSE_MODES, default=None,
+                   help="which pages a decode step attends: exact (all, the default) or quest (the pages whose "
+                        "key bounds score highest against the query, within --sparse-budget)")
+    g.add_argument("--sparse-budget", type=float, default=None, metavar="F",
+                   help="with --sparse: the share of exact attention's K/V bytes a decode step may read, "
+                        "in (0, 1] (default 0.1)")
     g.add_argument("--allow-long-context", action="store_true",
                    help="allow prompts longer than the model's context window")
     o = p.add_argument_group("generation and output")
@@ -102,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 # RuntimeConfig's fields as the flags that set them, for the messages of its checks.
 _FLAGS = {"device_memory_bytes": "--device-memory", "host_memory_bytes": "--host-memory",
           "disk_space_bytes": "--disk-space", "page_size": "--page-size", "prefill_chunk_tokens": "--prefill-chunk",
-          "disk_backend": "--disk-backend", "kv_dtype": "--kv-dtype", "dtype": "--dtype", "device": "--device"}
+          "disk_backend": "--disk-backend", "kv_dtype": "--kv-dtype", "dtype": "--dtype", "device": "--device",
+          "sparse_budget": "--sparse-budget", "sparse": "--sparse"}
 
 
 def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
@@ -123,6 +130,7 @@ def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
             prefill_chunk_tokens=args.prefill_chunk,
             seed=args.seed,
             disk_backend=args.disk_backend,
+            **sparse_fields(args),
         )
     except InputError as e:
         message = str(e)
@@ -141,6 +149,7 @@ def check_args(args: argparse.Namespace) -> None:
         InputError: naming the flag and the fix.
     """
     check_generation_flags(args)
+    sparse_fields(args)
     if args.command == "ask" and not args.question.strip():
         raise InputError("--question is empty; ask something about the document")
     if args.command in ("ask", "ingest"):

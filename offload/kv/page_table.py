@@ -5,8 +5,14 @@ import dataclasses
 import enum
 import heapq
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from storage import Tier
+
+if TYPE_CHECKING:
+    import torch
+
+    from offload.kv.key_bounds import KeyBounds
 
 __all__ = ["PageLocation", "PageTable", "KVSequence", "DiskSlots", "group_pages", "MIN_VIEW_PAGES", "LayerKind",
            "cdiv"]
@@ -97,6 +103,10 @@ class KVSequence:
     table: PageTable
     lengths: list[int]
     released: bool = False
+    bounds: KeyBounds | None = None  # the global layers' key bounds (``offload.kv.key_bounds``)
+    # Per global layer, the last prefill's prompt prior [pages] (``offload.attention.prompt_prior``),
+    # kept only in a sparse mode.
+    prior: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

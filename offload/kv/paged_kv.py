@@ -32,6 +32,7 @@ import torch
 from offload.errors import CapacityError
 from offload.kv.counters import IOCounters, per_tier
 from offload.kv.cuda_fetch import CudaFetchAhead
+from offload.kv.key_bounds import KeyBounds
 from offload.kv.page_table import DiskSlots, KVSequence, LayerKind, PageLocation, PageTable, cdiv
 from offload.kv.placement import Placement
 from offload.kv.readahead import PageLayout, ReadAhead
@@ -144,7 +145,10 @@ class PagedKV:
 
     # ----- sequences ----------------------------------------------------------------------
     def new_sequence(self) -> KVSequence:
-        return KVSequence(PageTable(self.num_layers), [0] * self.num_layers)
+        a = self.arena
+        bounds = KeyBounds(self.global_layers, num_layers=self.num_layers, num_kv_heads=a.num_kv_heads,
+                           head_dim=a.head_dim, page_size=self.page_size, dtype=a.dtype, device=self.compute_device)
+        return KVSequence(PageTable(self.num_layers), [0] * self.num_layers, bounds=bounds)
 
     def _allocate(self, tier: Tier, layer: int, n: int, needed_tokens: int) -> list[int]:
         if tier == Tier.DISK:
@@ -192,6 +196,8 @@ class PagedKV:
         start = seq.lengths[layer]
         end = start + k.shape[0]
         first = self._make_pages(seq, layer, start, end, placement or Placement())
+        if seq.bounds is not None:  # after the pages exist: a refused append changes nothing
+            seq.bounds.update(layer, start, k)
         if first > start:  # tokens that land only in pages out of a sliding window are not written
             k, v = k[first - start:], v[first - start:]
         if end > first:
@@ -349,7 +355,8 @@ class PagedKV:
                 self.arena.copy_slot(old.slot, new)
                 self.arena.free([old.slot])
                 table.replace(layer, last, PageLocation(Tier.DEVICE, new))
-        return KVSequence(table, list(seq.lengths))
+        return KVSequence(table, list(seq.lengths), bounds=seq.bounds.copy() if seq.bounds is not None else None,
+                          prior=dict(seq.prior))
 
     def _for_each_tier(self, table: PageTable, layer: int, *, incref: bool) -> None:
         by_tier: dict[Tier, list[int]] = collections.defaultdict(list)

@@ -144,6 +144,9 @@ class KVWriter:
         for i, slot0, m in disk_runs:
             self.submit_pages(layer, slot0, pages[i: i + m])
         self.count_written(layer, tiers, start, end)
+        if seq.bounds is not None:  # derived from the restored keys: the bounds their prefill kept
+            seq.bounds.update(layer, start, pages[:, 0].permute(0, 2, 1, 3).reshape(n * ps, a.num_kv_heads,
+                                                                                     a.head_dim)[:tokens])
         seq.lengths[layer] = end
 
     def restore(self, seq: KVSequence, layer: int, start: int, k: torch.Tensor, v: torch.Tensor,

@@ -48,6 +48,7 @@ class RandomSubset:
         self.ahead: dict[tuple[int, int], tuple[int, ...]] = {}  # (step, layer) -> pages before the query
         self.chosen: dict[tuple[int, int], tuple[int, ...]] = {}  # (step, layer) -> final pages
         self.step = 0
+        self.fallback, self.bounds_bytes, self.selection_s = "", 0, 0.0  # the PageSelector's accounting
 
     def choose(self, seq, layer, *, length, query):
         live = range(seq.table.first_live(layer), cdiv(length, PAGE))

@@ -1,0 +1,245 @@
+"""Fidelity of the sparse decode modes against exact attention, in one process.
+
+    python bench/fidelity.py [--model gemma3-270m] [--lengths 2048 4096 8192] [--budgets 0.05 0.1 0.2]
+                             [--essay-tokens 8192] [--json-out fidelity.json]
+
+Each document is ingested once (its prefill is exact in every mode); then every mode answers
+on the same pages: ``exact``, the query-agnostic control ``sink+window`` (StreamingLLM's sink
+and recent pages, page-granular, at the same F) and each sparse mode at each F. The engine
+and its spilled KV (DEVICE small, HOST none: the global layers' pages go to DISK) are shared,
+only the page selector changes.
+
+Reported per mode and F:
+- QA (``bench/qa_set.py``: single facts, look-alike keys, value chains; invented facts in
+  essays; depths 2% to 98%): hits, misses among the cases exact gets right, and the gold
+  continuation's log-prob gap to exact (teacher-forced; the continuation is exact's own
+  answer up to the expected value when exact hits, else the expected value alone);
+- teacher-forced continuation of essays: next-token top-1 agreement with exact and mean
+  KL(exact || mode) over ``--essay-steps`` steps after ``--essay-tokens`` tokens;
+- bytes: ``kv_fraction_read`` (mean, max over steps), ``kv_fraction_fetched``, and DISK
+  bytes read per step, against exact's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham"
+
+
+def _selectors(engine, budgets, modes):
+    """(label, F, selector) of every configuration, exact first."""
+    from offload.attention.quest import QuestSelector
+    from offload.attention.selection import ExactSelector
+    from offload.attention.streaming import SinkWindowSelector
+
+    kinds, ps = engine.kv.kinds, engine.config.page_size
+    out = [("exact", 1.0, ExactSelector())]
+    for f in budgets:
+        out.append(("sink+window", f, SinkWindowSelector(budget=f, page_size=ps, kinds=kinds)))
+        if "quest" in modes:
+            out.append(("quest", f, QuestSelector(budget=f, page_size=ps, kinds=kinds, scale=engine.runner.scale)))
+        if "quest-classic" in modes:  # every candidate's bounds, no prompt prior
+            out.append(("quest-classic", f, QuestSelector(budget=f, page_size=ps, kinds=kinds,
+                                                          scale=engine.runner.scale, use_prior=False)))
+    return out
+
+
+def _forced(engine, base, prompt_ids: list[int], cont: list[int]):
+    """Teacher-forced logits [len(cont), vocab] of ``cont`` after ``prompt_ids`` on a fork of
+    ``base`` (the prompt's prefill exact, each continuation token a decode step), and the
+    steps' read fractions."""
+    import torch
+
+    engine.check_request(base, len(prompt_ids), len(cont), allow_long_context=True, make_room=True)
+    seq = engine.fork(base)
+    try:
+        rows = [engine.prefill(seq, prompt_ids)[-1]]
+        steps = []
+        for tok in cont[:-1]:
+            rows.append(engine.decode_step(seq, tok)[-1])
+            steps.append(engine.last_step)
+        return torch.stack(rows).float(), steps
+    finally:
+        engine.release(seq)
+
+
+def _log_prob(logits, cont: list[int]) -> float:
+    import torch
+
+    lp = torch.log_softmax(logits, dim=-1)
+    return float(sum(lp[i, t] for i, t in enumerate(cont)))
+
+
+def _gold_continuation(codec, exact_ids: list[int], expected: str, hit: bool) -> list[int]:
+    """Exact's answer tokens up to the one that completes ``expected`` (when exact hit), else
+    the expected value's own tokens."""
+    if hit:
+        for n in range(1, len(exact_ids) + 1):
+            if expected.lower() in codec.decode(exact_ids[:n]).lower():
+                return exact_ids[:n]
+    return codec.encode(expected)
+
+
+def run_qa(qa, cases, selectors, essays, *, max_new_tokens: int, say) -> list[dict]:
+    from bench.qa_set import fit_facts
+
+    eng, codec = qa.engine, qa.codec
+    rows = []
+    for ci, case in enumerate(cases):
+        text = fit_facts(case, essays, lambda t: len(codec.qa_prompt(t, "").doc_ids))
+        t0 = time.perf_counter()
+        doc = qa.ingest(text)
+        q_ids = codec.qa_prompt("", case.question).question_ids
+        results: dict[str, dict] = {}
+        for label, f, sel in selectors:
+            eng.selector = sel
+            ans = qa.ask(doc, case.question, max_new_tokens=max_new_tokens)
+            results[f"{label}@{f:g}"] = {
+                "mode": label, "budget": f, "answer": ans.text, "token_ids": ans.token_ids,
+                "hit": case.expected.lower() in ans.text.lower(),
+                "kv_fraction_read": ans.stats.kv_fraction_read, "kv_fraction_read_max": ans.stats.kv_fraction_read_max,
+                "kv_fraction_fetched": ans.stats.kv_fraction_fetched, "sparse_fallback": ans.stats.sparse_fallback,
+                "disk_bytes_per_token": ans.stats.bytes_read_per_token.get("disk", 0),
+                "decode_tok_s": ans.stats.decode_tok_s, "selection_s": ans.stats.selection_s}
+        exact = results["exact@1"]
+        cont = _gold_continuation(codec, exact["token_ids"], case.expected, exact["hit"])
+        for label, f, sel in selectors:
+            eng.selector = sel
+            logits, _ = _forced(eng, doc._seq, q_ids, cont)
+            results[f"{label}@{f:g}"]["gold_log_prob"] = _log_prob(logits, cont)
+        for r in results.values():
+            r["gold_gap"] = r["gold_log_prob"] - exact["gold_log_prob"]
+        qa.forget(doc)
+        rows.append({"case": case.name, "task": case.task, "tokens": doc.num_tokens, "depth": case.depth,
+                     "expected": case.expected, "gold_tokens": len(cont), "results": results})
+        marks = " ".join(f"{k}:{'Y' if r['hit'] else '-'}" for k, r in results.items())
+        say(f"[{ci + 1}/{len(cases)}] {case.name} {doc.num_tokens} tok depth {case.depth:.2f} "
+            f"({time.perf_counter() - t0:.0f}s) {marks}")
+    eng.selector = selectors[0][2]
+    return rows
+
+
+def run_essays(qa, selectors, essays, *, tokens: int, steps: int, say) -> dict:
+    """Teacher-forced next-token agreement and KL against exact over an essay continuation."""
+    import torch
+
+    from offload.attention.prompt_prior import PRIOR_QUERIES
+
+    eng, codec = qa.engine, qa.codec
+    ids = codec.encode("\n\n".join(essays[5:]))[: tokens + steps]
+    if len(ids) < tokens + steps:
+        raise SystemExit(f"the essays hold {len(ids)} tokens, fewer than {tokens + steps}")
+    eng.check_document(tokens, allow_long_context=True)
+    base = eng.new_sequence()
+    # The last PRIOR_QUERIES tokens are each fork's own prefill: a prompt tail whose attention
+    # makes the prompt prior, as a generate over the whole text would have.
+    eng.prefill(base, ids[:tokens - PRIOR_QUERIES], document=True)
+    eng.add_document(base)
+    prompt, cont = ids[tokens - PRIOR_QUERIES:tokens], ids[tokens:tokens + steps]
+    out = {}
+    ref = None
+    for label, f, sel in selectors:
+        eng.selector = sel
+        logits, step_reads = _forced(eng, base, prompt, cont)
+        if ref is None:
+            ref = logits
+        agree = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+        kl = float(torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref, -1),
+                                              log_target=True, reduction="none").sum(-1).mean())
+        fr = [s.fraction_read for s in step_reads]
+        out[f"{label}@{f:g}"] = {"mode": label, "budget": f, "top1_agreement": agree, "kl": kl,
+                                 "kv_fraction_read": statistics.fmean(fr), "kv_fraction_read_max": max(fr)}
+        say(f"essays {tokens} tok: {label}@{f:g} top-1 {agree:.3f} KL {kl:.4f} read max {max(fr):.3f}")
+    eng.release(base)
+    eng.selector = selectors[0][2]
+    return out
+
+
+def summarize(rows: list[dict], min_tokens: int) -> dict[str, dict]:
+    """Per configuration over the cases of at least ``min_tokens`` tokens."""
+    rows = [r for r in rows if r["tokens"] >= min_tokens]
+    if not rows:
+        return {}
+    out = {}
+    for key in rows[0]["results"]:
+        exact_right = [r for r in rows if r["results"]["exact@1"]["hit"]]
+        res = [r["results"][key] for r in rows]
+        out[key] = {
+            "cases": len(rows), "hits": sum(x["hit"] for x in res),
+            "misses_of_exact_right": sum(not r["results"][key]["hit"] for r in exact_right),
+            "exact_right": len(exact_right),
+            "median_gold_gap": statistics.median(r["results"][key]["gold_gap"] for r in rows),
+            "kv_fraction_read_max": max(x["kv_fraction_read_max"] or 0 for x in res),
+            "kv_fraction_fetched": statistics.fmean(x["kv_fraction_fetched"] or 0 for x in res),
+            "fallback_cases": sum(bool(x["sparse_fallback"]) for x in res)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--per-task", type=int, default=3, help="cases per task and length")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic"])
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--device-memory", default="16MiB", help="DEVICE KV budget (small: the KV spills)")
+    p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])
+    p.add_argument("--essay-steps", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="only the first N QA cases")
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    say = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if not SHARED_ESSAYS.is_dir():
+        print(f"no essays at {SHARED_ESSAYS.relative_to(ROOT.parent)}: nothing to measure", file=sys.stderr)
+        return 0
+    from bench.qa_set import build_cases, qa_essays
+    from offload.api import LongDocQA
+    from offload.config import RuntimeConfig
+
+    config = RuntimeConfig(device_memory_bytes=args.device_memory, host_memory_bytes=0)
+    cases = build_cases(tuple(args.lengths), per_task=args.per_task)[: args.limit]
+    essays = qa_essays(SHARED_ESSAYS)
+    with LongDocQA(args.model, config=config, doc_cache=False, allow_long_context=True) as qa:
+        selectors = _selectors(qa.engine, args.budgets, args.modes)
+        print(f"model {args.model}; DEVICE {args.device_memory}, HOST 0 (global KV on DISK); page "
+              f"{qa.engine.config.page_size} tokens; {len(cases)} QA cases at {args.lengths} tokens; "
+              f"configurations: {', '.join(f'{l}@{f:g}' for l, f, _ in selectors)}")
+        rows = run_qa(qa, cases, selectors, essays, max_new_tokens=args.max_new_tokens, say=say)
+        continuation = {n: run_essays(qa, selectors, essays, tokens=n, steps=args.essay_steps, say=say)
+                        for n in args.essay_tokens}
+    report = {"model": args.model, "lengths": args.lengths, "budgets": args.budgets, "cases": rows,
+              "summary_4k_plus": summarize(rows, 4000), "summary_short": summarize([r for r in rows if r["tokens"] < 4000], 0),
+              "continuation": continuation}
+    for title, summ in (("cases of 4K tokens and more", report["summary_4k_plus"]),
+                        ("cases under 4K tokens", report["summary_short"])):
+        if not summ:
+            continue
+        print(f"\n{title}")
+        print(f"{'config':<18}{'hits':>6}{'misses/exact-right':>20}{'median gap':>12}{'read max':>10}"
+              f"{'fetched':>9}{'fallback':>9}")
+        for key, s in summ.items():
+            print(f"{key:<18}{s['hits']:>3}/{s['cases']:<3}{s['misses_of_exact_right']:>12}/{s['exact_right']:<7}"
+                  f"{s['median_gold_gap']:>12.3f}{s['kv_fraction_read_max']:>10.3f}{s['kv_fraction_fetched']:>9.3f}"
+                  f"{s['fallback_cases']:>9}")
+    for n, cont in continuation.items():
+        print(f"\nessay continuation at {n} tokens ({args.essay_steps} teacher-forced steps)")
+        for key, c in cont.items():
+            print(f"{key:<18} top-1 agreement {c['top1_agreement']:.3f}  KL {c['kl']:.4f}  read max "
+                  f"{c['kv_fraction_read_max']:.3f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
