@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic"])
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--device-memory", default="16MiB", help="DEVICE KV budget (small: the KV spills)")
+    p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget (small: the KV spills)")
     p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])
     p.add_argument("--essay-steps", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N QA cases")

@@ -37,8 +37,6 @@ SHARED_ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham"
 
 
 def _spearman(a, b) -> float:
-    import torch
-
     if a.numel() < 3:
         return float("nan")
     ra = a.argsort().argsort().double()
