@@ -46,10 +46,53 @@ def _selectors(engine, budgets, modes):
         out.append(("sink+window", f, SinkWindowSelector(budget=f, page_size=ps, kinds=kinds)))
         if "quest" in modes:
             out.append(("quest", f, QuestSelector(budget=f, page_size=ps, kinds=kinds, scale=engine.runner.scale)))
+        if "oracle" in modes:
+            out.append(("oracle", f, OracleSelector(engine, f)))
         if "quest-classic" in modes:  # every candidate's bounds, no prompt prior
             out.append(("quest-classic", f, QuestSelector(budget=f, page_size=ps, kinds=kinds,
                                                           scale=engine.runner.scale, use_prior=False)))
     return out
+
+
+class OracleSelector:
+    """The upper bar, not a mode: each step's pages by the live query's true attention mass
+    (every key read to find them, so no real run could do this), as many as F allows with no
+    metadata to pay; shows whether a miss comes from the budget or from the scores."""
+
+    def __init__(self, engine, budget: float) -> None:
+        self.engine, self.budget = engine, budget
+        self.fallback, self.bounds_bytes, self.selection_s = "", 0, 0.0
+
+    def choose(self, seq, layer, *, length, query):
+        import math
+
+        import torch
+
+        from offload.attention.quest import fixed_pages
+        from offload.kv.page_table import LayerKind, cdiv
+        from offload.kv.reads import PageChoice
+
+        eng = self.engine
+        if eng.kv.kinds[layer] == LayerKind.SLIDING:
+            return PageChoice(pages=None, needs_query=False)
+        ps = eng.config.page_size
+        n = cdiv(length, ps)
+        fixed = fixed_pages(n)
+        allowed = math.floor(self.budget * n + 1e-9)
+        if allowed <= len(fixed) or allowed >= n:
+            self.fallback = "oracle: nothing to choose"
+            return PageChoice(pages=None, needs_query=False)
+        if query is None:
+            return PageChoice(pages=tuple(fixed), needs_query=True)
+        k = torch.cat([g.k for g in eng.kv.reader.layer_groups(seq, layer, 1 << 30)], 1).float()[:, :length]
+        cfg = eng.model_config
+        q = query.reshape(cfg.num_kv_heads, cfg.group_size, cfg.head_dim).float()
+        w = torch.softmax(torch.einsum("hgd,htd->hgt", q, k) * eng.runner.scale, -1).reshape(-1, k.shape[1])
+        w = torch.cat([w, torch.zeros(w.shape[0], n * ps - k.shape[1])], 1).reshape(w.shape[0], n, ps).sum(-1)
+        mass = w.amax(0)
+        mass[fixed] = -1
+        best = torch.topk(mass, allowed - len(fixed)).indices.tolist()
+        return PageChoice(pages=tuple(sorted({*fixed, *best})), needs_query=False)
 
 
 def _forced(engine, base, prompt_ids: list[int], cont: list[int]):
@@ -189,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--per-task", type=int, default=3, help="cases per task and length")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic"])
+    p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle"])
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget (small: the KV spills)")
     p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])

@@ -5,7 +5,7 @@ I/O leg, each linear in the placement; the layer takes the time of its slowest c
 that cannot overlap; a step is the sum over layers. Because every leg is linear and the layer
 time is a max of sums of legs, the LP in ``planner.lp`` minimises exactly this model.
 
-Legs of one decode layer (``s`` = sparse fraction, ``K`` = K/V bytes of the layer over the
+Legs of one decode layer (``s`` = sparse budget, ``K`` = K/V bytes of the layer over the
 batch, fractions of the layer's pages: ``dev``/``host``/``disk``, of which ``deleg`` HOST
 pages attended on the CPU and ``recomp`` HOST pages kept as activations)::
 
@@ -229,11 +229,11 @@ class CostModel:
         from it): DISK chunks counted linearly, no HOST piece."""
         p, hw = self.problem, self.profile
         del device  # DEVICE pages cost only their attention, counted with every non-delegated page
-        read = p.sparse_fraction * p.kv_layer_bytes  # K/V bytes a step reads from the layer
+        read = p.sparse_budget * p.kv_layer_bytes  # K/V bytes a step reads from the layer
         tokens = p.pages_per_layer * p.page_size
         flops_s = hw.device_matmul_tflops * 1e12
         weights_s = self._decode_weights_s()
-        recompute_flops = p.sparse_fraction * recomputed * tokens * 2 * p.hidden_size * 2 * p.num_kv_heads * p.head_dim
+        recompute_flops = p.sparse_budget * recomputed * tokens * 2 * p.hidden_size * 2 * p.num_kv_heads * p.head_dim
         act_ratio = p.activation_page_bytes / p.page_bytes
         shipped_host = host - delegated - recomputed + recomputed * act_ratio
         new_kv = p.batch_size * 2 * p.num_kv_heads * p.head_dim * p.kv_dtype_bytes  # this step's tokens
@@ -267,7 +267,7 @@ class CostModel:
         if chunks < 1:
             return 0.0
         p, hw = self.problem, self.profile
-        read = p.sparse_fraction * p.kv_layer_bytes
+        read = p.sparse_budget * p.kv_layer_bytes
         weights_s = self._decode_weights_s()
         post = (p.hidden_size * p.num_heads * p.head_dim + 3 * p.hidden_size * p.intermediate_size) / p.params_per_layer
         attended_after = read * ((1.0 - split.disk) + split.disk / chunks)

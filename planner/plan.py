@@ -36,7 +36,7 @@ class Plan:
         device_pages / host_pages / disk_pages: pages per layer on each tier.
         delegated_pages: HOST pages per layer attended on the CPU (not fetched).
         recomputed_pages: HOST pages per layer kept as activations (K/V recomputed on device).
-        sparse_fraction: share of the pages a step reads.
+        sparse_budget: share of the pages a step reads.
         decode_step_s / prefill_s: predicted times under the plan (whole pages).
         lp_step_s: the LP's optimum before rounding to whole pages (None for greedy).
         leg_s: (leg name, seconds per step summed over layers) pairs.
@@ -57,7 +57,7 @@ class Plan:
     disk_pages: tuple[int, ...]
     delegated_pages: tuple[int, ...]
     recomputed_pages: tuple[int, ...]
-    sparse_fraction: float
+    sparse_budget: float
     decode_step_s: float
     prefill_s: float
     lp_step_s: float | None
@@ -128,7 +128,7 @@ class Plan:
         budgets, rooms = dict(self.budget_bytes), dict(self.room_bytes)
         lines = [f"Plan ({self.method}): {self.num_layers} layers x {self.pages_per_layer} pages of "
                  f"{self.page_bytes / 2**10:.0f} KiB; KV {self.kv_bytes / GiB:.2f} GiB; "
-                 f"sparse fraction {self.sparse_fraction:g}"]
+                 f"sparse budget {self.sparse_budget:g}"]
         for t in Tier:
             pages = self.pages_of(t)
             share = sum(pages) / (self.num_layers * self.pages_per_layer)
@@ -169,7 +169,7 @@ def make_plan(problem: PlanProblem, model: CostModel, cap: Capacity, pages: Sequ
         method=method, num_layers=problem.num_layers, pages_per_layer=problem.pages_per_layer,
         page_bytes=problem.page_bytes, activation_page_bytes=problem.activation_page_bytes,
         batch_size=problem.batch_size, device_pages=cols[0], host_pages=cols[1], disk_pages=cols[2],
-        delegated_pages=cols[3], recomputed_pages=cols[4], sparse_fraction=problem.sparse_fraction,
+        delegated_pages=cols[3], recomputed_pages=cols[4], sparse_budget=problem.sparse_budget,
         decode_step_s=breakdown.step_s, prefill_s=model.prefill_s(splits), lp_step_s=lp_step_s,
         leg_s=tuple((leg.value, s) for leg, s in breakdown.leg_s.items()),
         critical_path=tuple(leg.value for leg in breakdown.critical_path), bottleneck=breakdown.bottleneck.value,

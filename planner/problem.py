@@ -66,7 +66,7 @@ class PlanProblem:
         allow_delegation: HOST pages may be attended on the CPU (FlexGen's CPU delegation).
         allow_recompute: HOST may keep activations instead of K/V for some pages; K/V are
             recomputed on the device from the shipped activations.
-        sparse_fraction: share of the pages a step reads (1.0 = exact attention).
+        sparse_budget: share of the pages a step reads (1.0 = exact attention).
         staging_buffers: DISK read staging buffers of one extent each (the engine's read-ahead
             depth); 0 = price each layer's reads against that layer only (FlexGen's model).
     """
@@ -93,7 +93,7 @@ class PlanProblem:
     num_layer_groups: int = 1
     allow_delegation: bool = True
     allow_recompute: bool = False
-    sparse_fraction: float = 1.0
+    sparse_budget: float = 1.0
     staging_buffers: int = 0
 
     def __post_init__(self) -> None:
@@ -115,8 +115,8 @@ class PlanProblem:
                              f"num_kv_heads ({self.num_kv_heads})")
         if not 0 < self.slack <= 1:
             raise ValueError(f"PlanProblem.slack must be in (0, 1], got {self.slack!r}")
-        if not 0 < self.sparse_fraction <= 1:
-            raise ValueError(f"PlanProblem.sparse_fraction must be in (0, 1], got {self.sparse_fraction!r}")
+        if not 0 < self.sparse_budget <= 1:
+            raise ValueError(f"PlanProblem.sparse_budget must be in (0, 1], got {self.sparse_budget!r}")
         if self.num_layer_groups > self.num_layers:
             raise ValueError(f"PlanProblem.num_layer_groups ({self.num_layer_groups}) must be <= "
                              f"num_layers ({self.num_layers})")

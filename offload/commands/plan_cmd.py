@@ -2,7 +2,8 @@
 
     offload plan --model llama-3.1-8b --context 131072 --device-memory 24GiB --host-memory 64GiB
     offload plan ... --preset rtx4090-pcie4 --json          # a GPU plan made on any machine
-    offload plan ... --what-if --sparse-fraction 0.25       # explore recompute and sparse reads
+    offload plan ... --sparse quest --sparse-budget 0.1      # a decode step reads 10% of the K/V bytes
+    offload plan ... --what-if                              # also explore recompute
 
 Budgets here are a tier's memory for the whole run (weights, working buffers and staging
 included, 0.8 of each usable): see ``offload.tuning.planning``. Without ``--profile`` or ``--preset``
@@ -18,8 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-from offload.commands.args import OneLineParser, size_flag
-from offload.config import parse_dtype
+from offload.commands.args import OneLineParser, size_flag, sparse_fields
+from offload.config import SPARSE_MODES, RuntimeConfig, check_sparse_budget, parse_dtype
 
 __all__ = ["main", "build_parser"]
 
@@ -49,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "h100-sxm)")
     p.add_argument("--layer-groups", type=int, default=1, help="layer groups the LP may split differently")
     p.add_argument("--what-if", action="store_true",
-                   help="also explore what the engine cannot execute yet: recompute, a sparse fraction")
-    p.add_argument("--sparse-fraction", type=float, default=1.0, help="with --what-if: share of pages a step reads")
+                   help="also explore what the engine cannot execute yet: recompute")
+    p.add_argument("--sparse", choices=SPARSE_MODES, default=None,
+                   help="the decode mode to plan for (quest reads F of the K/V bytes a step would read)")
+    p.add_argument("--sparse-budget", "--sparse-fraction", dest="sparse_budget", type=float, default=None,
+                   metavar="F", help="with --sparse (or --what-if): the share of K/V bytes a step reads, in (0, 1] "
+                   "(--sparse-fraction is its old name)")
     p.add_argument("--greedy", action="store_true", help="also print the greedy baseline (fill DEVICE, HOST, DISK "
                    "layer by layer)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where the saved profile lives")
@@ -97,11 +102,10 @@ def _check(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} must be at least 1, got {value}")
     if not 1 <= args.page_size <= 4096:
         raise InputError(f"--page-size must be between 1 and 4096 tokens (default 32), got {args.page_size}")
-    if not 0.0 < args.sparse_fraction <= 1.0:
-        raise InputError(f"--sparse-fraction must be in (0, 1] (the share of pages a step reads), "
-                         f"got {args.sparse_fraction}")
-    if args.sparse_fraction < 1.0 and not args.what_if:
-        raise InputError("--sparse-fraction applies only with --what-if; add --what-if")
+    if args.sparse_budget is not None and not args.what_if:
+        sparse_fields(args)  # a budget needs a sparse mode
+    if args.sparse_budget is not None:
+        check_sparse_budget(args.sparse_budget, "--sparse-budget")
     size_flag("--device-memory", args.device_memory, minimum=1)
     size_flag("--host-memory", args.host_memory)
     size_flag("--disk-space", args.disk_space)
@@ -111,6 +115,13 @@ def _check(args: argparse.Namespace) -> None:
                 parse_dtype(value)
             except ValueError as e:
                 raise InputError(f"{flag}: {e}") from None
+
+
+def _budget(args: argparse.Namespace) -> float:
+    """F the plan prices: the given budget, a sparse mode's default, or 1 (exact)."""
+    if args.sparse_budget is not None:
+        return args.sparse_budget
+    return RuntimeConfig(sparse=args.sparse).sparse_budget if args.sparse not in (None, "exact") else 1.0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -136,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         device_budget_bytes=size_flag("--device-memory", args.device_memory, minimum=1),
         host_budget_bytes=size_flag("--host-memory", args.host_memory),
         disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
-        what_if=args.what_if, sparse_fraction=args.sparse_fraction, num_layer_groups=args.layer_groups)
+        what_if=args.what_if, sparse_budget=_budget(args), num_layer_groups=args.layer_groups)
     try:
         result = plan(problem, profile)
         baseline = greedy_plan(problem, profile) if args.greedy else None

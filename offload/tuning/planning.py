@@ -11,7 +11,7 @@ Two uses, with two meanings of the budgets (said in every help text):
   Tiers issue's meaning), so the rooms go to the planner exactly (slack 1, weights outside).
 
 Features the engine cannot execute are pinned to zero in executed plans (recompute; the
-sparse fraction is 1): only ``offload plan --what-if`` explores them. CPU delegation is
+sparse budget is 1): only ``offload plan --what-if`` explores them. CPU delegation is
 executed (the Kernels issue's in-place Numba attention), so the LP may use it wherever a CPU
 and a separate device exist.
 """
@@ -90,7 +90,7 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
                   disk_budget_bytes: int | None, page_size: int = 32, batch_size: int = 1,
                   prefill_chunk_tokens: int = 1024, scores_bytes: int = 64 * 2**20,
                   staging_chunk_pages: int = 64, staging_buffers: int = 4, what_if: bool = False,
-                  sparse_fraction: float = 1.0, num_layer_groups: int = 1) -> PlanProblem:
+                  sparse_budget: float = 1.0, num_layer_groups: int = 1) -> PlanProblem:
     """The planning problem of a whole run (``offload plan``): budgets cover weights and buffers.
     DEVICE reserves the working set of a prefill chunk, ``DEVICE_RESERVE_PAGES`` pages per
     layer (tails, a question's scratch pages, decode growth) and the sliding-window
@@ -98,11 +98,10 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
     Llama-family model's; Gemma 3's global ones), while every layer's weights count.
 
     Args:
-        what_if: also explore recompute (and ``sparse_fraction`` < 1); without it the plan
-            is one the engine can execute.
+        what_if: also explore recompute; without it the plan is one the engine can execute.
+        sparse_budget: F, the share of the K/V bytes a decode step reads (``--sparse quest
+            --sparse-budget F``; 1 = exact). The cost model scales each layer's reads by it.
     """
-    if sparse_fraction != 1.0 and not what_if:
-        raise ValueError("a sparse fraction below 1 is only explored with --what-if (the engine reads every page)")
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
     # Only global layers' pages are placed; sliding-window layers keep DEVICE rings (Gemma 3).
     windows = cfg.layer_windows
@@ -122,7 +121,7 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
         staging_buffers=staging_buffers, num_layer_groups=num_layer_groups, allow_delegation=True,
         allow_recompute=what_if,
-        sparse_fraction=sparse_fraction)
+        sparse_budget=sparse_budget)
 
 
 def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,
@@ -159,9 +158,8 @@ def plan_placement(plan: Plan, *, first_page: int, layers: tuple[int, ...] | Non
     Args:
         layers / num_layers: the model layers the plan's layers are (Gemma 3's global
             layers) out of ``num_layers``; the others keep everything on DEVICE."""
-    if plan.sparse_fraction != 1.0 or any(plan.recomputed_pages):
-        raise ValueError("this plan recomputes pages or reads a sparse fraction, which the engine cannot execute "
-                         "yet; plan without --what-if")
+    if any(plan.recomputed_pages):
+        raise ValueError("this plan recomputes pages, which the engine cannot execute yet; plan without --what-if")
     device: tuple[int | None, ...] = tuple(first_page + d for d in plan.device_pages)
     host: tuple[int | None, ...] = tuple(plan.host_pages)
     share = tuple(dl / h if h else 0.0 for dl, h in zip(plan.delegated_pages, plan.host_pages))

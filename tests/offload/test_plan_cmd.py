@@ -21,7 +21,7 @@ def test_llama_8b_128k_plan_adds_up(capsys):
     assert p["kv_bytes"] == 16 * GiB  # 32 layers x 8 KV heads x 128 x 2 x bf16 x 131072 tokens
     assert sum(p["tier_bytes"].values()) == p["kv_bytes"]
     assert p["tier_bytes"]["device"] > 0 and p["tier_bytes"]["host"] > 0
-    assert p["recompute_share"] == 0 and p["sparse_fraction"] == 1  # executable: no what-if features
+    assert p["recompute_share"] == 0 and p["sparse_budget"] == 1  # executable: no what-if features
     assert out["profile"] == "rtx4090-pcie4"
 
 
@@ -56,15 +56,20 @@ def test_text_output_with_the_greedy_baseline(capsys):
         assert words in out
 
 
-def test_what_if_explores_sparse_reads(capsys):
+def test_a_sparse_budget_is_priced(capsys):
     base = LLAMA + ["--device-memory", "24GiB", "--host-memory", "64GiB", "--preset", "rtx4090-pcie4", "--json"]
-    assert main(base + ["--what-if", "--sparse-fraction", "0.25"]) == 0
+    assert main(base + ["--sparse", "quest", "--sparse-budget", "0.25"]) == 0
     sparse = json.loads(capsys.readouterr().out)["plan"]
     assert main(base) == 0
     exact = json.loads(capsys.readouterr().out)["plan"]
-    assert sparse["sparse_fraction"] == 0.25 and sparse["decode_step_s"] < exact["decode_step_s"]
+    assert sparse["sparse_budget"] == 0.25 and sparse["decode_step_s"] < exact["decode_step_s"]
+    # --sparse-fraction is the old name of --sparse-budget, still taken with --what-if.
+    assert main(base + ["--what-if", "--sparse-fraction", "0.25"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["sparse_budget"] == 0.25
+    assert main(base + ["--sparse", "quest"]) == 0  # the mode's default F
+    assert json.loads(capsys.readouterr().out)["plan"]["sparse_budget"] == 0.1
     assert main(base + ["--sparse-fraction", "0.25"]) == 2
-    assert "--what-if" in capsys.readouterr().err
+    assert "add --sparse quest" in capsys.readouterr().err
 
 
 def test_profile_file_and_bad_input(capsys, tmp_path):

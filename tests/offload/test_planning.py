@@ -3,6 +3,8 @@ LP and greedy plans on a tiny model (tiers as planned, logits as in memory), the
 share of HOST pages, model sizes for ``offload plan``."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,12 +80,15 @@ def test_plan_to_placement_counts_from_the_first_new_page():
 def test_plan_placement_refuses_what_the_engine_cannot_run():
     cfg = ModelConfig.from_hf_dict(NAMED_SHAPES["llama-3.1-8b"])
     problem = model_problem(cfg, context_tokens=32768, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=20 * GiB,
-                            host_budget_bytes=64 * GiB, disk_budget_bytes=None, what_if=True, sparse_fraction=0.25)
+                            host_budget_bytes=64 * GiB, disk_budget_bytes=None, what_if=True, sparse_budget=0.25)
+    result = plan(problem, HardwareProfile.preset("rtx4090-pcie4"))
+    recomputing = dataclasses.replace(result, recomputed_pages=(1,) * len(result.recomputed_pages))
     with pytest.raises(ValueError, match="cannot execute"):
-        plan_placement(plan(problem, HardwareProfile.preset("rtx4090-pcie4")), first_page=0)
-    with pytest.raises(ValueError, match="--what-if"):
-        model_problem(cfg, context_tokens=1024, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=None,
-                      host_budget_bytes=None, disk_budget_bytes=None, sparse_fraction=0.5)
+        plan_placement(recomputing, first_page=0)
+    # A sparse budget alone is executable (--sparse quest): its placement is an ordinary one.
+    sparse = model_problem(cfg, context_tokens=1024, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=None,
+                           host_budget_bytes=None, disk_budget_bytes=None, sparse_budget=0.5)
+    assert sparse.sparse_budget == 0.5 and not sparse.allow_recompute
 
 
 def test_weight_bytes_match_the_loaded_model(tiny, tmp_path):

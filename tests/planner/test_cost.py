@@ -26,7 +26,7 @@ BAD_PROBLEM_FIELDS = [
     ("num_layers", 0, "num_layers must be an int >= 1"),
     ("num_kv_heads", 3, "must be a multiple of num_kv_heads"),
     ("slack", 1.5, r"slack must be in \(0, 1\]"),
-    ("sparse_fraction", 0.0, r"sparse_fraction must be in \(0, 1\]"),
+    ("sparse_budget", 0.0, r"sparse_budget must be in \(0, 1\]"),
     ("host_budget_bytes", -1, "host_budget_bytes must be an int >= 0 or None"),
     ("num_layer_groups", 9, "num_layer_groups .* must be <= num_layers"),
 ]
@@ -120,10 +120,10 @@ def test_recompute_ships_group_size_over_two_of_the_bytes(num_heads, num_kv_head
     assert recomputed[Leg.COMPUTE] > fetched[Leg.COMPUTE]
 
 
-def test_sparse_fraction_scales_reads():
+def test_sparse_budget_scales_reads():
     split = LayerSplit(0.2, 0.4, 0.4, delegated=0.2)
     dense = CostModel(tiny_problem(), round_profile()).decode_legs(split)
-    sparse = CostModel(tiny_problem(sparse_fraction=0.25), round_profile()).decode_legs(split)
+    sparse = CostModel(tiny_problem(sparse_budget=0.25), round_profile()).decode_legs(split)
     for leg in (Leg.CPU_ATTENTION, Leg.HOST_TO_DEVICE, Leg.DISK_READ):
         assert sparse[leg] == pytest.approx(dense[leg] / 4, rel=1e-12)
 

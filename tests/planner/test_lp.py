@@ -56,7 +56,7 @@ def random_problem(rng: np.random.Generator, *, pages: int, num_layers: int) -> 
     budgets = [math.ceil((f + num_layers * int(k) * page_bytes) / 0.8) for f, k in zip(fixed, room_pages)]
     return PlanProblem(**shape, device_budget_bytes=budgets[0], host_budget_bytes=budgets[1],
                        disk_budget_bytes=budgets[2], allow_delegation=bool(rng.integers(2)),
-                       allow_recompute=bool(rng.integers(2)), sparse_fraction=float(rng.choice([1.0, 0.5, 0.25])))
+                       allow_recompute=bool(rng.integers(2)), sparse_budget=float(rng.choice([1.0, 0.5, 0.25])))
 
 
 def random_overlap(rng: np.random.Generator) -> OverlapModel:
@@ -251,7 +251,7 @@ def test_layer_groups_and_sparsity():
     assert one.tier_bytes[Tier.DISK] > 0
     four = plan(dataclasses.replace(problem, num_layer_groups=4), profile)
     assert four.lp_step_s == pytest.approx(one.lp_step_s, rel=1e-6)  # identical layers: same optimum
-    sparse = plan(dataclasses.replace(problem, sparse_fraction=0.25), profile)
+    sparse = plan(dataclasses.replace(problem, sparse_budget=0.25), profile)
     assert sparse.decode_step_s < one.decode_step_s
 
 
