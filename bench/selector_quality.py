@@ -54,6 +54,7 @@ class Probe:
         self.engine, self.budgets = engine, budgets
         self.fallback, self.bounds_bytes, self.selection_s = "", 0, 0.0
         self.rows: list[dict] = []
+        self.fact_pages: set[int] = set()  # pages holding the case's facts (evaluation only)
         self.question_q: dict[int, object] = {}  # layer -> the question's queries [Tq, heads, hd]
         self.question_len = 0
         real_qkv = engine.runner.qkv
@@ -131,11 +132,12 @@ class Probe:
             pq = torch.softmax(lq, -1)  # [tq, heads, keys] (causality ignored: the last few keys)
             nq = -(-kq.shape[1] // ps)
             pq = torch.cat([pq, torch.zeros(tq, pq.shape[1], nq * ps - kq.shape[1])], -1)
-            pq = pq.reshape(tq, -1, nq, ps).sum(-1).amax(1).mean(0)  # [nq]
-            prior = torch.zeros(n)
-            prior[:nq] = pq
-            prior_c = prior[cand] / prior[cand].sum().clamp_min(1e-12)
-            scorers["question"] = (prior_c, 0.0)
+            per = pq.reshape(tq, -1, nq, ps).sum(-1).amax(1)  # [tq, nq]
+            for name, pv in (("question", per.mean(0)), ("question-max", per.amax(0)), ("question-last", per[-1])):
+                prior = torch.zeros(n)
+                prior[:nq] = pv
+                scorers[name] = (prior[cand] / prior[cand].sum().clamp_min(1e-12), 0.0)
+            prior_c = scorers["question"][0]
             scorers["quest+question"] = (0.5 * scorers["quest"][0] / scorers["quest"][0].sum() + 0.5 * prior_c, 1 / ps)
             scorers["mean+question"] = (0.5 * scorers["mean"][0] / scorers["mean"][0].sum() + 0.5 * prior_c,
                                         0.5 / ps)
@@ -146,10 +148,35 @@ class Probe:
             live = torch.softmax(page_bounds[:, cand], 1)  # per KV head, over the candidates
             for mult in (2, 3):
                 pooled[f"pool{mult}"] = (prior_c, live, mult)
+            for share in (0.5, 0.75):  # that share of the pages by the prior alone, the rest by live bounds
+                pooled[f"split{int(share * 100)}"] = (prior_c, live, -share)
         for f in self.budgets:
             for name, (score, meta) in [*scorers.items(), ("sink+window", (None, 0.0)),
                                         *[(k, (None, 0.0)) for k in pooled]]:
-                if name in pooled:
+                if name in pooled and pooled[name][2] < 0:
+                    prior_c, live, share = pooled[name][0], pooled[name][1], -pooled[name][2]
+                    base = math.floor(f * n + 1e-9) - len(fixed)
+                    take = 0
+                    for take_try in range(base, 0, -1):
+                        by_prior = max(1, round(share * take_try))
+                        rest = take_try - by_prior
+                        pool_n = min(len(cand) - by_prior, 2 * rest)
+                        if len(fixed) + take_try + pool_n / ps <= f * n + 1e-9:
+                            take = take_try
+                            break
+                    if take < 1:
+                        continue
+                    order = torch.argsort(prior_c, descending=True)
+                    first = order[:by_prior]
+                    pool = order[by_prior:by_prior + pool_n]
+                    lv = live[:, pool]
+                    lv = (lv / lv.sum(1, keepdim=True).clamp_min(1e-12)).amax(0) if pool_n else lv.sum(0)
+                    second = pool[torch.topk(lv, min(rest, pool_n)).indices] if rest and pool_n else pool[:0]
+                    chosen = [*fixed, *cand[first].tolist(), *cand[second].tolist()]
+                    score = torch.zeros(len(cand))
+                    score[first] = 2.0
+                    score[second] = 1.0
+                elif name in pooled:
                     prior_c, live, mult = pooled[name]
                     base = math.floor(f * n + 1e-9) - len(fixed)
                     pool_n = take = 0
@@ -185,8 +212,28 @@ class Probe:
                 true_top = set(cand[torch.topk(importance[cand], min(take, len(cand))).indices].tolist())
                 recall = len(true_top & set(chosen)) / max(1, len(true_top))
                 rho = _spearman(score, importance[cand]) if score is not None else float("nan")
-                row[f"{name}@{f:g}"] = {"coverage": coverage, "recall": recall, "spearman": rho, "take": take}
+                fact = float(all(p in set(chosen) for p in self.fact_pages)) if self.fact_pages else float("nan")
+                row[f"{name}@{f:g}"] = {"coverage": coverage, "recall": recall, "spearman": rho, "take": take,
+                                        "fact": fact}
         self.rows.append(row)
+
+
+def _fact_pages(qa, text: str, case, page_size: int) -> set[int]:
+    """Pages of the prompt's document tokens that hold the case's facts: each fact's tokens
+    (its first and last dropped: they may merge with the neighbouring newlines) found in the
+    prompt's ids."""
+    ids = qa.codec.qa_prompt(text, "").doc_ids
+    pages = set()
+    for _, fact in case.facts:
+        f = qa.codec.encode(fact)
+        f = [t for t in f if t not in (qa.codec.tok.bos_token_id,)][1:-1]
+        for i in range(len(ids) - len(f) + 1):
+            if ids[i:i + len(f)] == f:
+                pages.update(range(i // page_size, (i + len(f) - 1) // page_size + 1))
+                break
+        else:
+            raise RuntimeError(f"fact not found in the prompt's tokens: {fact!r}")
+    return pages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             text = fit_facts(case, essays, lambda s: len(qa.codec.qa_prompt(s, "").doc_ids))
             doc = qa.ingest(text)
+            probe.fact_pages = _fact_pages(qa, text, case, qa.engine.config.page_size)
             qa.engine.selector = probe
             ans = qa.ask(doc, case.question, max_new_tokens=args.steps + 1)
             print(f"{case.name}: {ans.text!r} (expected {case.expected})", file=sys.stderr)
@@ -220,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = sorted({k for r in rows for k in r if "@" in k}, key=lambda k: (float(k.split("@")[1]), k))
     print(f"model {args.model}, {args.tokens} tokens, {len(cases)} cases, {args.steps} steps: "
           f"{len(rows)} (step, global layer) samples")
-    print(f"{'scorer@F':<22}{'coverage':>10}{'min':>8}{'recall':>8}{'spearman':>10}{'pages':>7}")
+    print(f"{'scorer@F':<22}{'coverage':>10}{'min':>8}{'recall':>8}{'spearman':>10}{'pages':>7}{'facts':>7}")
     summary = {}
     for key in keys:
         vals = [r[key] for r in rows if key in r]
@@ -228,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         rho = [v["spearman"] for v in vals if not math.isnan(v["spearman"])]
         summary[key] = {"coverage_mean": statistics.fmean(cov), "coverage_min": min(cov),
                         "recall": statistics.fmean(v["recall"] for v in vals),
-                        "spearman": statistics.fmean(rho) if rho else None, "take": vals[0]["take"]}
+                        "spearman": statistics.fmean(rho) if rho else None, "take": vals[0]["take"],
+                        "facts": statistics.fmean(v["fact"] for v in vals)}
         s = summary[key]
         print(f"{key:<22}{s['coverage_mean']:>10.3f}{s['coverage_min']:>8.3f}{s['recall']:>8.3f}"
-              f"{(s['spearman'] if s['spearman'] is not None else float('nan')):>10.3f}{s['take']:>7}")
+              f"{(s['spearman'] if s['spearman'] is not None else float('nan')):>10.3f}{s['take']:>7}"
+              f"{s['facts']:>7.2f}")
     if args.json_out:
         args.json_out.write_text(json.dumps({"summary": summary, "rows": rows}))
     return 0

@@ -13,7 +13,7 @@ import torch
 
 from offload.api import LongDocQA
 from offload.attention.prompt_prior import PageMass
-from offload.attention.quest import QuestSelector, fixed_pages, pages_within_budget, pool_within_budget
+from offload.attention.quest import QuestSelector, fixed_pages, pages_within_budget, split_within_budget
 from offload.commands.cli import main
 from offload.config import RuntimeConfig
 from offload.engine import Engine
@@ -142,25 +142,35 @@ def test_without_a_prior_every_candidate_is_scanned():
     assert sel.bounds_bytes == (n - len(fixed_pages(n))) * bounds.page_bytes
 
 
-def test_with_a_prior_only_the_pool_is_scanned_and_newer_pages_join_it():
+def test_with_a_prior_its_best_pages_are_read_ahead_and_the_rest_chosen_by_bounds_over_a_pool():
     torch.manual_seed(2)
     n, ps = 200, 16
     bounds = KeyBounds([0], num_layers=1, num_kv_heads=2, head_dim=16, page_size=ps, dtype=torch.float32,
                        device=torch.device("cpu"))
-    bounds.update(0, 0, torch.randn(n * ps, 2, 16))
-    prior = torch.zeros(180)
-    prior[[7, 50, 90, 120]] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # pages 180.. are newer than the prompt
+    keys = torch.randn(n * ps, 2, 16) * 0.3
+    q = torch.randn(1, 4, 16)
+    keys[150 * ps + 3, 0] = q[0, 0] * 4  # a page the prior ranks low but the live query needs
+    bounds.update(0, 0, keys)
+    prior = torch.linspace(0.001, 0.002, 190)
+    prior[[7, 50, 90, 120]] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # pages 190.. are newer than the prompt
+    prior[150] = 0.0019  # among the prior's next best: in the scanned pool
     sel = QuestSelector(budget=0.2, page_size=ps, kinds=(LayerKind.GLOBAL,), scale=0.25)
+    seq = types.SimpleNamespace(bounds=bounds, prior={0: prior})
+    by_prior, live, scan = split_within_budget(n, 0.2, ps)
+    assert by_prior == round(0.75 * (by_prior + live)) and scan == 2 * live
+    assert len(fixed_pages(n)) + by_prior + live + scan / ps <= 0.2 * n
+    ahead = sel.choose(seq, 0, length=n * ps, query=None)
+    assert ahead.needs_query and {7, 50, 90, 120} <= set(ahead.pages)
+    assert len(ahead.pages) == len(fixed_pages(n)) + by_prior  # the prior's pages are known before the query
     scanned = []
     real = sel._bound_scores
-    sel._bound_scores = lambda q, lo, hi, cand: (scanned.append(cand.tolist()), real(q, lo, hi, cand))[1]
-    choice = sel.choose(types.SimpleNamespace(bounds=bounds, prior={0: prior}), 0, length=n * ps,
-                        query=torch.randn(1, 4, 16))
-    take, pool = pool_within_budget(n, 0.2, ps, 2)
-    assert len(scanned[0]) == pool and {7, 50, 90, 120} <= set(scanned[0])
-    assert set(range(180, n - 3)) <= set(scanned[0])  # newer than the prompt: always scanned
-    assert len(choice.pages) == len(fixed_pages(n)) + take and {7, 50} <= set(choice.pages)
-    assert len(fixed_pages(n)) + take + pool / ps <= 0.2 * n
+    sel._bound_scores = lambda q_, lo, hi, cand: (scanned.append(cand.tolist()), real(q_, lo, hi, cand))[1]
+    final = sel.choose(seq, 0, length=n * ps, query=q)
+    assert len(scanned[0]) == scan and set(range(190, n - 3)) <= set(scanned[0])  # newer pages: always scanned
+    assert not set(scanned[0]) & set(ahead.pages)
+    assert set(ahead.pages) <= set(final.pages) and 150 in final.pages
+    assert len(final.pages) == len(fixed_pages(n)) + by_prior + live
+    assert sel.bounds_bytes == scan * bounds.page_bytes
 
 
 def test_page_mass_is_the_share_of_attention_per_page():
@@ -233,9 +243,9 @@ def test_quest_reads_within_its_budget_and_attends_what_it_chose(tmp_path, monke
         assert d["sparse"] == "quest" and d["sparse_budget"] == 0.2 and d["sparse_fallback"] == ""
         assert 0.15 < d["kv_fraction_read"] <= d["kv_fraction_read_max"] <= 0.2
         n = cdiv(DOC + 7, PAGE)
-        # With the prompt prior: the fixed pages and the pool's best (bounds scanned for twice as many).
-        take, scanned = pool_within_budget(n, 0.2, PAGE, 2)
-        assert d["selected_pages_per_layer"] == len(fixed_pages(n)) + take == 23
+        # With the prompt prior: the fixed pages, the prior's best, and the live bounds' best of a pool.
+        by_prior, take, scanned = split_within_budget(n, 0.2, PAGE)
+        assert d["selected_pages_per_layer"] == len(fixed_pages(n)) + by_prior + take
         assert d["key_bounds_bytes_read_per_token"] == scanned * engine.model_config.num_layers * 2 * 2 * 16 * 4
         assert d["key_bounds_bytes_read_per_token"] > 0 and d["selection_s"] > 0
         assert checks
