@@ -127,8 +127,7 @@ class QuestSelector:
         lo, hi = seq.bounds.get(layer)
         if lo.shape[1] != n:
             raise RuntimeError(f"layer {layer} has key bounds of {lo.shape[1]} pages and attends {n}")
-        score = torch.softmax(self._bound_scores(query, lo, hi, scanned), dim=1).amax(dim=0)
-        chosen = scanned[torch.topk(score.cpu(), min(take, len(scanned))).indices.numpy()].tolist()
+        chosen = scanned[self._best(self._bound_scores(query, lo, hi, scanned), min(take, len(scanned)))].tolist()
         pages = tuple(sorted({*fixed, *chosen}))
         self.bounds_bytes += len(scanned) * seq.bounds.page_bytes
         self.selection_s += time.perf_counter() - t0
@@ -139,18 +138,30 @@ class QuestSelector:
         """The prior's ``by_prior`` best candidates, and the ``scan`` candidates whose bounds
         are scanned: pages newer than the prompt (the prior never saw them) first, then the
         prior's next best."""
-        p = prior.cpu()
+        p = prior.cpu().numpy()
         seen = candidates < p.shape[0]
         old, newer = candidates[seen], candidates[~seen]
-        order = old[torch.argsort(p[torch.from_numpy(old).long()], descending=True, stable=True).numpy()]
+        order = old[np.argsort(-p[old], kind="stable")]
         first = order[:by_prior]
         newer = newer[len(newer) - min(len(newer), scan):]
         pool = np.concatenate([newer, order[by_prior:by_prior + scan - len(newer)]])
         return first, np.sort(pool).astype(np.int32)
 
+    @staticmethod
+    def _best(scores: torch.Tensor | np.ndarray, k: int) -> np.ndarray:
+        """Indices of the ``k`` best candidates: each KV head's scores [num_kv_heads, M]
+        softmaxed over the candidates, a candidate's score its largest share in any head."""
+        if isinstance(scores, torch.Tensor):
+            return torch.topk(torch.softmax(scores, dim=1).amax(dim=0), k).indices.cpu().numpy()
+        # On the CPU in numpy: torch ops on the kernel's numpy-backed output measured 100x slower.
+        e = np.exp(scores - scores.max(axis=1, keepdims=True))
+        share = (e / e.sum(axis=1, keepdims=True)).max(axis=0)
+        return np.argpartition(-share, k - 1)[:k] if k < len(share) else np.arange(len(share))
+
     def _bound_scores(self, q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                      candidates: np.ndarray) -> torch.Tensor:
-        """Quest bounds [num_kv_heads, len(candidates)] of the candidates (scaled)."""
+                      candidates: np.ndarray) -> torch.Tensor | np.ndarray:
+        """Quest bounds [num_kv_heads, len(candidates)] of the candidates (scaled): a CUDA
+        tensor (Triton), or a numpy array (Numba) on the CPU."""
         if q.device.type == "cuda":
             from gpu_kernels.scoring import quest_page_scores as gpu_scores
 
@@ -159,4 +170,5 @@ class QuestSelector:
             return gpu_scores(q.reshape(1, q.shape[-2], q.shape[-1]), lo, hi, table, count, scale=self.scale)[0]
         from cpu_kernels import quest_page_scores as cpu_scores
 
-        return cpu_scores(q.reshape(q.shape[-2], q.shape[-1]).float(), lo, hi, candidates, scale=self.scale)
+        q_np = q.reshape(q.shape[-2], q.shape[-1]).float().numpy()
+        return cpu_scores(q_np, lo, hi, candidates, scale=self.scale)
