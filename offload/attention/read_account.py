@@ -42,7 +42,6 @@ class StepReads:
         """A layer's set before the query (``before``) and the one attention consumed."""
         if after.kind != LayerKind.GLOBAL:
             return
-        named_before = set(before.pages())
         self.layers += 1
         self.exact_bytes += exact_pages * page_bytes
         for piece in after.pieces:
@@ -50,6 +49,11 @@ class StepReads:
             self.read_bytes += piece.num_pages * page_bytes
             if piece.tier != Tier.DEVICE:
                 self.fetched_bytes += piece.num_pages * page_bytes
+        if before is after:  # chosen before the query (exact mode): nothing read on demand or dropped
+            return
+        named_before = set(before.pages())
+        for piece in after.pieces:
+            if piece.tier != Tier.DEVICE:
                 self.sync_miss_bytes += sum(p not in named_before for p in piece.page_ids) * page_bytes
         kept = set(after.chunks(ahead=True))
         self.wasted_bytes += sum(c.num_pages for c in before.chunks(ahead=True) if c not in kept) * page_bytes
