@@ -248,9 +248,10 @@ class RuntimeConfig:
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:
-            raise InputError(f"page_size must be in [1, 4096], got {self.page_size}")
+            raise InputError(f"page_size must be between 1 and 4096 tokens (default 32), got {self.page_size}")
         if self.prefill_chunk_tokens < 1:
-            raise InputError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+            raise InputError(f"prefill_chunk_tokens must be at least 1 token (default 1024), got "
+                             f"{self.prefill_chunk_tokens}")
         if self.device_memory_bytes is not None and self.device_memory_bytes < 1:
             raise InputError(f"device_memory_bytes must be at least 1 byte, got {self.device_memory_bytes}; give the "
                              "DEVICE KV budget, e.g. '512MiB', or None for the default")

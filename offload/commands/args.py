@@ -7,15 +7,15 @@ whole usage first). The checks here run before a model loads, so a bad value cos
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from offload.config import check_sparse_budget, parse_size
 from offload.errors import InputError
+from offload.sampling import SamplingConfig
 
-__all__ = ["OneLineParser", "size_flag", "check_generation_flags", "sparse_fields", "read_text", "STDIN"]
+__all__ = ["OneLineParser", "size_flag", "flag_error", "check_generation_flags", "sparse_fields", "read_text", "STDIN"]
 
 STDIN = Path("-")  # a path argument of "-" means standard input, as Unix tools read it
 
@@ -46,22 +46,30 @@ def size_flag(flag: str, value: str | None, *, minimum: int = 0) -> int | None:
     return size
 
 
+def flag_error(error: InputError, flags: dict[str, str]) -> InputError:
+    """``error`` from a config's own check, with the field it names put as the flag that set it
+    (``flags``: field -> flag): the config owns each bound, the CLI only renames."""
+    message = str(error)
+    for field in sorted(flags, key=len, reverse=True):
+        if message.startswith(field + " ") or message.startswith(f"{field}="):
+            message = flags[field] + message[len(field):]
+            break
+    return InputError(message.replace(", or None for the default", ", or leave the flag out for the default"))
+
+
 def check_generation_flags(args: argparse.Namespace) -> None:
-    """The generation flags every generating command has, checked before the model loads.
+    """The generation flags every generating command has, checked before the model loads
+    (the page size and prefill chunk by ``RuntimeConfig``, built before it too).
 
     Raises:
         InputError: naming the flag and the values it takes.
     """
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise InputError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
-    if not 0.0 < args.top_p <= 1.0:  # also false for nan
-        raise InputError(f"--top-p must be in (0, 1] (1 keeps every token), got {args.top_p}")
-    if not 1 <= args.page_size <= 4096:
-        raise InputError(f"--page-size must be between 1 and 4096 tokens (default 32), got {args.page_size}")
-    if args.prefill_chunk < 1:
-        raise InputError(f"--prefill-chunk must be at least 1 token (default 1024), got {args.prefill_chunk}")
+    try:
+        SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+    except InputError as e:
+        raise flag_error(e, {"temperature": "--temperature", "top_p": "--top-p"}) from None
     if args.num_layers is not None and args.num_layers < 1:
         raise InputError(f"--num-layers must be at least 1, got {args.num_layers}")
 

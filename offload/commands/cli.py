@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from offload.commands.args import OneLineParser, check_generation_flags, read_text, size_flag, sparse_fields
+from offload.commands.args import (OneLineParser, check_generation_flags, flag_error, read_text, size_flag,
+                                   sparse_fields)
 from offload.config import SPARSE_MODES, RuntimeConfig, parse_dtype
 from offload.commands.signals import TERMINATED_STATUS, Terminated, sigterm_raises
 from offload.errors import InputError, OffloadError, StorageIOError
@@ -133,13 +134,7 @@ def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
             **sparse_fields(args),
         )
     except InputError as e:
-        message = str(e)
-        for field in sorted(_FLAGS, key=len, reverse=True):
-            if message.startswith(field + " ") or message.startswith(f"{field}="):
-                message = _FLAGS[field] + message[len(field):]
-                break
-        raise InputError(message.replace(", or None for the default", ", or leave the flag out for the default")) \
-            from None
+        raise flag_error(e, _FLAGS) from None
 
 
 def check_args(args: argparse.Namespace) -> None:

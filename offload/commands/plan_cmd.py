@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from offload.commands.args import OneLineParser, size_flag, sparse_fields
+from offload.commands.args import OneLineParser, flag_error, size_flag, sparse_fields
 from offload.config import SPARSE_MODES, RuntimeConfig, check_sparse_budget, parse_dtype
 
 __all__ = ["main", "build_parser"]
@@ -100,8 +100,10 @@ def _check(args: argparse.Namespace) -> None:
                         ("--layer-groups", args.layer_groups)):
         if value < 1:
             raise InputError(f"{flag} must be at least 1, got {value}")
-    if not 1 <= args.page_size <= 4096:
-        raise InputError(f"--page-size must be between 1 and 4096 tokens (default 32), got {args.page_size}")
+    try:
+        RuntimeConfig(page_size=args.page_size)  # the config owns the page size's bounds
+    except InputError as e:
+        raise flag_error(e, {"page_size": "--page-size"}) from None
     if args.sparse_budget is not None and not args.what_if:
         sparse_fields(args)  # a budget needs a sparse mode
     if args.sparse_budget is not None:
