@@ -68,6 +68,7 @@ class OracleSelector:
 
         import torch
 
+        from offload.attention.prompt_prior import PageMass
         from offload.attention.quest import fixed_pages
         from offload.kv.page_table import LayerKind, cdiv
         from offload.kv.reads import PageChoice
@@ -86,10 +87,10 @@ class OracleSelector:
             return PageChoice(pages=tuple(fixed), needs_query=True)
         k = torch.cat([g.k for g in eng.kv.reader.layer_groups(seq, layer, 1 << 30)], 1).float()[:, :length]
         cfg = eng.model_config
-        q = query.reshape(cfg.num_kv_heads, cfg.group_size, cfg.head_dim).float()
-        w = torch.softmax(torch.einsum("hgd,htd->hgt", q, k) * eng.runner.scale, -1).reshape(-1, k.shape[1])
-        w = torch.cat([w, torch.zeros(w.shape[0], n * ps - k.shape[1])], 1).reshape(w.shape[0], n, ps).sum(-1)
-        mass = w.amax(0)
+        q = query.reshape(cfg.num_kv_heads, cfg.group_size, 1, cfg.head_dim).float()
+        true_mass = PageMass(q, torch.tensor([length - 1]), scale=eng.runner.scale, page_size=ps, num_pages=n)
+        true_mass.add(k, 0)
+        mass = true_mass.result()
         mass[fixed] = -1
         best = torch.topk(mass, allowed - len(fixed)).indices.tolist()
         return PageChoice(pages=tuple(sorted({*fixed, *best})), needs_query=False)

@@ -81,6 +81,7 @@ class Probe:
     def _measure(self, seq, layer: int, length: int, query) -> None:
         import torch
 
+        from offload.attention.prompt_prior import PageMass
         from offload.attention.quest import fixed_pages
 
         eng = self.engine
@@ -90,10 +91,9 @@ class Probe:
         nkv, t, hd = k.shape
         n = -(-t // ps)
         q = query.reshape(nkv, cfg.group_size, hd).float()
-        logits = torch.einsum("hgd,htd->hgt", q, k) * scale
-        probs = torch.softmax(logits, dim=-1).reshape(nkv * cfg.group_size, t)
-        pad = torch.zeros(probs.shape[0], n * ps - t)
-        mass = torch.cat([probs, pad], 1).reshape(-1, n, ps).sum(-1)  # [heads, n]
+        true_mass = PageMass(q[:, :, None], torch.tensor([t - 1]), scale=scale, page_size=ps, num_pages=n)
+        true_mass.add(k, 0)
+        mass = true_mass.shares()[:, 0]  # [heads, n]: the live query's true attention per page
         importance = mass.amax(0)
         kp = torch.cat([k, k[:, -1:].expand(nkv, n * ps - t, hd)], 1).reshape(nkv, n, ps, hd)
         fixed = fixed_pages(n)

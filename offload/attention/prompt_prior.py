@@ -52,9 +52,13 @@ class PageMass:
         part = torch.log(sums) + top
         self.lse[..., p0:p1 + 1] = torch.logaddexp(self.lse[..., p0:p1 + 1], part)
 
+    def shares(self) -> torch.Tensor:
+        """[heads, m, num_pages] float32: each head's and query's share of attention per page."""
+        share = torch.exp(self.lse - torch.logsumexp(self.lse, dim=-1, keepdim=True))
+        nkv, group, m, n = share.shape
+        return share.reshape(nkv * group, m, n)
+
     def result(self) -> torch.Tensor:
         """Per page [num_pages] float32: the share of each query's attention on the page,
         maxed over heads, averaged over the queries (a page no query sees: 0)."""
-        share = torch.exp(self.lse - torch.logsumexp(self.lse, dim=-1, keepdim=True))
-        nkv, group, m, n = share.shape
-        return share.reshape(nkv * group, m, n).amax(0).mean(0)
+        return self.shares().amax(0).mean(0)
