@@ -41,11 +41,13 @@ def _selectors(engine, budgets, modes):
     from offload.attention.streaming import SinkWindowSelector
 
     kinds, ps = engine.kv.kinds, engine.config.page_size
+    pool_ahead = engine.decode_attention.routes.cpu_in_ram  # as the engine's own selector
     out = [("exact", 1.0, ExactSelector())]
     for f in budgets:
         out.append(("sink+window", f, SinkWindowSelector(budget=f, page_size=ps, kinds=kinds)))
         if "quest" in modes:
-            out.append(("quest", f, QuestSelector(budget=f, page_size=ps, kinds=kinds, scale=engine.runner.scale)))
+            out.append(("quest", f, QuestSelector(budget=f, page_size=ps, kinds=kinds, scale=engine.runner.scale,
+                                                  prefetch_pool=pool_ahead)))
         if "oracle" in modes:
             out.append(("oracle", f, OracleSelector(engine, f)))
         if "quest-classic" in modes:  # every candidate's bounds, no prompt prior
@@ -171,39 +173,51 @@ def run_qa(qa, cases, selectors, essays, *, max_new_tokens: int, say) -> list[di
     return rows
 
 
-def run_essays(qa, selectors, essays, *, tokens: int, steps: int, say) -> dict:
-    """Teacher-forced next-token agreement and KL against exact over an essay continuation."""
+def run_essays(qa, selectors, essays, *, tokens: int, steps: int, windows: int, say) -> dict:
+    """Teacher-forced next-token agreement and KL against exact over essay continuations:
+    ``windows`` texts, each starting at another essay, ``steps`` tokens after ``tokens``."""
     import torch
 
     from offload.attention.prompt_prior import PRIOR_QUERIES
 
     eng, codec = qa.engine, qa.codec
-    ids = codec.encode("\n\n".join(essays[5:]))[: tokens + steps]
-    if len(ids) < tokens + steps:
-        raise SystemExit(f"the essays hold {len(ids)} tokens, fewer than {tokens + steps}")
-    eng.check_document(tokens, allow_long_context=True)
-    base = eng.new_sequence()
-    # The last PRIOR_QUERIES tokens are each fork's own prefill: a prompt tail whose attention
-    # makes the prompt prior, as a generate over the whole text would have.
-    eng.prefill(base, ids[:tokens - PRIOR_QUERIES], document=True)
-    eng.add_document(base)
-    prompt, cont = ids[tokens - PRIOR_QUERIES:tokens], ids[tokens:tokens + steps]
+    per: dict[str, list] = {}
+    for w in range(windows):
+        first = 5 + (w * 11) % max(1, len(essays) - 5)  # each window starts at another essay
+        ids = codec.encode("\n\n".join(essays[first:] + essays[:first]))[: tokens + steps]
+        if len(ids) < tokens + steps:
+            raise SystemExit(f"the essays hold {len(ids)} tokens, fewer than {tokens + steps}")
+        eng.check_document(tokens, allow_long_context=True)
+        base = eng.new_sequence()
+        # The last PRIOR_QUERIES tokens are each fork's own prefill: a prompt tail whose
+        # attention makes the prompt prior, as a generate over the whole text would have.
+        eng.prefill(base, ids[:tokens - PRIOR_QUERIES], document=True)
+        eng.add_document(base)
+        prompt, cont = ids[tokens - PRIOR_QUERIES:tokens], ids[tokens:tokens + steps]
+        ref = None
+        for label, f, sel in selectors:
+            eng.selector = sel
+            logits, step_reads = _forced(eng, base, prompt, cont)
+            if ref is None:
+                ref = logits
+            agree = (logits.argmax(-1) == ref.argmax(-1)).float()
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref, -1),
+                                            log_target=True, reduction="none").sum(-1)
+            per.setdefault(f"{label}@{f:g}", []).append((label, f, agree, kl, [s.fraction_read for s in step_reads]))
+        eng.release(base)
+        eng.selector = selectors[0][2]
     out = {}
-    ref = None
-    for label, f, sel in selectors:
-        eng.selector = sel
-        logits, step_reads = _forced(eng, base, prompt, cont)
-        if ref is None:
-            ref = logits
-        agree = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
-        kl = float(torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref, -1),
-                                              log_target=True, reduction="none").sum(-1).mean())
-        fr = [s.fraction_read for s in step_reads]
-        out[f"{label}@{f:g}"] = {"mode": label, "budget": f, "top1_agreement": agree, "kl": kl,
-                                 "kv_fraction_read": statistics.fmean(fr), "kv_fraction_read_max": max(fr)}
-        say(f"essays {tokens} tok: {label}@{f:g} top-1 {agree:.3f} KL {kl:.4f} read max {max(fr):.3f}")
-    eng.release(base)
-    eng.selector = selectors[0][2]
+    for key, items in per.items():
+        agree = torch.cat([a for *_, a, _, _ in items])
+        kl = torch.cat([k for *_, k, _ in items])
+        fr = [x for *_, f in items for x in f]
+        out[key] = {"mode": items[0][0], "budget": items[0][1], "top1_agreement": float(agree.mean()),
+                    "kl": float(kl.mean()), "tokens_compared": int(agree.numel()), "windows": windows,
+                    "top1_by_window": [float(a.mean()) for *_, a, _, _ in items],
+                    "kv_fraction_read": statistics.fmean(fr), "kv_fraction_read_max": max(fr)}
+        say(f"essays {tokens} tok: {key} top-1 {out[key]['top1_agreement']:.3f} over {agree.numel()} tokens "
+            f"(windows {', '.join(f'{x:.2f}' for x in out[key]['top1_by_window'])}) KL {out[key]['kl']:.4f} "
+            f"read max {max(fr):.3f}")
     return out
 
 
@@ -238,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget (small: the KV spills)")
     p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])
     p.add_argument("--essay-steps", type=int, default=64)
+    p.add_argument("--essay-windows", type=int, default=3, help="essay texts continued (each its own prefill)")
     p.add_argument("--limit", type=int, default=None, help="only the first N QA cases")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -259,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{qa.engine.config.page_size} tokens; {len(cases)} QA cases at {args.lengths} tokens; "
               f"configurations: {', '.join(f'{l}@{f:g}' for l, f, _ in selectors)}")
         rows = run_qa(qa, cases, selectors, essays, max_new_tokens=args.max_new_tokens, say=say)
-        continuation = {n: run_essays(qa, selectors, essays, tokens=n, steps=args.essay_steps, say=say)
+        continuation = {n: run_essays(qa, selectors, essays, tokens=n, steps=args.essay_steps,
+                                       windows=args.essay_windows, say=say)
                         for n in args.essay_tokens}
     report = {"model": args.model, "lengths": args.lengths, "budgets": args.budgets, "cases": rows,
               "summary_4k_plus": summarize(rows, 4000), "summary_short": summarize([r for r in rows if r["tokens"] < 4000], 0),
@@ -276,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['median_gold_gap']:>12.3f}{s['kv_fraction_read_max']:>10.3f}{s['kv_fraction_fetched']:>9.3f}"
                   f"{s['fallback_cases']:>9}")
     for n, cont in continuation.items():
-        print(f"\nessay continuation at {n} tokens ({args.essay_steps} teacher-forced steps)")
+        print(f"\nessay continuation at {n} tokens ({args.essay_windows} texts x {args.essay_steps} teacher-forced steps)")
         for key, c in cont.items():
             print(f"{key:<18} top-1 agreement {c['top1_agreement']:.3f}  KL {c['kl']:.4f}  read max "
                   f"{c['kv_fraction_read_max']:.3f}")

@@ -107,7 +107,7 @@ class DecodeAttention:
                     part = self._numba_pages(q, pool, list(piece.slots), piece.tokens, piece.skip)
             elif piece.route == Route.PAGED_CPU and piece.tier == Tier.DISK:
                 with reader.staged(piece) as (k, v):
-                    part = self._numba_arena(q, k, v, piece.tokens, piece.skip)
+                    part = self._numba_arena(q, k, v, piece.chunk_positions(), piece.tokens, piece.skip)
             elif piece.route == Route.PAGED_CPU:
                 part = self._numba_pages(q, self.kv.pool_of(piece.tier), list(piece.slots), piece.tokens, piece.skip)
             else:
@@ -136,11 +136,11 @@ class DecodeAttention:
             arrays = self._arena_arrays[id(pool)] = (kernel_pages(pool.k, "k", 4), kernel_pages(pool.v, "v", 4))
         return self._numba_arrays(q, *arrays, slots, tokens, skip)
 
-    def _numba_arena(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, skip: int) -> Partial:
-        """The Numba page kernel over all pages [nkv, n, page, hd] of CPU memory (a staging
-        buffer), tokens ``skip .. tokens - 1`` laid over them in order."""
-        return self._numba_arrays(q, kernel_pages(k, "k", 4), kernel_pages(v, "v", 4), list(range(k.shape[1])),
-                                  tokens, skip)
+    def _numba_arena(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], tokens: int,
+                     skip: int) -> Partial:
+        """The Numba page kernel over pages [nkv, n, page, hd] of CPU memory (a staging
+        buffer) at ``positions``, tokens ``skip .. tokens - 1`` laid over them in order."""
+        return self._numba_arrays(q, kernel_pages(k, "k", 4), kernel_pages(v, "v", 4), positions, tokens, skip)
 
     def _numba_arrays(self, q: torch.Tensor, k: np.ndarray, v: np.ndarray, slots: list[int], tokens: int,
                       skip: int) -> Partial:

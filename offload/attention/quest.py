@@ -9,7 +9,11 @@ At every decode step, for every global layer of n pages (n = cdiv(length, page_s
              left by F: the prior's best. Known before the query: read ahead.
     live:    the rest, by Quest bounds of the live query (``offload.kv.key_bounds``) scanned
              over ``POOL_FACTOR`` times as many candidates: the pages newer than the prompt and
-             the prior's next best. Chosen once the query exists: read on demand.
+             the prior's next best. The pool is known before the query, so it is read ahead
+             whole (``prefetch_pool``): the pages the query leaves are read and not attended
+             (counted in ``kv_fraction_fetched``, not in ``kv_fraction_read``), and no chosen
+             page waits for an on-demand read. Without ``prefetch_pool``, the chosen ones are
+             read on demand once the query exists.
     without a prior (classic Quest, ``use_prior=False``, or a sequence no prefill made):
              every candidate's bounds scanned, the best chosen.
 
@@ -92,46 +96,67 @@ class QuestSelector:
     """
 
     def __init__(self, *, budget: float, page_size: int, kinds: tuple[LayerKind, ...], scale: float,
-                 use_prior: bool = True) -> None:
+                 use_prior: bool = True, prefetch_pool: bool = True) -> None:
         self.budget, self.page_size, self.kinds, self.scale = budget, page_size, kinds, scale
         self.wants_prior = use_prior  # the engine keeps the prompt prior for us (``prompt_prior``)
+        self.prefetch_pool = prefetch_pool  # read the live pool ahead too (else: its chosen pages on demand)
         self.selection_s = 0.0  # time spent scoring and choosing (read and reset by the engine)
         self.fallback = ""  # why the last step was exact, if it was
         self.bounds_bytes = 0  # bounds scanned since the engine last reset it
+        self._plans: dict[int, tuple[int, torch.Tensor | None, object]] = {}  # layer -> (n, prior, plan)
 
     def choose(self, seq: KVSequence, layer: int, *, length: int, query: torch.Tensor | None) -> PageChoice:
         if self.kinds[layer] == LayerKind.SLIDING:
             return PageChoice(pages=None, needs_query=False)
         n = cdiv(length, self.page_size)
-        allowed, why = pages_within_budget(n, self.budget, self.page_size)
-        if allowed is None:
-            self.fallback = why
-            return PageChoice(pages=None, needs_query=False)
-        fixed = fixed_pages(n)
         t0 = time.perf_counter()
-        candidates = np.setdiff1d(np.arange(n, dtype=np.int32), np.asarray(fixed, dtype=np.int32))
-        prior = seq.prior.get(layer) if self.wants_prior else None
-        if prior is None:  # classic Quest: every candidate's bounds, once the query exists
-            scanned, take = candidates, allowed - len(fixed)
-        else:
-            by_prior, take, scan = split_within_budget(n, self.budget, self.page_size)
-            if by_prior < 1:
-                self.fallback = f"too few pages to choose from: {n} pages at F={self.budget:g}"
-                return PageChoice(pages=None, needs_query=False)
-            first, scanned = self._split(prior, candidates, by_prior, scan)
-            fixed = sorted({*fixed, *first.tolist()})
+        plan = self._plan(seq, layer, n)
+        if isinstance(plan, str):
+            self.fallback = plan
+            return PageChoice(pages=None, needs_query=False)
+        known, scanned, take, ahead = plan
         if query is None:  # what is known before the query is read ahead
             self.selection_s += time.perf_counter() - t0
-            return PageChoice(pages=tuple(fixed), needs_query=bool(take and len(scanned)))
+            return PageChoice(pages=ahead, needs_query=bool(take and len(scanned)))
         assert seq.bounds is not None, "a sparse step needs the sequence's key bounds"
         lo, hi = seq.bounds.get(layer)
         if lo.shape[1] != n:
             raise RuntimeError(f"layer {layer} has key bounds of {lo.shape[1]} pages and attends {n}")
         chosen = scanned[self._best(self._bound_scores(query, lo, hi, scanned), min(take, len(scanned)))].tolist()
-        pages = tuple(sorted({*fixed, *chosen}))
+        pages = tuple(sorted({*known, *chosen}))
         self.bounds_bytes += len(scanned) * seq.bounds.page_bytes
         self.selection_s += time.perf_counter() - t0
         return PageChoice(pages=pages, needs_query=False)
+
+    def _plan(self, seq: KVSequence, layer: int, n: int) -> tuple[tuple[int, ...], np.ndarray, int, tuple[int, ...]] | str:
+        """What a layer of ``n`` pages knows before its query: (pages chosen already, the
+        candidates the query's bounds choose from, how many it takes, the pages to read
+        ahead), or why the step is exact. It depends only on ``n`` and the layer's prior, so
+        the step's two asks (before and with the query), and the steps of other sequences
+        with the same prior and length, compute it once."""
+        prior = seq.prior.get(layer) if self.wants_prior else None
+        cached = self._plans.get(layer)
+        if cached is not None and cached[0] == n and cached[1] is prior:
+            return cached[2]
+        plan = self._make_plan(prior, n)
+        self._plans[layer] = (n, prior, plan)
+        return plan
+
+    def _make_plan(self, prior: torch.Tensor | None, n: int) -> tuple[tuple[int, ...], np.ndarray, int, tuple[int, ...]] | str:
+        allowed, why = pages_within_budget(n, self.budget, self.page_size)
+        if allowed is None:
+            return why
+        fixed = fixed_pages(n)
+        candidates = np.setdiff1d(np.arange(n, dtype=np.int32), np.asarray(fixed, dtype=np.int32))
+        if prior is None:  # classic Quest: every candidate's bounds, once the query exists
+            return tuple(fixed), candidates, allowed - len(fixed), tuple(fixed)
+        by_prior, take, scan = split_within_budget(n, self.budget, self.page_size)
+        if by_prior < 1:
+            return f"too few pages to choose from: {n} pages at F={self.budget:g}"
+        first, scanned = self._split(prior, candidates, by_prior, scan)
+        known = tuple(sorted({*fixed, *first.tolist()}))
+        ahead = tuple(sorted({*known, *scanned.tolist()})) if self.prefetch_pool else known
+        return known, scanned, take, ahead
 
     @staticmethod
     def _split(prior: torch.Tensor, candidates: np.ndarray, by_prior: int, scan: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ Every mode is measured the same way, from the read sets the step consumed (exact
 ``bytes_read_per_token_by_kind``)::
 
     kv_fraction_read    = (pages attended * page bytes + key bounds scanned) / exact bytes
-    kv_fraction_fetched = (HOST and DISK pages attended + read-ahead chunks dropped unused)
+    kv_fraction_fetched = (HOST and DISK pages attended + pages read ahead and left unused)
                           * page bytes / exact bytes
     exact bytes         = every live page of the step's global layers * page bytes
 
@@ -55,8 +55,8 @@ class StepReads:
         for piece in after.pieces:
             if piece.tier != Tier.DEVICE:
                 self.sync_miss_bytes += sum(p not in named_before for p in piece.page_ids) * page_bytes
-        kept = set(after.chunks(ahead=True))
-        self.wasted_bytes += sum(c.num_pages for c in before.chunks(ahead=True) if c not in kept) * page_bytes
+        used = sum(piece.num_pages for piece in after.pieces if piece.chunk is not None and piece.ahead)
+        self.wasted_bytes += (sum(c.num_pages for c in before.chunks(ahead=True)) - used) * page_bytes
 
     def finish(self, *, bounds_bytes: int, selection_s: float, fallback: str) -> None:
         self.bounds_bytes, self.selection_s, self.fallback = bounds_bytes, selection_s, fallback

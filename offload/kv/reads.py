@@ -19,7 +19,8 @@ describes bytes to attend, not a policy::
     tier:       D   D   H   H   H   K   K   K   K   D       D = DEVICE, H = HOST, K = DISK
     selected:   *       *   *       *   *       *   *
     pieces:     DEVICE PAGED_DEVICE [0, 9]; HOST PAGED_CPU [2] (delegated share);
-                HOST GROUPS [3]; DISK chunk [5, 6]; DISK chunk [8]
+                HOST GROUPS [3]; DISK chunk [5, 6, 8] (extents [5, 6] and [8]: one staging
+                buffer, one kernel call)
 
 A piece has a ``kind``. Exact mode builds only ``DENSE`` pieces (whole pages as stored); the
 sparse, 4-bit and recompute modes add their own kinds (sampled tokens with weights, 4-bit
@@ -39,7 +40,7 @@ import torch
 
 from offload.kv.counters import IOCounters
 from offload.kv.page_table import KVSequence, LayerKind, cdiv, group_pages
-from offload.kv.readahead import Chunk, PageLayout, ReadAhead
+from offload.kv.readahead import Chunk, Extent, PageLayout, ReadAhead
 from storage import PageArena, Tier
 from storage.aligned import AlignedBuffer
 
@@ -107,7 +108,8 @@ class Piece:
         tokens: tokens held by the listed pages laid end to end (only a sequence's last page
             is partly filled, and it is listed last).
         skip: leading tokens of the first listed page out of a sliding window (not attended).
-        chunk: for DISK, the staging chunk that reads the pages.
+        chunk: for DISK, the staging chunk that reads the pages (on a CPU-only machine a
+            piece may attend only some of a chunk read ahead: ``chunk_positions``).
         ahead: read ahead (known before the query); False: read on demand.
         cpu_attended: a CPU kernel attends it where it lies. copied: it crosses to a GPU.
     """
@@ -127,6 +129,16 @@ class Piece:
     @property
     def num_pages(self) -> int:
         return len(self.page_ids)
+
+    def chunk_positions(self) -> list[int]:
+        """Where the piece's pages lie in its chunk's staging buffer, in order: every page of
+        the chunk, or (a selection that kept only some of a chunk read ahead) a subset."""
+        assert self.chunk is not None
+        ids = self.chunk.page_ids
+        if len(ids) == self.num_pages:
+            return list(range(self.num_pages))
+        at = {p: i for i, p in enumerate(ids)}
+        return [at[p] for p in self.page_ids]
 
     def runs(self, page_size: int) -> list[Piece]:
         """The piece cut where its page ids jump: runs of consecutive pages, in order (only
@@ -260,7 +272,7 @@ class KVReader:
                                 slots=tuple(slots[p] for p in pids), tokens=tokens(pids),
                                 skip=skip if pids[0] == first_live else 0, cpu_attended=cpu, copied=copied, **kw))
 
-        for pids, chunk in self._chunks(layer, by_tier[Tier.DISK], slots):
+        for pids, chunk in self._chunks(layer, by_tier[Tier.DISK], slots, planned, partial=rule.cpu_in_ram):
             route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
             add(Tier.DISK, route, pids, chunk=chunk, ahead=planned is None or chunk in planned)
         host = by_tier[Tier.HOST]
@@ -270,20 +282,35 @@ class KVReader:
         add(Tier.HOST, Route.PAGED_CPU, host[:delegated])
         return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length)
 
-    def _chunks(self, layer: int, pids: list[int], slots: list[int]) -> Iterator[tuple[list[int], Chunk]]:
-        """DISK pages cut into staging chunks: consecutive pages at consecutive file positions,
-        at most ``chunk_pages`` each."""
+    def _chunks(self, layer: int, pids: list[int], slots: list[int], planned: Collection[Chunk] | None = None,
+                *, partial: bool = False) -> Iterator[tuple[list[int], Chunk]]:
+        """DISK pages cut into staging chunks of at most ``chunk_pages`` pages each, in page
+        order, each chunk's extents the runs of consecutive pages at consecutive file positions.
+        With ``planned``: first the planned chunks of the layer whose pages are all still named
+        (read ahead as they were) or, with ``partial`` (a CPU kernel attends the staging buffer
+        in place), that still hold a named page (the pages named, the rest unused); then the
+        pages left, in chunks of their own (read on demand)."""
         if not pids:
             return
         assert self.readahead is not None
+        if planned:
+            named, kept = set(pids), set()
+            for c in sorted((c for c in planned if c.layer == layer), key=lambda c: c.extents[0].first_page):
+                ids = c.page_ids  # in page order, as planned: the read-ahead hands chunks out in order
+                use = [p for p in ids if p in named and p not in kept]
+                if use and (partial or len(use) == len(ids)):
+                    kept.update(use)
+                    yield use, c
+            pids = [p for p in pids if p not in kept]
         limit = self.readahead.chunk_pages
-        run = [pids[0]]
-        for p in pids[1:]:
-            if len(run) == limit or p != run[-1] + 1 or slots[p] != slots[run[-1]] + 1:
-                yield run, Chunk(layer, run[0], slots[run[0]], len(run))
-                run = []
-            run.append(p)
-        yield run, Chunk(layer, run[0], slots[run[0]], len(run))
+        for s in range(0, len(pids), limit):
+            part = pids[s:s + limit]
+            extents, start = [], 0
+            for i in range(1, len(part) + 1):
+                if i == len(part) or part[i] != part[i - 1] + 1 or slots[part[i]] != slots[part[i - 1]] + 1:
+                    extents.append(Extent(part[start], slots[part[start]], i - start))
+                    start = i
+            yield part, Chunk(layer, tuple(extents))
 
     # ----- reading ahead ------------------------------------------------------------------
     def plan(self, step_reads: Sequence[LayerReads]) -> None:
@@ -325,13 +352,14 @@ class KVReader:
 
     @contextlib.contextmanager
     def staged(self, piece: Piece) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A DISK piece where the read-ahead staged it, without unpacking: k and v strided
-        views [num_kv_heads, n, page_size, head_dim] into the staging buffer (a page arena of
-        n slots for an in-place CPU kernel), valid inside the ``with`` block."""
+        """A DISK piece's chunk where the read-ahead staged it, without unpacking: k and v
+        strided views [num_kv_heads, n, page_size, head_dim] into the staging buffer (a page
+        arena of the chunk's n pages for an in-place CPU kernel, the piece's at
+        ``chunk_positions``), valid inside the ``with`` block."""
         assert self.layout is not None and self.readahead is not None
         buf = self._take(piece)
         try:
-            pages = self.layout.pages(buf, piece.num_pages)
+            pages = self.layout.pages(buf, piece.chunk.num_pages)
             yield pages[:, 0].transpose(0, 1), pages[:, 1].transpose(0, 1)
             del pages
         finally:
@@ -389,6 +417,7 @@ class KVReader:
 
     def _disk_groups(self, piece: Piece, max_pages: int) -> Iterator[PageGroup]:
         assert self.layout is not None and piece.chunk is not None
+        assert piece.num_pages == piece.chunk.num_pages, "token groups take whole chunks (partial: CPU kernels only)"
         ps, lo, kv = self.kv.page_size, self.layout, self.kv
         first = piece.page_ids[0] * ps
         fetched = kv.fetcher.take((Tier.DISK, piece.chunk)) if kv.fetcher is not None else None

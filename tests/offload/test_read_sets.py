@@ -139,8 +139,7 @@ def test_random_subset_is_what_everyone_reads(tmp_path, monkeypatch, device, ker
         for step, chunks in zip(range(1, steps + 1), decode_plans):
             for layer in range(engine.model_config.num_layers):
                 tiers = seq.table.tiers(layer)
-                disk_pages = [p for c in chunks if c.layer == layer for p in range(c.first_page,
-                                                                                    c.first_page + c.num_pages)]
+                disk_pages = [p for c in chunks if c.layer == layer for p in c.page_ids]
                 assert disk_pages == [p for p in selector.ahead[(step, layer)] if tiers[p] == Tier.DISK]
                 late = set(selector.chosen[(step, layer)]) - set(selector.ahead[(step, layer)])
                 on_demand += any(tiers[p] == Tier.DISK for p in late)
@@ -183,7 +182,7 @@ def test_fetch_keys_name_exactly_the_pieces_that_cross_to_the_device(tmp_path):
             for key, n in fetch_keys(reads, max_pages=2, page_size=PAGE):
                 if key[0] == Tier.DISK:
                     c = key[1]
-                    got_disk += list(range(c.first_page, c.first_page + c.num_pages))
+                    got_disk += c.page_ids
                     assert n == c.num_pages
                 else:
                     assert key[1] == layer and n == len(key[2]) <= 2
@@ -192,5 +191,38 @@ def test_fetch_keys_name_exactly_the_pieces_that_cross_to_the_device(tmp_path):
             assert sorted(got_host) == sorted(slots[p] for p in host if p not in delegated)
             cpu = [p for piece in reads.pieces if piece.route == Route.PAGED_CPU for p in piece.page_ids]
             assert cpu == delegated
+    finally:
+        engine.close()
+
+
+def test_scattered_disk_pages_share_a_chunk_and_planned_chunks_survive_the_query(tmp_path):
+    """A selection's scattered DISK pages are read as one chunk (extents of consecutive file
+    positions, at most ``staging_chunk_pages`` pages), not one chunk per run. Once the query
+    exists, the planned chunks whose pages are all still named are kept as they were (read
+    ahead); the pages added go to chunks of their own (on demand); a planned chunk that lost
+    a page is not kept."""
+    engine = _engine(tmp_path, DecodeKernel.NUMBA)
+    try:
+        seq = engine.new_sequence()
+        engine.prefill(seq, [i % 256 for i in range(PROMPT)])
+        reader, rule = engine.kv.reader, engine.decode_attention.routes
+        layer = 2  # 3 DEVICE, 8 HOST, 11 DISK pages, slots shuffled
+        tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        disk = [p for p in range(cdiv(PROMPT, PAGE)) if tiers[p] == Tier.DISK]
+        assert len(disk) >= 8
+        before = reader.layer_reads(seq, layer, rule=rule, pages=disk[0:8:2])  # 4 scattered pages
+        chunks = before.chunks()
+        assert [c.page_ids for c in chunks] == [disk[0:6:2], [disk[6]]]  # 3 pages per chunk at most
+        for c in chunks:
+            for e in c.extents:
+                assert [slots[e.first_page + i] for i in range(e.num_pages)] == list(
+                    range(e.disk_slot, e.disk_slot + e.num_pages))
+        # the query keeps the first chunk's pages, drops disk[6], adds disk[1] and disk[7]
+        chosen = sorted([*disk[0:6:2], disk[1], disk[7]])
+        after = reader.layer_reads(seq, layer, rule=rule, pages=chosen, planned=set(chunks))
+        assert after.pages() == chosen
+        ahead, on_demand = after.chunks(ahead=True), after.chunks(ahead=False)
+        assert ahead == [chunks[0]]
+        assert [c.page_ids for c in on_demand] == [[disk[1], disk[7]]]
     finally:
         engine.close()

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from offload.kv.readahead import Chunk, ReadAhead
+from offload.kv.readahead import Chunk, Extent, ReadAhead
 from storage import StorageIOError
 from storage.aligned import AlignedBuffer
 from storage.disk_store import DiskExtentStore, PosixIO
@@ -57,13 +57,13 @@ def _readahead(store) -> ReadAhead:
 def _take_and_check(ra: ReadAhead, c: Chunk) -> None:
     buf, _ = ra.take(c)
     got = buf.numpy()[: c.num_pages * PAGE_BYTES].reshape(c.num_pages, PAGE_BYTES)
-    want = [_fill(c.layer, c.disk_slot + i) for i in range(c.num_pages)]
+    want = [_fill(c.layer, e.disk_slot + i) for e in c.extents for i in range(e.num_pages)]
     assert (got == np.asarray(want, dtype=np.uint8)[:, None]).all()
     del got
     ra.give_back(buf)
 
 
-GOOD = [Chunk(0, 0, 0, 4), Chunk(0, 4, 4, 4), Chunk(1, 0, 0, 4), Chunk(1, 8, 8, 3)]
+GOOD = [Chunk.run(0, 0, 0, 4), Chunk.run(0, 4, 4, 4), Chunk.run(1, 0, 0, 4), Chunk.run(1, 8, 8, 3)]
 
 
 def test_planned_chunks_come_back_with_their_bytes(store):
@@ -73,6 +73,23 @@ def test_planned_chunks_come_back_with_their_bytes(store):
         for c in GOOD:
             _take_and_check(ra, c)
         assert ra.idle and ra.unplanned == 0
+
+
+def test_a_chunk_of_scattered_extents_comes_back_in_extent_order(store):
+    """A sparse set's scattered pages share one chunk: each extent lands after the previous
+    one in the buffer, from its own file position, read ahead and on demand alike."""
+    ra = _readahead(store)
+    scattered = Chunk(0, (Extent(3, 9, 1), Extent(5, 2, 2), Extent(11, 14, 1)))
+    assert scattered.num_pages == 4 and scattered.page_ids == [3, 5, 6, 11]
+    ra.plan([GOOD[0], scattered, GOOD[2]])
+    for c in (GOOD[0], scattered, GOOD[2]):
+        _take_and_check(ra, c)
+    assert ra.idle and ra.unplanned == 0
+    buf, _ = ra.read_now(scattered)
+    got = buf.numpy()[: 4 * PAGE_BYTES].reshape(4, PAGE_BYTES)[:, 0].tolist()
+    assert got == [_fill(0, 9), _fill(0, 2), _fill(0, 3), _fill(0, 14)]
+    del got
+    ra.give_back(buf)
 
 
 def test_a_failed_read_is_raised_by_its_take_and_leaves_every_buffer_free(store):
@@ -97,7 +114,7 @@ def test_a_refused_read_is_raised_by_its_take_and_loses_no_buffer(store):
     nothing; its take raises the store's error; no buffer is lost, so every later plan, more
     rounds than there are buffers, still reads right."""
     ra = _readahead(store)
-    never = Chunk(0, WRITTEN_PAGES + 2, WRITTEN_PAGES + 2, 4)
+    never = Chunk.run(0, WRITTEN_PAGES + 2, WRITTEN_PAGES + 2, 4)
     for _ in range(NUM_BUFFERS + 1):
         ra.plan([GOOD[0], never, GOOD[2]])
         _take_and_check(ra, GOOD[0])

@@ -142,7 +142,10 @@ def test_without_a_prior_every_candidate_is_scanned():
     assert sel.bounds_bytes == (n - len(fixed_pages(n))) * bounds.page_bytes
 
 
-def test_with_a_prior_its_best_pages_are_read_ahead_and_the_rest_chosen_by_bounds_over_a_pool():
+@pytest.mark.parametrize("prefetch_pool", [True, False], ids=["pool-ahead", "pool-on-demand"])
+def test_with_a_prior_its_best_pages_are_read_ahead_and_the_rest_chosen_by_bounds_over_a_pool(prefetch_pool):
+    """The prior's best pages are known before the query; so is the pool the query chooses the
+    rest from, read ahead whole with ``prefetch_pool`` (the query then only drops pages)."""
     torch.manual_seed(2)
     n, ps = 200, 16
     bounds = KeyBounds([0], num_layers=1, num_kv_heads=2, head_dim=16, page_size=ps, dtype=torch.float32,
@@ -154,21 +157,27 @@ def test_with_a_prior_its_best_pages_are_read_ahead_and_the_rest_chosen_by_bound
     prior = torch.linspace(0.001, 0.002, 190)
     prior[[7, 50, 90, 120]] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # pages 190.. are newer than the prompt
     prior[150] = 0.0019  # among the prior's next best: in the scanned pool
-    sel = QuestSelector(budget=0.2, page_size=ps, kinds=(LayerKind.GLOBAL,), scale=0.25)
+    sel = QuestSelector(budget=0.2, page_size=ps, kinds=(LayerKind.GLOBAL,), scale=0.25, prefetch_pool=prefetch_pool)
     seq = types.SimpleNamespace(bounds=bounds, prior={0: prior})
     by_prior, live, scan = split_within_budget(n, 0.2, ps)
     assert by_prior == round(0.75 * (by_prior + live)) and scan == 2 * live
     assert len(fixed_pages(n)) + by_prior + live + scan / ps <= 0.2 * n
     ahead = sel.choose(seq, 0, length=n * ps, query=None)
     assert ahead.needs_query and {7, 50, 90, 120} <= set(ahead.pages)
-    assert len(ahead.pages) == len(fixed_pages(n)) + by_prior  # the prior's pages are known before the query
+    # the prior's pages are known before the query (and the pool, when read ahead)
+    assert len(ahead.pages) == len(fixed_pages(n)) + by_prior + (scan if prefetch_pool else 0)
     scanned = []
     real = sel._bound_scores
     sel._bound_scores = lambda q_, lo, hi, cand: (scanned.append(cand.tolist()), real(q_, lo, hi, cand))[1]
     final = sel.choose(seq, 0, length=n * ps, query=q)
     assert len(scanned[0]) == scan and set(range(190, n - 3)) <= set(scanned[0])  # newer pages: always scanned
-    assert not set(scanned[0]) & set(ahead.pages)
-    assert set(ahead.pages) <= set(final.pages) and 150 in final.pages
+    if prefetch_pool:
+        assert set(scanned[0]) <= set(ahead.pages) and set(final.pages) <= set(ahead.pages)
+        assert len(set(ahead.pages) - set(final.pages)) == scan - live  # read ahead, not attended
+    else:
+        assert not set(scanned[0]) & set(ahead.pages)
+        assert set(ahead.pages) <= set(final.pages)
+    assert 150 in final.pages
     assert len(final.pages) == len(fixed_pages(n)) + by_prior + live
     assert sel.bounds_bytes == scan * bounds.page_bytes
 
@@ -270,8 +279,10 @@ def test_quest_on_spilled_pages_matches_quest_on_device(tmp_path):
     for a, b in zip(logits_d, logits_s):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert stats_s.kv_fraction_read == pytest.approx(stats_d.kv_fraction_read)
-    assert stats_d.kv_fraction_fetched == 0.0 and 0 < stats_s.kv_fraction_fetched <= 0.2
-    assert stats_s.sync_miss_bytes_per_token > 0  # chosen with the query: read on demand
+    # The live pool is read ahead whole: no chosen page waits for an on-demand read, the pool's
+    # pages the query left are fetched and not attended (within 1.5 F).
+    assert stats_d.kv_fraction_fetched == 0.0 and 0 < stats_s.kv_fraction_fetched <= 1.5 * 0.2
+    assert stats_s.sync_miss_bytes_per_token == 0 and stats_s.wasted_prefetch_bytes_per_token > 0
 
 
 def test_a_budget_covering_every_page_is_exact(tmp_path):
