@@ -41,13 +41,11 @@ def _selectors(engine, budgets, modes):
     from offload.attention.streaming import SinkWindowSelector
 
     kinds, ps = engine.kv.kinds, engine.config.page_size
-    pool_ahead = engine.decode_attention.routes.cpu_in_ram  # as the engine's own selector
     out = [("exact", 1.0, ExactSelector())]
     for f in budgets:
         out.append(("sink+window", f, SinkWindowSelector(budget=f, page_size=ps, kinds=kinds)))
         if "quest" in modes:
-            out.append(("quest", f, QuestSelector(budget=f, page_size=ps, kinds=kinds, scale=engine.runner.scale,
-                                                  prefetch_pool=pool_ahead)))
+            out.append(("quest", f, QuestSelector(budget=f, page_size=ps, kinds=kinds, scale=engine.runner.scale)))
         if "oracle" in modes:
             out.append(("oracle", f, OracleSelector(engine, f)))
         if "quest-classic" in modes:  # every candidate's bounds, no prompt prior

@@ -168,10 +168,9 @@ class Engine:
             self.kv, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size,
             head_dim=cfg.head_dim, scale=self.runner.scale, scores_bytes=self.config.attn_scores_bytes)
         # Which pages a decode step attends (exact mode: all); the sparse modes are selectors.
-        # The live pool is read ahead where a CPU kernel can attend part of a staged chunk.
         self.selector: PageSelector = (
             QuestSelector(budget=self.config.sparse_budget, page_size=self.config.page_size, kinds=self.kv.kinds,
-                          scale=self.runner.scale, prefetch_pool=self.decode_attention.routes.cpu_in_ram)
+                          scale=self.runner.scale)
             if self.config.sparse == Sparse.QUEST else ExactSelector())
         self.last_step = StepReads()  # the last decode step's global-layer bytes (``read_account``)
         # Documents' sequences (``add_document``): their pages may move off DEVICE to make

@@ -108,8 +108,8 @@ class Piece:
         tokens: tokens held by the listed pages laid end to end (only a sequence's last page
             is partly filled, and it is listed last).
         skip: leading tokens of the first listed page out of a sliding window (not attended).
-        chunk: for DISK, the staging chunk that reads the pages (on a CPU-only machine a
-            piece may attend only some of a chunk read ahead: ``chunk_positions``).
+        chunk: for DISK, the staging chunk that reads the pages (a piece may attend only
+            some of a chunk read ahead: ``chunk_positions``).
         ahead: read ahead (known before the query); False: read on demand.
         cpu_attended: a CPU kernel attends it where it lies. copied: it crosses to a GPU.
     """
@@ -203,7 +203,7 @@ def fetch_keys(reads: LayerReads, max_pages: int, page_size: int) -> list[tuple[
             continue
         if piece.tier == Tier.DISK:
             assert piece.chunk is not None
-            keys.append(((Tier.DISK, piece.chunk), piece.num_pages))
+            keys.append(((Tier.DISK, piece.chunk), piece.chunk.num_pages))  # copied whole
         else:
             for run in piece.runs(page_size):
                 for _, group, _ in group_pages(list(run.slots), max_pages):
@@ -272,7 +272,7 @@ class KVReader:
                                 slots=tuple(slots[p] for p in pids), tokens=tokens(pids),
                                 skip=skip if pids[0] == first_live else 0, cpu_attended=cpu, copied=copied, **kw))
 
-        for pids, chunk in self._chunks(layer, by_tier[Tier.DISK], slots, planned, partial=rule.cpu_in_ram):
+        for pids, chunk in self._chunks(layer, by_tier[Tier.DISK], slots, planned):
             route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
             add(Tier.DISK, route, pids, chunk=chunk, ahead=planned is None or chunk in planned)
         host = by_tier[Tier.HOST]
@@ -282,14 +282,14 @@ class KVReader:
         add(Tier.HOST, Route.PAGED_CPU, host[:delegated])
         return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length)
 
-    def _chunks(self, layer: int, pids: list[int], slots: list[int], planned: Collection[Chunk] | None = None,
-                *, partial: bool = False) -> Iterator[tuple[list[int], Chunk]]:
+    def _chunks(self, layer: int, pids: list[int], slots: list[int],
+                planned: Collection[Chunk] | None = None) -> Iterator[tuple[list[int], Chunk]]:
         """DISK pages cut into staging chunks of at most ``chunk_pages`` pages each, in page
         order, each chunk's extents the runs of consecutive pages at consecutive file positions.
-        With ``planned``: first the planned chunks of the layer whose pages are all still named
-        (read ahead as they were) or, with ``partial`` (a CPU kernel attends the staging buffer
-        in place), that still hold a named page (the pages named, the rest unused); then the
-        pages left, in chunks of their own (read on demand)."""
+        With ``planned``: first the planned chunks of the layer that still hold a named page,
+        read ahead as they were (the piece takes the pages named, ``Piece.chunk_positions``;
+        the others were read for nothing); then the pages left, in chunks of their own (read
+        on demand)."""
         if not pids:
             return
         assert self.readahead is not None
@@ -298,7 +298,7 @@ class KVReader:
             for c in sorted((c for c in planned if c.layer == layer), key=lambda c: c.extents[0].first_page):
                 ids = c.page_ids  # in page order, as planned: the read-ahead hands chunks out in order
                 use = [p for p in ids if p in named and p not in kept]
-                if use and (partial or len(use) == len(ids)):
+                if use:
                     kept.update(use)
                     yield use, c
             pids = [p for p in pids if p not in kept]
@@ -417,12 +417,18 @@ class KVReader:
 
     def _disk_groups(self, piece: Piece, max_pages: int) -> Iterator[PageGroup]:
         assert self.layout is not None and piece.chunk is not None
-        assert piece.num_pages == piece.chunk.num_pages, "token groups take whole chunks (partial: CPU kernels only)"
         ps, lo, kv = self.kv.page_size, self.layout, self.kv
-        first = piece.page_ids[0] * ps
+        first = piece.page_ids[0] * ps  # (a start position only for exact sets: consecutive pages)
+        pos = piece.chunk_positions()
+        whole = len(pos) == piece.chunk.num_pages
+        assert whole or piece.tokens == len(pos) * ps, "part of a chunk is taken in whole pages"
         fetched = kv.fetcher.take((Tier.DISK, piece.chunk)) if kv.fetcher is not None else None
         if fetched is not None:  # read, then copied ahead on the side stream
             k, v = fetched
+            if not whole:  # the pages the selection kept of a chunk read ahead
+                idx = torch.tensor(pos, dtype=torch.int64, device=k.device)
+                k = k.reshape(k.shape[0], -1, ps, k.shape[2]).index_select(1, idx).reshape(k.shape[0], -1, k.shape[2])
+                v = v.reshape(v.shape[0], -1, ps, v.shape[2]).index_select(1, idx).reshape(v.shape[0], -1, v.shape[2])
         else:
             n = piece.num_pages
             with self.staged(piece) as (k_pages, v_pages):
@@ -431,8 +437,8 @@ class KVReader:
                 # page faults on every byte).
                 k_all, v_all = self._unpack_buffers()
                 k, v = k_all[:, : n * ps], v_all[:, : n * ps]
-                k.view(lo.num_kv_heads, n, ps, lo.head_dim).copy_(k_pages)
-                v.view(lo.num_kv_heads, n, ps, lo.head_dim).copy_(v_pages)
+                k.view(lo.num_kv_heads, n, ps, lo.head_dim).copy_(k_pages if whole else k_pages[:, pos])
+                v.view(lo.num_kv_heads, n, ps, lo.head_dim).copy_(v_pages if whole else v_pages[:, pos])
             k, v = k[:, : piece.tokens], v[:, : piece.tokens]
             if k.device != kv.compute_device:
                 k, v = k.to(kv.compute_device), v.to(kv.compute_device)
@@ -474,7 +480,8 @@ class KVReader:
                 assert self.layout is not None and self.readahead is not None
                 buf = self._take(piece)
                 try:
-                    f.put_pages(key, self.layout.pages(buf, pages), piece.tokens)
+                    whole = piece.num_pages == pages  # (a set before its query names whole chunks)
+                    f.put_pages(key, self.layout.pages(buf, pages), piece.tokens if whole else pages * self.kv.page_size)
                 finally:
                     self.readahead.give_back(buf)
             else:

@@ -198,9 +198,9 @@ def test_fetch_keys_name_exactly_the_pieces_that_cross_to_the_device(tmp_path):
 def test_scattered_disk_pages_share_a_chunk_and_planned_chunks_survive_the_query(tmp_path):
     """A selection's scattered DISK pages are read as one chunk (extents of consecutive file
     positions, at most ``staging_chunk_pages`` pages), not one chunk per run. Once the query
-    exists, the planned chunks whose pages are all still named are kept as they were (read
-    ahead); the pages added go to chunks of their own (on demand); a planned chunk that lost
-    a page is not kept."""
+    exists, the planned chunks that still hold a named page are kept as they were (read
+    ahead; the piece takes the named part of the chunk); the pages added go to chunks of their
+    own (on demand); a planned chunk with no page left is dropped."""
     engine = _engine(tmp_path, DecodeKernel.NUMBA)
     try:
         seq = engine.new_sequence()
@@ -224,5 +224,10 @@ def test_scattered_disk_pages_share_a_chunk_and_planned_chunks_survive_the_query
         ahead, on_demand = after.chunks(ahead=True), after.chunks(ahead=False)
         assert ahead == [chunks[0]]
         assert [c.page_ids for c in on_demand] == [[disk[1], disk[7]]]
+        # a query that keeps only some of a planned chunk's pages takes that part of it
+        part = reader.layer_reads(seq, layer, rule=rule, pages=[disk[0], disk[4]], planned=set(chunks))
+        (piece,) = [p for p in part.pieces if p.tier == Tier.DISK]
+        assert piece.chunk == chunks[0] and piece.ahead and piece.page_ids == (disk[0], disk[4])
+        assert piece.chunk_positions() == [0, 2] and piece.tokens == 2 * PAGE
     finally:
         engine.close()
