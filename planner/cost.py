@@ -13,16 +13,19 @@ pages attended on the CPU and ``recomp`` HOST pages kept as activations)::
                  + s * K * (1 - deleg) / device attention GB/s
                  + s * recomp * tokens * 2 * hidden * (2 * kv_heads * head_dim) / device FLOP/s
     cpu attn     s * K * deleg / CPU attention GB/s      (only q and (out, lse) move: neglected)
-    host->device s * K * (host - deleg - recomp + recomp * act/kv) / pinned GB/s
-                 + s * K * disk / pageable GB/s          (DISK pages pass a pageable staging buffer)
-    disk->host   s * K * disk / disk read GB/s at the extent size
+    host->device f * s * K * (host - deleg - recomp + recomp * act/kv) / pinned GB/s
+                 + f * s * K * disk / pageable GB/s      (DISK pages pass a pageable staging buffer)
+    disk->host   f * s * K * disk / disk read GB/s at the extent size
+                 (f = sparse_fetch: pages moved per page attended, > 1 when a sparse selector
+                 reads its candidate pool ahead; 1 for exact)
     writes       the step's new K/V (batch tokens) as they reach HOST and DISK
     overhead     fixed per layer (the profile's layer_overhead_s), plus piece_overhead_s for
                  each extra attention piece: the HOST pages (two pieces when only a share of
                  them is delegated) and every staged DISK chunk (extent) — in the LP the chunks
-                 count linearly (disk pages / pages per extent) and the HOST piece not at all
+                 count linearly (f * s * disk pages / pages per extent: a sparse step's scattered
+                 pages share chunks) and the HOST piece not at all
                  (an indicator is not linear); whole-page plans are priced with both exactly
-    read loss    s * K * disk * the profile's read_interference_s_per_gb: on a CPU-only machine
+    read loss    f * s * K * disk * the profile's read_interference_s_per_gb: on a CPU-only machine
                  reads and compute share cores and memory bus, and running them together takes
                  longer than the max of the two by about this much per GB read (0 on a GPU
                  machine, where the device computes); added to every path
@@ -214,7 +217,7 @@ class CostModel:
         legs = self.decode_legs_raw(*split.as_tuple())
         p, hw = self.problem, self.profile
         if hw.piece_overhead_s:
-            disk_pages = split.disk * p.pages_per_layer
+            disk_pages = self._disk_pages_read(split.disk)
             host_pieces = int(split.host - split.recomputed > 1e-12)
             if hw.device_is_host is False and 1e-12 < split.delegated < split.host - split.recomputed - 1e-12:
                 host_pieces += 1  # delegated and fetched HOST pages are attended apart
@@ -230,6 +233,7 @@ class CostModel:
         p, hw = self.problem, self.profile
         del device  # DEVICE pages cost only their attention, counted with every non-delegated page
         read = p.sparse_budget * p.kv_layer_bytes  # K/V bytes a step reads from the layer
+        moved = read * p.sparse_fetch  # ... and brings from HOST or DISK per byte attended there
         tokens = p.pages_per_layer * p.page_size
         flops_s = hw.device_matmul_tflops * 1e12
         weights_s = self._decode_weights_s()
@@ -242,15 +246,22 @@ class CostModel:
             + recompute_flops / flops_s,
             Leg.CPU_ATTENTION: read * delegated / (hw.cpu_attention_gbps * 1e9),
             Leg.HOST_TO_DEVICE: 0.0 if hw.device_is_host else (
-                read * shipped_host / (hw.host_to_device_pinned_gbps * 1e9)
-                + read * disk / (hw.host_to_device_pageable_gbps * 1e9)),
-            Leg.DISK_READ: read * disk / (hw.disk_read_gbps(p.disk_extent_bytes) * 1e9),
+                moved * shipped_host / (hw.host_to_device_pinned_gbps * 1e9)
+                + moved * disk / (hw.host_to_device_pageable_gbps * 1e9)),
+            Leg.DISK_READ: moved * disk / (hw.disk_read_gbps(p.disk_extent_bytes) * 1e9),
             Leg.WRITE: new_kv * (host / (hw.host_to_device_pinned_gbps * 1e9)
                                  + disk / (hw.host_to_device_pageable_gbps * 1e9)
                                  + disk / (hw.disk_write_gbps * 1e9)),
-            Leg.OVERHEAD: hw.layer_overhead_s + hw.piece_overhead_s * disk * p.pages_per_layer / p.pages_per_extent,
-            Leg.READ_LOSS: read * disk * hw.read_interference_s_per_gb / 1e9,
+            Leg.OVERHEAD: hw.layer_overhead_s + hw.piece_overhead_s * self._disk_pages_read(disk) / p.pages_per_extent,
+            Leg.READ_LOSS: moved * disk * hw.read_interference_s_per_gb / 1e9,
         }
+
+    def _disk_pages_read(self, disk: float) -> float:
+        """DISK pages a step reads of a layer with this share of its pages on DISK: the sparse
+        share of them (with the pool read ahead), one staging chunk per ``pages_per_extent``
+        (a layer's scattered pages share chunks)."""
+        p = self.problem
+        return disk * p.pages_per_layer * p.sparse_budget * p.sparse_fetch
 
     def _decode_weights_s(self) -> float:
         """A decode layer's matrix-vector work: its share of the weights streamed, or its

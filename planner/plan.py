@@ -37,6 +37,8 @@ class Plan:
         delegated_pages: HOST pages per layer attended on the CPU (not fetched).
         recomputed_pages: HOST pages per layer kept as activations (K/V recomputed on device).
         sparse_budget: share of the pages a step reads.
+        sparse_fetch: pages moved from HOST/DISK per page attended there (``PlanProblem``).
+        metadata_bytes: DEVICE bytes of page metadata (key bounds) over all layers.
         decode_step_s / prefill_s: predicted times under the plan (whole pages).
         lp_step_s: the LP's optimum before rounding to whole pages (None for greedy).
         leg_s: (leg name, seconds per step summed over layers) pairs.
@@ -67,6 +69,8 @@ class Plan:
     binding_constraints: tuple[str, ...]
     budget_bytes: tuple[tuple[str, int], ...]
     room_bytes: tuple[tuple[str, float], ...]
+    sparse_fetch: float = 1.0
+    metadata_bytes: int = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -128,7 +132,9 @@ class Plan:
         budgets, rooms = dict(self.budget_bytes), dict(self.room_bytes)
         lines = [f"Plan ({self.method}): {self.num_layers} layers x {self.pages_per_layer} pages of "
                  f"{self.page_bytes / 2**10:.0f} KiB; KV {self.kv_bytes / GiB:.2f} GiB; "
-                 f"sparse budget {self.sparse_budget:g}"]
+                 f"sparse budget {self.sparse_budget:g}"
+                 + (f" (pages moved per page attended off DEVICE: {self.sparse_fetch:.2f}; key bounds "
+                    f"{self.metadata_bytes / GiB:.3f} GiB on DEVICE)" if self.sparse_budget < 1 else "")]
         for t in Tier:
             pages = self.pages_of(t)
             share = sum(pages) / (self.num_layers * self.pages_per_layer)
@@ -176,6 +182,7 @@ def make_plan(problem: PlanProblem, model: CostModel, cap: Capacity, pages: Sequ
         binding_constraints=tuple(binding),
         budget_bytes=tuple((t.value, b) for t, b in cap.budget_bytes.items()),
         room_bytes=tuple((t.value, r) for t, r in cap.room_bytes.items()),
+        sparse_fetch=problem.sparse_fetch, metadata_bytes=problem.metadata_bytes_per_layer * problem.num_layers,
     )
     for t, stored in plan.stored_bytes.items():
         assert stored <= cap.room_bytes[t] + 1e-6 * problem.page_bytes, (t, stored, cap.room_bytes[t])

@@ -67,6 +67,11 @@ class PlanProblem:
         allow_recompute: HOST may keep activations instead of K/V for some pages; K/V are
             recomputed on the device from the shipped activations.
         sparse_budget: share of the pages a step reads (1.0 = exact attention).
+        sparse_fetch: pages brought from HOST or DISK per page a sparse step attends there
+            (> 1 when a selector reads a candidate pool ahead and attends part of it: Quest's
+            pool, ``offload.attention.quest.pool_fetch_ratio``); 1 for exact attention.
+        metadata_bytes_per_layer: DEVICE bytes per layer of page metadata a sparse step scores
+            (key bounds), held on DEVICE whatever the pages' tiers.
         staging_buffers: DISK read staging buffers of one extent each (the engine's read-ahead
             depth); 0 = price each layer's reads against that layer only (FlexGen's model).
     """
@@ -95,6 +100,8 @@ class PlanProblem:
     allow_recompute: bool = False
     sparse_budget: float = 1.0
     staging_buffers: int = 0
+    sparse_fetch: float = 1.0
+    metadata_bytes_per_layer: int = 0
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size",
@@ -105,7 +112,7 @@ class PlanProblem:
         if not isinstance(self.staging_buffers, int) or self.staging_buffers < 0:
             raise ValueError(f"PlanProblem.staging_buffers must be an int >= 0, got {self.staging_buffers!r}")
         for f in ("weight_bytes", "device_working_bytes", "host_staging_bytes", "ring_bytes_per_layer",
-                  "device_budget_bytes", "host_budget_bytes", "disk_budget_bytes"):
+                  "metadata_bytes_per_layer", "device_budget_bytes", "host_budget_bytes", "disk_budget_bytes"):
             value = getattr(self, f)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"PlanProblem.{f} must be an int >= 0{' or None' if 'budget' in f else ''}, "
@@ -117,6 +124,8 @@ class PlanProblem:
             raise ValueError(f"PlanProblem.slack must be in (0, 1], got {self.slack!r}")
         if not 0 < self.sparse_budget <= 1:
             raise ValueError(f"PlanProblem.sparse_budget must be in (0, 1], got {self.sparse_budget!r}")
+        if not 1 <= self.sparse_fetch <= 1 / self.sparse_budget:
+            raise ValueError(f"PlanProblem.sparse_fetch must be in [1, 1 / sparse_budget], got {self.sparse_fetch!r}")
         if self.num_layer_groups > self.num_layers:
             raise ValueError(f"PlanProblem.num_layer_groups ({self.num_layer_groups}) must be <= "
                              f"num_layers ({self.num_layers})")
@@ -164,7 +173,8 @@ class PlanProblem:
 
     @property
     def device_fixed_bytes(self) -> int:
-        return self.weight_bytes + self.device_working_bytes + self.ring_bytes_per_layer * self.num_layers
+        return (self.weight_bytes + self.device_working_bytes
+                + (self.ring_bytes_per_layer + self.metadata_bytes_per_layer) * self.num_layers)
 
     def layer_groups(self) -> list[range]:
         """Consecutive layer ranges, as even as possible."""
@@ -228,6 +238,8 @@ def _fixed_violation(problem: PlanProblem, cap: Capacity, tier: Tier) -> str | N
             parts.append(f"working buffers {_gib(problem.device_working_bytes)}")
         if problem.ring_bytes_per_layer:
             parts.append(f"rings {_gib(problem.ring_bytes_per_layer * problem.num_layers)}")
+        if problem.metadata_bytes_per_layer:
+            parts.append(f"key bounds {_gib(problem.metadata_bytes_per_layer * problem.num_layers)}")
     else:
         parts = [f"staging buffers {_gib(problem.host_staging_bytes)}"]
     need = _smallest_budgets(problem, cap).get(tier)

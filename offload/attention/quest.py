@@ -38,7 +38,8 @@ import torch
 from offload.kv.page_table import KVSequence, LayerKind, cdiv
 from offload.kv.reads import PageChoice
 
-__all__ = ["QuestSelector", "WINDOW_PAGES", "SINK_PAGES", "pages_within_budget", "split_within_budget"]
+__all__ = ["QuestSelector", "WINDOW_PAGES", "SINK_PAGES", "pages_within_budget", "split_within_budget",
+           "pool_fetch_ratio"]
 
 # With a prompt prior (measured with bench/selector_quality.py, Gemma 3 270M, 4K-token QA cases,
 # F = 0.1 / 0.2: the pages holding the facts were chosen in 56% / 94% of steps and layers by
@@ -83,6 +84,14 @@ def split_within_budget(n: int, budget: float, page_size: int) -> tuple[int, int
         if fixed + take + scanned / page_size <= budget * n + 1e-9:
             return by_prior, live, scanned
     return 0, 0, 0
+
+
+def pool_fetch_ratio(n: int, budget: float, page_size: int) -> float:
+    """Pages a step brings from HOST or DISK per page it attends there, with a prompt prior
+    and the pool read ahead (the planner's ``sparse_fetch``): (prior's + pool) / (prior's +
+    chosen); 1 where no prior split fits (the step is exact, or classic Quest on demand)."""
+    by_prior, live, scan = split_within_budget(n, budget, page_size)
+    return (by_prior + scan) / (by_prior + live) if by_prior >= 1 else 1.0
 
 
 class QuestSelector:

@@ -119,6 +119,15 @@ def _check(args: argparse.Namespace) -> None:
                 raise InputError(f"{flag}: {e}") from None
 
 
+def _fetch(args: argparse.Namespace, budget: float) -> float:
+    """Pages moved per page attended off DEVICE: Quest reads its live pool ahead."""
+    if args.sparse != "quest" or budget >= 1:
+        return 1.0
+    from offload.attention.quest import pool_fetch_ratio
+
+    return pool_fetch_ratio(-(-args.context // args.page_size), budget, args.page_size)
+
+
 def _budget(args: argparse.Namespace) -> float:
     """F the plan prices: the given budget, a sparse mode's default, or 1 (exact)."""
     if args.sparse_budget is not None:
@@ -149,7 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         device_budget_bytes=size_flag("--device-memory", args.device_memory, minimum=1),
         host_budget_bytes=size_flag("--host-memory", args.host_memory),
         disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
-        what_if=args.what_if, sparse_budget=_budget(args), num_layer_groups=args.layer_groups)
+        what_if=args.what_if, sparse_budget=_budget(args), sparse_fetch=_fetch(args, _budget(args)),
+        num_layer_groups=args.layer_groups)
     try:
         result = plan(problem, profile)
         baseline = greedy_plan(problem, profile) if args.greedy else None

@@ -90,7 +90,7 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
                   disk_budget_bytes: int | None, page_size: int = 32, batch_size: int = 1,
                   prefill_chunk_tokens: int = 1024, scores_bytes: int = 64 * 2**20,
                   staging_chunk_pages: int = 64, staging_buffers: int = 4, what_if: bool = False,
-                  sparse_budget: float = 1.0, num_layer_groups: int = 1) -> PlanProblem:
+                  sparse_budget: float = 1.0, sparse_fetch: float = 1.0, num_layer_groups: int = 1) -> PlanProblem:
     """The planning problem of a whole run (``offload plan``): budgets cover weights and buffers.
     DEVICE reserves the working set of a prefill chunk, ``DEVICE_RESERVE_PAGES`` pages per
     layer (tails, a question's scratch pages, decode growth) and the sliding-window
@@ -101,6 +101,9 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
         what_if: also explore recompute; without it the plan is one the engine can execute.
         sparse_budget: F, the share of the K/V bytes a decode step reads (``--sparse quest
             --sparse-budget F``; 1 = exact). The cost model scales each layer's reads by it.
+        sparse_fetch: pages moved from HOST/DISK per page attended there (a pool read ahead).
+            A sparse plan also holds the pages' key bounds on DEVICE (``1 / page_size`` of the
+            K/V bytes); an exact plan leaves them out, as the engine's DEVICE budget does.
     """
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
     # Only global layers' pages are placed; sliding-window layers keep DEVICE rings (Gemma 3).
@@ -121,7 +124,9 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
         staging_buffers=staging_buffers, num_layer_groups=num_layer_groups, allow_delegation=True,
         allow_recompute=what_if,
-        sparse_budget=sparse_budget)
+        sparse_budget=sparse_budget, sparse_fetch=sparse_fetch,
+        metadata_bytes_per_layer=(0 if sparse_budget >= 1 else
+                                  -(-context_tokens // page_size) * batch_size * page_bytes // page_size))
 
 
 def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,

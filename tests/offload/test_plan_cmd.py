@@ -63,6 +63,9 @@ def test_a_sparse_budget_is_priced(capsys):
     assert main(base) == 0
     exact = json.loads(capsys.readouterr().out)["plan"]
     assert sparse["sparse_budget"] == 0.25 and sparse["decode_step_s"] < exact["decode_step_s"]
+    # Quest reads its live pool ahead (more moved than attended) and holds key bounds on DEVICE.
+    assert 1 < sparse["sparse_fetch"] <= 1.5 and exact["sparse_fetch"] == 1.0
+    assert sparse["metadata_bytes"] > 0 and exact["metadata_bytes"] == 0
     # --sparse-fraction is the old name of --sparse-budget, still taken with --what-if.
     assert main(base + ["--what-if", "--sparse-fraction", "0.25"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["sparse_budget"] == 0.25

@@ -27,6 +27,8 @@ BAD_PROBLEM_FIELDS = [
     ("num_kv_heads", 3, "must be a multiple of num_kv_heads"),
     ("slack", 1.5, r"slack must be in \(0, 1\]"),
     ("sparse_budget", 0.0, r"sparse_budget must be in \(0, 1\]"),
+    ("sparse_fetch", 0.5, r"sparse_fetch must be in \[1, 1 / sparse_budget\]"),
+    ("metadata_bytes_per_layer", -1, "metadata_bytes_per_layer must be an int >= 0"),
     ("host_budget_bytes", -1, "host_budget_bytes must be an int >= 0 or None"),
     ("num_layer_groups", 9, "num_layer_groups .* must be <= num_layers"),
 ]
@@ -126,6 +128,20 @@ def test_sparse_budget_scales_reads():
     sparse = CostModel(tiny_problem(sparse_budget=0.25), round_profile()).decode_legs(split)
     for leg in (Leg.CPU_ATTENTION, Leg.HOST_TO_DEVICE, Leg.DISK_READ):
         assert sparse[leg] == pytest.approx(dense[leg] / 4, rel=1e-12)
+
+
+def test_a_pool_read_ahead_moves_more_than_it_attends():
+    """sparse_fetch scales what crosses from HOST and DISK (and the DISK chunks), not the
+    attention; key bounds are held on DEVICE beside the weights."""
+    split = LayerSplit(0.2, 0.4, 0.4, delegated=0.2)
+    attended = CostModel(tiny_problem(sparse_budget=0.25), round_profile()).decode_legs(split)
+    pooled = CostModel(tiny_problem(sparse_budget=0.25, sparse_fetch=1.5), round_profile()).decode_legs(split)
+    for leg in (Leg.HOST_TO_DEVICE, Leg.DISK_READ):
+        assert pooled[leg] == pytest.approx(attended[leg] * 1.5, rel=1e-12)
+    for leg in (Leg.COMPUTE, Leg.CPU_ATTENTION):
+        assert pooled[leg] == attended[leg]
+    p = tiny_problem(sparse_budget=0.25, metadata_bytes_per_layer=64)
+    assert p.device_fixed_bytes == tiny_problem().device_fixed_bytes + 2 * 64
 
 
 def test_prefill_by_hand():
