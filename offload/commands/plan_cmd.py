@@ -153,12 +153,13 @@ def _run(args: argparse.Namespace) -> int:
     profile = _profile(args)
     dtype = parse_dtype(args.dtype or ("fp32" if profile.device_is_host else "bf16"))
     kv_dtype = parse_dtype(args.kv_dtype) if args.kv_dtype else dtype
+    budget = _budget(args)
     problem = model_problem(
         cfg, context_tokens=args.context, dtype_bytes=dtype.itemsize, kv_dtype_bytes=kv_dtype.itemsize,
         device_budget_bytes=size_flag("--device-memory", args.device_memory, minimum=1),
         host_budget_bytes=size_flag("--host-memory", args.host_memory),
         disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
-        what_if=args.what_if, sparse_budget=_budget(args), sparse_fetch=_fetch(args, _budget(args)),
+        what_if=args.what_if, sparse_budget=budget, sparse_fetch=_fetch(args, budget),
         num_layer_groups=args.layer_groups)
     try:
         result = plan(problem, profile)

@@ -47,9 +47,9 @@ class Extent:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Chunk:
     """DISK pages of one layer read as one unit into one staging buffer: its extents, laid
-    one after the other in the buffer. An exact set's chunk is one extent; a sparse set's
-    scattered pages share a chunk, so attention takes them in one kernel call instead of one
-    per run."""
+    one after the other in the buffer. An exact set's chunk is one extent unless its pages'
+    file positions jump; a sparse set's scattered pages share a chunk, so attention takes them
+    in one kernel call instead of one per run."""
 
     layer: int
     extents: tuple[Extent, ...]

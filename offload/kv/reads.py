@@ -480,8 +480,8 @@ class KVReader:
                 assert self.layout is not None and self.readahead is not None
                 buf = self._take(piece)
                 try:
-                    whole = piece.num_pages == pages  # (a set before its query names whole chunks)
-                    f.put_pages(key, self.layout.pages(buf, pages), piece.tokens if whole else pages * self.kv.page_size)
+                    assert piece.num_pages == pages, "fetched ahead: a set made before its query, of whole chunks"
+                    f.put_pages(key, self.layout.pages(buf, pages), piece.tokens)
                 finally:
                     self.readahead.give_back(buf)
             else:
