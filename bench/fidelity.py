@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 SHARED_ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham"
 
 
-def _selectors(engine, budgets, modes):
+def _selectors(engine, source, budgets, modes):
     """(label, F, selector) of every configuration, exact first."""
     from offload.attention.quest import QuestSelector
     from offload.attention.selection import ExactSelector
@@ -51,6 +51,10 @@ def _selectors(engine, budgets, modes):
         if "quest-classic" in modes:  # every candidate's bounds, no prompt prior
             out.append(("quest-classic", f, QuestSelector(budget=f, page_size=ps, kinds=kinds,
                                                           scale=engine.runner.scale, use_prior=False)))
+        if "speculative" in modes:  # Quest's pages at its own split (the pool's bounds paid twice)
+            from offload.attention.speculative import speculative_selector
+
+            out.append(("speculative", f, speculative_selector(engine, source, budget=f)))
     return out
 
 
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--per-task", type=int, default=3, help="cases per task and length")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle"])
+    p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle", "speculative"])
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget (small: the KV spills)")
     p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_cases(tuple(args.lengths), per_task=args.per_task)[: args.limit]
     essays = qa_essays(SHARED_ESSAYS)
     with LongDocQA(args.model, config=config, doc_cache=False, allow_long_context=True) as qa:
-        selectors = _selectors(qa.engine, args.budgets, args.modes)
+        selectors = _selectors(qa.engine, qa.source, args.budgets, args.modes)
         print(f"model {args.model}; DEVICE {args.device_memory}, HOST 0 (global KV on DISK); page "
               f"{qa.engine.config.page_size} tokens; {len(cases)} QA cases at {args.lengths} tokens; "
               f"configurations: {', '.join(f'{l}@{f:g}' for l, f, _ in selectors)}")

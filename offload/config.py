@@ -57,12 +57,13 @@ class Sparse(enum.Enum):
 
     EXACT = "exact"  # every page
     QUEST = "quest"  # the pages whose key bounds score highest against the live query (Tang et al. 2024)
+    SPECULATIVE = "speculative"  # Quest's choice, its pages predicted and read one layer ahead (InfiniGen)
 
 
 SPARSE_MODES = tuple(m.value for m in Sparse)
 # Modes the interface names that are not built yet: asking for one says so instead of
 # running something else.
-PLANNED_SPARSE_MODES = ("speculative",)
+PLANNED_SPARSE_MODES: tuple[str, ...] = ()
 
 
 def check_sparse_budget(value: object, name: str = "sparse_budget") -> float:
@@ -196,9 +197,11 @@ class RuntimeConfig:
             one, else the device type's preset (cpu-2core, rtx4090-pcie4). The engine never
             measures: ``LongDocQA`` and the CLI fill this field first, measuring once per
             machine when they may spill (``offload.tuning.profile.profile_for``).
-        sparse: which pages a decode step attends in the global layers: "exact" (all) or
-            "quest" (``offload.attention.quest``). Prefill, and a question's own prefill over
-            its document, always attend every page.
+        sparse: which pages a decode step attends in the global layers: "exact" (all),
+            "quest" (``offload.attention.quest``) or "speculative" (quest's pages, predicted
+            one layer ahead and read while the layer before computes:
+            ``offload.attention.speculative``; its engine calibrates once per model). Prefill,
+            and a question's own prefill over its document, always attend every page.
         sparse_budget: F, the most a sparse decode step reads of the K/V bytes exact attention
             would read in the global layers at that step (sink, window, tail and the page
             bounds it scans included), in (0, 1].

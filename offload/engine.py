@@ -17,6 +17,8 @@ Two named paths. ``prefill`` (T prompt tokens)::
     page moves of the step (tail pages, evictions, sliding rings)    PagedKV.prepare_decode
     one read set per layer (the selector's pages, routes, chunks)    step_reads
     DISK chunks of every layer read ahead                            KVReader.plan
+      (a speculative selector: layer l+1's set is made from layer l's input at the start
+       of layer l and its chunks join the plan then, KVReader.plan_more)
     for layer l:
         q, k, v = qkv(l, h); k, v -> the layer's tail page
         attention over the layer's read set (global and sliding layers alike)
@@ -51,6 +53,7 @@ from offload.attention.prompt_prior import PRIOR_QUERIES, PageMass
 from offload.attention.quest import QuestSelector
 from offload.attention.read_account import ReadAccount, StepReads
 from offload.attention.selection import ExactSelector, PageSelector
+from offload.attention.speculative import speculative_selector
 from offload.config import HostAttention, Planner, RuntimeConfig, Sparse
 from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError, UnsupportedModelError
 from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
@@ -181,6 +184,8 @@ class Engine:
             source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
             self.config.page_size, self.arena.num_slots * self.arena.slot_bytes / 2**30, self.kv_dtype,
         )
+        if self.config.sparse == Sparse.SPECULATIVE:  # its calibration prefills on this engine: built last
+            self.selector = speculative_selector(self, source)
 
     # ----- tiers --------------------------------------------------------------------------
     def _slot_bytes(self) -> int:
@@ -611,7 +616,17 @@ class Engine:
         h = self.runner.embed(torch.tensor([token], dtype=torch.int64, device=self.device))
         num_layers = self.model_config.num_layers
         self.kv.prepare_decode(seq)
-        reads, needs_query = self.step_reads(seq)
+        # A speculative selector names layer l+1's pages from layer l's input: its sets are
+        # made (and read ahead) one layer ahead, the first one from the step's own input.
+        speculates = getattr(self.selector, "speculates", False)
+        bounds0, selection0 = self._selector_spent()  # what the selector spends on this step, from here
+        hits0, chosen0 = (self.selector.spec_hits, self.selector.spec_chosen) if speculates else (0, 0)
+        if speculates:
+            self.selector.fallback = ""
+            first, need = self._speculated_reads(seq, 0, h, pos)
+            reads, needs_query = [first], [need]
+        else:
+            reads, needs_query = self.step_reads(seq)
         reader, fetcher = self.kv.reader, self.kv.fetcher
         if self.config.overlap:
             reader.plan(reads)
@@ -622,8 +637,13 @@ class Engine:
         if fetch:
             reader.fetch_ahead(reads[0], group_tokens)
         step = StepReads()
-        bounds0, selection0 = self._selector_spent()
         for layer in range(num_layers):
+            if speculates and layer + 1 < num_layers:
+                nxt, need = self._speculated_reads(seq, layer + 1, h, pos)
+                reads.append(nxt)
+                needs_query.append(need)
+                if self.config.overlap:
+                    reader.plan_more(reads[layer + 1])
             q, k, v = self.runner.qkv(layer, h, pos)
             self.kv.append(seq, layer, k, v)
             layer_reads = reads[layer]
@@ -641,6 +661,8 @@ class Engine:
         bounds1, selection1 = self._selector_spent()
         step.finish(bounds_bytes=bounds1 - bounds0, selection_s=selection1 - selection0,
                     fallback=self.selector.fallback)
+        if speculates:
+            step.speculated(hits=self.selector.spec_hits - hits0, chosen=self.selector.spec_chosen - chosen0)
         self.last_step = step
         return self.runner.logits(h)
 
@@ -660,6 +682,15 @@ class Engine:
             reads.append(self._layer_reads(seq, layer, length, choice.pages, None))
             needs.append(choice.needs_query)
         return reads, needs
+
+    def _speculated_reads(self, seq: KVSequence, layer: int, h: torch.Tensor,
+                          pos: torch.Tensor) -> tuple[LayerReads, bool]:
+        """``layer``'s set before its query, with the pages predicted from ``h`` (the input of
+        the layer before it, or its own for the first), and whether the query must be asked."""
+        length = seq.lengths[layer] + 1
+        self.selector.speculate(seq, layer, h, pos, length=length)
+        choice = self.selector.choose(seq, layer, length=length, query=None)
+        return self._layer_reads(seq, layer, length, choice.pages, None), choice.needs_query
 
     def _layer_reads(self, seq: KVSequence, layer: int, length: int, pages: Sequence[int] | None,
                      planned: set[Chunk] | None) -> LayerReads:

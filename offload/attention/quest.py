@@ -56,12 +56,13 @@ def fixed_pages(n: int) -> list[int]:
     return sorted({*range(min(SINK_PAGES, n)), *range(max(0, n - 1 - WINDOW_PAGES), n)})
 
 
-def pages_within_budget(n: int, budget: float, page_size: int) -> tuple[int | None, str]:
+def pages_within_budget(n: int, budget: float, page_size: int, scans: int = 1) -> tuple[int | None, str]:
     """How many of a layer's ``n`` pages a step may attend at budget F, once the candidates'
-    bounds are paid (each ``1 / page_size`` of a page), and why not (None: exact instead)."""
+    bounds are paid (each ``1 / page_size`` of a page, ``scans`` times), and why not (None:
+    exact instead)."""
     fixed = len(fixed_pages(n))
     candidates = n - fixed
-    allowed = math.floor(budget * n - candidates / page_size + 1e-9)
+    allowed = math.floor(budget * n - scans * candidates / page_size + 1e-9)
     if allowed >= n or budget >= 1.0:  # reading every page, with no bounds, fits
         return None, f"the budget covers every page ({n} pages at F={budget:g})"
     if allowed <= fixed:
@@ -70,18 +71,19 @@ def pages_within_budget(n: int, budget: float, page_size: int) -> tuple[int | No
     return allowed, ""
 
 
-def split_within_budget(n: int, budget: float, page_size: int) -> tuple[int, int, int]:
+def split_within_budget(n: int, budget: float, page_size: int, scans: int = 1) -> tuple[int, int, int]:
     """With a prompt prior: (pages chosen by the prior alone, pages chosen by live bounds,
     candidates whose bounds are scanned), the most that fit F once the scanned bounds are
     paid; (0, 0, 0) when none fits. ``PRIOR_SHARE`` of the chosen pages come from the prior,
-    the rest from ``POOL_FACTOR`` times as many scanned candidates."""
+    the rest from ``POOL_FACTOR`` times as many scanned candidates (their bounds paid ``scans``
+    times)."""
     fixed = len(fixed_pages(n))
     candidates = n - fixed
     for take in range(min(candidates, math.floor(budget * n + 1e-9) - fixed), 0, -1):
         by_prior = max(1, round(PRIOR_SHARE * take))
         live = take - by_prior
         scanned = min(candidates - by_prior, POOL_FACTOR * live)
-        if fixed + take + scanned / page_size <= budget * n + 1e-9:
+        if fixed + take + scans * scanned / page_size <= budget * n + 1e-9:
             return by_prior, live, scanned
     return 0, 0, 0
 
@@ -109,6 +111,7 @@ class QuestSelector:
         self.budget, self.page_size, self.kinds, self.scale = budget, page_size, kinds, scale
         self.wants_prior = use_prior  # the engine keeps the prompt prior for us (``prompt_prior``)
         self.prefetch_pool = prefetch_pool  # read the live pool ahead too (else: its chosen pages on demand)
+        self.scans = 1  # times a step scans the pool's bounds (paid from F each time)
         self.selection_s = 0.0  # time spent scoring and choosing (read and reset by the engine)
         self.fallback = ""  # why the last step was exact, if it was
         self.bounds_bytes = 0  # bounds scanned since the engine last reset it
@@ -152,14 +155,14 @@ class QuestSelector:
         return plan
 
     def _make_plan(self, prior: torch.Tensor | None, n: int) -> tuple[tuple[int, ...], np.ndarray, int, tuple[int, ...]] | str:
-        allowed, why = pages_within_budget(n, self.budget, self.page_size)
+        allowed, why = pages_within_budget(n, self.budget, self.page_size, self.scans)
         if allowed is None:
             return why
         fixed = fixed_pages(n)
         candidates = np.setdiff1d(np.arange(n, dtype=np.int32), np.asarray(fixed, dtype=np.int32))
         if prior is None:  # classic Quest: every candidate's bounds, once the query exists
             return tuple(fixed), candidates, allowed - len(fixed), tuple(fixed)
-        by_prior, take, scan = split_within_budget(n, self.budget, self.page_size)
+        by_prior, take, scan = split_within_budget(n, self.budget, self.page_size, self.scans)
         if by_prior < 1:
             return f"too few pages to choose from: {n} pages at F={self.budget:g}"
         first, scanned = self._split(prior, candidates, by_prior, scan)

@@ -37,6 +37,8 @@ class StepReads:
     layers: int = 0
     selection_s: float = 0.0
     fallback: str = ""
+    spec_hits: int = 0  # speculative mode: live-chosen pages the prediction had named
+    spec_chosen: int = 0  # speculative mode: pages the live query chose
 
     def add_layer(self, before: LayerReads, after: LayerReads, *, exact_pages: int, page_bytes: int) -> None:
         """A layer's set before the query (``before``) and the one attention consumed."""
@@ -63,6 +65,9 @@ class StepReads:
         self.read_bytes += bounds_bytes
         self.fetched_bytes += self.wasted_bytes
 
+    def speculated(self, *, hits: int, chosen: int) -> None:
+        self.spec_hits, self.spec_chosen = hits, chosen
+
     @property
     def fraction_read(self) -> float:
         return self.read_bytes / self.exact_bytes if self.exact_bytes else 1.0
@@ -82,6 +87,8 @@ class ReadAccount:
         self._pages = self._layers = self._miss = self._wasted = self._bounds = 0
         self._fallbacks = 0
         self._last_fallback = ""
+        self._spec_hits = self._spec_chosen = 0
+        self._speculated = False
 
     def add(self, step: StepReads) -> None:
         self.steps += 1
@@ -94,6 +101,9 @@ class ReadAccount:
         self._miss += step.sync_miss_bytes
         self._wasted += step.wasted_bytes
         self._bounds += step.bounds_bytes
+        self._spec_hits += step.spec_hits
+        self._spec_chosen += step.spec_chosen
+        self._speculated |= step.spec_chosen > 0
         if step.fallback:
             self._fallbacks += 1
             self._last_fallback = step.fallback
@@ -110,5 +120,6 @@ class ReadAccount:
         stats.sync_miss_bytes_per_token = self._miss // n
         stats.wasted_prefetch_bytes_per_token = self._wasted // n
         stats.key_bounds_bytes_read_per_token = self._bounds // n
+        stats.speculation_hit_rate = self._spec_hits / self._spec_chosen if self._speculated else None
         stats.sparse_fallback = (f"{self._fallbacks} of {n} steps exact: {self._last_fallback}"
                                  if self._fallbacks else "")

@@ -142,7 +142,8 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
         if stats.sparse != "exact":
             res.sparse = {k: getattr(stats, k) for k in (
                 "sparse", "sparse_budget", "kv_fraction_read", "kv_fraction_read_max", "kv_fraction_fetched",
-                "sparse_fallback", "selection_s", "sync_miss_bytes_per_token")}
+                "sparse_fallback", "selection_s", "sync_miss_bytes_per_token", "wasted_prefetch_bytes_per_token",
+                "speculation_hit_rate")}
         if keep and rep == reps - 1:
             kept = (doc, tok)
         else:
@@ -275,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peers")
-    p.add_argument("--sparse", choices=[m for m in SPARSE_MODES if m != "exact"], default=None,
-                   help="also run this sparse mode all-DISK (and a short-prompt all-DEVICE row for its bound)")
+    p.add_argument("--sparse", nargs="+", choices=[m for m in SPARSE_MODES if m != "exact"], default=None,
+                   help="also run these sparse modes all-DISK (and a short-prompt all-DEVICE row for their bound); "
+                        "quest and speculative together also print speculative against quest")
     p.add_argument("--sparse-budget", type=float, default=None, metavar="F", help="with --sparse (default 0.1)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -293,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
     try:
-        sparse = sparse_fields(args)
+        modes = list(dict.fromkeys(args.sparse or []))
+        sparse = sparse_fields(argparse.Namespace(sparse=modes[0] if modes else None, sparse_budget=args.sparse_budget))
         base = RuntimeConfig(device=args.device, dtype=None if args.dtype is None else parse_dtype(args.dtype))
         device = base.resolved_device()
         dtype = base.resolved_dtype(device)
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     no_hf = args.no_hf or source.weights_dir is None
     ids = _prompt(source, args.tokens)
     kv_dir = str(cache / "kv")
-    n_configs = 5 + (0 if no_hf else 2) + (2 if sparse else 0)
+    n_configs = 5 + (0 if no_hf else 2) + (len(modes) + 1 if modes else 0)
     cuda = device.type == "cuda"
     where = (f"{torch.cuda.get_device_name(device)}" if cuda else f"cpu, {torch.get_num_threads()} threads")
     print(f"offload bench: {args.model}{' (random weights)' if source.weights_dir is None else ''}, "
@@ -317,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     peers = ("HF DynamicCache, HF StaticCache (manual greedy loops)" if not no_hf else
              "no HF peers" + (" (random weights: no checkpoint for transformers)" if source.weights_dir is None else ""))
     sparse_rows = ""
-    if sparse:
-        sparse = {"sparse": sparse["sparse"], "sparse_budget": sparse.get("sparse_budget", 0.1)}
-        sparse_rows = (f" | DISK spill, {sparse['sparse']} F={sparse['sparse_budget']:g} | all-DEVICE at "
-                       f"{SHORT_PROMPT} tokens (the step's context-independent part)")
+    budget = float(sparse.get("sparse_budget", 0.1))
+    if modes:
+        sparse_rows = "".join(f" | DISK spill, {m} F={budget:g}" for m in modes) + (
+            f" | all-DEVICE at {SHORT_PROMPT} tokens (the step's context-independent part)")
     print(f"configurations: all-DEVICE | {host_note} | DISK spill (read-ahead) | DEVICE/DISK split with compute ~ "
           f"disk time, pipelined{' (fetch-ahead on a side stream)' if cuda else ''} and --no-overlap{sparse_rows} "
           f"| {peers}")
@@ -367,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     split = _overlap_placement(disk, len(ids), step_s, read_gbps)
     run("split, pipelined", f"pages >= {split.device_pages} on DISK", placement=split).close()
     run("split, --no-overlap", "same, each chunk read when needed", placement=split, overlap=False).close()
-    if sparse:
-        label = f"DISK spill, {sparse['sparse']}"
-        run(label, f"F={sparse['sparse_budget']:g}, all full pages on DISK", placement=Placement.all_on(Tier.DISK),
-            **sparse).close()
+    for mode in modes:
+        run(f"DISK spill, {mode}", f"F={budget:g}, all full pages on DISK", placement=Placement.all_on(Tier.DISK),
+            sparse=mode, sparse_budget=budget).close()
+    if modes:
         run("all-DEVICE, short", f"{SHORT_PROMPT}-token prompt", prompt=ids[:SHORT_PROMPT]).close()
     if not no_hf:
         for name in ("HF DynamicCache", "HF StaticCache"):
@@ -420,23 +423,35 @@ def _report(args: argparse.Namespace, results: dict[str, Result], ids: list[int]
               f"(alone {step_s * 1e3:.0f} ms), reads beside it {beside.read_gbps:.2f} GB/s (alone {read_gbps:.2f}); "
               f"all-DISK step / max({side * 1e3:.0f} ms, disk time beside {side_disk * 1e3:.0f} ms) = "
               f"{disk_step / max(side, side_disk):.2f} (information: the best overlap this machine allows)")
-    sparse_row = next((r for k, r in results.items() if k.startswith("DISK spill, ")), None)
-    if sparse_row is not None:
-        f = sparse_row.sparse.get("sparse_budget") or 0.0
-        sparse_step = _median(sparse_row.decode_s) / d
+    sparse_rows = {k.removeprefix("DISK spill, "): r for k, r in results.items() if k.startswith("DISK spill, ")}
+    if sparse_rows:
+        budget = next(iter(sparse_rows.values())).sparse.get("sparse_budget") or 0.0
         fixed = _median(results["all-DEVICE, short"].decode_s) / d  # weights, MLP, lm_head: no long context
         attention = max(0.0, step_s - fixed)
-        best = fixed + f * attention
-        sp = sparse_row.sparse
-        print(f"sparse ({sp.get('sparse')}, F={f:g}): kv_fraction_read {sp.get('kv_fraction_read') or 0:.3f} "
+        best = fixed + budget * attention
+        print(f"sparse bound (F={budget:g}): all-DEVICE step without its long-context attention {fixed * 1e3:.0f} ms "
+              f"+ F x that attention {budget * attention * 1e3:.0f} ms = {best * 1e3:.0f} ms; the attention is the "
+              f"all-DEVICE step {step_s * 1e3:.0f} ms less the {SHORT_PROMPT}-token step")
+    for mode, row in sparse_rows.items():
+        sparse_step = _median(row.decode_s) / d
+        sp = row.sparse
+        hit = sp.get("speculation_hit_rate")
+        print(f"sparse ({mode}, F={budget:g}): kv_fraction_read {sp.get('kv_fraction_read') or 0:.3f} "
               f"(max {sp.get('kv_fraction_read_max') or 0:.3f}), kv_fraction_fetched "
-              f"{sp.get('kv_fraction_fetched') or 0:.3f} (target <= {1.5 * f:.3f}), selection "
-              f"{(sp.get('selection_s') or 0) / d * 1e3:.1f} ms/step{'; fallback: ' + sp['sparse_fallback'] if sp.get('sparse_fallback') else ''}")
-        print(f"  sparse all-DISK step {sparse_step * 1e3:.0f} ms / (all-DEVICE step without its long-context "
-              f"attention {fixed * 1e3:.0f} ms + F x that attention {f * attention * 1e3:.0f} ms) = "
-              f"{sparse_step / best:.2f} (target <= 1.25); the attention is the all-DEVICE step "
-              f"{step_s * 1e3:.0f} ms less the {SHORT_PROMPT}-token step")
+              f"{sp.get('kv_fraction_fetched') or 0:.3f} (target <= {1.5 * budget:.3f}), selection "
+              f"{(sp.get('selection_s') or 0) / d * 1e3:.1f} ms/step, on-demand reads "
+              f"{(sp.get('sync_miss_bytes_per_token') or 0) / 2**20:.2f} MiB/step"
+              f"{'' if hit is None else f', speculation_hit_rate {hit:.3f}'}"
+              f"{'; fallback: ' + sp['sparse_fallback'] if sp.get('sparse_fallback') else ''}")
+        print(f"  sparse all-DISK step {sparse_step * 1e3:.0f} ms / bound {best * 1e3:.0f} ms = "
+              f"{sparse_step / best:.2f} (target <= 1.25)")
         print(f"  exact all-DISK step {disk_step * 1e3:.0f} ms / sparse all-DISK step = {disk_step / sparse_step:.2f}x")
+    if "quest" in sparse_rows and "speculative" in sparse_rows:
+        q, s_ = sparse_rows["quest"], sparse_rows["speculative"]
+        wait_q, wait_s = _median(q.fetch_wait_s), _median(s_.fetch_wait_s)
+        print(f"speculative against quest: fetch wait {wait_s * 1e3:.1f} ms / {wait_q * 1e3:.1f} ms = "
+              f"{wait_s / wait_q if wait_q > 0 else float('nan'):.2f} (target <= 0.25); step quest / speculative = "
+              f"{_median(q.decode_s) / _median(s_.decode_s):.2f}x (target >= 1.3 at SmolLM2 8K, >= 1.0)")
     if args.json_out is not None:
         blob = {"tokens": n, "decode_tokens": d, "read_gbps": read_gbps, "disk_bytes_per_step": disk_bytes,
                 "cold_reads": cold, "results": {k: dataclasses.asdict(r) for k, r in results.items()},

@@ -57,8 +57,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-layers", type=int, default=None, help="with --random-weights: use only this many layers")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling and random weights")
     g.add_argument("--sparse", choices=SPARSE_MODES, default=None,
-                   help="which pages a decode step attends: exact (all, the default) or quest (the pages whose "
-                        "key bounds score highest against the query, within --sparse-budget)")
+                   help="which pages a decode step attends: exact (all, the default), quest (the pages whose "
+                        "key bounds score highest against the query, within --sparse-budget) or speculative "
+                        "(quest's pages, predicted and read one layer ahead)")
     g.add_argument("--sparse-budget", type=float, default=None, metavar="F",
                    help="with --sparse: the share of exact attention's K/V bytes a decode step may read, "
                         "in (0, 1] (default 0.1)")

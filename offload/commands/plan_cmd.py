@@ -120,12 +120,15 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _fetch(args: argparse.Namespace, budget: float) -> float:
-    """Pages moved per page attended off DEVICE: Quest reads its live pool ahead."""
-    if args.sparse != "quest" or budget >= 1:
+    """Pages moved per page attended off DEVICE: Quest reads its live pool ahead, speculation
+    the pool pages it predicts."""
+    if args.sparse not in ("quest", "speculative") or budget >= 1:
         return 1.0
     from offload.attention.quest import pool_fetch_ratio
+    from offload.attention.speculative import fetch_ratio
 
-    return pool_fetch_ratio(-(-args.context // args.page_size), budget, args.page_size)
+    ratio = pool_fetch_ratio if args.sparse == "quest" else fetch_ratio
+    return ratio(-(-args.context // args.page_size), budget, args.page_size)
 
 
 def _budget(args: argparse.Namespace) -> float:

@@ -119,6 +119,11 @@ class ReadAhead:
         self._planned.extend(chunks)
         self._pump()
 
+    def extend(self, chunks: list[Chunk]) -> None:
+        """Plan more chunks after the planned ones (no reset): they are taken after them."""
+        self._planned.extend(chunks)
+        self._pump()
+
     def _read(self, c: Chunk, buf: AlignedBuffer) -> list[TransferHandle]:
         """Submit the pieces of chunk ``c`` into ``buf``. A piece the store refuses (closed,
         pages never written) ends the submission: it is returned as a handle holding that

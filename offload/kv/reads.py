@@ -320,6 +320,12 @@ class KVReader:
         self.kv.writes.flush()
         self.readahead.plan([c for r in step_reads for c in r.chunks(ahead=True)])
 
+    def plan_more(self, reads: LayerReads) -> None:
+        """Read a later layer's set ahead too, after what is planned (a set made during the
+        step: a speculative one, one layer ahead)."""
+        if self.readahead is not None:
+            self.readahead.extend(reads.chunks(ahead=True))
+
     def drop_unused(self, before: LayerReads, after: LayerReads) -> None:
         """Forget the chunks ``before`` read ahead that ``after`` (the same layer's set once
         the query existed) no longer names."""

@@ -312,16 +312,17 @@ def test_no_decode_step_leaves_the_fractions_null(tmp_path):
 
 
 @pytest.mark.slow  # three model loads and two prefills: about 15 s
-def test_a_doc_cache_written_in_exact_mode_answers_quest_like_a_fresh_ingest(tmp_path):
+@pytest.mark.parametrize("mode", ["quest", "speculative"])
+def test_a_doc_cache_written_in_exact_mode_answers_quest_like_a_fresh_ingest(tmp_path, mode):
     """The DocCache holds pages only; a hit derives the bounds from its verified keys, so a
-    quest answer after an exact ingest's DocCache equals one after a fresh quest ingest."""
+    sparse answer after an exact ingest's DocCache equals one after a fresh ingest in that mode."""
     text = " ".join(f"Locker {i} holds item {i * 7 % 1000}." for i in range(160))
     kw = dict(random_weights=True, num_layers=2, cache_dir=tmp_path)
     with LongDocQA("smollm2-135m", config=RuntimeConfig(sparse="exact"), **kw) as qa:
         assert qa.ingest(text).stats.doc_cache == "miss"
     answers = {}
     for cached in (True, False):
-        with LongDocQA("smollm2-135m", config=RuntimeConfig(sparse="quest", sparse_budget=0.2), doc_cache=cached,
+        with LongDocQA("smollm2-135m", config=RuntimeConfig(sparse=mode, sparse_budget=0.2), doc_cache=cached,
                        **kw) as qa:
             doc = qa.ingest(text)
             assert doc.stats.doc_cache == ("hit" if cached else "")
@@ -337,11 +338,9 @@ def test_a_budget_outside_0_1_is_a_value_error(value):
         RuntimeConfig(sparse="quest", sparse_budget=value)
 
 
-def test_unknown_and_unbuilt_modes_are_refused():
-    with pytest.raises(ValueError, match="sparse must be one of exact, quest"):
+def test_unknown_modes_are_refused():
+    with pytest.raises(ValueError, match="sparse must be one of exact, quest, speculative"):
         RuntimeConfig(sparse="sparse")
-    with pytest.raises(ValueError, match="not built yet"):
-        RuntimeConfig(sparse="speculative")
     assert RuntimeConfig().sparse.value == "exact" and RuntimeConfig().sparse_budget == 0.1
 
 
