@@ -11,7 +11,7 @@ from cpu_kernels.quant4 import (
     quantize_pages_4bit,
     value_group_size,
 )
-from cpu_kernels.scoring import page_key_bounds, partial_key_page_scores, quest_page_scores
+from cpu_kernels.scoring import page_key_bounds, partial_key_page_scores, quest_page_scores, quest_page_scores_trusted
 
 __all__ = [
     "Quant4PagesNp",

@@ -25,7 +25,7 @@ from cpu_kernels.inputs import index_array, index_vector, kernel_pages, like_que
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["page_key_bounds", "partial_key_page_scores", "quest_page_scores"]
+__all__ = ["page_key_bounds", "partial_key_page_scores", "quest_page_scores", "quest_page_scores_trusted"]
 
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -137,6 +137,18 @@ def quest_page_scores(q: Any, k_min: Any, k_max: Any, slots: Any, *, scale: floa
     out = np.empty((num_kv_heads, sl.shape[0]), dtype=np.float32)
     _quest_page_scores_nb(qn, lo, hi, sl, _check_scale(scale), out)
     return like_query(q, out)[0]
+
+
+def quest_page_scores_trusted(q: np.ndarray, k_min: np.ndarray, k_max: np.ndarray, slots: np.ndarray,
+                              scale: float) -> np.ndarray:
+    """``quest_page_scores`` without input checks or conversions, for a caller that built
+    every input itself (a sparse decode step scores a few hundred pages per layer, where the
+    checks cost several times the kernel): q float32 [num_heads, head_dim]; k_min / k_max
+    numpy bounds as ``kernel_pages`` returns them, one dtype and shape; slots int32 [M]
+    within them; scale > 0. Returns numpy [num_kv_heads, M] float32."""
+    out = np.empty((k_min.shape[0], slots.shape[0]), dtype=np.float32)
+    _quest_page_scores_nb(q, k_min, k_max, slots, np.float32(scale), out)
+    return out
 
 
 def page_key_bounds(k_pages: Any, num_tokens: Any = None) -> tuple[Any, Any]:

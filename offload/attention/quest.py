@@ -205,7 +205,10 @@ class QuestSelector:
             table = torch.from_numpy(candidates).to(q.device, non_blocking=True).view(1, -1)
             count = torch.tensor([len(candidates)], dtype=torch.int32).to(q.device, non_blocking=True)
             return gpu_scores(q.reshape(1, q.shape[-2], q.shape[-1]), lo, hi, table, count, scale=self.scale)[0]
-        from cpu_kernels import quest_page_scores as cpu_scores
+        from cpu_kernels import quest_page_scores_trusted
+        from cpu_kernels.inputs import kernel_pages
 
-        q_np = q.reshape(q.shape[-2], q.shape[-1]).float().numpy()
-        return cpu_scores(q_np, lo, hi, candidates, scale=self.scale)
+        # The checked entry point's checks cost several times the kernel on a pool this size.
+        q_np = np.ascontiguousarray(q.reshape(q.shape[-2], q.shape[-1]).float().numpy())
+        return quest_page_scores_trusted(q_np, kernel_pages(lo, "k_min", 3), kernel_pages(hi, "k_max", 3),
+                                         candidates, self.scale)

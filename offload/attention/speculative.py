@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -192,33 +193,84 @@ class QueryPredictor:
         from offload.model.llama import LlamaRunner
 
         self.runner, self.head_dim = runner, head_dim
+        half = head_dim // 2
         self.masks: dict[int, torch.Tensor] = {}  # layer -> [num_heads, head_dim] bool
-        self._sliced: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        # Llama-family: layer -> (query rows [heads * 2 * pairs, hidden] (each head's low channels,
+        # then their partners), bias, low channels [heads, pairs], the layer's query buffer).
+        self._sliced: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
+        self._angles: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (position, cos, sin) [half]
+        # CPU fp32 Llama-family: layer -> (gain-folded rows, bias, low channels, both channels of each pair, buffer)
+        self._numpy: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._np_angles: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._eps = float(getattr(runner.cfg, "rms_norm_eps", 1e-6))
         for layer, per_kv in channels.items():
+            lw = runner.layers[layer]
+            device = lw.w_qkv.device
             mask = torch.zeros(len(per_kv) * group_size, head_dim, dtype=torch.bool)
             for g, chans in enumerate(per_kv):
                 mask[g * group_size:(g + 1) * group_size, chans] = True
-            lw = runner.layers[layer]
-            self.masks[layer] = mask.to(lw.w_qkv.device)
+            self.masks[layer] = mask.to(device)
             if isinstance(runner, LlamaRunner):  # no per-head query norm: the kept rows alone give the channels
-                rows = mask.flatten().nonzero().flatten().to(lw.w_qkv.device)
+                low = torch.tensor([[c for c in per_kv[head // group_size] if c < half]
+                                    for head in range(mask.shape[0])])  # [heads, pairs]
+                heads = torch.arange(mask.shape[0])[:, None] * head_dim
+                rows = torch.cat([heads + low, heads + low + half], dim=1).flatten().to(device)
                 bias = lw.b_qkv[rows] if lw.b_qkv is not None else None
-                self._sliced[layer] = (lw.w_qkv[rows].contiguous(), bias, rows)
+                buf = torch.zeros(mask.shape, dtype=lw.w_qkv.dtype, device=device)
+                self._sliced[layer] = (lw.w_qkv[rows].contiguous(), bias, low.to(device), buf)
+                if device.type == "cpu" and lw.w_qkv.dtype == torch.float32:
+                    # numpy on the CPU: about 20 small ops, each several times cheaper than torch's
+                    # (the norm's gain folded into the rows: rms(h) * ((h * g) . w) = rms(h) * (h . (w * g))).
+                    w_g = (lw.w_qkv[rows] * lw.ln_in.float()[None, :]).numpy()
+                    cols = torch.cat([low, low + half], dim=1).numpy()  # [heads, 2 * pairs]: each pair's channels
+                    self._numpy[layer] = (w_g, None if bias is None else bias.numpy(), low.numpy(), cols, buf.numpy())
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [head_dim / 2] of the step's position (every layer of a step shares them)."""
+        pos = int(positions[0])
+        if self._angles is None or self._angles[0] != pos:
+            angles = float(pos) * self.runner.rope.inv_freq.float()
+            self._angles = (pos, angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._angles[1], self._angles[2]
 
     def query(self, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[1, num_heads, head_dim]: layer's query from the residual stream ``h`` [1, hidden]."""
-        mask = self.masks[layer]
+        """[1, num_heads, head_dim]: layer's query from the residual stream ``h`` [1, hidden]
+        (one token), zero outside the kept channels. The Llama path returns a buffer the next
+        call for the same layer overwrites."""
+        fast = self._numpy.get(layer)
+        if fast is not None:
+            return self._numpy_query(fast, h, positions)
         sliced = self._sliced.get(layer)
         if sliced is None:  # the runner's own query, the other channels zeroed
             q = self.runner.qkv(layer, h, positions)[0]
-            return q * mask.to(q.dtype)
-        w, b, rows = sliced
-        runner = self.runner
-        x = runner.rms_norm(h, runner.layers[layer].ln_in)
-        q = torch.zeros(1, mask.numel(), dtype=h.dtype, device=h.device)
-        q[:, rows] = F.linear(x, w, b)
-        cos, sin = runner.rope.cos_sin(positions, h.dtype)
-        return runner.rope.apply(q.view(1, *mask.shape), cos, sin)  # pairs kept whole: zeros stay zero
+            return q * self.masks[layer].to(q.dtype)
+        w, b, low, buf = sliced
+        x = self.runner.rms_norm(h, self.runner.layers[layer].ln_in)
+        y = F.linear(x, w, b).view(low.shape[0], 2, low.shape[1])  # [heads, (low, partner), pairs]
+        cos, sin = self._cos_sin(positions, y.dtype)
+        c, s = cos[low], sin[low]
+        a, p = y[:, 0], y[:, 1]
+        buf.scatter_(1, low, a * c - p * s)  # RoPE inside each kept pair (rotate_half convention)
+        buf.scatter_(1, low + self.head_dim // 2, p * c + a * s)
+        return buf.unsqueeze(0)
+
+    def _numpy_query(self, fast, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        w_g, bias, low, cols, buf = fast
+        x = h.numpy()[0]
+        y = (w_g @ x) * np.float32(1.0 / math.sqrt(float(x @ x) / x.shape[0] + self._eps))
+        if bias is not None:
+            y += bias
+        pos = int(positions[0])
+        if self._np_angles is None or self._np_angles[0] != pos:
+            angles = np.float32(pos) * self.runner.rope.inv_freq.float().numpy()
+            self._np_angles = (pos, np.cos(angles), np.sin(angles))
+        y = y.reshape(low.shape[0], 2, low.shape[1])
+        a, p = y[:, 0], y[:, 1]
+        c, s = self._np_angles[1][low], self._np_angles[2][low]
+        rows = np.arange(low.shape[0])[:, None]
+        buf[rows, cols[:, :low.shape[1]]] = a * c - p * s  # RoPE inside each kept pair
+        buf[rows, cols[:, low.shape[1]:]] = p * c + a * s
+        return torch.from_numpy(buf).unsqueeze(0)
 
 
 class SpeculativeSelector(QuestSelector):

@@ -21,7 +21,8 @@ from cpu_kernels.reference import (
     partial_key_page_scores_ref,
     quest_page_scores_ref,
 )
-from cpu_kernels.scoring import page_key_bounds, partial_key_page_scores, quest_page_scores
+from cpu_kernels.inputs import kernel_pages
+from cpu_kernels.scoring import page_key_bounds, partial_key_page_scores, quest_page_scores, quest_page_scores_trusted
 from tests.cpu_kernels.arenas import NUM_KV_HEADS
 from tests.tolerances import KERNEL_TOL
 
@@ -172,6 +173,10 @@ def test_non_contiguous_and_not_mutated():
     scores = quest_page_scores(c.q, lo_view, hi_view, rev, scale=SCALE)
     ref = quest_page_scores_ref(c.q, lo.to(torch.bfloat16), hi.to(torch.bfloat16), rev, scale=SCALE)
     np.testing.assert_allclose(scores, ref, atol=ATOL, rtol=RTOL)
+    # The engine's unchecked entry point, on the same strided bf16 views, against the same reference.
+    trusted = quest_page_scores_trusted(np.ascontiguousarray(c.q, dtype=np.float32), kernel_pages(lo_view, "k_min", 3),
+                                        kernel_pages(hi_view, "k_max", 3), np.ascontiguousarray(rev), SCALE)
+    np.testing.assert_allclose(trusted, ref, atol=ATOL, rtol=RTOL)
     part = k_view[..., ::8]  # channels 0, 8, ... as a strided [nkv, S, ps, 10] view
     channels = np.tile(np.arange(0, 80, 8, dtype=np.int32), (2, 1))
     lens = c.num_tokens[c.slots]

@@ -59,17 +59,21 @@ def test_the_predicted_query_is_the_layers_own_query_in_the_kept_channels(tmp_pa
         channels = {layer: [sorted(torch.randperm(cfg.head_dim // 2, generator=g)[:2].tolist()) for _ in
                             range(cfg.num_kv_heads)] for layer in range(cfg.num_layers)}
         channels = {layer: [[*c, *(x + cfg.head_dim // 2 for x in c)] for c in per] for layer, per in channels.items()}
-        pred = QueryPredictor(runner, channels, group_size=cfg.group_size, head_dim=cfg.head_dim)
-        assert set(pred._sliced) == set(channels)  # the Llama runner takes the sliced path
+        numpy_path = QueryPredictor(runner, channels, group_size=cfg.group_size, head_dim=cfg.head_dim)
+        torch_path = QueryPredictor(runner, channels, group_size=cfg.group_size, head_dim=cfg.head_dim)
+        torch_path._numpy.clear()  # the path CUDA and other dtypes take
+        # The Llama runner takes the sliced paths (numpy on a CPU in fp32).
+        assert set(numpy_path._numpy) == set(torch_path._sliced) == set(channels)
         h = torch.randn(1, cfg.hidden_size, generator=g)
-        pos = torch.tensor([777])
-        for layer in range(cfg.num_layers):
-            q = runner.qkv(layer, h, pos)[0]  # [1, nq, hd]
-            got = pred.query(layer, h, pos)
-            mask = pred.masks[layer]
-            torch.testing.assert_close(got[0][mask], q[0][mask], rtol=1e-5, atol=1e-6)
-            assert torch.count_nonzero(got[0][~mask]) == 0
-            assert int(mask.sum()) == cfg.num_heads * 4
+        for pos in (torch.tensor([777]), torch.tensor([3])):
+            for layer in range(cfg.num_layers):
+                q = runner.qkv(layer, h, pos)[0]  # [1, nq, hd]
+                mask = numpy_path.masks[layer]
+                assert int(mask.sum()) == cfg.num_heads * 4
+                for pred in (numpy_path, torch_path):
+                    got = pred.query(layer, h, pos)
+                    torch.testing.assert_close(got[0][mask], q[0][mask], rtol=1e-5, atol=1e-6)
+                    assert torch.count_nonzero(got[0][~mask]) == 0
     finally:
         engine.close()
 
