@@ -44,7 +44,8 @@ from offload.kv.page_table import KVSequence, LayerKind, cdiv
 from offload.kv.reads import PageChoice
 
 __all__ = ["SpeculativeSelector", "QueryPredictor", "calibrate", "load_or_calibrate", "pair_importance",
-           "speculative_selector", "kept_pairs", "fetch_ratio", "CALIBRATION_TOKENS", "FIRST_CALIBRATION_ESSAY", "AHEAD_FACTOR"]
+           "speculative_selector", "kept_pairs", "fetch_ratio", "CALIBRATION_TOKENS", "FIRST_CALIBRATION_ESSAY",
+           "AHEAD_FACTOR"]
 
 CALIBRATION_TOKENS = 2048  # prefill tokens the channel choice is measured over
 # The essays (name order) from this one on calibrate; the QA set (bench/qa_set.py) uses the
@@ -336,7 +337,7 @@ def speculative_selector(engine, source, *, budget: float | None = None) -> Spec
     channels calibrated on ``engine`` (or cached)."""
     cfg = engine.model_config
     channels = load_or_calibrate(engine, source, pairs=kept_pairs(cfg.head_dim))
-    return SpeculativeSelector(
-        budget=engine.config.sparse_budget if budget is None else budget, page_size=engine.config.page_size, kinds=engine.kv.kinds,
-        scale=engine.runner.scale,
-        predictor=QueryPredictor(engine.runner, channels, group_size=cfg.group_size, head_dim=cfg.head_dim))
+    predictor = QueryPredictor(engine.runner, channels, group_size=cfg.group_size, head_dim=cfg.head_dim)
+    return SpeculativeSelector(budget=engine.config.sparse_budget if budget is None else budget,
+                               page_size=engine.config.page_size, kinds=engine.kv.kinds, scale=engine.runner.scale,
+                               predictor=predictor)

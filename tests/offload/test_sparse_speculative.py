@@ -210,3 +210,14 @@ def test_gemma3_predicts_from_its_full_query_and_attends_quests_pages(tmp_path):
     assert runs["speculative"][0] == runs["quest"][0]
     stats = runs["speculative"][1]
     assert stats.speculation_hit_rate is not None and not stats.sparse_fallback
+
+
+def test_the_calibration_never_reads_a_qa_essay():
+    """The QA set's documents are made of the first ``QA_ESSAYS`` essays (name order); the
+    calibration text starts after them, from the essays the product ships."""
+    from bench.qa_set import QA_ESSAYS
+    from offload.commands.needle import package_essays_dir
+
+    assert speculative.FIRST_CALIBRATION_ESSAY == QA_ESSAYS
+    names = sorted(p.name for p in package_essays_dir().glob("*.txt"))
+    assert len(names) > QA_ESSAYS  # essays are left to calibrate on
