@@ -26,3 +26,15 @@ def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cach
 def test_bench_refuses_fewer_than_three_repetitions(capsys):
     assert main(["bench", "--reps", "2"]) == 2
     assert "--reps must be >= 3" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # eight configurations of a 2-layer random model: about 30 s
+def test_bench_runs_several_sparse_modes_and_compares_speculative_with_quest(capsys, cache_dir):
+    assert main(["bench", "--model", "smollm2-135m", "--random-weights", "--num-layers", "2", "--tokens", "2048",
+                 "--decode-tokens", "3", "--reps", "3", "--no-hf", "--quiet", "--cache-dir", str(cache_dir),
+                 "--sparse", "quest", "speculative", "--sparse-budget", "0.3"]) == 0
+    out = capsys.readouterr().out
+    for line in ("DISK spill, quest", "DISK spill, speculative", "sparse (quest, F=0.3)",
+                 "sparse (speculative, F=0.3)", "speculation_hit_rate", "speculative against quest: fetch wait"):
+        assert line in out
+    assert "fallback" not in out
