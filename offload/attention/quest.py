@@ -20,7 +20,8 @@ At every decode step, for every global layer of n pages (n = cdiv(length, page_s
 F bounds the bytes the step attends in the layer: ``F * n`` pages, the scanned bounds paid
 from it (``1 / page_size`` of a page each). Pages not chosen stay where they are; the next
 step may choose them. Sliding layers (rings, always whole) are not selected. When F covers
-every page, or leaves no candidate to choose, the step is exact (``fallback`` says why).
+every page, or leaves no candidate to choose, the step is exact (``fallback`` says why); with a
+prior, a budget too small for the pool's bounds still takes the prior's best pages alone.
 
 Bound scores: the bound of each query head is maxed over its KV group (a group shares one
 read), each KV head's bounds become a distribution over the candidates (softmax), and a page
@@ -156,11 +157,14 @@ class QuestSelector:
 
     def _make_plan(self, prior: torch.Tensor | None, n: int) -> tuple[tuple[int, ...], np.ndarray, int, tuple[int, ...]] | str:
         allowed, why = pages_within_budget(n, self.budget, self.page_size, self.scans)
-        if allowed is None:
+        if allowed is None and (prior is None or why.startswith("the budget covers")):
             return why
+        # With a prior, a budget too small to scan every candidate's bounds still chooses: the
+        # prior's pages, and the live pool only where F leaves room for it.
         fixed = fixed_pages(n)
         candidates = np.setdiff1d(np.arange(n, dtype=np.int32), np.asarray(fixed, dtype=np.int32))
         if prior is None:  # classic Quest: every candidate's bounds, once the query exists
+            assert allowed is not None
             return tuple(fixed), candidates, allowed - len(fixed), tuple(fixed)
         by_prior, take, scan = split_within_budget(n, self.budget, self.page_size, self.scans)
         if by_prior < 1:

@@ -182,6 +182,24 @@ def test_with_a_prior_its_best_pages_are_read_ahead_and_the_rest_chosen_by_bound
     assert sel.bounds_bytes == scan * bounds.page_bytes
 
 
+def test_a_budget_too_small_to_scan_every_bound_still_chooses_by_the_prior():
+    """At 4K tokens (128 pages) F = 0.05 leaves 6.4 pages: classic Quest, which pays every
+    candidate's bounds, must fall back to exact; with a prior the step attends the fixed pages
+    and the prior's best within F, and asks no query."""
+    n, ps = 128, 32
+    assert pages_within_budget(n, 0.05, ps)[0] is None
+    prior = torch.full((n,), 0.001)
+    prior[[40, 77, 90]] = torch.tensor([0.3, 0.5, 0.1])
+    sel = QuestSelector(budget=0.05, page_size=ps, kinds=(LayerKind.GLOBAL,), scale=1.0)
+    choice = sel.choose(types.SimpleNamespace(bounds=None, prior={0: prior}), 0, length=n * ps, query=None)
+    assert choice.pages == tuple(sorted({*fixed_pages(n), 77, 40})) and not choice.needs_query
+    assert len(choice.pages) <= 0.05 * n and sel.fallback == ""
+    classic = QuestSelector(budget=0.05, page_size=ps, kinds=(LayerKind.GLOBAL,), scale=1.0, use_prior=False)
+    assert classic.choose(types.SimpleNamespace(bounds=None, prior={0: prior}), 0, length=n * ps,
+                          query=None).pages is None
+    assert classic.fallback.startswith("too few pages to choose from")
+
+
 def test_page_mass_is_the_share_of_attention_per_page():
     """Streamed over pieces cut off page boundaries, against softmax over all keys at once."""
     torch.manual_seed(3)
