@@ -61,9 +61,6 @@ class Sparse(enum.Enum):
 
 
 SPARSE_MODES = tuple(m.value for m in Sparse)
-# Modes the interface names that are not built yet: asking for one says so instead of
-# running something else.
-PLANNED_SPARSE_MODES: tuple[str, ...] = ()
 
 
 def check_sparse_budget(value: object, name: str = "sparse_budget") -> float:
@@ -244,8 +241,6 @@ class RuntimeConfig:
         for name, kind in (("disk_backend", DiskBackend), ("planner", Planner), ("decode_kernel", DecodeKernel),
                            ("host_attention", HostAttention)):
             object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
-        if self.sparse in PLANNED_SPARSE_MODES:
-            raise InputError(f"sparse mode {self.sparse!r} is not built yet; use one of {', '.join(SPARSE_MODES)}")
         object.__setattr__(self, "sparse", _member(Sparse, "sparse", self.sparse))
         object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
         if not 0.0 <= self.plan_min_gain < 1.0:

@@ -619,8 +619,7 @@ class Engine:
         # A speculative selector names layer l+1's pages from layer l's input: its sets are
         # made (and read ahead) one layer ahead, the first one from the step's own input.
         speculates = getattr(self.selector, "speculates", False)
-        bounds0, selection0 = self._selector_spent()  # what the selector spends on this step, from here
-        hits0, chosen0 = (self.selector.spec_hits, self.selector.spec_chosen) if speculates else (0, 0)
+        spent0 = self._selector_spent()  # what the selector spends on this step, from here
         if speculates:
             self.selector.fallback = ""
             first, need = self._speculated_reads(seq, 0, h, pos)
@@ -658,17 +657,18 @@ class Engine:
             h = self.runner.finish_layer(layer, h, attn)
             if on_layer is not None:
                 on_layer(layer + 1, num_layers)
-        bounds1, selection1 = self._selector_spent()
-        step.finish(bounds_bytes=bounds1 - bounds0, selection_s=selection1 - selection0,
-                    fallback=self.selector.fallback)
-        if speculates:
-            step.speculated(hits=self.selector.spec_hits - hits0, chosen=self.selector.spec_chosen - chosen0)
+        bounds, selection, hits, chosen = (b - a for a, b in zip(spent0, self._selector_spent()))
+        step.finish(bounds_bytes=bounds, selection_s=selection, fallback=self.selector.fallback)
+        step.speculated(hits=hits, chosen=chosen)
         self.last_step = step
         return self.runner.logits(h)
 
-    def _selector_spent(self) -> tuple[int, float]:
-        """Key-bound bytes the selector has scanned and seconds it has spent (0 in exact mode)."""
-        return self.selector.bounds_bytes, self.selector.selection_s
+    def _selector_spent(self) -> tuple[int, float, int, int]:
+        """Key-bound bytes the selector has scanned, seconds it has spent, and (speculative
+        mode) the live-chosen pages it had predicted and the live-chosen pages, so far (0 in
+        exact mode)."""
+        sel = self.selector
+        return (sel.bounds_bytes, sel.selection_s, getattr(sel, "spec_hits", 0), getattr(sel, "spec_chosen", 0))
 
     def step_reads(self, seq: KVSequence) -> tuple[list[LayerReads], list[bool]]:
         """The decode step's read set of every layer, from the selector's answers before the
@@ -677,20 +677,24 @@ class Engine:
         reads, needs = [], []
         self.selector.fallback = ""
         for layer in range(self.model_config.num_layers):
-            length = seq.lengths[layer] + 1
-            choice = self.selector.choose(seq, layer, length=length, query=None)
-            reads.append(self._layer_reads(seq, layer, length, choice.pages, None))
-            needs.append(choice.needs_query)
+            layer_reads, need = self._reads_before_query(seq, layer)
+            reads.append(layer_reads)
+            needs.append(need)
         return reads, needs
+
+    def _reads_before_query(self, seq: KVSequence, layer: int) -> tuple[LayerReads, bool]:
+        """``layer``'s set from the selector's answer before the query, and whether the query
+        must be asked too (``length`` counts the step's own token)."""
+        length = seq.lengths[layer] + 1
+        choice = self.selector.choose(seq, layer, length=length, query=None)
+        return self._layer_reads(seq, layer, length, choice.pages, None), choice.needs_query
 
     def _speculated_reads(self, seq: KVSequence, layer: int, h: torch.Tensor,
                           pos: torch.Tensor) -> tuple[LayerReads, bool]:
         """``layer``'s set before its query, with the pages predicted from ``h`` (the input of
         the layer before it, or its own for the first), and whether the query must be asked."""
-        length = seq.lengths[layer] + 1
-        self.selector.speculate(seq, layer, h, pos, length=length)
-        choice = self.selector.choose(seq, layer, length=length, query=None)
-        return self._layer_reads(seq, layer, length, choice.pages, None), choice.needs_query
+        self.selector.speculate(seq, layer, h, pos, length=seq.lengths[layer] + 1)
+        return self._reads_before_query(seq, layer)
 
     def _layer_reads(self, seq: KVSequence, layer: int, length: int, pages: Sequence[int] | None,
                      planned: set[Chunk] | None) -> LayerReads:

@@ -57,14 +57,23 @@ def fixed_pages(n: int) -> list[int]:
     return sorted({*range(min(SINK_PAGES, n)), *range(max(0, n - 1 - WINDOW_PAGES), n)})
 
 
+def _allowed(n: int, budget: float, page_size: int, scans: int) -> int:
+    """Pages F leaves once every candidate's bounds are paid ``scans`` times."""
+    return math.floor(budget * n - scans * (n - len(fixed_pages(n))) / page_size + 1e-9)
+
+
+def _covers_every_page(n: int, budget: float, page_size: int, scans: int = 1) -> bool:
+    """Reading all ``n`` pages, with no bounds, fits F: the step is exact."""
+    return budget >= 1.0 or _allowed(n, budget, page_size, scans) >= n
+
+
 def pages_within_budget(n: int, budget: float, page_size: int, scans: int = 1) -> tuple[int | None, str]:
     """How many of a layer's ``n`` pages a step may attend at budget F, once the candidates'
     bounds are paid (each ``1 / page_size`` of a page, ``scans`` times), and why not (None:
     exact instead)."""
     fixed = len(fixed_pages(n))
-    candidates = n - fixed
-    allowed = math.floor(budget * n - scans * candidates / page_size + 1e-9)
-    if allowed >= n or budget >= 1.0:  # reading every page, with no bounds, fits
+    allowed = _allowed(n, budget, page_size, scans)
+    if _covers_every_page(n, budget, page_size, scans):
         return None, f"the budget covers every page ({n} pages at F={budget:g})"
     if allowed <= fixed:
         return None, (f"too few pages to choose from: {n} pages at F={budget:g} leave "
@@ -157,7 +166,7 @@ class QuestSelector:
 
     def _make_plan(self, prior: torch.Tensor | None, n: int) -> tuple[tuple[int, ...], np.ndarray, int, tuple[int, ...]] | str:
         allowed, why = pages_within_budget(n, self.budget, self.page_size, self.scans)
-        if allowed is None and (prior is None or why.startswith("the budget covers")):
+        if allowed is None and (prior is None or _covers_every_page(n, self.budget, self.page_size, self.scans)):
             return why
         # With a prior, a budget too small to scan every candidate's bounds still chooses: the
         # prior's pages, and the live pool only where F leaves room for it.

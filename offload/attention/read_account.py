@@ -88,7 +88,6 @@ class ReadAccount:
         self._fallbacks = 0
         self._last_fallback = ""
         self._spec_hits = self._spec_chosen = 0
-        self._speculated = False
 
     def add(self, step: StepReads) -> None:
         self.steps += 1
@@ -103,7 +102,6 @@ class ReadAccount:
         self._bounds += step.bounds_bytes
         self._spec_hits += step.spec_hits
         self._spec_chosen += step.spec_chosen
-        self._speculated |= step.spec_chosen > 0
         if step.fallback:
             self._fallbacks += 1
             self._last_fallback = step.fallback
@@ -120,6 +118,6 @@ class ReadAccount:
         stats.sync_miss_bytes_per_token = self._miss // n
         stats.wasted_prefetch_bytes_per_token = self._wasted // n
         stats.key_bounds_bytes_read_per_token = self._bounds // n
-        stats.speculation_hit_rate = self._spec_hits / self._spec_chosen if self._speculated else None
+        stats.speculation_hit_rate = self._spec_hits / self._spec_chosen if self._spec_chosen else None
         stats.sparse_fallback = (f"{self._fallbacks} of {n} steps exact: {self._last_fallback}"
                                  if self._fallbacks else "")

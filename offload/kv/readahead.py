@@ -116,8 +116,7 @@ class ReadAhead:
 
     def plan(self, chunks: list[Chunk]) -> None:
         self.reset()
-        self._planned.extend(chunks)
-        self._pump()
+        self.extend(chunks)
 
     def extend(self, chunks: list[Chunk]) -> None:
         """Plan more chunks after the planned ones (no reset): they are taken after them."""
