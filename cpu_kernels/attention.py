@@ -76,6 +76,30 @@ def _exp_nonpositive(x):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def softmax_page(s, count, m, l, acc):
+    """One page's step of an online softmax: the scores s[:, :count] become unnormalised
+    probabilities against the running max m (updated), their sum is added to l, and acc
+    [group, head_dim] is rescaled once when the max moved."""
+    group, head_dim = acc.shape
+    for g in range(group):
+        page_max = s[g, 0]
+        for t in range(1, count):
+            page_max = max(page_max, s[g, t])
+        new_max = max(m[g], page_max)
+        alpha = np.float32(math.exp(m[g] - new_max))
+        total = np.float32(0.0)
+        for t in range(count):
+            p = _exp_nonpositive(s[g, t] - new_max)
+            s[g, t] = p
+            total += p
+        l[g] = l[g] * alpha + total
+        m[g] = new_max
+        if alpha != 1.0:
+            for d in range(head_dim):
+                acc[g, d] *= alpha
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _attend_range_nb(q, k_pages, v_pages, slots, lens, starts, h, start, stop, scale, acc, m, l):
     """Online-softmax partial of KV head h over its listed pages start..stop-1, each page i
     contributing its rows starts[h, i]..lens[h, i]-1 (none when starts >= lens).
@@ -117,22 +141,7 @@ def _attend_range_nb(q, k_pages, v_pages, slots, lens, starts, h, start, stop, s
                     dot += qg[g, d] * kp[t, d]
                 s[g, t] = dot * scale
         # Step 2: one rescale per page and head; s becomes the unnormalised probabilities.
-        for g in range(group):
-            page_max = s[g, 0]
-            for t in range(1, count):
-                page_max = max(page_max, s[g, t])
-            new_max = max(m[g], page_max)
-            alpha = np.float32(math.exp(m[g] - new_max))
-            total = np.float32(0.0)
-            for t in range(count):
-                p = _exp_nonpositive(s[g, t] - new_max)
-                s[g, t] = p
-                total += p
-            l[g] = l[g] * alpha + total
-            m[g] = new_max
-            if alpha != 1.0:
-                for d in range(head_dim):
-                    acc[g, d] *= alpha
+        softmax_page(s, count, m, l, acc)
         # Step 3: accumulate p * v while the page's values are in cache.
         vp = load_page(v_pages, h, slot, n, vbuf)[t0:]
         for t in range(count):

@@ -210,7 +210,7 @@ def _dequantize_pages_nb(k_q, k_scale, k_min, v_q, v_scale, v_min, group, k_out,
         _dequantize_values_page_nb(v_q[h, p], v_scale[h, p], v_min[h, p], group, v_out[h, p])
 
 
-def quantize_pages_4bit(k_pages: Any, v_pages: Any) -> Quant4PagesNp:
+def quantize_pages_4bit(k_pages: Any, v_pages: Any, *, out: Quant4PagesNp | None = None) -> Quant4PagesNp:
     """Quantize full K/V pages to the 4-bit format of the module docstring.
 
     Args:
@@ -218,9 +218,11 @@ def quantize_pages_4bit(k_pages: Any, v_pages: Any) -> Quant4PagesNp:
             runtime keeps a partial tail page in full precision): numpy float32/float16 or CPU
             torch float32/float16/bfloat16, one dtype, any strides. head_dim must be a multiple
             of 16 and the values lie within float16's range (scales and mins are float16).
+        out: optional arrays of exactly these pages' shapes (any strides, e.g. views into a
+            packed page arena), overwritten.
 
     Returns:
-        The quantized pages as numpy arrays (new memory).
+        The quantized pages as numpy arrays (``out`` when given, else new memory).
 
     Raises:
         ValueError: a bad dtype, shape or head_dim.
@@ -234,15 +236,18 @@ def quantize_pages_4bit(k_pages: Any, v_pages: Any) -> Quant4PagesNp:
     group = value_group_size(head_dim)
     if page_size == 0:
         raise ValueError("page_size must be positive")
-    k_q = np.empty((nkv, num_pages, page_size, head_dim // 2), dtype=np.uint8)
-    v_q = np.empty_like(k_q)
-    k_scale = np.empty((nkv, num_pages, head_dim), dtype=np.float16)
-    k_min = np.empty_like(k_scale)
-    v_scale = np.empty((nkv, num_pages, page_size, head_dim // group), dtype=np.float16)
-    v_min = np.empty_like(v_scale)
-    _quantize_pages_nb(k, v, group, k_q, k_scale.view(np.uint16), k_min.view(np.uint16), v_q,
-                       v_scale.view(np.uint16), v_min.view(np.uint16))
-    return Quant4PagesNp(k_q, k_scale, k_min, v_q, v_scale, v_min)
+    if out is None:
+        codes = np.empty((nkv, num_pages, page_size, head_dim // 2), dtype=np.uint8)
+        stats = np.empty((nkv, num_pages, head_dim), dtype=np.float16)
+        groups = np.empty((nkv, num_pages, page_size, head_dim // group), dtype=np.float16)
+        out = Quant4PagesNp(codes, stats, np.empty_like(stats), np.empty_like(codes), groups,
+                            np.empty_like(groups))
+    elif not isinstance(out, Quant4PagesNp) or out.k_q.shape != (nkv, num_pages, page_size, head_dim // 2):
+        raise ValueError(f"out must be a Quant4PagesNp of {nkv} x {num_pages} pages of {page_size} x "
+                         f"{head_dim}, got {getattr(getattr(out, 'k_q', None), 'shape', type(out).__name__)}")
+    _quantize_pages_nb(k, v, group, out.k_q, out.k_scale.view(np.uint16), out.k_min.view(np.uint16), out.v_q,
+                       out.v_scale.view(np.uint16), out.v_min.view(np.uint16))
+    return out
 
 
 def dequantize_pages_4bit(qp: Quant4PagesNp) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ import torch
 
 from storage.base import Tier
 
-__all__ = ["PageArena"]
+__all__ = ["PackedArena", "PageArena", "SlotPool"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,86 +38,29 @@ def _unregister(tensors: list[torch.Tensor]) -> None:
         rt.cudaHostUnregister(t.data_ptr())
 
 
-class PageArena:
-    """Fixed-size pool of KV page slots with reference counts.
+class SlotPool:
+    """Slot bookkeeping shared by the arenas: a free list (lowest ids first) and reference
+    counts. A subclass holds the bytes and sets ``slot_bytes``.
 
     Args:
-        num_slots: number of page slots (>= 1).
-        tier: which tier this arena is (DEVICE or HOST).
-        pin_memory: allocate pinned host memory (HOST arena with CUDA present).
-        num_kv_heads: KV heads per layer.
-        page_size: tokens per page.
-        head_dim: channels per head.
-        dtype: storage dtype of K and V.
-        device: torch device of the arena.
+        num_slots: number of slots (>= 1).
+        tier: which tier the slots are (DEVICE or HOST).
     """
 
-    def __init__(
-        self,
-        *,
-        num_slots: int,
-        num_kv_heads: int,
-        page_size: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        tier: Tier = Tier.DEVICE,
-        pin_memory: bool = False,
-    ) -> None:
+    def __init__(self, num_slots: int, tier: Tier) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if tier == Tier.DISK:
             raise ValueError("a page arena holds DEVICE or HOST pages; DISK pages live in a DiskExtentStore")
         self.tier = tier
         self.num_slots = num_slots
-        self.page_size = page_size
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.dtype = dtype
-        self.device = torch.device(device)
-        shape = (num_kv_heads, num_slots, page_size, head_dim)
-        # torch.empty: on CPU the pages are touched (and counted in RSS) only when written
-        # (pinned memory is touched at once: locking faults every page in).
-        self.k = torch.empty(shape, dtype=dtype, device=self.device)
-        self.v = torch.empty(shape, dtype=dtype, device=self.device)
-        self.pinned_by = "no"  # "register" (cudaHostRegister), "allocator" (pin_memory=True) or "no"
-        if pin_memory:
-            self._pin()
         self._free: list[int] = list(range(num_slots))  # a heap: lowest slot first
         self._refs = [0] * num_slots
         self._peak_used = 0
-        logger.debug("%s arena: %d slots of %d bytes", tier.value, num_slots, self.slot_bytes)
-
-    def _pin(self) -> None:
-        """Page-lock K and V for asynchronous copies to CUDA. ``cudaHostRegister`` locks exactly
-        their bytes; ``pin_memory=True`` (the fallback when registering fails) goes through
-        torch's caching host allocator, which rounds each block up to a power of two (a
-        35 GiB K would lock 64 GiB)."""
-        rt = torch.cuda.cudart()
-        registered: list[torch.Tensor] = []
-        for t in (self.k, self.v):
-            if int(rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:  # 0: cudaSuccess
-                break
-            registered.append(t)
-        else:
-            self.pinned_by = "register"
-            # When the arena goes: the device finishes any copy from it, the memory is
-            # unregistered, and only then freed (the finalizer holds the tensors till then).
-            weakref.finalize(self, _unregister, registered)
-            return
-        for t in registered:
-            rt.cudaHostUnregister(t.data_ptr())
-        logger.warning("cudaHostRegister failed for the %s arena; pinning through torch's allocator",
-                       self.tier.value)
-        self.k = self.k.pin_memory()
-        self.v = self.v.pin_memory()
-        self.pinned_by = "allocator"
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of one slot (K and V of one page, all KV heads)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_kv_heads * self.page_size * self.head_dim * elem
+        raise NotImplementedError
 
     @property
     def num_used(self) -> int:
@@ -175,6 +118,80 @@ class PageArena:
     def refcount(self, slot: int) -> int:
         return self._refs[slot]
 
+
+class PageArena(SlotPool):
+    """Fixed-size pool of KV page slots with reference counts.
+
+    Args:
+        num_slots: number of page slots (>= 1).
+        tier: which tier this arena is (DEVICE or HOST).
+        pin_memory: allocate pinned host memory (HOST arena with CUDA present).
+        num_kv_heads: KV heads per layer.
+        page_size: tokens per page.
+        head_dim: channels per head.
+        dtype: storage dtype of K and V.
+        device: torch device of the arena.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_slots: int,
+        num_kv_heads: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        tier: Tier = Tier.DEVICE,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(num_slots, tier)
+        self.page_size = page_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_kv_heads, num_slots, page_size, head_dim)
+        # torch.empty: on CPU the pages are touched (and counted in RSS) only when written
+        # (pinned memory is touched at once: locking faults every page in).
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self.pinned_by = "no"  # "register" (cudaHostRegister), "allocator" (pin_memory=True) or "no"
+        if pin_memory:
+            self._pin()
+        logger.debug("%s arena: %d slots of %d bytes", tier.value, num_slots, self.slot_bytes)
+
+    def _pin(self) -> None:
+        """Page-lock K and V for asynchronous copies to CUDA. ``cudaHostRegister`` locks exactly
+        their bytes; ``pin_memory=True`` (the fallback when registering fails) goes through
+        torch's caching host allocator, which rounds each block up to a power of two (a
+        35 GiB K would lock 64 GiB)."""
+        rt = torch.cuda.cudart()
+        registered: list[torch.Tensor] = []
+        for t in (self.k, self.v):
+            if int(rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:  # 0: cudaSuccess
+                break
+            registered.append(t)
+        else:
+            self.pinned_by = "register"
+            # When the arena goes: the device finishes any copy from it, the memory is
+            # unregistered, and only then freed (the finalizer holds the tensors till then).
+            weakref.finalize(self, _unregister, registered)
+            return
+        for t in registered:
+            rt.cudaHostUnregister(t.data_ptr())
+        logger.warning("cudaHostRegister failed for the %s arena; pinning through torch's allocator",
+                       self.tier.value)
+        self.k = self.k.pin_memory()
+        self.v = self.v.pin_memory()
+        self.pinned_by = "allocator"
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot (K and V of one page, all KV heads)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_kv_heads * self.page_size * self.head_dim * elem
+
     def copy_slot(self, src: int, dst: int) -> None:
         """Copy the contents of slot ``src`` into slot ``dst`` (copy-on-write of a tail page)."""
         self.k[:, dst].copy_(self.k[:, src])
@@ -225,3 +242,41 @@ class PageArena:
             v = self.v.index_select(1, idx)
         shape = (self.num_kv_heads, n * self.page_size, self.head_dim)
         return k.reshape(shape)[:, :num_tokens], v.reshape(shape)[:, :num_tokens]
+
+
+class PackedArena(SlotPool):
+    """A pool of slots holding one packed page each as opaque bytes (4-bit pages: their layout
+    is ``offload.kv.quant_pages``), slot-major: ``data`` uint8 [num_slots, slot_bytes].
+
+    Args:
+        num_slots: number of slots (>= 1).
+        slot_bytes: bytes of one packed page (>= 1).
+        device: torch device of the arena.
+        tier: DEVICE or HOST.
+    """
+
+    def __init__(self, *, num_slots: int, slot_bytes: int, device: torch.device | str,
+                 tier: Tier = Tier.DEVICE) -> None:
+        super().__init__(num_slots, tier)
+        if slot_bytes < 1:
+            raise ValueError(f"slot_bytes must be >= 1, got {slot_bytes}")
+        self._slot_bytes = slot_bytes
+        self.device = torch.device(device)
+        self.data = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=self.device)
+        logger.debug("%s packed arena: %d slots of %d bytes", tier.value, num_slots, slot_bytes)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slot_bytes
+
+    def rows(self, slots: list[int]) -> torch.Tensor:
+        """The blobs of ``slots`` [n, slot_bytes]: a view for a run of ascending slots, else a gather."""
+        s0, n = slots[0], len(slots)
+        if slots == list(range(s0, s0 + n)):
+            return self.data[s0:s0 + n]
+        return self.data.index_select(0, torch.tensor(slots, dtype=torch.int64, device=self.device))
+
+    def write_rows(self, slots: list[int], blobs: torch.Tensor) -> None:
+        """Write blobs [len(slots), >= slot_bytes] (uint8, any device) into ``slots``."""
+        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self.data.index_copy_(0, index, blobs[:, :self._slot_bytes].to(self.device))
