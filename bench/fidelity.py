@@ -1,6 +1,7 @@
 """Fidelity of the sparse decode modes against exact attention, in one process.
 
     python bench/fidelity.py [--model gemma3-270m] [--lengths 2048 4096 8192] [--budgets 0.05 0.1 0.2]
+                             [--modes quest speculative] [--kv-formats 4bit]
                              [--essay-tokens 8192] [--json-out fidelity.json]
 
 Each document is ingested once (its prefill is exact in every mode); then every mode answers
@@ -22,6 +23,8 @@ Reported per mode and F:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -136,19 +139,38 @@ def _gold_continuation(codec, exact_ids: list[int], expected: str, hit: bool) ->
     return codec.encode(expected)
 
 
-def run_qa(qa, cases, selectors, essays, *, max_new_tokens: int, say) -> list[dict]:
+def _with_formats(qa, qas: dict, budgets, modes):
+    """(label, F, LongDocQA, selector) of every configuration, exact first: the exact engine's
+    selectors (``_selectors``), then per other page format ``fmt`` (its own engine in ``qas``)
+    ``fmt`` alone and ``fmt+mode`` for each sparse mode."""
+    from offload.attention.selection import ExactSelector
+
+    out = [(label, f, qa, sel) for label, f, sel in _selectors(qa.engine, qa.source, budgets, modes)]
+    for fmt, other in qas.items():
+        out.append((fmt, 1.0, other, ExactSelector()))
+        out += [(f"{fmt}+{label}", f, other, sel) for label, f, sel in _selectors(other.engine, other.source, budgets,
+                                                                                   modes)
+                if label not in ("exact", "sink+window")]
+    return out
+
+
+def run_qa(configs, cases, essays, *, max_new_tokens: int, say) -> list[dict]:
     from bench.qa_set import fit_facts
 
-    eng, codec = qa.engine, qa.codec
+    codec = configs[0][2].codec
     rows = []
     for ci, case in enumerate(cases):
         text = fit_facts(case, essays, lambda t: len(codec.qa_prompt(t, "").doc_ids))
         t0 = time.perf_counter()
-        doc = qa.ingest(text)
+        docs = {}
+        for _, _, qa, _ in configs:  # each page format's own prefill
+            if id(qa) not in docs:
+                docs[id(qa)] = qa.ingest(text)
         q_ids = codec.qa_prompt("", case.question).question_ids
         results: dict[str, dict] = {}
-        for label, f, sel in selectors:
-            eng.selector = sel
+        for label, f, qa, sel in configs:
+            doc = docs[id(qa)]
+            qa.engine.selector = sel
             ans = qa.ask(doc, case.question, max_new_tokens=max_new_tokens)
             results[f"{label}@{f:g}"] = {
                 "mode": label, "budget": f, "answer": ans.text, "token_ids": ans.token_ids,
@@ -159,55 +181,75 @@ def run_qa(qa, cases, selectors, essays, *, max_new_tokens: int, say) -> list[di
                 "decode_tok_s": ans.stats.decode_tok_s, "selection_s": ans.stats.selection_s}
         exact = results["exact@1"]
         cont = _gold_continuation(codec, exact["token_ids"], case.expected, exact["hit"])
-        for label, f, sel in selectors:
-            eng.selector = sel
-            logits, _ = _forced(eng, doc._seq, q_ids, cont)
+        for label, f, qa, sel in configs:
+            qa.engine.selector = sel
+            logits, _ = _forced(qa.engine, docs[id(qa)]._seq, q_ids, cont)
             results[f"{label}@{f:g}"]["gold_log_prob"] = _log_prob(logits, cont)
         for r in results.values():
             r["gold_gap"] = r["gold_log_prob"] - exact["gold_log_prob"]
-        qa.forget(doc)
-        rows.append({"case": case.name, "task": case.task, "tokens": doc.num_tokens, "depth": case.depth,
+        num_tokens = docs[id(configs[0][2])].num_tokens
+        for _, _, qa, _ in configs:
+            if id(qa) in docs:
+                qa.forget(docs.pop(id(qa)))
+        rows.append({"case": case.name, "task": case.task, "tokens": num_tokens, "depth": case.depth,
                      "expected": case.expected, "gold_tokens": len(cont), "results": results})
         marks = " ".join(f"{k}:{'Y' if r['hit'] else '-'}" for k, r in results.items())
-        say(f"[{ci + 1}/{len(cases)}] {case.name} {doc.num_tokens} tok depth {case.depth:.2f} "
+        say(f"[{ci + 1}/{len(cases)}] {case.name} {num_tokens} tok depth {case.depth:.2f} "
             f"({time.perf_counter() - t0:.0f}s) {marks}")
-    eng.selector = selectors[0][2]
+    _reset_selectors(configs)
     return rows
 
 
-def run_essays(qa, selectors, essays, *, tokens: int, steps: int, windows: int, say) -> dict:
+def _reset_selectors(configs) -> None:
+    """Each engine back to its first configuration's selector (exact)."""
+    seen: set[int] = set()
+    for _, _, qa, sel in configs:
+        if id(qa) not in seen:
+            seen.add(id(qa))
+            qa.engine.selector = sel
+
+
+def run_essays(configs, essays, *, tokens: int, steps: int, windows: int, say) -> dict:
     """Teacher-forced next-token agreement and KL against exact over essay continuations:
     ``windows`` texts, each starting at another essay, ``steps`` tokens after ``tokens``."""
     import torch
 
     from offload.attention.prompt_prior import PRIOR_QUERIES
 
-    eng, codec = qa.engine, qa.codec
+    codec = configs[0][2].codec
     per: dict[str, list] = {}
     for w in range(windows):
         first = 5 + (w * 11) % max(1, len(essays) - 5)  # each window starts at another essay
         ids = codec.encode("\n\n".join(essays[first:] + essays[:first]))[: tokens + steps]
         if len(ids) < tokens + steps:
             raise SystemExit(f"the essays hold {len(ids)} tokens, fewer than {tokens + steps}")
-        eng.check_document(tokens, allow_long_context=True)
-        base = eng.new_sequence()
-        # The last PRIOR_QUERIES tokens are each fork's own prefill: a prompt tail whose
-        # attention makes the prompt prior, as a generate over the whole text would have.
-        eng.prefill(base, ids[:tokens - PRIOR_QUERIES], document=True)
-        eng.add_document(base)
+        bases = {}
+        for _, _, qa, _ in configs:  # each page format's own prefill
+            eng = qa.engine
+            if id(eng) in bases:
+                continue
+            eng.check_document(tokens, allow_long_context=True)
+            bases[id(eng)] = base = eng.new_sequence()
+            # The last PRIOR_QUERIES tokens are each fork's own prefill: a prompt tail whose
+            # attention makes the prompt prior, as a generate over the whole text would have.
+            eng.prefill(base, ids[:tokens - PRIOR_QUERIES], document=True)
+            eng.add_document(base)
         prompt, cont = ids[tokens - PRIOR_QUERIES:tokens], ids[tokens:tokens + steps]
         ref = None
-        for label, f, sel in selectors:
+        for label, f, qa, sel in configs:
+            eng = qa.engine
             eng.selector = sel
-            logits, step_reads = _forced(eng, base, prompt, cont)
+            logits, step_reads = _forced(eng, bases[id(eng)], prompt, cont)
             if ref is None:
                 ref = logits
             agree = (logits.argmax(-1) == ref.argmax(-1)).float()
             kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref, -1),
                                             log_target=True, reduction="none").sum(-1)
             per.setdefault(f"{label}@{f:g}", []).append((label, f, agree, kl, [s.fraction_read for s in step_reads]))
-        eng.release(base)
-        eng.selector = selectors[0][2]
+        for _, _, qa, _ in configs:
+            if id(qa.engine) in bases:
+                qa.engine.release(bases.pop(id(qa.engine)))
+        _reset_selectors(configs)
     out = {}
     for key, items in per.items():
         agree = torch.cat([a for *_, a, _, _ in items])
@@ -250,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-task", type=int, default=3, help="cases per task and length")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle", "speculative"])
+    p.add_argument("--kv-formats", nargs="+", default=[], choices=["4bit"],
+                   help="page formats run beside exact, each on its own engine and prefill: the format alone "
+                        "and with each sparse mode")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget (small: the KV spills)")
     p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])
@@ -270,13 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     config = RuntimeConfig(device_memory_bytes=args.device_memory, host_memory_bytes=0)
     cases = build_cases(tuple(args.lengths), per_task=args.per_task)[: args.limit]
     essays = qa_essays(SHARED_ESSAYS)
-    with LongDocQA(args.model, config=config, doc_cache=False, allow_long_context=True) as qa:
-        selectors = _selectors(qa.engine, qa.source, args.budgets, args.modes)
+    with contextlib.ExitStack() as stack:
+        def open_qa(fmt: str):
+            cfg = dataclasses.replace(config, kv_format=fmt)
+            return stack.enter_context(LongDocQA(args.model, config=cfg, doc_cache=False, allow_long_context=True))
+
+        qa = open_qa("exact")
+        configs = _with_formats(qa, {fmt: open_qa(fmt) for fmt in args.kv_formats}, args.budgets, args.modes)
         print(f"model {args.model}; DEVICE {args.device_memory}, HOST 0 (global KV on DISK); page "
               f"{qa.engine.config.page_size} tokens; {len(cases)} QA cases at {args.lengths} tokens; "
-              f"configurations: {', '.join(f'{l}@{f:g}' for l, f, _ in selectors)}")
-        rows = run_qa(qa, cases, selectors, essays, max_new_tokens=args.max_new_tokens, say=say)
-        continuation = {n: run_essays(qa, selectors, essays, tokens=n, steps=args.essay_steps,
+              f"configurations: {', '.join(f'{l}@{f:g}' for l, f, _, _ in configs)}")
+        rows = run_qa(configs, cases, essays, max_new_tokens=args.max_new_tokens, say=say)
+        continuation = {n: run_essays(configs, essays, tokens=n, steps=args.essay_steps,
                                        windows=args.essay_windows, say=say)
                         for n in args.essay_tokens}
     report = {"model": args.model, "lengths": args.lengths, "budgets": args.budgets, "cases": rows,
@@ -287,16 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         if not summ:
             continue
         print(f"\n{title}")
-        print(f"{'config':<18}{'hits':>6}{'misses/exact-right':>20}{'median gap':>12}{'read max':>10}"
+        print(f"{'config':<24}{'hits':>6}{'misses/exact-right':>20}{'median gap':>12}{'read max':>10}"
               f"{'fetched':>9}{'fallback':>9}")
         for key, s in summ.items():
-            print(f"{key:<18}{s['hits']:>3}/{s['cases']:<3}{s['misses_of_exact_right']:>12}/{s['exact_right']:<7}"
+            print(f"{key:<24}{s['hits']:>3}/{s['cases']:<3}{s['misses_of_exact_right']:>12}/{s['exact_right']:<7}"
                   f"{s['median_gold_gap']:>12.3f}{s['kv_fraction_read_max']:>10.3f}{s['kv_fraction_fetched']:>9.3f}"
                   f"{s['fallback_cases']:>9}")
     for n, cont in continuation.items():
         print(f"\nessay continuation at {n} tokens ({args.essay_windows} texts x {args.essay_steps} teacher-forced steps)")
         for key, c in cont.items():
-            print(f"{key:<18} top-1 agreement {c['top1_agreement']:.3f}  KL {c['kl']:.4f}  read max "
+            print(f"{key:<24} top-1 agreement {c['top1_agreement']:.3f}  KL {c['kl']:.4f}  read max "
                   f"{c['kv_fraction_read_max']:.3f}")
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1))

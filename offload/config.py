@@ -14,8 +14,8 @@ from offload.kv.placement import Placement
 if TYPE_CHECKING:
     from planner.profile import HardwareProfile
 
-__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "Planner", "DiskBackend", "Sparse", "PLANNERS",
-           "SPARSE_MODES", "parse_size", "parse_dtype", "format_size", "check_sparse_budget", "DTYPES"]
+__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "Planner", "DiskBackend", "Sparse", "KVFormat",
+           "PLANNERS", "SPARSE_MODES", "KV_FORMATS", "parse_size", "parse_dtype", "format_size", "check_sparse_budget", "DTYPES"]
 
 
 class Planner(enum.Enum):
@@ -61,6 +61,16 @@ class Sparse(enum.Enum):
 
 
 SPARSE_MODES = tuple(m.value for m in Sparse)
+
+
+class KVFormat(enum.Enum):
+    """How pages out of the recent window are stored."""
+
+    EXACT = "exact"  # as computed, in the KV dtype
+    Q4 = "4bit"  # 4-bit codes with per-group scales (keys per channel: KIVI; values per token: FlexGen)
+
+
+KV_FORMATS = tuple(f.value for f in KVFormat)
 
 
 def check_sparse_budget(value: object, name: str = "sparse_budget") -> float:
@@ -202,6 +212,10 @@ class RuntimeConfig:
         sparse_budget: F, the most a sparse decode step reads of the K/V bytes exact attention
             would read in the global layers at that step (sink, window, tail and the page
             bounds it scans included), in (0, 1].
+        kv_format: "exact", or "4bit": a global layer's pages other than the sink page 0, the
+            last ``window_pages`` (2) full pages and the partly filled tail are stored as 4-bit
+            pages wherever they live (``offload.kv.quant_pages``), about a sixth of fp32's
+            bytes; the exact pages live on DEVICE. Sliding-window rings stay exact.
     """
 
     device: str | None = None
@@ -228,6 +242,7 @@ class RuntimeConfig:
     profile: HardwareProfile | None = None
     sparse: Sparse = Sparse.EXACT
     sparse_budget: float = 0.1
+    kv_format: KVFormat = KVFormat.EXACT
 
     def __post_init__(self) -> None:
         # Size fields take bytes or a size string (RuntimeConfig(device_memory_bytes="512MiB")).
@@ -242,6 +257,7 @@ class RuntimeConfig:
                            ("host_attention", HostAttention)):
             object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
         object.__setattr__(self, "sparse", _member(Sparse, "sparse", self.sparse))
+        object.__setattr__(self, "kv_format", _member(KVFormat, "kv_format", self.kv_format))
         object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")

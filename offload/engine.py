@@ -54,7 +54,7 @@ from offload.attention.quest import QuestSelector
 from offload.attention.read_account import ReadAccount, StepReads
 from offload.attention.selection import ExactSelector, PageSelector
 from offload.attention.speculative import speculative_selector
-from offload.config import HostAttention, Planner, RuntimeConfig, Sparse
+from offload.config import HostAttention, KVFormat, Planner, RuntimeConfig, Sparse
 from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError, UnsupportedModelError
 from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
 from offload.model.llama import LlamaRunner
@@ -64,6 +64,7 @@ from offload.kv.paged_kv import KVSequence, PagedKV, ring_pages
 from offload.kv.readahead import Chunk
 from offload.kv.reads import LayerReads
 from offload.kv.placement import Placement
+from offload.kv.quant_pages import PackedPools, Quant4Layout
 from offload.tuning.planning import (ANSWER_TOKENS, DEVICE_RESERVE_PAGES, QUESTION_TOKENS, WRITE_STAGING_BYTES,
                                      engine_problem, plan_placement, plan_summary, staging_bytes)
 from offload.tuning.profile_store import DEFAULT_PRESETS, load_saved
@@ -71,7 +72,7 @@ from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
 from offload.model.weights import load_checkpoint, random_weights
 from planner.profile import HardwareProfile
-from storage import PageArena, Tier, make_io
+from storage import PackedArena, PageArena, Tier, make_io
 from storage.disk_store import DiskExtentStore
 from storage.run_dirs import RunDir, make_run_dir, remove_dead_run_dirs
 from offload.kv.page_table import cdiv
@@ -87,6 +88,9 @@ LayerCallback = Callable[[int, int], None]  # (layers done, num layers)
 
 # The budgets capacity errors ask to raise, as the CLI flag and the API field that set them.
 _DEVICE_BUDGET = "--device-memory (RuntimeConfig.device_memory_bytes)"
+# With 4-bit pages, the exact DEVICE arena holds the exact pages (sinks, windows, tails, rings)
+# of this many sequences at once: a document, a question's fork, and two more.
+EXACT_SEQUENCES = 4
 _TIER_BUDGETS = ("--device-memory, --host-memory or --disk-space (RuntimeConfig.device_memory_bytes, "
                  "host_memory_bytes or disk_space_bytes)")
 
@@ -135,6 +139,9 @@ class Engine:
         self.windows: tuple[int | None, ...] = cfg.layer_windows
         self.global_layers = tuple(i for i, w in enumerate(self.windows) if w is None)
         self.ring_pages = tuple(0 if w is None else ring_pages(w, self.config.page_size) for w in self.windows)
+        # With 4-bit pages: their blob layout (exact pages keep the arena below, 4-bit pages
+        # PackedArenas and the DISK slots).
+        self.packed_layout = self._packed_layout() if self.config.kv_format == KVFormat.Q4 else None
         # The tiers first: a budget too small for them fails before the weights load.
         self.arena = PageArena(
             num_slots=self._arena_slots(),
@@ -145,17 +152,20 @@ class Engine:
             device=self.device,
         )
         self.disk, disk_limit = self._make_disk()
-        staging = (staging_bytes(self._slot_bytes(), staging_chunk_pages=self.config.staging_chunk_pages,
+        staging = (staging_bytes(self._stored_page_bytes(), staging_chunk_pages=self.config.staging_chunk_pages,
                                  staging_buffers=self.config.staging_buffers) if self.disk is not None else 0)
         write_staging = WRITE_STAGING_BYTES if self.disk is not None else 0
-        self.host_arena = self._make_host_arena(reserved=staging)
+        self.host_arena = self._make_host_arena(reserved=staging) if self.packed_layout is None else None
+        packed = self._make_packed_pools(reserved=staging) if self.packed_layout is not None else None
         self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed)
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
                           disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
                           shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging,
-                          windows=self.windows)
-        if self.config.overlap and (self.host_arena is not None or self.disk is not None):
+                          windows=self.windows, packed=packed)
+        # HOST or DISK exists: pages can leave DEVICE.
+        self.spills = self.disk is not None or self.kv.free_slots(Tier.HOST, packed is not None) > 0
+        if self.config.overlap and self.spills:
             # CUDA: the next layer's HOST/DISK pages cross PCIe on a side stream, at most as
             # many pages as the DISK staging area holds (transient DEVICE working memory).
             self.kv.enable_fetch_ahead(self.config.staging_buffers * self.config.staging_chunk_pages)
@@ -193,6 +203,51 @@ class Engine:
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * cfg.num_kv_heads * self.config.page_size * cfg.head_dim * elem
 
+    def _stored_page_bytes(self) -> int:
+        """Bytes of a page that can leave DEVICE: an exact page, or with 4-bit pages a packed one."""
+        return self.packed_layout.page_bytes if self.packed_layout is not None else self._slot_bytes()
+
+    def _packed_layout(self) -> Quant4Layout:
+        cfg = self.model_config
+        try:
+            return Quant4Layout(cfg.num_kv_heads, self.config.page_size, cfg.head_dim)
+        except ValueError as e:
+            raise UnsupportedModelError(f"kv_format 4bit cannot hold this model's pages ({e}); use "
+                                        "--kv-format exact") from None
+
+    def _exact_pages_per_sequence(self) -> int:
+        """Exact pages one sequence holds at most with 4-bit pages: per global layer the sink
+        page, the window, the tail and the page being packed; per sliding layer its ring and a
+        copy-on-write tail."""
+        window = PackedPools.window_pages
+        return sum(window + 3 if r == 0 else r + 1 for r in self.ring_pages)
+
+    def _make_packed_pools(self, *, reserved: int) -> PackedPools:
+        """The 4-bit arenas: DEVICE's share of the budget the exact arena leaves, and HOST's
+        budget beside the DISK staging area."""
+        layout = self.packed_layout
+        assert layout is not None
+        arenas = {}
+        device_slots = (self._device_budget() - self.arena.num_slots * self.arena.slot_bytes) // layout.page_bytes
+        if device_slots > 0:
+            arenas[Tier.DEVICE] = PackedArena(num_slots=int(device_slots), slot_bytes=layout.page_bytes,
+                                              device=self.device)
+        host = self.config.host_memory_bytes or 0
+        if host > reserved + layout.page_bytes:
+            arenas[Tier.HOST] = PackedArena(num_slots=(host - reserved) // layout.page_bytes,
+                                            slot_bytes=layout.page_bytes, device="cpu", tier=Tier.HOST)
+        return PackedPools(layout, arenas)
+
+    def _spare_pages(self) -> int:
+        """Free page slots over all tiers (with 4-bit pages: the packed ones and the exact arena's)."""
+        exact = self.kv.free_slots(Tier.DEVICE) if self.packed_layout is not None else 0
+        return exact + sum(self._free_pages(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK))
+
+    def _free_pages(self, tier: Tier) -> int:
+        """Free slots of ``tier`` for the pages that may leave DEVICE (exact mode: exact pages;
+        with 4-bit pages: packed ones; DISK holds only those)."""
+        return self.kv.free_slots(tier, self.packed_layout is not None)
+
     def _make_disk(self) -> tuple[DiskExtentStore | None, int | None]:
         """The DISK tier's store and its budget in pages, or (None, None) without one."""
         c = self.config
@@ -219,8 +274,8 @@ class Engine:
                 io = make_io(c.disk_backend.value)
             except ValueError as e:
                 raise InputError(str(e)) from None
-            store = DiskExtentStore(root, num_layers=self.model_config.num_layers, page_bytes=self._slot_bytes(),
-                                    io=io)
+            store = DiskExtentStore(root, num_layers=self.model_config.num_layers,
+                                    page_bytes=self._stored_page_bytes(), io=io)
         except BaseException:
             run_dir.remove()
             raise
@@ -261,12 +316,15 @@ class Engine:
         ps = self.config.page_size
         have = cdiv(seq.num_tokens, ps)
         new_pages = cdiv(seq.num_tokens + new_tokens, ps) - have
-        free = self.kv.free_slots(Tier.DEVICE)
-        reserve = self.question_reserve(seq.num_tokens + new_tokens) if document else 0
-        device_only = self.host_arena is None and self.disk is None
-        if new_tokens == 1 or device_only or free >= self.pages_needed(seq, new_tokens) + reserve:
+        free = self._free_pages(Tier.DEVICE)
+        # (With 4-bit pages the question's tails and the rings live in the exact arena.)
+        packed = self.packed_layout is not None
+        reserve = self.question_reserve(seq.num_tokens + new_tokens) if document and not packed else 0
+        if new_tokens == 1 or not self.spills or free >= self.pages_needed(seq, new_tokens) + reserve:
             return Placement(None, 0)
-        if document:
+        if packed:
+            room = free
+        elif document:
             bound = self._device_bound(seq.num_tokens, new_tokens)
             if free < reserve + bound:  # other documents' pages make the room
                 self.make_device_room(reserve + bound - free)
@@ -303,10 +361,11 @@ class Engine:
             cfg, num_layers=len(self.global_layers), new_pages=new_pages, page_size=c.page_size,
             dtype_bytes=self.runner.dtype.itemsize,
             kv_dtype_bytes=elem, device_room_pages=device_room,
-            host_room_pages=self.kv.free_slots(Tier.HOST),
+            host_room_pages=self._free_pages(Tier.HOST),
             disk_room_pages=min(self.kv.free_slots(Tier.DISK), 1 << 40),
             staging_chunk_pages=c.staging_chunk_pages, staging_buffers=c.staging_buffers,
-            allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU)
+            allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU,
+            packed_page_bytes=self.packed_layout.page_bytes if self.packed_layout is not None else None)
         try:
             self.last_plan = (greedy_plan(problem, self.hardware_profile()) if c.planner == Planner.GREEDY
                               else plan(problem, self.hardware_profile(), min_gain=c.plan_min_gain))
@@ -361,21 +420,32 @@ class Engine:
     def max_context(self) -> int:
         return self.model_config.max_position_embeddings
 
-    def _arena_slots(self) -> int:
+    def _device_budget(self) -> int:
+        """The DEVICE KV budget in bytes (``device_memory_bytes``, or the default)."""
         cfg, ps = self.model_config, self.config.page_size
-        slot_bytes = self._slot_bytes()
         budget = self.config.device_memory_bytes
         if budget is None:
             if self.device.type == "cuda":
                 # GPU memory is reserved up front: the full context of one sequence plus
                 # copy-on-write tails of a few forks, at most half of what is free.
                 context_pages = cdiv(cfg.max_position_embeddings, ps) + 4
-                want = sum(context_pages if r == 0 else 2 * r + 4 for r in self.ring_pages) * slot_bytes
+                want = sum(context_pages if r == 0 else 2 * r + 4 for r in self.ring_pages) * self._stored_page_bytes()
                 budget = min(want, torch.cuda.mem_get_info(self.device)[0] // 2)
             else:
                 # RAM pages are touched only when written, so the budget can be generous.
                 budget = psutil.virtual_memory().available // 2
+        return budget
+
+    def _arena_slots(self) -> int:
+        """Slots of the exact DEVICE arena: the budget's, or with 4-bit pages what the exact
+        pages of ``EXACT_SEQUENCES`` sequences take (the rest holds 4-bit pages)."""
+        cfg, ps = self.model_config, self.config.page_size
+        slot_bytes = self._slot_bytes()
+        budget = self._device_budget()
         slots = budget // slot_bytes
+        if self.packed_layout is not None:  # at most half a small budget, at least two sequences' pages
+            per_sequence = self._exact_pages_per_sequence()
+            slots = min(slots, EXACT_SEQUENCES * per_sequence, max(2 * per_sequence, slots // 2))
         if slots < 1:
             raise CapacityError(
                 f"--device-memory {budget} bytes holds no KV page; one page is {slot_bytes} bytes "
@@ -476,18 +546,22 @@ class Engine:
         free, slot = self.kv.free_slots(Tier.DEVICE), self.arena.slot_bytes
         what = (f"this document ({num_tokens} tokens) and a question about it ({QUESTION_TOKENS} tokens, "
                 f"{ANSWER_TOKENS} new tokens)")
-        if self.disk is None and self.host_arena is None:
-            if doc + question > free:
+        packed = self.packed_layout is not None
+        if not self.spills:
+            if doc + question > free + (self._free_pages(Tier.DEVICE) if packed else 0):
                 raise CapacityError(f"the DEVICE KV arena cannot hold {what}: they need {doc + question} pages of "
                                     f"{slot} bytes and {free} are free; {self._device_fix(doc + question)}")
             return
-        spare = sum(self.kv.free_slots(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK))
+        spare = self._spare_pages()
         if doc + question > spare:
             raise CapacityError(f"the KV tiers cannot hold {what}: they need {doc + question} pages of {slot} "
                                 f"bytes and {spare} are free over all tiers; raise {_TIER_BUDGETS}")
-        stays = self._device_bound(0, num_tokens) + len(self.global_layers)
+        # On DEVICE stay the tails, rings and first pages (with 4-bit pages, the exact windows too).
+        stays = self._device_bound(0, num_tokens) + len(self.global_layers) * (
+            1 + (PackedPools.window_pages if packed else 0))
         device = stays + self.request_device_pages(num_tokens, QUESTION_TOKENS, ANSWER_TOKENS)
-        movable = sum(self.kv.movable_device_pages(d, self.global_layers) for d in self._live_documents())
+        movable = 0 if packed else sum(self.kv.movable_device_pages(d, self.global_layers)
+                                       for d in self._live_documents())
         # Moving them off frees DEVICE as far as HOST and DISK hold them beside the pages of
         # the document and question that are not on DEVICE.
         free += max(0, min(movable, spare - free - (doc + question - device)))
@@ -526,19 +600,20 @@ class Engine:
             )
         need = self.request_pages(seq.num_tokens, prompt_tokens, max_new_tokens)
         free, slot = self.kv.free_slots(Tier.DEVICE), self.arena.slot_bytes
-        if self.disk is None and self.host_arena is None:
-            if need > free:
+        packed = self.packed_layout is not None
+        if not self.spills:
+            if need > free + (self._free_pages(Tier.DEVICE) if packed else 0):
                 raise CapacityError(f"the DEVICE KV arena cannot hold this request: it needs {need} more pages of "
                                     f"{slot} bytes and {free} are free; {self._device_fix(need)}")
             return
-        spare = sum(self.kv.free_slots(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK))
+        spare = self._spare_pages()
         if need > spare:
             raise CapacityError(f"the KV tiers cannot hold this request: it needs {need} more pages of {slot} bytes "
                                 f"and {spare} are free over all tiers; raise {_TIER_BUDGETS}")
         # Tails (and their copy-on-write copies), decode growth and sliding-window rings
         # always live on DEVICE.
         device_need = self.request_device_pages(seq.num_tokens, prompt_tokens, max_new_tokens)
-        if free < device_need and make_room:
+        if free < device_need and make_room and not packed:  # (moving 4-bit pages frees no exact slot)
             self.make_device_room(device_need - free, first=seq)
             free = self.kv.free_slots(Tier.DEVICE)
         if free < device_need:
@@ -651,7 +726,7 @@ class Engine:
             attn = self.decode_attention(layer_reads, q)
             reader.count(layer_reads)
             step.add_layer(reads[layer], layer_reads, exact_pages=cdiv(layer_reads.length, self.config.page_size)
-                           - seq.table.first_live(layer), page_bytes=self.kv.page_bytes)
+                           - seq.table.first_live(layer), page_bytes=self.kv.page_bytes, stored=reader.page_bytes)
             if fetch and layer + 1 < num_layers:  # layer's kernels are queued: copy the next one's pages
                 reader.fetch_ahead(reads[layer + 1], group_tokens)
             h = self.runner.finish_layer(layer, h, attn)
@@ -834,5 +909,6 @@ class Engine:
         stats.dtype = str(self.dtype).removeprefix("torch.")
         stats.kv_dtype = str(self.kv_dtype).removeprefix("torch.")
         stats.sparse = self.config.sparse.value
+        stats.kv_format = self.config.kv_format.value
         stats.sparse_budget = self.config.sparse_budget if self.config.sparse != Sparse.EXACT else None
         stats.key_bounds_bytes = seq.bounds.nbytes() if seq.bounds is not None else 0

@@ -46,6 +46,7 @@ class RunStats:
             preset)": given in ``RuntimeConfig.profile``, this machine's saved one, or the
             device type's preset (``Engine.hardware_profile``); None while the planner has not run.
         sparse / sparse_budget: the decode mode ("exact", "quest") and its budget F (None in exact mode).
+        kv_format: how pages out of the recent window are stored ("exact", "4bit").
         kv_fraction_read / kv_fraction_read_max: K/V bytes the decode steps attended in the
             global layers (key bounds scanned included) over what exact attention reads at
             each step: mean and max over the steps (``offload.attention.read_account``); 1.0
@@ -95,6 +96,7 @@ class RunStats:
     profile: str | None = None
     sparse: str = "exact"
     sparse_budget: float | None = None
+    kv_format: str = "exact"
     kv_fraction_read: float | None = None
     kv_fraction_read_max: float | None = None
     kv_fraction_fetched: float | None = None

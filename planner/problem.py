@@ -74,6 +74,8 @@ class PlanProblem:
             (key bounds), held on DEVICE whatever the pages' tiers.
         staging_buffers: DISK read staging buffers of one extent each (the engine's read-ahead
             depth); 0 = price each layer's reads against that layer only (FlexGen's model).
+        packed_page_bytes: bytes of one page as stored when the placed pages are 4-bit
+            (codes, scales and mins); None prices exact pages of ``kv_dtype_bytes``.
     """
 
     num_layers: int
@@ -102,6 +104,7 @@ class PlanProblem:
     staging_buffers: int = 0
     sparse_fetch: float = 1.0
     metadata_bytes_per_layer: int = 0
+    packed_page_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size",
@@ -112,7 +115,8 @@ class PlanProblem:
         if not isinstance(self.staging_buffers, int) or self.staging_buffers < 0:
             raise ValueError(f"PlanProblem.staging_buffers must be an int >= 0, got {self.staging_buffers!r}")
         for f in ("weight_bytes", "device_working_bytes", "host_staging_bytes", "ring_bytes_per_layer",
-                  "metadata_bytes_per_layer", "device_budget_bytes", "host_budget_bytes", "disk_budget_bytes"):
+                  "metadata_bytes_per_layer", "device_budget_bytes", "host_budget_bytes", "disk_budget_bytes",
+                  "packed_page_bytes"):
             value = getattr(self, f)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"PlanProblem.{f} must be an int >= 0{' or None' if 'budget' in f else ''}, "
@@ -142,7 +146,9 @@ class PlanProblem:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page: K and V, all KV heads."""
+        """Bytes of one page: K and V, all KV heads (4-bit pages: ``packed_page_bytes``)."""
+        if self.packed_page_bytes:
+            return self.packed_page_bytes
         return 2 * self.num_kv_heads * self.page_size * self.head_dim * self.kv_dtype_bytes
 
     @property

@@ -29,10 +29,11 @@ import torch
 
 from cpu_kernels import flash_torch
 from cpu_kernels.inputs import kernel_pages
+from cpu_kernels.quant4 import Quant4PagesNp
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
 from offload.config import DecodeKernel
 from offload.kv.paged_kv import PagedKV
-from offload.kv.reads import LayerReads, Piece, Route, RouteRule
+from offload.kv.reads import LayerReads, Piece, PieceKind, Route, RouteRule
 from storage import PageArena, Tier
 
 __all__ = ["DecodeKernel", "DecodeAttention", "group_partial_fn"]
@@ -82,7 +83,7 @@ class DecodeAttention:
         # attended where they lie (no copy into attention order).
         self._numba_in_ram = device.type == "cpu" and kernel == DecodeKernel.NUMBA
         self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
-        self._arena_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(arena) -> numpy views of K, V
+        self._arena_arrays: dict[int, object] = {}  # id(arena) -> numpy views (K, V; or a 4-bit arena's)
         self._partial, self.max_group_tokens = group_partial_fn(
             device, num_heads=num_kv_heads * group_size, num_queries=1, scores_bytes=scores_bytes)
 
@@ -99,7 +100,9 @@ class DecodeAttention:
         outs: list[torch.Tensor] = []
         lses: list[torch.Tensor] = []
         for piece in reads.pieces:
-            if piece.route == Route.PAGED_DEVICE:
+            if piece.kind == PieceKind.PACKED4 and piece.route != Route.GROUPS:
+                part = self._packed_pages(q, piece)
+            elif piece.route == Route.PAGED_DEVICE:
                 pool = self.kv.pool_of(piece.tier)
                 if self.kernel == DecodeKernel.TRITON:
                     part = self._triton_pages(q, pool, piece)
@@ -120,6 +123,39 @@ class DecodeAttention:
             lses.append(part[1])
         out = outs[0] if len(outs) == 1 else merge_partials_ref(outs, lses)[0]
         return out.reshape(1, -1).to(q.dtype)
+
+    def _packed_pages(self, q: torch.Tensor, piece: Piece) -> Partial:
+        """A piece of 4-bit pages (whole, never skipped: the exact window and tail are not
+        packed), attended in place by the fused 4-bit kernel: Triton over the DEVICE arena on
+        CUDA, else Numba over the arena or the staged DISK chunk."""
+        assert piece.skip == 0 and piece.tokens == piece.num_pages * self.kv.page_size
+        packed = self.kv.packed
+        assert packed is not None
+        if self.kernel == DecodeKernel.TRITON and piece.tier == Tier.DEVICE:
+            from gpu_kernels.paged_attention_4bit import paged_decode_attention_4bit
+
+            arena = packed.layout.views(packed.arenas[Tier.DEVICE].data)
+            table = torch.tensor([piece.slots], dtype=torch.int32).to(self.device, non_blocking=True)
+            lens = torch.tensor([piece.tokens], dtype=torch.int32).to(self.device, non_blocking=True)
+            out, lse = paged_decode_attention_4bit(q.reshape(1, -1, self.head_dim), arena, table, lens,
+                                                   scale=self.scale)
+            return out[0], lse[0]
+        if piece.tier == Tier.DISK:
+            with self.kv.reader.staged_packed(piece) as pages:
+                return self._numba_packed(q, pages, piece.chunk_positions())
+        arrays = self._arena_arrays.get(id(packed.arenas[piece.tier]))
+        if arrays is None:  # the arena's views, made once (the arena lives as long as we do)
+            arrays = self._arena_arrays[id(packed.arenas[piece.tier])] = packed.layout.numpy_views(
+                packed.arenas[piece.tier].data)
+        return self._numba_packed(q, arrays, list(piece.slots))
+
+    def _numba_packed(self, q: torch.Tensor, pages: Quant4PagesNp, slots: list[int]) -> Partial:
+        from cpu_kernels.attention_4bit import attention_pages_4bit_trusted
+
+        q_cpu = np.ascontiguousarray(q.reshape(-1, self.head_dim).float().cpu().numpy())
+        out, lse = attention_pages_4bit_trusted(q_cpu, pages, np.asarray(slots, dtype=np.int32), self.scale)
+        return (torch.from_numpy(out).to(self.device, non_blocking=True),
+                torch.from_numpy(lse).to(self.device, non_blocking=True))
 
     def _group_partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
         """(out, lse) [num_heads, head_dim] / [num_heads] over a [nkv, n, hd] piece."""

@@ -9,14 +9,17 @@ Every mode is measured the same way, from the read sets the step consumed (exact
                           * page bytes / exact bytes
     exact bytes         = every live page of the step's global layers * page bytes
 
-A page is counted whole even when partly filled, as exact attention's own denominator is.
+A page is counted whole even when partly filled, as exact attention's own denominator is. A
+4-bit page counts its packed bytes as stored (a DISK slot's aligned size), against exact pages
+in the denominator.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from offload.kv.page_table import LayerKind
-from offload.kv.reads import LayerReads
+from offload.kv.reads import LayerReads, Piece
 from offload.stats import RunStats
 from storage import Tier
 
@@ -40,25 +43,31 @@ class StepReads:
     spec_hits: int = 0  # speculative mode: live-chosen pages the prediction had named
     spec_chosen: int = 0  # speculative mode: pages the live query chose
 
-    def add_layer(self, before: LayerReads, after: LayerReads, *, exact_pages: int, page_bytes: int) -> None:
-        """A layer's set before the query (``before``) and the one attention consumed."""
+    def add_layer(self, before: LayerReads, after: LayerReads, *, exact_pages: int, page_bytes: int,
+                  stored: Callable[[Piece], int] | None = None) -> None:
+        """A layer's set before the query (``before``) and the one attention consumed.
+        ``page_bytes``: an exact page's bytes (the denominator's); ``stored``: a piece's
+        bytes per page as stored (4-bit pages: their packed bytes; default ``page_bytes``)."""
         if after.kind != LayerKind.GLOBAL:
             return
+        per_page = stored or (lambda piece: page_bytes)
         self.layers += 1
         self.exact_bytes += exact_pages * page_bytes
         for piece in after.pieces:
             self.selected_pages += piece.num_pages
-            self.read_bytes += piece.num_pages * page_bytes
+            self.read_bytes += piece.num_pages * per_page(piece)
             if piece.tier != Tier.DEVICE:
-                self.fetched_bytes += piece.num_pages * page_bytes
+                self.fetched_bytes += piece.num_pages * per_page(piece)
         if before is after:  # chosen before the query (exact mode): nothing read on demand or dropped
             return
         named_before = set(before.pages())
         for piece in after.pieces:
             if piece.tier != Tier.DEVICE:
-                self.sync_miss_bytes += sum(p not in named_before for p in piece.page_ids) * page_bytes
-        used = sum(piece.num_pages for piece in after.pieces if piece.chunk is not None and piece.ahead)
-        self.wasted_bytes += (sum(c.num_pages for c in before.chunks(ahead=True)) - used) * page_bytes
+                self.sync_miss_bytes += sum(p not in named_before for p in piece.page_ids) * per_page(piece)
+        used = sum(piece.num_pages * per_page(piece) for piece in after.pieces
+                   if piece.chunk is not None and piece.ahead)
+        ahead = {p.chunk: p for p in before.pieces if p.chunk is not None and p.ahead}
+        self.wasted_bytes += sum(c.num_pages * per_page(p) for c, p in ahead.items()) - used
 
     def finish(self, *, bounds_bytes: int, selection_s: float, fallback: str) -> None:
         self.bounds_bytes, self.selection_s, self.fallback = bounds_bytes, selection_s, fallback

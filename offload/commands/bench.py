@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from offload.config import SPARSE_MODES, RuntimeConfig, parse_dtype
+from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, parse_dtype
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.model.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run these sparse modes all-DISK (and a short-prompt all-DEVICE row for their bound); "
                         "quest and speculative together also print speculative against quest")
     p.add_argument("--sparse-budget", type=float, default=None, metavar="F", help="with --sparse (default 0.1)")
+    p.add_argument("--kv-format", nargs="+", choices=KV_FORMATS, default=None,
+                   help="page formats to run all-DISK beside the exact rows (which always run): 4bit adds "
+                        "'4bit DISK spill' and, with --sparse, 4bit with each sparse mode")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
     return p
@@ -308,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     no_hf = args.no_hf or source.weights_dir is None
     ids = _prompt(source, args.tokens)
     kv_dir = str(cache / "kv")
-    n_configs = 5 + (0 if no_hf else 2) + (len(modes) + 1 if modes else 0)
+    formats = [f for f in dict.fromkeys(args.kv_format or []) if f != "exact"]
+    n_configs = 5 + (0 if no_hf else 2) + (len(modes) + 1 if modes else 0) + len(formats) * (1 + len(modes))
     cuda = device.type == "cuda"
     where = (f"{torch.cuda.get_device_name(device)}" if cuda else f"cpu, {torch.get_num_threads()} threads")
     print(f"offload bench: {args.model}{' (random weights)' if source.weights_dir is None else ''}, "
@@ -373,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         run(f"DISK spill, {mode}", f"F={budget:g}, all full pages on DISK", placement=Placement.all_on(Tier.DISK),
             sparse=mode, sparse_budget=budget).close()
+    for fmt in formats:
+        for mode in [None, *modes]:
+            run(f"{fmt} DISK spill" + (f", {mode}" if mode else ""), "all full pages on DISK" + (
+                f", F={budget:g}" if mode else ""), placement=Placement.all_on(Tier.DISK), kv_format=fmt,
+                **({"sparse": mode, "sparse_budget": budget} if mode else {})).close()
     if modes:
         run("all-DEVICE, short", f"{SHORT_PROMPT}-token prompt", prompt=ids[:SHORT_PROMPT]).close()
     if not no_hf:
@@ -452,9 +461,27 @@ def _report(args: argparse.Namespace, results: dict[str, Result], ids: list[int]
         print(f"speculative against quest: fetch wait {wait_s * 1e3:.1f} ms / {wait_q * 1e3:.1f} ms = "
               f"{wait_s / wait_q if wait_q > 0 else float('nan'):.2f} (target <= 0.25); step quest / speculative = "
               f"{_median(q.decode_s) / _median(s_.decode_s):.2f}x (target >= 1.3 at SmolLM2 8K, >= 1.0)")
+    _report_formats(results, step_s, d)
     if args.json_out is not None:
         blob = {"tokens": n, "decode_tokens": d, "read_gbps": read_gbps, "disk_bytes_per_step": disk_bytes,
                 "cold_reads": cold, "results": {k: dataclasses.asdict(r) for k, r in results.items()},
                 "beside": None if beside is None else dataclasses.asdict(beside)}
         args.json_out.write_text(json.dumps(blob, indent=1))
         print(f"raw timings: {args.json_out}")
+
+
+def _report_formats(results: dict[str, Result], step_s: float, d: int) -> None:
+    """The 4-bit rows against exact ones of the same run: the step against exact all-DEVICE's,
+    and DISK bytes per step against exact all-DISK's."""
+    exact_disk = results["DISK spill"].bytes_per_token.get("disk", 0)
+    for name, row in results.items():
+        if not name.startswith("4bit DISK spill"):
+            continue
+        step = _median(row.decode_s) / d
+        disk = row.bytes_per_token.get("disk", 0)
+        sp = row.sparse
+        sparse = (f"; kv_fraction_read {sp.get('kv_fraction_read') or 0:.3f} (max "
+                  f"{sp.get('kv_fraction_read_max') or 0:.3f}) of exact fp32 pages" if sp else "")
+        print(f"{name}: step {step * 1e3:.0f} ms / exact all-DEVICE step {step_s * 1e3:.0f} ms = {step / step_s:.2f} "
+              f"(target <= 1.2); DISK bytes per step / exact all-DISK's = "
+              f"{disk / exact_disk if exact_disk else float('nan'):.3f} (target <= 0.2){sparse}")

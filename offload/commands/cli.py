@@ -20,7 +20,7 @@ from typing import Any
 
 from offload.commands.args import (OneLineParser, check_generation_flags, flag_error, read_text, size_flag,
                                    sparse_fields)
-from offload.config import SPARSE_MODES, RuntimeConfig, parse_dtype
+from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, parse_dtype
 from offload.commands.signals import TERMINATED_STATUS, Terminated, sigterm_raises
 from offload.errors import InputError, OffloadError, StorageIOError
 from offload.sampling import SamplingConfig
@@ -63,6 +63,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-budget", type=float, default=None, metavar="F",
                    help="with --sparse: the share of exact attention's K/V bytes a decode step may read, "
                         "in (0, 1] (default 0.1)")
+    g.add_argument("--kv-format", choices=KV_FORMATS, default="exact",
+                   help="how pages out of the recent window are stored: exact (the default) or 4bit (4-bit codes "
+                        "with per-group scales, about a sixth of fp32's bytes wherever they live; the sink page, "
+                        "the last 2 full pages and the tail stay exact on DEVICE)")
     g.add_argument("--allow-long-context", action="store_true",
                    help="allow prompts longer than the model's context window")
     o = p.add_argument_group("generation and output")
@@ -111,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {"device_memory_bytes": "--device-memory", "host_memory_bytes": "--host-memory",
           "disk_space_bytes": "--disk-space", "page_size": "--page-size", "prefill_chunk_tokens": "--prefill-chunk",
           "disk_backend": "--disk-backend", "kv_dtype": "--kv-dtype", "dtype": "--dtype", "device": "--device",
-          "sparse_budget": "--sparse-budget", "sparse": "--sparse"}
+          "sparse_budget": "--sparse-budget", "sparse": "--sparse", "kv_format": "--kv-format"}
 
 
 def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
@@ -132,6 +136,7 @@ def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
             prefill_chunk_tokens=args.prefill_chunk,
             seed=args.seed,
             disk_backend=args.disk_backend,
+            kv_format=args.kv_format,
             **sparse_fields(args),
         )
     except InputError as e:

@@ -3,6 +3,7 @@
     offload plan --model llama-3.1-8b --context 131072 --device-memory 24GiB --host-memory 64GiB
     offload plan ... --preset rtx4090-pcie4 --json          # a GPU plan made on any machine
     offload plan ... --sparse quest --sparse-budget 0.1      # a decode step reads 10% of the K/V bytes
+    offload plan ... --kv-format 4bit                       # pages stored in 4 bits
     offload plan ... --what-if                              # also explore recompute
 
 Budgets here are a tier's memory for the whole run (weights, working buffers and staging
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from offload.commands.args import OneLineParser, flag_error, size_flag, sparse_fields
-from offload.config import SPARSE_MODES, RuntimeConfig, check_sparse_budget, parse_dtype
+from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, check_sparse_budget, parse_dtype
 
 __all__ = ["main", "build_parser"]
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-budget", "--sparse-fraction", dest="sparse_budget", type=float, default=None,
                    metavar="F", help="with --sparse (or --what-if): the share of K/V bytes a step reads, in (0, 1] "
                    "(--sparse-fraction is its old name)")
+    p.add_argument("--kv-format", choices=KV_FORMATS, default="exact",
+                   help="price the placed pages as stored in this format (4bit: packed pages, about a sixth "
+                        "of fp32's bytes)")
     p.add_argument("--greedy", action="store_true", help="also print the greedy baseline (fill DEVICE, HOST, DISK "
                    "layer by layer)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where the saved profile lives")
@@ -138,6 +142,15 @@ def _budget(args: argparse.Namespace) -> float:
     return RuntimeConfig(sparse=args.sparse).sparse_budget if args.sparse not in (None, "exact") else 1.0
 
 
+def _packed_page_bytes(cfg, args: argparse.Namespace) -> int | None:
+    """Bytes of a 4-bit page with ``--kv-format 4bit`` (None: exact pages)."""
+    if args.kv_format != "4bit":
+        return None
+    from offload.kv.quant_pages import Quant4Layout  # (the kernels it imports load only when asked)
+
+    return Quant4Layout(cfg.num_kv_heads, args.page_size, cfg.head_dim).page_bytes
+
+
 def _run(args: argparse.Namespace) -> int:
     from offload.errors import ContextTooLongError
     from offload.tuning.planning import model_problem
@@ -163,7 +176,8 @@ def _run(args: argparse.Namespace) -> int:
         host_budget_bytes=size_flag("--host-memory", args.host_memory),
         disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
         what_if=args.what_if, sparse_budget=budget, sparse_fetch=_fetch(args, budget),
-        num_layer_groups=args.layer_groups)
+        num_layer_groups=args.layer_groups,
+        packed_page_bytes=_packed_page_bytes(cfg, args))
     try:
         result = plan(problem, profile)
         baseline = greedy_plan(problem, profile) if args.greedy else None
@@ -178,7 +192,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"offload: error: {message}", file=sys.stderr)
         return 2
     head = (f"{args.model}: {args.context} tokens x batch {args.batch_size}, {str(dtype).removeprefix('torch.')} "
-            f"weights, {str(kv_dtype).removeprefix('torch.')} KV; profile {profile.name}")
+            f"weights, {str(kv_dtype).removeprefix('torch.')} KV"
+            f"{f' ({problem.page_bytes}-byte 4-bit pages)' if args.kv_format == '4bit' else ''}; profile {profile.name}")
     if args.json:
         out = {"model": args.model, "context": args.context, "profile": profile.name, "plan": result.to_dict()}
         if baseline is not None:

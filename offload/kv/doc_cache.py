@@ -41,7 +41,8 @@ import torch
 
 from offload.config import format_size
 from offload.errors import OffloadError
-from storage import AlignedBuffer, make_io
+from offload.kv.read_sets import PieceKind
+from storage import AlignedBuffer, Tier, make_io
 from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocStore
 from offload.kv.page_table import cdiv
 
@@ -105,6 +106,8 @@ def fingerprint(engine: "Engine", source: "ModelSource", memo_path: Path) -> str
         "layout": LAYOUT_VERSION, "model": repr(source.config), "dtype": str(engine.dtype),
         "kv_dtype": str(engine.kv_dtype), "page_size": c.page_size,
     }
+    if c.kv_format.value != "exact":  # (exact DocCaches keep the fingerprint they had before 4-bit pages)
+        parts["kv_format"] = c.kv_format.value
     if source.weights_dir is None:
         parts["random_weights_seed"] = c.seed
     else:
@@ -326,10 +329,14 @@ class DocCache:
         builder = self.store.builder(doc_id, self.page_bytes)
         try:
             for layer in range(eng.model_config.num_layers):
+                if eng.packed_layout is not None:
+                    builder.write_pages(layer, self._records_4bit(seq, layer))
+                    continue
                 for g in kv.reader.layer_groups(seq, layer, 1 << 30):
                     builder.write_pages(layer, self._pages_bytes(g.k, g.v))
             meta = {"fingerprint": self.fingerprint, "token_ids_sha256": _ids_hash(ids), "num_tokens": len(ids),
-                    "page_size": ps, "kv_dtype": str(eng.kv_dtype), "layers": layers}
+                    "page_size": ps, "kv_dtype": str(eng.kv_dtype), "layers": layers,
+                    "kv_format": eng.config.kv_format.value}
             builder.commit(meta)
         except DocCacheNoSpace as e:
             raise DocCacheError(e.strerror or str(e)) from None
@@ -353,11 +360,34 @@ class DocCache:
         out = kv.view(2, nkv, pages, ps, hd).permute(2, 0, 1, 3, 4).contiguous()
         return memoryview(out.view(torch.uint8).numpy()).cast("B")
 
+    def _records_4bit(self, seq: "KVSequence", layer: int) -> memoryview:
+        """A layer's pages as records of ``page_bytes`` each, with 4-bit pages: an exact page's
+        K and V (a partly filled tail padded with zeros), a packed page's blob padded with zeros
+        (``restore_pages`` reads it back from the record's start)."""
+        kv, ps = self.engine.kv, self.engine.config.page_size
+        first, n = seq.table.first_live(layer), cdiv(seq.lengths[layer], ps)
+        out = torch.zeros(n - first, self.page_bytes, dtype=torch.uint8)
+        for piece in kv.reader.layer_reads(seq, layer).pieces:
+            rows = [p - first for p in piece.page_ids]
+            if piece.kind == PieceKind.PACKED4:
+                blobs = kv.reader.packed_blobs(piece)
+                out[rows, : blobs.shape[1]] = blobs
+                continue
+            assert piece.tier == Tier.DEVICE, "with 4-bit pages the exact pages live on DEVICE"
+            index = torch.tensor(list(piece.slots), dtype=torch.int64, device=kv.arena.device)
+            pages = torch.stack((kv.arena.k.index_select(1, index), kv.arena.v.index_select(1, index)))
+            pages = pages.permute(2, 0, 1, 3, 4).cpu().contiguous()  # [m, 2, nkv, ps, hd]
+            if piece.page_ids[-1] == n - 1 and seq.lengths[layer] % ps:
+                pages[-1, :, :, seq.lengths[layer] % ps:] = 0  # the tail page's unused rows
+            out[rows] = pages.view(len(rows), -1).view(torch.uint8)
+        return memoryview(out.numpy()).cast("B")
+
     def _restore(self, reader: DocReader) -> "KVSequence":
         eng = self.engine
         ps, cfg = eng.config.page_size, eng.model_config
         meta = reader.meta
-        if meta.get("page_size") != ps or len(meta.get("layers", [])) != cfg.num_layers:
+        if (meta.get("page_size") != ps or len(meta.get("layers", [])) != cfg.num_layers
+                or meta.get("kv_format", "exact") != eng.config.kv_format.value):
             raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layout does not match this engine")
         tokens = int(meta["num_tokens"])
         layers = []
@@ -397,7 +427,8 @@ class DocCache:
                 first = layers[layer][0]
                 start = (first + p0) * ps
                 arr = data.view(eng.kv_dtype).view(count, 2, cfg.num_kv_heads, ps, cfg.head_dim)
-                eng.kv.writes.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement)
+                eng.kv.writes.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement,
+                                            length=tokens)
                 del arr, data
         except BaseException:
             eng.release(seq)

@@ -9,7 +9,9 @@ for every run and every mode, so one DocCache serves every mode:
 - a DocCache restore derives them from the restored pages' keys (the same stored values, so
   the same bounds as the prefill that wrote them: the DocCache file holds pages only, and a
   verified page yields verified bounds);
-- a fork (a question over a document) copies them: its tail page then diverges.
+- a fork (a question over a document) copies them: its tail page then diverges;
+- with 4-bit pages, a page's bounds are set again from its packed keys once it is packed
+  (``replace_pages``), so they are what a DocCache restore of the packed bytes derives.
 
 They live on the compute device in the KV dtype (a key's min and max are keys' values: no
 rounding), ``2 * num_kv_heads * head_dim`` values per page, that is ``1 / page_size`` of the
@@ -91,6 +93,19 @@ class KeyBounds:
             lo[:, p] = kt[:, i:].amin(dim=1)
             hi[:, p] = kt[:, i:].amax(dim=1)
         self.tokens[layer] = end
+
+    def replace_pages(self, layer: int, pids: Sequence[int], k: torch.Tensor) -> None:
+        """Set the bounds of full pages ``pids`` (already folded in) from their keys k
+        [num_kv_heads, len(pids), page_size, head_dim]: a 4-bit page's bounds are those of
+        its packed keys, as a DocCache restore derives them."""
+        if layer not in self.layers or not pids:
+            return
+        lo, hi = self._lo[layer], self._hi[layer]
+        assert lo is not None and hi is not None and max(pids) < self.num_pages(layer)
+        index = torch.tensor(list(pids), dtype=torch.int64, device=self.device)
+        kd = k.to(device=self.device, dtype=self.dtype)
+        lo.index_copy_(1, index, kd.amin(dim=2))
+        hi.index_copy_(1, index, kd.amax(dim=2))
 
     def _room(self, layer: int, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self._lo[layer], self._hi[layer]

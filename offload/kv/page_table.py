@@ -37,8 +37,12 @@ MIN_VIEW_PAGES = 4
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PageLocation:
+    """Where a page lives: its tier and slot, and whether it is packed (a 4-bit page in a
+    ``PackedArena`` slot or a packed DISK slot; ``offload.kv.quant_pages``) or exact."""
+
     tier: Tier
     slot: int
+    packed: bool = False
 
 
 class PageTable:
@@ -49,10 +53,11 @@ class PageTable:
     """
 
     def __init__(self, num_layers: int) -> None:
-        # Parallel lists per layer (tier and slot of each page), so the hot path reads a
-        # layer's slots without building objects.
+        # Parallel lists per layer (tier, slot and format of each page), so the hot path
+        # reads a layer's slots without building objects.
         self._tiers: list[list[Tier]] = [[] for _ in range(num_layers)]
         self._slots: list[list[int]] = [[] for _ in range(num_layers)]
+        self._packed: list[list[bool]] = [[] for _ in range(num_layers)]
         self._first = [0] * num_layers
 
     def first_live(self, layer: int) -> int:
@@ -64,7 +69,7 @@ class PageTable:
         self._first[layer] = max(self._first[layer], page_id)
 
     def lookup(self, layer: int, page_id: int) -> PageLocation:
-        return PageLocation(self._tiers[layer][page_id], self._slots[layer][page_id])
+        return PageLocation(self._tiers[layer][page_id], self._slots[layer][page_id], self._packed[layer][page_id])
 
     def num_pages(self, layer: int) -> int:
         return len(self._slots[layer])
@@ -72,10 +77,12 @@ class PageTable:
     def append(self, layer: int, loc: PageLocation) -> None:
         self._tiers[layer].append(loc.tier)
         self._slots[layer].append(loc.slot)
+        self._packed[layer].append(loc.packed)
 
     def replace(self, layer: int, page_id: int, loc: PageLocation) -> None:
         self._tiers[layer][page_id] = loc.tier
         self._slots[layer][page_id] = loc.slot
+        self._packed[layer][page_id] = loc.packed
 
     def slots(self, layer: int) -> list[int]:
         """The layer's slots in page order (the table's own list: do not modify it)."""
@@ -85,10 +92,15 @@ class PageTable:
         """The layer's tiers in page order (the table's own list: do not modify it)."""
         return self._tiers[layer]
 
+    def packed(self, layer: int) -> list[bool]:
+        """Per page of the layer, whether it is packed (the table's own list: do not modify it)."""
+        return self._packed[layer]
+
     def copy(self) -> "PageTable":
         other = PageTable(len(self._slots))
         other._tiers = [list(layer) for layer in self._tiers]
         other._slots = [list(layer) for layer in self._slots]
+        other._packed = [list(layer) for layer in self._packed]
         other._first = list(self._first)
         return other
 

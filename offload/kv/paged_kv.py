@@ -35,11 +35,13 @@ from offload.kv.cuda_fetch import CudaFetchAhead
 from offload.kv.key_bounds import KeyBounds
 from offload.kv.page_table import DiskSlots, KVSequence, LayerKind, PageLocation, PageTable, cdiv
 from offload.kv.placement import Placement
+from offload.kv.quant_pages import PackedPools
 from offload.kv.readahead import PageLayout, ReadAhead
 from offload.kv.reads import KVReader, PageGroup
 from offload.kv.writes import KVWriter
 from storage import PageArena, Tier
 from storage.disk_store import DiskExtentStore
+from storage.page_arena import SlotPool
 
 __all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup", "IOCounters", "ring_pages"]
 
@@ -71,9 +73,11 @@ class PagedKV:
                  disk: DiskExtentStore | None = None, disk_slots_limit: int | None = None,
                  staging_chunk_pages: int = 64, staging_buffers: int = 4,
                  compute_device: torch.device | None = None, shuffle_seed: int | None = None,
-                 max_write_bytes: int = 32 * 2**20, windows: Sequence[int | None] | None = None) -> None:
+                 max_write_bytes: int = 32 * 2**20, windows: Sequence[int | None] | None = None,
+                 packed: PackedPools | None = None) -> None:
         self.arena = arena
         self.host_arena = host_arena
+        self.packed = packed
         self.disk = disk
         self.num_layers = num_layers
         self.page_size = arena.page_size
@@ -91,9 +95,10 @@ class PagedKV:
         self.readahead = (ReadAhead(disk, num_buffers=staging_buffers, chunk_pages=staging_chunk_pages)
                           if disk is not None else None)
         self.page_bytes = arena.slot_bytes  # K and V of one page, as a DEVICE or HOST slot holds it
-        # How a DISK page lies in the staging and write buffers.
+        # How a DISK page lies in the staging and write buffers (with 4-bit pages, DISK holds
+        # packed pages only: ``packed.layout``).
         self.layout = (PageLayout(self.page_bytes, disk.disk_page_bytes, arena.dtype, arena.num_kv_heads,
-                                  self.page_size, arena.head_dim) if disk is not None else None)
+                                  self.page_size, arena.head_dim) if disk is not None and packed is None else None)
         self.io = IOCounters()
         self.writes = KVWriter(self, max_write_bytes=max_write_bytes)
         self.reader = KVReader(self, readahead=self.readahead, layout=self.layout, counters=self.io)
@@ -114,21 +119,55 @@ class PagedKV:
             raise CapacityError(f"no {tier.value} tier is configured; give it a budget (--{tier.value}-memory)")
         return pool
 
-    def free_slots(self, tier: Tier) -> int:
+    def pool_for(self, tier: Tier, packed: bool) -> SlotPool:
+        """The arena that holds pages of this tier and format (DEVICE or HOST)."""
+        if not packed:
+            return self.pool_of(tier)
+        pool = self.packed.arenas.get(tier) if self.packed is not None else None
+        if pool is None:
+            raise CapacityError(f"no {tier.value} room for 4-bit pages is configured; give it a budget "
+                                f"(--{tier.value}-memory)")
+        return pool
+
+    def free_slots(self, tier: Tier, packed: bool = False) -> int:
+        """Free slots of a tier for pages of one format (DISK: its pages' format is the engine's)."""
         if tier == Tier.DISK:
             if self.disk is None:
                 return 0
             used = sum(d.num_used for d in self._disk_slots)
             return (self.disk_slots_limit - used) if self.disk_slots_limit is not None else 1 << 40
-        pool = self.arena if tier == Tier.DEVICE else self.host_arena
+        if packed:
+            pool = self.packed.arenas.get(tier) if self.packed is not None else None
+        else:
+            pool = self.arena if tier == Tier.DEVICE else self.host_arena
         return 0 if pool is None else pool.num_slots - pool.num_used
+
+    def stored_page_bytes(self, tier: Tier, packed: bool) -> int:
+        """Bytes one page counts for: an exact page's K and V; a 4-bit page as stored (its
+        blob, or on DISK its 4 KiB-aligned slot)."""
+        if not packed or self.packed is None:
+            return self.page_bytes
+        return self.disk.disk_page_bytes if tier == Tier.DISK and self.disk is not None else self.packed.layout.page_bytes
+
+    def packed_below(self, layer: int, length: int) -> int:
+        """With 4-bit pages, a global layer of ``length`` tokens keeps pages 1 .. n - 1 packed,
+        n returned: the sink page 0, the last ``window_pages`` full pages and the partly
+        filled tail stay exact. 0 (nothing packed) in exact mode and for sliding layers."""
+        if self.packed is None or self.windows[layer] is not None:
+            return 0
+        return max(1, length // self.page_size - self.packed.window_pages)
 
     def peak_bytes(self) -> dict[str, int]:
         """High-water mark of KV bytes held per tier (HOST includes the DISK staging area)."""
         host = self.host_arena.peak_used_bytes if self.host_arena is not None else 0
         staging = self.readahead.staging_bytes if self.readahead is not None else 0
         disk_page = self.disk.disk_page_bytes if self.disk is not None else 0
-        return {Tier.DEVICE.value: self.arena.peak_used_bytes, Tier.HOST.value: host + staging,
+        device = self.arena.peak_used_bytes
+        if self.packed is not None:
+            arenas = self.packed.arenas
+            device += arenas[Tier.DEVICE].peak_used_bytes if Tier.DEVICE in arenas else 0
+            host += arenas[Tier.HOST].peak_used_bytes if Tier.HOST in arenas else 0
+        return {Tier.DEVICE.value: device, Tier.HOST.value: host + staging,
                 Tier.DISK.value: self._disk_peak * disk_page}
 
     def held_bytes(self, seq: KVSequence) -> dict[LayerKind, dict[Tier, int]]:
@@ -139,8 +178,9 @@ class PagedKV:
             return out
         for layer in range(self.num_layers):
             first, n = seq.table.first_live(layer), seq.table.num_pages(layer)
-            for tier, count in collections.Counter(seq.table.tiers(layer)[first:n]).items():
-                out[self.kinds[layer]][tier] += count * self.page_bytes
+            where = zip(seq.table.tiers(layer)[first:n], seq.table.packed(layer)[first:n])
+            for (tier, packed), count in collections.Counter(where).items():
+                out[self.kinds[layer]][tier] += count * self.stored_page_bytes(tier, packed)
         return out
 
     # ----- sequences ----------------------------------------------------------------------
@@ -150,7 +190,7 @@ class PagedKV:
                            head_dim=a.head_dim, page_size=self.page_size, dtype=a.dtype, device=self.compute_device)
         return KVSequence(PageTable(self.num_layers), [0] * self.num_layers, bounds=bounds)
 
-    def _allocate(self, tier: Tier, layer: int, n: int, needed_tokens: int) -> list[int]:
+    def _allocate(self, tier: Tier, layer: int, n: int, needed_tokens: int, packed: bool = False) -> list[int]:
         if tier == Tier.DISK:
             if self.disk is None:
                 raise CapacityError("pages were placed on DISK but no disk tier is configured; give --disk-space")
@@ -159,26 +199,26 @@ class PagedKV:
             slots = self._disk_slots[layer].allocate(n)
             self._disk_peak = max(self._disk_peak, sum(d.num_used for d in self._disk_slots))
             return slots
-        pool = self.pool_of(tier)
+        pool = self.pool_for(tier, packed)
         slots = (pool.allocate_shuffled(n, self._shuffle) if self._shuffle is not None and tier == Tier.DEVICE
                  else pool.allocate(n))
         if slots is None:
             capacity = pool.num_slots * self.page_size // self.num_layers
             raise CapacityError(
-                f"the {tier.value.upper()} KV arena is full: it holds {pool.num_slots} pages "
+                f"the {tier.value.upper()} {'4-bit ' if packed else ''}KV arena is full: it holds {pool.num_slots} pages "
                 f"({capacity} tokens of all {self.num_layers} layers) and {pool.num_used} are in use; "
                 f"this step needs {n} more for {needed_tokens} tokens; raise --{tier.value}-memory "
                 f"(a page is {pool.slot_bytes} bytes)"
             )
         return slots
 
-    def _free(self, tier: Tier, layer: int, slots: list[int]) -> None:
+    def _free(self, tier: Tier, layer: int, slots: list[int], packed: bool = False) -> None:
         if not slots:
             return
         if tier == Tier.DISK:
             self._disk_slots[layer].free_slots(slots)
         else:
-            self.pool_of(tier).free(slots)
+            self.pool_for(tier, packed).free(slots)
 
     # ----- writes -------------------------------------------------------------------------
     def append(self, seq: KVSequence, layer: int, k: torch.Tensor, v: torch.Tensor,
@@ -203,6 +243,31 @@ class PagedKV:
         if end > first:
             self.writes.write_tokens(seq, layer, first, end, k, v)
         seq.lengths[layer] = end
+        self.pack_window(seq, layer, end, placement or Placement())
+
+    def pack_window(self, seq: KVSequence, layer: int, length: int, placement: Placement) -> None:
+        """With 4-bit pages: pack the layer's exact pages that a length of ``length`` tokens
+        puts out of the exact window (``packed_below``), each onto the tier ``placement``
+        gives it (a decode step's default: DEVICE, making room there as ``add_pages`` does).
+        Their key bounds become the packed keys' (as a DocCache restore derives them)."""
+        below = self.packed_below(layer, length)
+        packed = seq.table.packed(layer)
+        pids = [p for p in range(max(1, seq.table.first_live(layer)), min(below, len(packed))) if not packed[p]]
+        if not pids:
+            return
+        tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        assert all(tiers[p] == Tier.DEVICE for p in pids), "exact pages live on DEVICE with 4-bit pages"
+        old = [slots[p] for p in pids]
+        index = torch.tensor(old, dtype=torch.int64, device=self.arena.device)
+        k, v = self.arena.k.index_select(1, index), self.arena.v.index_select(1, index)
+        targets = self._packed_targets(seq, layer, [placement.tier_of(p, layer) for p in pids])
+        for tier in dict.fromkeys(targets):
+            at = [i for i, t in enumerate(targets) if t == tier]
+            new = self._allocate(tier, layer, len(at), len(at) * self.page_size, packed=True)
+            self.writes.write_packed(seq, layer, tier, new, [pids[i] for i in at], k[:, at], v[:, at])
+            for i, slot in zip(at, new):
+                seq.table.replace(layer, pids[i], PageLocation(tier, slot, True))
+        self.arena.free(old)
 
     def _make_pages(self, seq: KVSequence, layer: int, start: int, end: int, placement: Placement) -> int:
         """Give ``layer`` the pages tokens [start, end) land in (a sliding layer first drops the
@@ -232,34 +297,72 @@ class PagedKV:
         for layer in range(self.num_layers):
             length = seq.lengths[layer]
             self._make_pages(seq, layer, length, length + 1, Placement())
+            self.pack_window(seq, layer, length + 1, Placement())
 
     def add_pages(self, seq: KVSequence, layer: int, have: int, need: int, end: int, t: int,
-                   placement: Placement) -> None:
+                  placement: Placement, packed_below: int | None = None) -> None:
         """Append pages ``have .. need - 1`` of ``layer`` to the table, each on its tier (a
         sliding layer's and the partly filled last page on DEVICE, the others where
         ``placement`` says). When DEVICE is short, the sequence's older full pages of global
         layers move to HOST or DISK first: this layer's own, then the other global layers'
         (a sliding layer's ring cannot move, so its room comes from them). A refused
-        allocation takes nothing."""
+        allocation takes nothing. With 4-bit pages, new pages 1 .. ``packed_below`` - 1
+        (default: out of the exact window at ``end`` tokens) are packed, placed as the
+        placement says; the exact ones (sink, window, tail) live on DEVICE."""
         window = self.windows[layer]
         new_ids = list(range(have, need))
-        tiers = [Tier.DEVICE if (window is not None or (pid == need - 1 and end % self.page_size))
-                 else placement.tier_of(pid, layer) for pid in new_ids]
-        short = tiers.count(Tier.DEVICE) - self.free_slots(Tier.DEVICE)
+        if packed_below is None:
+            packed_below = self.packed_below(layer, end)
+        kinds = [(Tier.DEVICE, False) if (window is not None or (pid == need - 1 and end % self.page_size))
+                 else (placement.tier_of(pid, layer), True) if 1 <= pid < packed_below
+                 else (Tier.DEVICE if self.packed is not None else placement.tier_of(pid, layer), False)
+                 for pid in new_ids]
+        if self.packed is not None:
+            at = [i for i, (_, packed) in enumerate(kinds) if packed]
+            for i, tier in zip(at, self._packed_targets(seq, layer, [kinds[i][0] for i in at])):
+                kinds[i] = (tier, True)
+        else:
+            self._room_on_device(seq, layer, kinds.count((Tier.DEVICE, False)))
+        taken: dict[tuple[Tier, bool], collections.deque[int]] = {}
+        try:
+            for tier, packed in dict.fromkeys(kinds):
+                n = kinds.count((tier, packed))
+                taken[(tier, packed)] = collections.deque(self._allocate(tier, layer, n, t, packed))
+        except CapacityError:
+            for (tier, packed), slots in taken.items():  # a refused step takes nothing
+                self._free(tier, layer, list(slots), packed)
+            raise
+        for tier, packed in kinds:
+            seq.table.append(layer, PageLocation(tier, taken[(tier, packed)].popleft(), packed))
+
+    def _packed_targets(self, seq: KVSequence, layer: int, targets: list[Tier]) -> list[Tier]:
+        """Where 4-bit pages placed on ``targets`` go: DEVICE as far as its packed arena holds
+        them once older packed pages moved off (``_room_on_device``), the rest (the first ones)
+        to HOST while it has room, then DISK."""
+        want = targets.count(Tier.DEVICE)
+        if not want:
+            return targets
+        self._room_on_device(seq, layer, want)
+        spill = max(0, want - self.free_slots(Tier.DEVICE, True))
+        host = self.free_slots(Tier.HOST, True)
+        out = []
+        for tier in targets:
+            if tier == Tier.DEVICE and spill:
+                spill -= 1
+                tier = Tier.HOST if host > 0 else Tier.DISK
+                host -= tier == Tier.HOST
+            out.append(tier)
+        return out
+
+    def _room_on_device(self, seq: KVSequence, layer: int, pages: int) -> None:
+        """Make DEVICE room for ``pages`` more pages of the kind that can move (exact mode:
+        exact pages; 4-bit mode: packed ones) by moving the sequence's older full pages of
+        global layers off DEVICE: this layer's own first, then the other global layers'."""
+        short = pages - self.free_slots(Tier.DEVICE, self.packed is not None)
         if short > 0:
-            own = self.move_off_device(seq, short, [layer]) if window is None else 0
+            own = self.move_off_device(seq, short, [layer]) if self.windows[layer] is None else 0
             if own < short:
                 self.move_off_device(seq, short - own, [g for g in self.global_layers if g != layer])
-        taken: dict[Tier, collections.deque[int]] = {}
-        try:
-            for tier in dict.fromkeys(tiers):
-                taken[tier] = collections.deque(self._allocate(tier, layer, tiers.count(tier), t))
-        except CapacityError:
-            for tier, slots in taken.items():  # a refused step takes nothing
-                self._free(tier, layer, list(slots))
-            raise
-        for tier in tiers:
-            seq.table.append(layer, PageLocation(tier, taken[tier].popleft()))
 
     def _drop_pages(self, seq: KVSequence, layer: int, keep: int) -> None:
         """Release the layer's live pages before page ``keep`` (out of its sliding window)."""
@@ -267,7 +370,7 @@ class PagedKV:
         if keep <= first:
             return
         tiers, slots = seq.table.tiers(layer)[first:keep], seq.table.slots(layer)[first:keep]
-        for tier in dict.fromkeys(tiers):
+        for tier in dict.fromkeys(tiers):  # a sliding layer's pages: exact
             self._free(tier, layer, [s for tr, s in zip(tiers, slots) if tr == tier])
         seq.table.drop_before(layer, keep)
 
@@ -294,30 +397,25 @@ class PagedKV:
         """Move up to ``count`` of this layer's oldest full DEVICE pages (never page 0, the
         attention sink; never a page another sequence shares) to HOST if it has room, else
         DISK. Moves nothing it cannot place; returns how many moved."""
-        ps = self.page_size
+        ps, packed = self.page_size, self.packed is not None
         full = seq.lengths[layer] // ps
         tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        formats = seq.table.packed(layer)
+        pool = self.pool_for(Tier.DEVICE, packed)
         moved = 0
         for pid in range(1, full):
             if moved == count:
                 break
-            if tiers[pid] != Tier.DEVICE or self.arena.refcount(slots[pid]) != 1:
+            if tiers[pid] != Tier.DEVICE or formats[pid] != packed or pool.refcount(slots[pid]) != 1:
                 continue
-            target = Tier.HOST if self.free_slots(Tier.HOST) > 0 else Tier.DISK
+            target = Tier.HOST if self.free_slots(Tier.HOST, packed) > 0 else Tier.DISK
             if target == Tier.DISK and self.free_slots(Tier.DISK) <= 0:
                 break
             old = slots[pid]
-            (new,) = self._allocate(target, layer, 1, ps)
-            if target == Tier.HOST:
-                assert self.host_arena is not None
-                self.host_arena.k[:, new].copy_(self.arena.k[:, old])
-                self.host_arena.v[:, new].copy_(self.arena.v[:, old])
-            else:
-                k = self.arena.k[:, old].transpose(0, 1).cpu()  # [page_size, nkv, hd]
-                v = self.arena.v[:, old].transpose(0, 1).cpu()
-                self.writes.submit_tokens(layer, new, k, v, 1)
-            self.arena.free([old])
-            seq.table.replace(layer, pid, PageLocation(target, new))
+            (new,) = self._allocate(target, layer, 1, ps, packed)
+            self.writes.copy_off_device(layer, old, target, new, packed)
+            pool.free([old])
+            seq.table.replace(layer, pid, PageLocation(target, new, packed))
             self.io.evicted_pages += 1
             moved += 1
         return moved
@@ -325,11 +423,12 @@ class PagedKV:
     def movable_device_pages(self, seq: KVSequence, layers: Sequence[int]) -> int:
         """How many of ``seq``'s DEVICE pages of ``layers`` ``move_off_device`` could move
         (full, not page 0, not shared), were HOST and DISK roomy enough."""
-        ps, count = self.page_size, 0
+        ps, count, packed = self.page_size, 0, self.packed is not None
+        pool = self.pool_for(Tier.DEVICE, packed)
         for layer in layers:
-            tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+            tiers, slots, formats = seq.table.tiers(layer), seq.table.slots(layer), seq.table.packed(layer)
             count += sum(1 for pid in range(max(1, seq.table.first_live(layer)), seq.lengths[layer] // ps)
-                         if tiers[pid] == Tier.DEVICE and self.arena.refcount(slots[pid]) == 1)
+                         if tiers[pid] == Tier.DEVICE and formats[pid] == packed and pool.refcount(slots[pid]) == 1)
         return count
 
     # ----- sharing ------------------------------------------------------------------------
@@ -359,17 +458,18 @@ class PagedKV:
                           prior=dict(seq.prior))
 
     def _for_each_tier(self, table: PageTable, layer: int, *, incref: bool) -> None:
-        by_tier: dict[Tier, list[int]] = collections.defaultdict(list)
+        by_pool: dict[tuple[Tier, bool], list[int]] = collections.defaultdict(list)
         first = table.first_live(layer)
-        for tier, slot in zip(table.tiers(layer)[first:], table.slots(layer)[first:]):
-            by_tier[tier].append(slot)
-        for tier, slots in by_tier.items():
+        for tier, slot, packed in zip(table.tiers(layer)[first:], table.slots(layer)[first:],
+                                      table.packed(layer)[first:]):
+            by_pool[(tier, packed)].append(slot)
+        for (tier, packed), slots in by_pool.items():
             if not incref:
-                self._free(tier, layer, slots)
+                self._free(tier, layer, slots, packed)
             elif tier == Tier.DISK:
                 self._disk_slots[layer].incref(slots)
             else:
-                self.pool_of(tier).incref(slots)
+                self.pool_for(tier, packed).incref(slots)
 
     def release(self, seq: KVSequence) -> None:
         """Drop the sequence's references to its pages (idempotent)."""

@@ -30,16 +30,26 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
-import enum
 import weakref
 from collections.abc import Collection, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from cpu_kernels.quant4 import Quant4PagesNp, dequantize_pages_4bit
 from offload.kv.counters import IOCounters
-from offload.kv.page_table import KVSequence, LayerKind, cdiv, group_pages
+from offload.kv.page_table import KVSequence, cdiv, group_pages
+from offload.kv.read_sets import (
+    GROUPS_ONLY,
+    LayerReads,
+    PageChoice,
+    PageGroup,
+    Piece,
+    PieceKind,
+    Route,
+    RouteRule,
+    fetch_keys,
+)
 from offload.kv.readahead import Chunk, Extent, PageLayout, ReadAhead
 from storage import PageArena, Tier
 from storage.aligned import AlignedBuffer
@@ -49,166 +59,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PieceKind", "Route", "Piece", "LayerReads", "PageChoice", "RouteRule", "PageGroup", "KVReader",
            "fetch_keys", "GROUPS_ONLY"]
-
-
-class PieceKind(enum.Enum):
-    """What form a piece's bytes take (exact mode: ``DENSE`` only)."""
-
-    DENSE = "dense"  # whole pages as stored: K and V of every token
-
-
-class Route(enum.Enum):
-    """How attention reaches a piece's pages."""
-
-    PAGED_DEVICE = "paged_device"  # the compute device's paged kernel, in place in the DEVICE arena
-    PAGED_CPU = "paged_cpu"  # the CPU's Numba paged kernel in place: HOST arena, DISK staging buffer
-    GROUPS = "groups"  # runs of tokens on the compute device: views, gathers, copies, unpacked chunks
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteRule:
-    """Which route each tier takes, fixed by the attention that consumes the set.
-
-    Attributes:
-        device_paged: DEVICE pages through the paged kernel in place (else token groups).
-        cpu_in_ram: a CPU-only machine with the Numba kernel: HOST pages and staged DISK chunks
-            are attended where they lie (PAGED_CPU) whatever the HOST share says.
-        device_kernel_on_cpu: the DEVICE paged kernel runs on the CPU (counted as CPU-attended).
-        cuda: the compute device is a GPU (HOST and DISK groups cross PCIe).
-    """
-
-    device_paged: bool = False
-    cpu_in_ram: bool = False
-    device_kernel_on_cpu: bool = False
-    cuda: bool = False
-
-
-GROUPS_ONLY = RouteRule()
-"""Every piece as token groups on the compute device (prefill's chunked attention)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PageChoice:
-    """A selector's answer: the page ids to attend (ascending; None = every live page) and
-    whether the choice is final before the query exists (read ahead) or must be made again
-    with the query (pages then added are read on demand)."""
-
-    pages: tuple[int, ...] | None = None
-    needs_query: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Piece:
-    """Pages of one layer on one tier that attention takes as one unit.
-
-    Attributes:
-        tier, kind, route: where the pages are, in what form, and how attention reaches them.
-        page_ids, slots: the pages in page order and their slots on ``tier`` (DISK: page
-            positions in the layer's file).
-        tokens: tokens held by the listed pages laid end to end (only a sequence's last page
-            is partly filled, and it is listed last).
-        skip: leading tokens of the first listed page out of a sliding window (not attended).
-        chunk: for DISK, the staging chunk that reads the pages (a piece may attend only
-            some of a chunk read ahead: ``chunk_positions``).
-        ahead: read ahead (known before the query); False: read on demand.
-        cpu_attended: a CPU kernel attends it where it lies. copied: it crosses to a GPU.
-    """
-
-    tier: Tier
-    kind: PieceKind
-    route: Route
-    page_ids: tuple[int, ...]
-    slots: tuple[int, ...]
-    tokens: int
-    skip: int = 0
-    chunk: Chunk | None = None
-    ahead: bool = True
-    cpu_attended: bool = False
-    copied: bool = False
-
-    @property
-    def num_pages(self) -> int:
-        return len(self.page_ids)
-
-    def chunk_positions(self) -> list[int]:
-        """Where the piece's pages lie in its chunk's staging buffer, in order: every page of
-        the chunk, or (a selection that kept only some of a chunk read ahead) a subset."""
-        assert self.chunk is not None
-        ids = self.chunk.page_ids
-        if len(ids) == self.num_pages:
-            return list(range(self.num_pages))
-        at = {p: i for i, p in enumerate(ids)}
-        return [at[p] for p in self.page_ids]
-
-    def runs(self, page_size: int) -> list[Piece]:
-        """The piece cut where its page ids jump: runs of consecutive pages, in order (only
-        the last run can hold the partly filled last page)."""
-        cuts = [i for i in range(1, self.num_pages) if self.page_ids[i] != self.page_ids[i - 1] + 1]
-        if not cuts:
-            return [self]
-        short = self.num_pages * page_size - self.tokens
-        bounds = [0, *cuts, self.num_pages]
-        return [dataclasses.replace(self, page_ids=self.page_ids[a:b], slots=self.slots[a:b],
-                                    tokens=(b - a) * page_size - (short if b == self.num_pages else 0),
-                                    skip=self.skip if a == 0 else 0)
-                for a, b in zip(bounds, bounds[1:])]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LayerReads:
-    """The read set of one layer in one step: its pieces, in the order attention takes them."""
-
-    layer: int
-    kind: LayerKind
-    pieces: tuple[Piece, ...]
-    length: int  # the layer's tokens the step attends over (a decode step's own token included)
-
-    def pages(self) -> list[int]:
-        """Every page id the set names, ascending."""
-        return sorted(p for piece in self.pieces for p in piece.page_ids)
-
-    def chunks(self, *, ahead: bool | None = None) -> list[Chunk]:
-        """The DISK chunks, in order (only those read ahead, or on demand, when ``ahead`` is given)."""
-        return [p.chunk for p in self.pieces
-                if p.chunk is not None and (ahead is None or p.ahead == ahead)]
-
-    def bytes_by_tier(self, page_bytes: int) -> dict[Tier, int]:
-        out = {t: 0 for t in Tier}
-        for p in self.pieces:
-            out[p.tier] += p.num_pages * page_bytes
-        return out
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PageGroup:
-    """K/V of consecutive tokens of one layer, for one attention partial.
-
-    k, v: [num_kv_heads, num_tokens, head_dim] on the compute device.
-    start_pos: position of the first token (meaningful where the pages are consecutive, as
-    in prefill's exact sets). tier: where the pages live.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    start_pos: int
-    tier: Tier
-
-
-def fetch_keys(reads: LayerReads, max_pages: int, page_size: int) -> list[tuple[Hashable, int]]:
-    """What a CUDA fetch-ahead copies for ``reads``, in order: (key, pages) of each HOST group
-    and DISK chunk routed through the compute device (the keys attention takes them by)."""
-    keys: list[tuple[Hashable, int]] = []
-    for piece in reads.pieces:
-        if piece.route != Route.GROUPS or piece.tier == Tier.DEVICE:
-            continue
-        if piece.tier == Tier.DISK:
-            assert piece.chunk is not None
-            keys.append(((Tier.DISK, piece.chunk), piece.chunk.num_pages))  # copied whole
-        else:
-            for run in piece.runs(page_size):
-                for _, group, _ in group_pages(list(run.slots), max_pages):
-                    keys.append(((Tier.HOST, reads.layer, tuple(group)), len(group)))
-    return keys
 
 
 class KVReader:
@@ -253,33 +103,36 @@ class KVReader:
         ids = list(range(first_live, n)) if pages is None else list(pages)
         assert all(first_live <= p < n for p in ids), "a selection names a page the layer does not hold"
         assert n <= seq.table.num_pages(layer), "the step's pages must exist before its reads are planned"
-        tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
+        tiers, slots, formats = seq.table.tiers(layer), seq.table.slots(layer), seq.table.packed(layer)
         skip = max(0, length - window) - first_live * ps if window is not None and ids and ids[0] == first_live else 0
-        by_tier: dict[Tier, list[int]] = collections.defaultdict(list)
+        by_tier: dict[tuple[Tier, bool], list[int]] = collections.defaultdict(list)
         for p in ids:
-            by_tier[tiers[p]].append(p)
+            by_tier[(tiers[p], formats[p])].append(p)
         pieces: list[Piece] = []
 
         def tokens(pids: list[int]) -> int:
             return len(pids) * ps - (ps * n - length if pids and pids[-1] == n - 1 else 0)
 
-        def add(tier: Tier, route: Route, pids: list[int], **kw: object) -> None:
+        def add(tier: Tier, route: Route, pids: list[int], packed: bool = False, **kw: object) -> None:
             if not pids:
                 return
             cpu = route == Route.PAGED_CPU or (route == Route.PAGED_DEVICE and rule.device_kernel_on_cpu)
             copied = route == Route.GROUPS and tier != Tier.DEVICE and rule.cuda
-            pieces.append(Piece(tier=tier, kind=PieceKind.DENSE, route=route, page_ids=tuple(pids),
-                                slots=tuple(slots[p] for p in pids), tokens=tokens(pids),
+            pieces.append(Piece(tier=tier, kind=PieceKind.PACKED4 if packed else PieceKind.DENSE, route=route,
+                                page_ids=tuple(pids), slots=tuple(slots[p] for p in pids), tokens=tokens(pids),
                                 skip=skip if pids[0] == first_live else 0, cpu_attended=cpu, copied=copied, **kw))
 
-        for pids, chunk in self._chunks(layer, by_tier[Tier.DISK], slots, planned):
-            route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
-            add(Tier.DISK, route, pids, chunk=chunk, ahead=planned is None or chunk in planned)
-        host = by_tier[Tier.HOST]
-        delegated = len(host) if rule.cpu_in_ram else round(host_share * len(host))
-        add(Tier.HOST, Route.GROUPS, host[delegated:])
-        add(Tier.DEVICE, Route.PAGED_DEVICE if rule.device_paged else Route.GROUPS, by_tier[Tier.DEVICE])
-        add(Tier.HOST, Route.PAGED_CPU, host[:delegated])
+        for packed in (False, True):  # DISK holds one format: the engine's
+            for pids, chunk in self._chunks(layer, by_tier[(Tier.DISK, packed)], slots, planned):
+                route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
+                add(Tier.DISK, route, pids, packed, chunk=chunk, ahead=planned is None or chunk in planned)
+        device_route = Route.PAGED_DEVICE if rule.device_paged else Route.GROUPS
+        for packed in (False, True):
+            host = by_tier[(Tier.HOST, packed)]
+            delegated = len(host) if rule.cpu_in_ram else round(host_share * len(host))
+            add(Tier.HOST, Route.GROUPS, host[delegated:], packed)
+            add(Tier.DEVICE, device_route, by_tier[(Tier.DEVICE, packed)], packed)
+            add(Tier.HOST, Route.PAGED_CPU, host[:delegated], packed)
         return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length)
 
     def _chunks(self, layer: int, pids: list[int], slots: list[int],
@@ -333,12 +186,16 @@ class KVReader:
             keep = set(after.chunks(ahead=True))
             self.readahead.drop([c for c in before.chunks(ahead=True) if c not in keep])
 
+    def page_bytes(self, piece: Piece) -> int:
+        """Bytes per page of a piece as stored (a 4-bit page's packed bytes; exact: a page)."""
+        return self.kv.stored_page_bytes(piece.tier, True) if piece.kind == PieceKind.PACKED4 else self.kv.page_bytes
+
     def count(self, reads: LayerReads) -> None:
         """Count the set's bytes as read (and as CPU-attended or copied where it says)."""
-        io, pb = self.io, self.kv.page_bytes
+        io = self.io
         by_kind = io.read_by_kind[reads.kind]
         for p in reads.pieces:
-            nbytes = p.num_pages * pb
+            nbytes = p.num_pages * self.page_bytes(p)
             io.bytes_read[p.tier] += nbytes
             by_kind[p.tier] += nbytes
             if p.cpu_attended:
@@ -371,6 +228,35 @@ class KVReader:
         finally:
             self.readahead.give_back(buf)
 
+    @contextlib.contextmanager
+    def staged_packed(self, piece: Piece) -> Iterator[Quant4PagesNp]:
+        """A DISK piece of 4-bit pages where the read-ahead staged it: head-major numpy views
+        of its chunk's n pages (the piece's at ``chunk_positions``), valid inside the block."""
+        kv = self.kv
+        assert kv.packed is not None and kv.disk is not None and self.readahead is not None
+        buf = self._take(piece)
+        try:
+            size = kv.disk.disk_page_bytes
+            yield kv.packed.layout.numpy_views(buf.torch()[: piece.chunk.num_pages * size].view(-1, size))
+        finally:
+            self.readahead.give_back(buf)
+
+    def packed_blobs(self, piece: Piece) -> torch.Tensor:
+        """The blobs of a piece of 4-bit pages, [n, page_bytes] uint8 on the CPU, in page order
+        (a DISK piece's chunk read, or taken from the read-ahead)."""
+        kv = self.kv
+        assert kv.packed is not None and piece.kind == PieceKind.PACKED4
+        size = kv.packed.layout.page_bytes
+        if piece.tier != Tier.DISK:
+            return kv.pool_for(piece.tier, True).rows(list(piece.slots))[:, :size].cpu()
+        assert kv.disk is not None and self.readahead is not None
+        buf = self._take(piece)
+        try:
+            rows = buf.torch()[: piece.chunk.num_pages * kv.disk.disk_page_bytes].view(-1, kv.disk.disk_page_bytes)
+            return rows[piece.chunk_positions(), :size].clone()
+        finally:
+            self.readahead.give_back(buf)
+
     # ----- token groups -------------------------------------------------------------------
     def groups(self, piece: Piece, layer: int, max_tokens: int) -> Iterator[PageGroup]:
         """A piece as groups of at most ``max_tokens`` tokens (at least one page each) on the
@@ -384,11 +270,35 @@ class KVReader:
             yield g
 
     def _groups(self, piece: Piece, layer: int, max_pages: int) -> Iterator[PageGroup]:
+        if piece.kind == PieceKind.PACKED4:
+            yield from self._packed_groups(piece, max_pages)
+            return
         if piece.tier == Tier.DISK:
             yield from self._disk_groups(piece, max_pages)
             return
         for run in piece.runs(self.kv.page_size):
             yield from self._run_groups(run, layer, max_pages)
+
+    def _packed_groups(self, piece: Piece, max_pages: int) -> Iterator[PageGroup]:
+        """A piece of 4-bit pages dequantized into groups on the compute device (pages of one
+        run are consecutive; the partly filled tail is never packed)."""
+        kv = self.kv
+        assert kv.packed is not None
+        layout, ps = kv.packed.layout, kv.page_size
+        if piece.tier == Tier.DISK:
+            with self.staged_packed(piece) as pages:
+                pos = piece.chunk_positions()
+                kd, vd = (torch.from_numpy(a) for a in dequantize_pages_4bit(
+                    Quant4PagesNp(*(x[:, pos] for x in (pages.k_q, pages.k_scale, pages.k_min, pages.v_q,
+                                                        pages.v_scale, pages.v_min)))))
+        else:
+            kd, vd = layout.dequantize(kv.pool_for(piece.tier, True).rows(list(piece.slots)))
+        nkv, n, _, hd = kd.shape
+        k = kd.reshape(nkv, n * ps, hd).to(kv.compute_device, kv.arena.dtype)
+        v = vd.reshape(nkv, n * ps, hd).to(kv.compute_device, kv.arena.dtype)
+        for s in range(0, n, max_pages):
+            e = min(n, s + max_pages)
+            yield PageGroup(k[:, s * ps:e * ps], v[:, s * ps:e * ps], piece.page_ids[s] * ps, piece.tier)
 
     def _run_groups(self, piece: Piece, layer: int, max_pages: int) -> Iterator[PageGroup]:
         ps, kv = self.kv.page_size, self.kv

@@ -90,7 +90,8 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
                   disk_budget_bytes: int | None, page_size: int = 32, batch_size: int = 1,
                   prefill_chunk_tokens: int = 1024, scores_bytes: int = 64 * 2**20,
                   staging_chunk_pages: int = 64, staging_buffers: int = 4, what_if: bool = False,
-                  sparse_budget: float = 1.0, sparse_fetch: float = 1.0, num_layer_groups: int = 1) -> PlanProblem:
+                  sparse_budget: float = 1.0, sparse_fetch: float = 1.0, num_layer_groups: int = 1,
+                  packed_page_bytes: int | None = None) -> PlanProblem:
     """The planning problem of a whole run (``offload plan``): budgets cover weights and buffers.
     DEVICE reserves the working set of a prefill chunk, ``DEVICE_RESERVE_PAGES`` pages per
     layer (tails, a question's scratch pages, decode growth) and the sliding-window
@@ -104,8 +105,11 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
         sparse_fetch: pages moved from HOST/DISK per page attended there (a pool read ahead).
             A sparse plan also holds the pages' key bounds on DEVICE (``1 / page_size`` of the
             K/V bytes); an exact plan leaves them out, as the engine's DEVICE budget does.
+        packed_page_bytes: the placed pages are 4-bit pages of this many bytes (``--kv-format
+            4bit``); the reserved pages (tails, windows, rings) stay exact.
     """
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
+    stored = packed_page_bytes or page_bytes
     # Only global layers' pages are placed; sliding-window layers keep DEVICE rings (Gemma 3).
     windows = cfg.layer_windows
     placed = sum(1 for w in windows if w is None)
@@ -119,20 +123,21 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
         device_working_bytes=(working_bytes(cfg, dtype_bytes=dtype_bytes, prefill_chunk_tokens=prefill_chunk_tokens,
                                             scores_bytes=scores_bytes)
                               + DEVICE_RESERVE_PAGES * cfg.num_layers * page_bytes + rings),
-        host_staging_bytes=staging_bytes(page_bytes, staging_chunk_pages=staging_chunk_pages,
+        host_staging_bytes=staging_bytes(stored, staging_chunk_pages=staging_chunk_pages,
                                          staging_buffers=staging_buffers),
-        disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
+        disk_extent_bytes=staging_chunk_pages * round_up(stored, DISK_ALIGNMENT),
         staging_buffers=staging_buffers, num_layer_groups=num_layer_groups, allow_delegation=True,
         allow_recompute=what_if,
         sparse_budget=sparse_budget, sparse_fetch=sparse_fetch,
         metadata_bytes_per_layer=(0 if sparse_budget >= 1 else
-                                  -(-context_tokens // page_size) * batch_size * page_bytes // page_size))
+                                  -(-context_tokens // page_size) * batch_size * page_bytes // page_size),
+        packed_page_bytes=packed_page_bytes)
 
 
 def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,
                    device_room_pages: int, host_room_pages: int, disk_room_pages: int,
                    staging_chunk_pages: int, allow_delegation: bool, num_layers: int | None = None,
-                   staging_buffers: int = 0) -> PlanProblem:
+                   staging_buffers: int = 0, packed_page_bytes: int | None = None) -> PlanProblem:
     """The planning problem of one forward pass's new pages into the rooms the engine's arenas
     have left (in pages; slack 1: the arenas already are the budgets). The weights count only
     in the predicted compute time, not in the DEVICE room.
@@ -142,8 +147,9 @@ def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_by
             with reads running ahead across layers through them (``planner.cost.staged_step_s``,
             plus the profile's read interference), 0 with FlexGen's per-layer overlap.
         num_layers: the layers whose pages are placed (Gemma 3's global layers; default all).
-            The weights of every layer still count in the compute time."""
-    page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
+            The weights of every layer still count in the compute time.
+        packed_page_bytes: the placed pages are 4-bit pages of this many bytes each."""
+    page_bytes = packed_page_bytes or 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
     weights = decode_weight_bytes(cfg, dtype_bytes)
     shape = _shape(cfg) | ({} if num_layers is None else {"num_layers": num_layers})
     return PlanProblem(
@@ -151,7 +157,8 @@ def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_by
         kv_dtype_bytes=kv_dtype_bytes, device_budget_bytes=weights + device_room_pages * page_bytes,
         host_budget_bytes=host_room_pages * page_bytes, disk_budget_bytes=disk_room_pages * page_bytes, slack=1.0,
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
-        staging_buffers=staging_buffers, allow_delegation=allow_delegation, allow_recompute=False)
+        staging_buffers=staging_buffers, allow_delegation=allow_delegation, allow_recompute=False,
+        packed_page_bytes=packed_page_bytes)
 
 
 def plan_placement(plan: Plan, *, first_page: int, layers: tuple[int, ...] | None = None,

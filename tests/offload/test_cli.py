@@ -68,6 +68,7 @@ def test_unwritable_cache_dir(capsys, doc_file, tmp_path):
     ("--dtype", "fp8", "unknown dtype"),
     ("--page-size", "0", "--page-size must be between 1 and 4096"),
     ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+    ("--kv-format", "int4", "invalid choice: 'int4'"),
 ])
 def test_bad_option_values(capsys, doc_file, cache_dir, flag, value, words):
     assert main(["ask", "--doc", str(doc_file), "--question", "q", "--cache-dir", str(cache_dir), flag, value]) == 2
@@ -155,6 +156,23 @@ def test_ingest_then_ask_reuses_the_doc_cache_and_cache_commands(tmp_path, capsy
     assert main(["ask", "--doc", str(doc), "--question", "When?", "--max-new-tokens", "4", "--no-doc-cache",
                  *common]) == 0
     assert _json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]["doc_cache"] == ""
+
+
+def test_4bit_ingest_then_ask_hits_its_own_doc_cache_only(tmp_path, capsys):
+    import json as _json
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The ferry leaves at seven. " * 30)
+    common = ["--model", "smollm2-135m", "--random-weights", "--num-layers", "2", "--cache-dir", str(tmp_path),
+              "--quiet", "--json"]
+    ask = ["ask", "--doc", str(doc), "--question", "When?", "--max-new-tokens", "4", *common]
+    assert main(["ingest", str(doc), "--kv-format", "4bit", *common]) == 0
+    assert _json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]["kv_format"] == "4bit"
+    assert main([*ask, "--kv-format", "4bit"]) == 0
+    assert _json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]["doc_cache"] == "hit"
+    assert main(ask) == 0  # exact mode: the 4-bit DocCache is not served to it
+    out = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stats"]["doc_cache"] == "miss" and out["stats"]["kv_format"] == "exact"
 
 
 def test_disk_backend_kvikio_where_it_cannot_run_is_refused(capsys, tmp_path, cache_dir):

@@ -75,6 +75,20 @@ def test_a_sparse_budget_is_priced(capsys):
     assert "add --sparse quest" in capsys.readouterr().err
 
 
+def test_4bit_pages_are_priced_as_stored(capsys):
+    """--kv-format 4bit: the placed pages are Llama-3.1-8B's 4-bit pages (8 KV heads x 32 tokens
+    x 128 channels: codes 32 KiB, key scales and mins 4 KiB, value scales and mins 4 KiB), 40 KiB
+    against a bf16 page's 128 KiB, so a 128K context's KV is 5/16 of it and the step faster."""
+    base = LLAMA + ["--device-memory", "24GiB", "--host-memory", "64GiB", "--preset", "rtx4090-pcie4", "--json"]
+    assert main(base + ["--kv-format", "4bit"]) == 0
+    packed = json.loads(capsys.readouterr().out)["plan"]
+    assert main(base) == 0
+    exact = json.loads(capsys.readouterr().out)["plan"]
+    assert exact["kv_bytes"] == 16 * GiB and packed["kv_bytes"] == 16 * GiB * 40960 // 131072
+    assert packed["decode_step_s"] < exact["decode_step_s"]
+    assert main(base + ["--kv-format", "int4"]) == 2
+
+
 def test_profile_file_and_bad_input(capsys, tmp_path):
     saved = tmp_path / "p.json"
     saved.write_text(HardwareProfile.preset("h100-sxm").to_json())
