@@ -16,3 +16,7 @@ class Tier(enum.Enum):
     DEVICE = "device"
     HOST = "host"
     DISK = "disk"
+
+    # Members are singletons compared by identity: hash them by identity too, in C (Enum's own
+    # __hash__ hashes the name in Python, and read sets key dicts by tier for every page).
+    __hash__ = object.__hash__

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["KeyBounds"]
@@ -44,6 +45,9 @@ class KeyBounds:
         # Per layer: lo, hi [num_kv_heads, capacity, head_dim] (grown by doubling); None until a key arrives.
         self._lo: list[torch.Tensor | None] = [None] * num_layers
         self._hi: list[torch.Tensor | None] = [None] * num_layers
+        # numpy views of lo / hi per layer where numpy has the dtype (CPU float32 / float16).
+        cpu = torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16)
+        self._numpy: list[tuple[np.ndarray, np.ndarray] | None] | None = [None] * num_layers if cpu else None
 
     @property
     def page_bytes(self) -> int:
@@ -76,6 +80,18 @@ class KeyBounds:
         ps, t = self.page_size, k.shape[0]
         end = start + t
         lo, hi = self._room(layer, -(-end // ps))
+        if t == 1 and self._numpy is not None:  # a decode step on the CPU: numpy, not four torch calls
+            lo_np, hi_np = self._numpy[layer]
+            key = k[0].numpy()
+            p = start // ps
+            if start % ps:
+                np.minimum(lo_np[:, p], key, out=lo_np[:, p])
+                np.maximum(hi_np[:, p], key, out=hi_np[:, p])
+            else:
+                lo_np[:, p] = key
+                hi_np[:, p] = key
+            self.tokens[layer] = end
+            return
         kt = k.to(device=self.device, dtype=self.dtype).transpose(0, 1)  # [nkv, T, hd]
         p, off, i = start // ps, start % ps, 0
         if off:  # the partly filled page: fold the tokens that complete (or extend) it
@@ -119,6 +135,8 @@ class KeyBounds:
                 new_lo[:, :n] = lo[:, :n]
                 new_hi[:, :n] = hi[:, :n]
             self._lo[layer], self._hi[layer] = lo, hi = new_lo, new_hi
+            if self._numpy is not None:
+                self._numpy[layer] = (new_lo.numpy(), new_hi.numpy())
         return lo, hi
 
     def copy(self) -> KeyBounds:

@@ -61,6 +61,26 @@ __all__ = ["PieceKind", "Route", "Piece", "LayerReads", "PageChoice", "RouteRule
            "fetch_keys", "GROUPS_ONLY"]
 
 
+def _by_tier(ids: list[int], tiers: list[Tier], formats: list[bool], *, whole: bool) -> dict[tuple[Tier, bool], list[int]]:
+    """The page ids by (tier, packed), each in ``ids``' order (``whole``: ids are a slice of the
+    table). Comprehensions per kind present, not a dict lookup per page: a decode step builds
+    this for every layer over every page."""
+    lo = ids[0] if ids else 0
+    sel_t = tiers[lo:lo + len(ids)] if whole else [tiers[p] for p in ids]
+    sel_f = formats[lo:lo + len(ids)] if whole else [formats[p] for p in ids]
+    packed = True in sel_f
+    out: dict[tuple[Tier, bool], list[int]] = collections.defaultdict(list)
+    for tier in (Tier.DISK, Tier.HOST, Tier.DEVICE):
+        if tier not in sel_t:
+            continue
+        if not packed:
+            out[(tier, False)] = [p for p, t in zip(ids, sel_t) if t is tier]
+            continue
+        for fmt in (False, True):
+            out[(tier, fmt)] = [p for p, t, f in zip(ids, sel_t, sel_f) if t is tier and f is fmt]
+    return out
+
+
 class KVReader:
     """Builds read sets from the page tables and executes their reads.
 
@@ -101,13 +121,11 @@ class KVReader:
         length = seq.lengths[layer] if length is None else length
         first_live, n = seq.table.first_live(layer), cdiv(length, ps)
         ids = list(range(first_live, n)) if pages is None else list(pages)
-        assert all(first_live <= p < n for p in ids), "a selection names a page the layer does not hold"
+        assert pages is None or all(first_live <= p < n for p in ids), "a selection names a page the layer does not hold"
         assert n <= seq.table.num_pages(layer), "the step's pages must exist before its reads are planned"
         tiers, slots, formats = seq.table.tiers(layer), seq.table.slots(layer), seq.table.packed(layer)
         skip = max(0, length - window) - first_live * ps if window is not None and ids and ids[0] == first_live else 0
-        by_tier: dict[tuple[Tier, bool], list[int]] = collections.defaultdict(list)
-        for p in ids:
-            by_tier[(tiers[p], formats[p])].append(p)
+        by_tier = _by_tier(ids, tiers, formats, whole=pages is None)
         pieces: list[Piece] = []
 
         def tokens(pids: list[int]) -> int:
@@ -119,7 +137,7 @@ class KVReader:
             cpu = route == Route.PAGED_CPU or (route == Route.PAGED_DEVICE and rule.device_kernel_on_cpu)
             copied = route == Route.GROUPS and tier != Tier.DEVICE and rule.cuda
             pieces.append(Piece(tier=tier, kind=PieceKind.PACKED4 if packed else PieceKind.DENSE, route=route,
-                                page_ids=tuple(pids), slots=tuple(slots[p] for p in pids), tokens=tokens(pids),
+                                page_ids=tuple(pids), slots=tuple(map(slots.__getitem__, pids)), tokens=tokens(pids),
                                 skip=skip if pids[0] == first_live else 0, cpu_attended=cpu, copied=copied, **kw))
 
         for packed in (False, True):  # DISK holds one format: the engine's
