@@ -27,17 +27,18 @@ has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
   echo "== 1. CUDA tests (pytest -m gpu: compiled Triton kernels against their references, engine exactness)"
   timeout 240 $PY -m pytest -q -p no:cacheprovider -m gpu -rs -s tests 2>&1 | grep -vE "Writing model shards|it/s\]" | tail -40
 
-  echo "== 1b. sparse decode on CUDA (issue 18): --random-weights llama-3.1-8b --num-layers 4, bf16, 32K tokens, global KV on DISK: exact vs --sparse quest and speculative at F=0.1 (Triton scoring), 3 reps each"
+  echo "== 1b. sparse decode and 4-bit pages on CUDA (issues 18, 19): --random-weights llama-3.1-8b --num-layers 4, bf16, 32K tokens, global KV on DISK: exact vs --sparse quest and speculative at F=0.1 (Triton scoring) vs --kv-format 4bit (Triton quantize, DISK pages dequantized on read), 3 reps each"
   if [ "$has_cuda" = 1 ]; then
     stmp=$(mktemp -d)
     $PY -c "import random; random.seed(2); print(''.join(random.choice('abcdefghij ') for _ in range(32768)), end='')" > "$stmp/p.txt"
-    for mode in exact quest speculative; do
+    for mode in exact quest speculative 4bit; do
       flags=""; [ "$mode" != exact ] && flags="--sparse $mode --sparse-budget 0.1"
+      [ "$mode" = 4bit ] && flags="--kv-format 4bit"
       for rep in 1 2 3; do
         timeout 90 $PY -m offload generate --model llama-3.1-8b --random-weights --num-layers 4 --dtype bf16 \
           --prompt-file "$stmp/p.txt" --max-new-tokens 16 --ignore-eos --json --quiet --cache-dir "$stmp/cache" \
           --device-memory 64MiB --host-memory 0 $flags \
-          | $PY -c "import json,sys; s=json.load(sys.stdin)['stats']; print('$mode rep $rep:', {k: s[k] for k in ('decode_tok_s','kv_fraction_read_max','kv_fraction_fetched','selection_s','fetch_wait_s','sync_miss_bytes_per_token','speculation_hit_rate','sparse_fallback')})"
+          | $PY -c "import json,sys; s=json.load(sys.stdin)['stats']; print('$mode rep $rep:', {k: s[k] for k in ('decode_tok_s','kv_fraction_read_max','kv_fraction_fetched','selection_s','fetch_wait_s','sync_miss_bytes_per_token','speculation_hit_rate','sparse_fallback','bytes_read_per_token')})"
       done
     done
   else

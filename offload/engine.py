@@ -37,14 +37,11 @@ by the planner and reach HOST or DISK.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
 import torch
 
 from offload.attention.decode import DecodeAttention
@@ -54,27 +51,26 @@ from offload.attention.quest import QuestSelector
 from offload.attention.read_account import ReadAccount, StepReads
 from offload.attention.selection import ExactSelector, PageSelector
 from offload.attention.speculative import speculative_selector
-from offload.config import HostAttention, KVFormat, Planner, RuntimeConfig, Sparse
-from offload.errors import CacheDirError, CapacityError, ContextTooLongError, InputError, UnsupportedModelError
+from offload.config import HostAttention, Planner, RuntimeConfig, Sparse
+from offload.errors import CapacityError, ContextTooLongError, InputError, UnsupportedModelError
 from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
 from offload.model.llama import LlamaRunner
-from offload.model.model_source import AnyModelConfig, ModelSource, default_cache_dir
+from offload.model.model_source import AnyModelConfig, ModelSource
 from offload.kv.counters import IOSnapshot, kind_strings, tier_strings
 from offload.kv.paged_kv import KVSequence, PagedKV, ring_pages
 from offload.kv.readahead import Chunk
 from offload.kv.reads import LayerReads
 from offload.kv.placement import Placement
-from offload.kv.quant_pages import PackedPools, Quant4Layout
-from offload.tuning.planning import (ANSWER_TOKENS, DEVICE_RESERVE_PAGES, QUESTION_TOKENS, WRITE_STAGING_BYTES,
-                                     engine_problem, plan_placement, plan_summary, staging_bytes)
+from offload.kv.quant_pages import PackedPools
+from offload.tiers import build_tiers, remove_disk_tier
+from offload.tuning.planning import (ANSWER_TOKENS, DEVICE_RESERVE_PAGES, QUESTION_TOKENS, engine_problem,
+                                     plan_placement, plan_summary)
 from offload.tuning.profile_store import DEFAULT_PRESETS, load_saved
 from offload.sampling import Sampler, SamplingConfig
 from offload.stats import RunStats
 from offload.model.weights import load_checkpoint, random_weights
 from planner.profile import HardwareProfile
-from storage import PackedArena, PageArena, Tier, make_io
-from storage.disk_store import DiskExtentStore
-from storage.run_dirs import RunDir, make_run_dir, remove_dead_run_dirs
+from storage import Tier
 from offload.kv.page_table import cdiv
 
 if TYPE_CHECKING:
@@ -88,16 +84,8 @@ LayerCallback = Callable[[int, int], None]  # (layers done, num layers)
 
 # The budgets capacity errors ask to raise, as the CLI flag and the API field that set them.
 _DEVICE_BUDGET = "--device-memory (RuntimeConfig.device_memory_bytes)"
-# With 4-bit pages, the exact DEVICE arena holds the exact pages (sinks, windows, tails, rings)
-# of this many sequences at once: a document, a question's fork, and two more.
-EXACT_SEQUENCES = 4
 _TIER_BUDGETS = ("--device-memory, --host-memory or --disk-space (RuntimeConfig.device_memory_bytes, "
                  "host_memory_bytes or disk_space_bytes)")
-
-
-def _remove_disk_tier(store: DiskExtentStore, run_dir: RunDir) -> None:
-    store.close()
-    run_dir.remove()  # the files, then the run's lock
 
 
 def make_runner(source: ModelSource, *, dtype: torch.dtype, device: torch.device,
@@ -139,29 +127,19 @@ class Engine:
         self.windows: tuple[int | None, ...] = cfg.layer_windows
         self.global_layers = tuple(i for i, w in enumerate(self.windows) if w is None)
         self.ring_pages = tuple(0 if w is None else ring_pages(w, self.config.page_size) for w in self.windows)
-        # With 4-bit pages: their blob layout (exact pages keep the arena below, 4-bit pages
-        # PackedArenas and the DISK slots).
-        self.packed_layout = self._packed_layout() if self.config.kv_format == KVFormat.Q4 else None
         # The tiers first: a budget too small for them fails before the weights load.
-        self.arena = PageArena(
-            num_slots=self._arena_slots(),
-            num_kv_heads=cfg.num_kv_heads,
-            page_size=self.config.page_size,
-            head_dim=cfg.head_dim,
-            dtype=self.kv_dtype,
-            device=self.device,
-        )
-        self.disk, disk_limit = self._make_disk()
-        staging = (staging_bytes(self._stored_page_bytes(), staging_chunk_pages=self.config.staging_chunk_pages,
-                                 staging_buffers=self.config.staging_buffers) if self.disk is not None else 0)
-        write_staging = WRITE_STAGING_BYTES if self.disk is not None else 0
-        self.host_arena = self._make_host_arena(reserved=staging) if self.packed_layout is None else None
-        packed = self._make_packed_pools(reserved=staging) if self.packed_layout is not None else None
+        tiers = build_tiers(self.config, cfg, device=self.device, kv_dtype=self.kv_dtype, ring_pages=self.ring_pages)
+        self.arena, self.host_arena, self.disk = tiers.arena, tiers.host_arena, tiers.disk
+        packed = tiers.packed
+        # With 4-bit pages: their blob layout (exact pages in the arena, 4-bit ones elsewhere).
+        self.packed_layout = packed.layout if packed is not None else None
+        if tiers.disk is not None and tiers.run_dir is not None:
+            self._finalizer = weakref.finalize(self, remove_disk_tier, tiers.disk, tiers.run_dir)
         self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed)
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
-                          disk_slots_limit=disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
+                          disk_slots_limit=tiers.disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
-                          shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=write_staging,
+                          shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=tiers.write_staging,
                           windows=self.windows, packed=packed)
         # HOST or DISK exists: pages can leave DEVICE.
         self.spills = self.disk is not None or self.kv.free_slots(Tier.HOST, packed is not None) > 0
@@ -198,46 +176,6 @@ class Engine:
             self.selector = speculative_selector(self, source)
 
     # ----- tiers --------------------------------------------------------------------------
-    def _slot_bytes(self) -> int:
-        cfg = self.model_config
-        elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return 2 * cfg.num_kv_heads * self.config.page_size * cfg.head_dim * elem
-
-    def _stored_page_bytes(self) -> int:
-        """Bytes of a page that can leave DEVICE: an exact page, or with 4-bit pages a packed one."""
-        return self.packed_layout.page_bytes if self.packed_layout is not None else self._slot_bytes()
-
-    def _packed_layout(self) -> Quant4Layout:
-        cfg = self.model_config
-        try:
-            return Quant4Layout(cfg.num_kv_heads, self.config.page_size, cfg.head_dim)
-        except ValueError as e:
-            raise UnsupportedModelError(f"kv_format 4bit cannot hold this model's pages ({e}); use "
-                                        "--kv-format exact") from None
-
-    def _exact_pages_per_sequence(self) -> int:
-        """Exact pages one sequence holds at most with 4-bit pages: per global layer the sink
-        page, the window, the tail and the page being packed; per sliding layer its ring and a
-        copy-on-write tail."""
-        window = PackedPools.window_pages
-        return sum(window + 3 if r == 0 else r + 1 for r in self.ring_pages)
-
-    def _make_packed_pools(self, *, reserved: int) -> PackedPools:
-        """The 4-bit arenas: DEVICE's share of the budget the exact arena leaves, and HOST's
-        budget beside the DISK staging area."""
-        layout = self.packed_layout
-        assert layout is not None
-        arenas = {}
-        device_slots = (self._device_budget() - self.arena.num_slots * self.arena.slot_bytes) // layout.page_bytes
-        if device_slots > 0:
-            arenas[Tier.DEVICE] = PackedArena(num_slots=int(device_slots), slot_bytes=layout.page_bytes,
-                                              device=self.device)
-        host = self.config.host_memory_bytes or 0
-        if host > reserved + layout.page_bytes:
-            arenas[Tier.HOST] = PackedArena(num_slots=(host - reserved) // layout.page_bytes,
-                                            slot_bytes=layout.page_bytes, device="cpu", tier=Tier.HOST)
-        return PackedPools(layout, arenas)
-
     def _spare_pages(self) -> int:
         """Free page slots over all tiers (with 4-bit pages: the packed ones and the exact arena's)."""
         exact = self.kv.free_slots(Tier.DEVICE) if self.packed_layout is not None else 0
@@ -247,54 +185,6 @@ class Engine:
         """Free slots of ``tier`` for the pages that may leave DEVICE (exact mode: exact pages;
         with 4-bit pages: packed ones; DISK holds only those)."""
         return self.kv.free_slots(tier, self.packed_layout is not None)
-
-    def _make_disk(self) -> tuple[DiskExtentStore | None, int | None]:
-        """The DISK tier's store and its budget in pages, or (None, None) without one."""
-        c = self.config
-        uses_disk = c.placement is not None and c.placement.reaches_disk(self.model_config.num_layers)
-        spill = c.device_memory_bytes is not None or c.disk_space_bytes is not None or uses_disk
-        if c.disk_space_bytes == 0 or not spill:
-            return None, None
-        base = Path(c.kv_dir) if c.kv_dir else default_cache_dir() / "kv"
-        try:  # runs killed before they could remove their files (SIGKILL, power loss)
-            removed = remove_dead_run_dirs(base)
-            if removed:
-                logger.info("removed %d DISK-tier directories of processes that no longer run", len(removed))
-        except OSError as e:
-            logger.warning("could not remove the DISK-tier files of a run that no longer runs (%s)", e)
-        try:
-            run_dir = make_run_dir(base)  # locked for this engine's life: never taken for dead
-        except OSError as e:
-            raise CacheDirError(f"cannot create the DISK tier directory under {base} ({e.strerror}); "
-                                "pass --cache-dir with a writable directory") from None
-        root = run_dir.path
-        try:
-            budget = c.disk_space_bytes if c.disk_space_bytes is not None else shutil.disk_usage(root).free // 2
-            try:
-                io = make_io(c.disk_backend.value)
-            except ValueError as e:
-                raise InputError(str(e)) from None
-            store = DiskExtentStore(root, num_layers=self.model_config.num_layers,
-                                    page_bytes=self._stored_page_bytes(), io=io)
-        except BaseException:
-            run_dir.remove()
-            raise
-        self._finalizer = weakref.finalize(self, _remove_disk_tier, store, run_dir)
-        return store, budget // store.disk_page_bytes
-
-    def _make_host_arena(self, *, reserved: int) -> PageArena | None:
-        budget = self.config.host_memory_bytes or 0
-        slots = (budget - reserved) // self._slot_bytes() if budget > reserved else 0
-        if budget and slots < 1:
-            raise CapacityError(f"--host-memory {budget} bytes leaves no room for KV pages after the "
-                                f"{reserved}-byte DISK staging area; raise it to at least "
-                                f"{cdiv((reserved + self._slot_bytes()), 2**20)}MiB")
-        if slots < 1:
-            return None
-        cfg = self.model_config
-        return PageArena(num_slots=int(slots), num_kv_heads=cfg.num_kv_heads, page_size=self.config.page_size,
-                         head_dim=cfg.head_dim, dtype=self.kv_dtype, device="cpu", tier=Tier.HOST,
-                         pin_memory=self.device.type == "cuda")
 
     def placement_for(self, seq: KVSequence, new_tokens: int, *, document: bool = False) -> Placement:
         """Where this forward pass's new full pages go: the configured placement; all DEVICE
@@ -320,7 +210,8 @@ class Engine:
         # (With 4-bit pages the question's tails and the rings live in the exact arena.)
         packed = self.packed_layout is not None
         reserve = self.question_reserve(seq.num_tokens + new_tokens) if document and not packed else 0
-        if new_tokens == 1 or not self.spills or free >= self.pages_needed(seq, new_tokens) + reserve:
+        need = new_pages * len(self.global_layers) if packed else self.pages_needed(seq, new_tokens) + reserve
+        if new_tokens == 1 or not self.spills or new_pages == 0 or free >= need:
             return Placement(None, 0)
         if packed:
             room = free
@@ -419,39 +310,6 @@ class Engine:
     @property
     def max_context(self) -> int:
         return self.model_config.max_position_embeddings
-
-    def _device_budget(self) -> int:
-        """The DEVICE KV budget in bytes (``device_memory_bytes``, or the default)."""
-        cfg, ps = self.model_config, self.config.page_size
-        budget = self.config.device_memory_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                # GPU memory is reserved up front: the full context of one sequence plus
-                # copy-on-write tails of a few forks, at most half of what is free.
-                context_pages = cdiv(cfg.max_position_embeddings, ps) + 4
-                want = sum(context_pages if r == 0 else 2 * r + 4 for r in self.ring_pages) * self._stored_page_bytes()
-                budget = min(want, torch.cuda.mem_get_info(self.device)[0] // 2)
-            else:
-                # RAM pages are touched only when written, so the budget can be generous.
-                budget = psutil.virtual_memory().available // 2
-        return budget
-
-    def _arena_slots(self) -> int:
-        """Slots of the exact DEVICE arena: the budget's, or with 4-bit pages what the exact
-        pages of ``EXACT_SEQUENCES`` sequences take (the rest holds 4-bit pages)."""
-        cfg, ps = self.model_config, self.config.page_size
-        slot_bytes = self._slot_bytes()
-        budget = self._device_budget()
-        slots = budget // slot_bytes
-        if self.packed_layout is not None:  # at most half a small budget, at least two sequences' pages
-            per_sequence = self._exact_pages_per_sequence()
-            slots = min(slots, EXACT_SEQUENCES * per_sequence, max(2 * per_sequence, slots // 2))
-        if slots < 1:
-            raise CapacityError(
-                f"--device-memory {budget} bytes holds no KV page; one page is {slot_bytes} bytes "
-                f"({ps} tokens x {cfg.num_kv_heads} KV heads x {cfg.head_dim} x K,V); raise it"
-            )
-        return int(slots)
 
     def pages_needed(self, seq: KVSequence, new_tokens: int) -> int:
         """Slots a sequence must newly take to hold ``new_tokens`` more tokens: the new pages

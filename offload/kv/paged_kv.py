@@ -342,7 +342,8 @@ class PagedKV:
         want = targets.count(Tier.DEVICE)
         if not want:
             return targets
-        self._room_on_device(seq, layer, want)
+        if Tier.DEVICE in self.packed.arenas:
+            self._room_on_device(seq, layer, want)
         spill = max(0, want - self.free_slots(Tier.DEVICE, True))
         host = self.free_slots(Tier.HOST, True)
         out = []
@@ -398,6 +399,8 @@ class PagedKV:
         attention sink; never a page another sequence shares) to HOST if it has room, else
         DISK. Moves nothing it cannot place; returns how many moved."""
         ps, packed = self.page_size, self.packed is not None
+        if packed and Tier.DEVICE not in self.packed.arenas:
+            return 0  # no 4-bit page lives on DEVICE
         full = seq.lengths[layer] // ps
         tiers, slots = seq.table.tiers(layer), seq.table.slots(layer)
         formats = seq.table.packed(layer)
@@ -424,6 +427,8 @@ class PagedKV:
         """How many of ``seq``'s DEVICE pages of ``layers`` ``move_off_device`` could move
         (full, not page 0, not shared), were HOST and DISK roomy enough."""
         ps, count, packed = self.page_size, 0, self.packed is not None
+        if packed and Tier.DEVICE not in self.packed.arenas:
+            return 0
         pool = self.pool_for(Tier.DEVICE, packed)
         for layer in layers:
             tiers, slots, formats = seq.table.tiers(layer), seq.table.slots(layer), seq.table.packed(layer)

@@ -290,7 +290,7 @@ def profile_for(config: RuntimeConfig, *, progress: bool, cache_dir: Path | None
 
     When it measures: only when ``config.profile`` is None and the engine can call the
     planner. ``Engine.placement_for`` plans only when ``config.placement`` is None and a
-    prefill's new pages do not fit the DEVICE arena; ``Engine._make_disk`` makes a DISK tier
+    prefill's new pages do not fit the DEVICE arena; ``offload.tiers.build_tiers`` makes a DISK tier
     only when a budget is given. So the rule is: no given profile, no given placement, and
     ``device_memory_bytes`` set or ``disk_space_bytes`` set above 0. Without those budgets the
     DEVICE arena is sized for the whole context (at most half the free memory) and nothing

@@ -133,3 +133,19 @@ def test_4bit_doc_cache_hit_answers_like_a_fresh_ingest(tmp_path):
         assert ask(qa, doc) == fresh
     with _qa(tmp_path, "exact") as qa:  # and the exact one is still there for an exact engine
         assert qa.ingest(DOC).stats.doc_cache == "hit"
+
+
+def test_4bit_with_no_device_room_for_packed_pages(tmp_path):
+    """A DEVICE budget that holds only the exact pages (two sequences' worth): every packed
+    page goes to HOST or DISK, and a question whose tokens open no new page is not planned
+    (a plan of no pages was refused by the planner)."""
+    exact_pages = 2 * 2 * 5  # two sequences x 2 layers x (sink, 2-page window, tail, one being packed)
+    config = RuntimeConfig(device="cpu", device_memory_bytes=exact_pages * 49152 + 1000,
+                           host_memory_bytes=int(8.3 * 2**20), staging_chunk_pages=8, kv_dir=str(tmp_path / "kv"),
+                           profile=PROFILE, kv_format="4bit")
+    with LongDocQA("smollm2-135m", config=config, cache_dir=tmp_path, random_weights=True, num_layers=2,
+                   doc_cache=False) as qa:
+        assert Tier.DEVICE not in qa.engine.kv.packed.arenas
+        doc = qa.ingest(DOC)
+        assert qa.ask(doc, "Which?", max_new_tokens=4).token_ids
+        assert doc.stats.peak_bytes["disk"] > 0
