@@ -69,8 +69,11 @@ def q4_device_run(smollm2_source, essay_prompt, tmp_path_factory, exact_run):
         engine.close()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "all-disk" else n
-                                  for n in PLACEMENTS if n != "all-device"])
+# The real-model runs are `slow` (their fixtures take ~30 s from a cold cache): the default run
+# checks placement independence on the paged KV against a float64 oracle (test_packed_kv.py)
+# and the engine over HOST and DISK through the DocCache test below.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in PLACEMENTS if n != "all-device"])
 def test_tokens_do_not_depend_on_where_4bit_pages_live(smollm2_source, essay_prompt, tmp_path, exact_run,
                                                         q4_device_run, name):
     engine = _engine(smollm2_source, tmp_path, "4bit", PLACEMENTS[name])
@@ -86,6 +89,7 @@ def test_tokens_do_not_depend_on_where_4bit_pages_live(smollm2_source, essay_pro
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)  # merge order differs by placement
 
 
+@pytest.mark.slow
 def test_4bit_stays_close_to_exact(exact_run, q4_device_run):
     """Teacher-forced top-1 agreement with exact mode over the decode steps (the issue's bar
     is 96% at 8K over essays, measured by bench/fidelity.py; 1K here keeps it quick)."""
