@@ -185,20 +185,31 @@ def _merge_ranges_nb(acc, m, l, num_splits, out, lse):
             lse[row] = top + np.float32(math.log(total))
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
-def _attention_pages_nb(q, k_pages, v_pages, slots, lens, starts, scale, num_splits, out, lse):
+@njit(inline="always", nogil=True)
+def split_partials(q, slots, num_splits):
+    """The per-item partials of a split-KV call (acc [items, G, D], m, l [items, G]) and the
+    page-list length of one split."""
     num_kv_heads, num_listed = slots.shape
     group = q.shape[0] // num_kv_heads
-    head_dim = q.shape[1]
     num_items = num_kv_heads * num_splits
-    per_split = (num_listed + num_splits - 1) // num_splits
-    acc = np.empty((num_items, group, head_dim), dtype=np.float32)
+    acc = np.empty((num_items, group, q.shape[1]), dtype=np.float32)
     m = np.empty((num_items, group), dtype=np.float32)
     l = np.empty((num_items, group), dtype=np.float32)
-    for it in prange(num_items):
-        h = it // num_splits
-        start = min(num_listed, (it % num_splits) * per_split)
-        stop = min(num_listed, start + per_split)
+    return acc, m, l, (num_listed + num_splits - 1) // num_splits
+
+
+@njit(inline="always", nogil=True)
+def split_range(it, num_splits, per_split, num_listed):
+    """Item ``it``'s KV head and its page range start..stop-1."""
+    start = min(num_listed, (it % num_splits) * per_split)
+    return it // num_splits, start, min(num_listed, start + per_split)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
+def _attention_pages_nb(q, k_pages, v_pages, slots, lens, starts, scale, num_splits, out, lse):
+    acc, m, l, per_split = split_partials(q, slots, num_splits)
+    for it in prange(acc.shape[0]):
+        h, start, stop = split_range(it, num_splits, per_split, slots.shape[1])
         _attend_range_nb(q, k_pages, v_pages, slots, lens, starts, h, start, stop,
                          np.float32(scale), acc[it], m[it], l[it])
     _merge_ranges_nb(acc, m, l, num_splits, out, lse)

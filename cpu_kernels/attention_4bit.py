@@ -24,7 +24,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from cpu_kernels.attention import _FASTMATH, _check_selection, _merge_ranges_nb, _num_splits, softmax_page
+from cpu_kernels.attention import (_FASTMATH, _check_selection, _merge_ranges_nb, _num_splits, softmax_page,
+                                   split_partials, split_range)
 from cpu_kernels.inputs import index_array, like_query, numba_threads, query_matrix
 from cpu_kernels.quant4 import Quant4PagesNp, _dequantize_keys_page_nb, _dequantize_values_page_nb
 
@@ -78,18 +79,9 @@ def _attend_range_4bit_nb(q, k_q, k_scale, k_min, v_q, v_scale, v_min, group_siz
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
 def _attention_pages_4bit_nb(q, k_q, k_scale, k_min, v_q, v_scale, v_min, group_size, slots, lens, starts,
                              scale, num_splits, out, lse):
-    num_kv_heads, num_listed = slots.shape
-    group = q.shape[0] // num_kv_heads
-    head_dim = q.shape[1]
-    num_items = num_kv_heads * num_splits
-    per_split = (num_listed + num_splits - 1) // num_splits
-    acc = np.empty((num_items, group, head_dim), dtype=np.float32)
-    m = np.empty((num_items, group), dtype=np.float32)
-    l = np.empty((num_items, group), dtype=np.float32)
-    for it in prange(num_items):
-        h = it // num_splits
-        start = min(num_listed, (it % num_splits) * per_split)
-        stop = min(num_listed, start + per_split)
+    acc, m, l, per_split = split_partials(q, slots, num_splits)
+    for it in prange(acc.shape[0]):
+        h, start, stop = split_range(it, num_splits, per_split, slots.shape[1])
         _attend_range_4bit_nb(q, k_q, k_scale, k_min, v_q, v_scale, v_min, group_size, slots, lens, starts,
                               h, start, stop, np.float32(scale), acc[it], m[it], l[it])
     _merge_ranges_nb(acc, m, l, num_splits, out, lse)
