@@ -60,8 +60,11 @@ def _dense_f64(q: np.ndarray, qp: Quant4PagesNp, slots, lens, starts) -> tuple[n
     return out, lse
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"d{s[0]}-ps{s[1]}-g{s[2]}-m{s[3]}")
+# One shape and thread count by default (the kernel compiles once per input layout; each
+# case of a cold cache costs seconds); the whole matrix under -m slow.
+@pytest.mark.parametrize("threads", [2, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape", [SHAPES[0], *(pytest.param(s, marks=pytest.mark.slow) for s in SHAPES[1:])],
+                         ids=lambda s: f"d{s[0]}-ps{s[1]}-g{s[2]}-m{s[3]}")
 def test_matches_reference_over_shuffled_slots(shape, threads):
     head_dim, page_size, group, listed = shape
     num_slots = NUM_KV_HEADS * listed + 3
