@@ -25,10 +25,10 @@ demo: $(STAMP)
 	$(PY) -m offload.commands.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -rs -m slow
+	$(PY) -m pytest -q -rs --durations=15 -m slow
 
 bench-speed: $(STAMP)
 	$(PY) bench/bench_speed.py

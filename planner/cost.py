@@ -11,6 +11,8 @@ pages attended on the CPU and ``recomp`` HOST pages kept as activations)::
 
     compute      weights: max(weight bytes / weight-stream GB/s, 2 * params * batch / device FLOP/s)
                  + s * K * (1 - deleg) / device attention GB/s
+                 (4-bit pages: K is their stored bytes and the rate the 4-bit kernel's, which
+                 pays for dequantization: ``HardwareProfile.attention_4bit_gbps``)
                  + s * recomp * tokens * 2 * hidden * (2 * kv_heads * head_dim) / device FLOP/s
     cpu attn     s * K * deleg / CPU attention GB/s      (only q and (out, lse) move: neglected)
     host->device f * s * K * (host - deleg - recomp + recomp * act/kv) / pinned GB/s
@@ -242,9 +244,9 @@ class CostModel:
         shipped_host = host - delegated - recomputed + recomputed * act_ratio
         new_kv = p.batch_size * 2 * p.num_kv_heads * p.head_dim * p.kv_dtype_bytes  # this step's tokens
         return {
-            Leg.COMPUTE: weights_s + read * (1 - delegated) / (hw.device_attention_gbps * 1e9)
+            Leg.COMPUTE: weights_s + read * (1 - delegated) / (self._attention_gbps(device=True) * 1e9)
             + recompute_flops / flops_s,
-            Leg.CPU_ATTENTION: read * delegated / (hw.cpu_attention_gbps * 1e9),
+            Leg.CPU_ATTENTION: read * delegated / (self._attention_gbps(device=False) * 1e9),
             Leg.HOST_TO_DEVICE: 0.0 if hw.device_is_host else (
                 moved * shipped_host / (hw.host_to_device_pinned_gbps * 1e9)
                 + moved * disk / (hw.host_to_device_pageable_gbps * 1e9)),
@@ -277,12 +279,20 @@ class CostModel:
         after attention (o projection and MLP: their share of the layer's parameters)."""
         if chunks < 1:
             return 0.0
-        p, hw = self.problem, self.profile
+        p = self.problem
         read = p.sparse_budget * p.kv_layer_bytes
         weights_s = self._decode_weights_s()
         post = (p.hidden_size * p.num_heads * p.head_dim + 3 * p.hidden_size * p.intermediate_size) / p.params_per_layer
         attended_after = read * ((1.0 - split.disk) + split.disk / chunks)
-        return weights_s * post + attended_after / (hw.device_attention_gbps * 1e9)
+        return weights_s * post + attended_after / (self._attention_gbps(device=True) * 1e9)
+
+    def _attention_gbps(self, *, device: bool) -> float:
+        """Stored bytes per second that decode attention reads on the device or the CPU: the
+        exact kernel's rate, or the 4-bit kernel's (dequantization included) for packed pages."""
+        p, hw = self.problem, self.profile
+        if p.packed_page_bytes:
+            return hw.attention_4bit_gbps(device=device, stored_ratio=p.page_bytes / p.exact_page_bytes)
+        return hw.device_attention_gbps if device else hw.cpu_attention_gbps
 
     def layer_s(self, legs: dict[Leg, float]) -> float:
         """A layer's time: the max over the overlap model's paths of the sum of their legs."""

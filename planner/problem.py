@@ -146,9 +146,12 @@ class PlanProblem:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page: K and V, all KV heads (4-bit pages: ``packed_page_bytes``)."""
-        if self.packed_page_bytes:
-            return self.packed_page_bytes
+        """Bytes of one page as stored: K and V, all KV heads (4-bit pages: ``packed_page_bytes``)."""
+        return self.packed_page_bytes or self.exact_page_bytes
+
+    @property
+    def exact_page_bytes(self) -> int:
+        """Bytes of one full-precision page (``kv_dtype_bytes`` per K/V element)."""
         return 2 * self.num_kv_heads * self.page_size * self.head_dim * self.kv_dtype_bytes
 
     @property

@@ -56,6 +56,10 @@ class HardwareProfile:
         read_interference_s_per_gb: seconds a step loses per GB of DISK reads running beside
             compute, beyond the max of the two (a CPU-only machine's readers and compute share
             cores and memory bus); 0 when unmeasured and on GPU machines, whose device computes.
+        cpu_attention_4bit_gbps / device_attention_4bit_gbps: stored bytes per second (codes,
+            scales and mins) that the fused 4-bit kernels read, dequantization included; None
+            when unmeasured: the planner then prices a 4-bit page as the exact kernel over the
+            full-precision page it stands for (``attention_4bit_gbps``).
     """
 
     name: str
@@ -75,6 +79,8 @@ class HardwareProfile:
     weights_gbps: float | None = None
     piece_overhead_s: float = 0.0
     read_interference_s_per_gb: float = 0.0
+    cpu_attention_4bit_gbps: float | None = None
+    device_attention_4bit_gbps: float | None = None
 
     def __post_init__(self) -> None:
         for f in ("host_to_device_pinned_gbps", "host_to_device_pageable_gbps", "disk_write_gbps",
@@ -86,11 +92,10 @@ class HardwareProfile:
             value = getattr(self, f)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"HardwareProfile.{f} must be an int >= 0, got {value!r}")
-        if self.weights_gbps is not None and not (
-                isinstance(self.weights_gbps, (int, float)) and math.isfinite(self.weights_gbps)
-                and self.weights_gbps > 0):
-            raise ValueError(f"HardwareProfile.weights_gbps must be a finite number > 0 or None, "
-                             f"got {self.weights_gbps!r}")
+        for f in ("weights_gbps", "cpu_attention_4bit_gbps", "device_attention_4bit_gbps"):
+            value = getattr(self, f)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"HardwareProfile.{f} must be a finite number > 0 or None, got {value!r}")
         for f in ("layer_overhead_s", "piece_overhead_s", "read_interference_s_per_gb"):
             if not (math.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
                 raise ValueError(f"HardwareProfile.{f} must be >= 0, got {getattr(self, f)!r}")
@@ -110,6 +115,15 @@ class HardwareProfile:
     def weight_stream_gbps(self) -> float:
         """``weights_gbps``, or ``device_attention_gbps`` when it was not measured."""
         return self.device_attention_gbps if self.weights_gbps is None else self.weights_gbps
+
+    def attention_4bit_gbps(self, *, device: bool, stored_ratio: float) -> float:
+        """Stored bytes per second of the 4-bit kernel (``device``: the device's, else the
+        CPU's); when unmeasured, the exact kernel's rate times ``stored_ratio`` (a 4-bit page's
+        bytes over the full-precision page's): the same time as attending the exact page."""
+        measured = self.device_attention_4bit_gbps if device else self.cpu_attention_4bit_gbps
+        if measured is not None:
+            return measured
+        return (self.device_attention_gbps if device else self.cpu_attention_gbps) * stored_ratio
 
     def disk_read_gbps(self, extent_bytes: int) -> float:
         """Cold read bandwidth at an extent size: linear in log2(extent) between the measured
@@ -185,13 +199,16 @@ def _cpu_2core() -> HardwareProfile:
     "tiers" (the same cores); fp32 matmul ~0.1 TFLOP/s (2 AVX2 cores). Free bytes: a 6 GiB
     DEVICE RAM budget, 8 GiB HOST, 40 GiB disk (the 24 GiB of RAM hold both RAM tiers and
     the model). Reads beside compute: 0.07-0.14 s lost per GB read (``offload profile``, three
-    full runs; 0.1 taken). Measured numbers vary 10-35% between runs on these shared machines."""
+    full runs; 0.1 taken). The fused 4-bit kernel reads 0.6 GB/s of 4-bit pages as stored
+    (three probe runs, 256 MiB of fp32 pages quantized: 0.61-0.63), about a third of the exact
+    kernel's speed per token. Measured numbers vary 10-35% between runs on these shared machines."""
     return HardwareProfile(
         name="cpu-2core", host_to_device_pinned_gbps=10.0, host_to_device_pageable_gbps=10.0,
         disk_read_gbps_by_extent=((64 * KiB, 0.9), (MiB, 1.35), (4 * MiB, 1.7)),
         disk_write_gbps=1.0, cpu_attention_gbps=25.0, device_attention_gbps=25.0,
         device_matmul_tflops=0.1, cpu_matmul_tflops=0.1, device_free_bytes=6 * GiB,
-        host_free_bytes=8 * GiB, disk_free_bytes=40 * GiB, device_is_host=True, read_interference_s_per_gb=0.1)
+        host_free_bytes=8 * GiB, disk_free_bytes=40 * GiB, device_is_host=True, read_interference_s_per_gb=0.1,
+        cpu_attention_4bit_gbps=0.6, device_attention_4bit_gbps=0.6)
 
 
 def _rtx4090_pcie4() -> HardwareProfile:

@@ -19,9 +19,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from offload.commands.args import OneLineParser, flag_error, size_flag, sparse_fields
 from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, check_sparse_budget, parse_dtype
+
+if TYPE_CHECKING:
+    from planner import HardwareProfile, PlanProblem
 
 __all__ = ["main", "build_parser"]
 
@@ -151,6 +155,18 @@ def _packed_page_bytes(cfg, args: argparse.Namespace) -> int | None:
     return Quant4Layout(cfg.num_kv_heads, args.page_size, cfg.head_dim).page_bytes
 
 
+def _packed_note(problem: PlanProblem, profile: HardwareProfile) -> str:
+    """How the plan prices 4-bit pages: their bytes and the 4-bit kernel's rate."""
+    ratio = problem.page_bytes / problem.exact_page_bytes
+    rates = []
+    for where, device, measured in (("device", True, profile.device_attention_4bit_gbps),
+                                    ("CPU", False, profile.cpu_attention_4bit_gbps)):
+        gbps = profile.attention_4bit_gbps(device=device, stored_ratio=ratio)
+        rates.append(f"{where} {gbps:.1f} GB/s{'' if measured is not None else ' (unmeasured: as exact)'}")
+    return (f" ({problem.page_bytes}-byte 4-bit pages, {ratio:.3f} of exact; 4-bit attention "
+            f"{', '.join(rates)} of pages as stored, dequantization included)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from offload.errors import ContextTooLongError
     from offload.tuning.planning import model_problem
@@ -193,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     head = (f"{args.model}: {args.context} tokens x batch {args.batch_size}, {str(dtype).removeprefix('torch.')} "
             f"weights, {str(kv_dtype).removeprefix('torch.')} KV"
-            f"{f' ({problem.page_bytes}-byte 4-bit pages)' if args.kv_format == '4bit' else ''}; profile {profile.name}")
+            f"{_packed_note(problem, profile) if args.kv_format == '4bit' else ''}; profile {profile.name}")
     if args.json:
         out = {"model": args.model, "context": args.context, "profile": profile.name, "plan": result.to_dict()}
         if baseline is not None:

@@ -124,6 +124,21 @@ def _step_cpu_attention(run: _Run) -> str:
     return f"{gbps:.1f} GB/s of K+V ({run.sizes.cpu_attention_bytes // MiB} MiB, Numba)"
 
 
+def _step_cpu_attention_4bit(run: _Run) -> str:
+    gbps = probes.cpu_attention_4bit_gbps(run.sizes.cpu_attention_bytes, run.sizes.repeats)
+    run.found["cpu_attention_4bit"] = gbps
+    if not run.is_cuda:
+        run.found["device_attention_4bit"] = gbps
+    return f"{gbps:.1f} GB/s of 4-bit pages as stored ({run.sizes.cpu_attention_bytes // MiB} MiB fp32 quantized, Numba)"
+
+
+def _step_device_attention_4bit(run: _Run) -> str:
+    s = run.sizes
+    gbps = probes.device_attention_4bit_gbps(run.device, run.dtype, s.device_attention_bytes, s.repeats)
+    run.found["device_attention_4bit"] = gbps
+    return f"{gbps:.0f} GB/s of 4-bit pages as stored ({s.device_attention_bytes // MiB} MiB quantized, Triton)"
+
+
 def _step_device_attention(run: _Run) -> str:
     s = run.sizes
     gbps = probes.device_attention_gbps(run.device, run.dtype, s.device_attention_bytes, s.repeats)
@@ -171,9 +186,10 @@ def _step_free(run: _Run) -> str:
 
 def _steps(run: _Run) -> list[tuple[str, Callable[[_Run], str]]]:
     steps = [("memory copies", _step_copies), ("disk write + cold reads", _step_disk),
-             ("CPU page attention", _step_cpu_attention)]
+             ("CPU page attention", _step_cpu_attention), ("CPU 4-bit page attention", _step_cpu_attention_4bit)]
     if run.is_cuda:
-        steps.append(("device page attention", _step_device_attention))
+        steps += [("device page attention", _step_device_attention),
+                  ("device 4-bit page attention", _step_device_attention_4bit)]
     steps += [("weights (matrix-vector)", _step_weights), ("matmul", _step_matmul)]
     if not run.is_cuda:  # on a GPU machine the device computes: CPU readers do not slow it
         steps.append(("reads beside compute", _step_interference))
@@ -251,7 +267,8 @@ def _assemble(run: _Run, quick: bool) -> HardwareProfile:
         device_matmul_tflops=f["device_tflops"], cpu_matmul_tflops=f["cpu_tflops"],
         device_free_bytes=dev_free, host_free_bytes=host_free, disk_free_bytes=disk_free,
         device_is_host=not run.is_cuda, layer_overhead_s=f["overhead"], weights_gbps=f["weights"],
-        piece_overhead_s=f["piece"], read_interference_s_per_gb=f.get("interference", 0.0))
+        piece_overhead_s=f["piece"], read_interference_s_per_gb=f.get("interference", 0.0),
+        cpu_attention_4bit_gbps=f["cpu_attention_4bit"], device_attention_4bit_gbps=f["device_attention_4bit"])
 
 
 # ----- the saved profile ------------------------------------------------------------------------
@@ -339,6 +356,10 @@ def _size(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
 
+def _rate_4bit(gbps: float | None) -> str:
+    return "not measured (priced as the exact kernel)" if gbps is None else f"{gbps:.1f} GB/s of 4-bit pages as stored"
+
+
 def format_table(profile: HardwareProfile, path: Path, details: dict[str, Any] | None = None) -> str:
     """The profile as an aligned text table; ``details`` (from ``measure_profile``) adds the
     per-size copy rates, the queue-depth-1 read and the cold read mode."""
@@ -358,6 +379,8 @@ def format_table(profile: HardwareProfile, path: Path, details: dict[str, Any] |
     rows += [("disk write + fsync", f"{profile.disk_write_gbps:.2f} GB/s"),
              ("CPU attention", f"{profile.cpu_attention_gbps:.1f} GB/s of K+V"),
              ("device attention", f"{profile.device_attention_gbps:.1f} GB/s of K+V"),
+             ("CPU 4-bit attention", _rate_4bit(profile.cpu_attention_4bit_gbps)),
+             ("device 4-bit attention", _rate_4bit(profile.device_attention_4bit_gbps)),
              ("weights (matrix-vector)", f"{profile.weight_stream_gbps:.1f} GB/s"),
              ("device matmul", f"{profile.device_matmul_tflops:.3g} TFLOP/s"),
              ("CPU matmul", f"{profile.cpu_matmul_tflops:.3g} TFLOP/s"),

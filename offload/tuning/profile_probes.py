@@ -8,7 +8,8 @@ returns the median over ``repeats`` timed runs after one untimed warm-up:
   ``storage.disk_store.DiskExtentStore`` or, where the file system refuses it, buffered I/O
   with the page cache dropped (``posix_fadvise(DONTNEED)``) before every pass;
 - page attention reading K/V (``cpu_attention_gbps``: the Numba kernel; ``device_attention_gbps``:
-  the Triton kernel on CUDA), the matrix-vector products of a decode step (``weights_gbps``),
+  the Triton kernel on CUDA) and reading 4-bit pages, dequantization included
+  (``cpu_attention_4bit_gbps``, ``device_attention_4bit_gbps``), the matrix-vector products of a decode step (``weights_gbps``),
   dense matmul (``matmul_tflops``);
 - on a CPU-only machine, how much slower that compute runs while cold disk reads run beside it
   (``read_interference``: seconds lost per GB read);
@@ -44,7 +45,8 @@ from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 
 __all__ = [
     "DiskResult", "median_seconds", "copy_gbps", "host_to_device_gbps", "disk_probe",
-    "cpu_attention_gbps", "device_attention_gbps", "weights_gbps", "read_interference", "matmul_tflops",
+    "cpu_attention_gbps", "device_attention_gbps", "cpu_attention_4bit_gbps", "device_attention_4bit_gbps",
+    "weights_gbps", "read_interference", "matmul_tflops",
     "free_bytes",
 ]
 
@@ -272,6 +274,60 @@ def cpu_attention_gbps(dtype: torch.dtype, kv_bytes: int, repeats: int) -> float
     return (k.nbytes + v.nbytes) / t / 1e9
 
 
+def cpu_attention_4bit_gbps(kv_bytes: int, repeats: int) -> float:
+    """Stored bytes/s (codes, scales, mins) that the fused Numba 4-bit kernel
+    (``cpu_kernels.attention_4bit``) reads: one query over every page of the fp32 arena of
+    ``cpu_attention_gbps`` quantized to 4 bits (about a sixth of ``kv_bytes``)."""
+    from cpu_kernels import quantize_pages_4bit
+    from cpu_kernels.attention_4bit import attention_pages_4bit
+
+    q, k, v, num_slots = _kv_arena(kv_bytes, torch.float32, torch.device("cpu"), _SMOLLM2_KV)
+    pages = quantize_pages_4bit(k, v)
+    del k, v
+    qn = q.numpy()
+    slots = np.broadcast_to(np.arange(num_slots, dtype=np.int32), (pages.k_q.shape[0], num_slots))
+    lens = np.full(slots.shape, _PAGE_TOKENS, dtype=np.int32)
+    t = median_seconds(lambda: attention_pages_4bit(qn, pages, slots, lens, scale=q.shape[1] ** -0.5), repeats)
+    return _stored_bytes(pages) / t / 1e9
+
+
+def device_attention_4bit_gbps(device: torch.device, dtype: torch.dtype, kv_bytes: int, repeats: int) -> float:
+    """Stored bytes/s of the Triton ``paged_decode_attention_4bit`` over the pages of
+    ``device_attention_gbps``'s arena quantized to 4 bits on the device (CUDA events)."""
+    from gpu_kernels.paged_attention_4bit import paged_decode_attention_4bit
+    from gpu_kernels.quant4 import quantize_pages_4bit
+
+    q, k, v, num_slots = _kv_arena(kv_bytes, dtype, device, _LLAMA8B_KV)
+    pages = quantize_pages_4bit(k, v)
+    del k, v
+    table = torch.arange(num_slots, dtype=torch.int32, device=device).view(1, -1)
+    lens = torch.tensor([num_slots * _PAGE_TOKENS], dtype=torch.int32, device=device)
+    t = _cuda_median_s(device, lambda: paged_decode_attention_4bit(q.unsqueeze(0), pages, table, lens,
+                                                                   scale=q.shape[1] ** -0.5), repeats)
+    return _stored_bytes(pages) / t / 1e9
+
+
+def _stored_bytes(pages: object) -> int:
+    """Bytes of a 4-bit page set's six arrays (numpy or torch)."""
+    return sum(int(getattr(pages, f).nbytes) for f in ("k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min"))
+
+
+def _cuda_median_s(device: torch.device, run: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``run`` on CUDA over ``repeats`` event-timed calls after a warm-up
+    (which compiles a Triton kernel)."""
+    run()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def device_attention_gbps(device: torch.device, dtype: torch.dtype, kv_bytes: int, repeats: int) -> float:
     """K+V bytes/s of the Triton ``paged_decode_attention`` over a CUDA arena of about
     ``kv_bytes`` (8 KV heads x 4, head_dim 128), one query over every page; timed with CUDA
@@ -283,20 +339,9 @@ def device_attention_gbps(device: torch.device, dtype: torch.dtype, kv_bytes: in
     lens = torch.tensor([num_slots * _PAGE_TOKENS], dtype=torch.int32, device=device)
     scale = q.shape[1] ** -0.5
 
-    def run() -> None:
-        paged_decode_attention(q.unsqueeze(0), k, v, table, lens, scale=scale)
-
-    run()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return (k.nbytes + v.nbytes) / statistics.median(times) / 1e9
+    t = _cuda_median_s(device, lambda: paged_decode_attention(q.unsqueeze(0), k, v, table, lens, scale=scale),
+                       repeats)
+    return (k.nbytes + v.nbytes) / t / 1e9
 
 
 def _weight_chain(device: torch.device, dtype: torch.dtype, total_bytes: int) -> tuple[Callable[[], None], int]:

@@ -86,6 +86,10 @@ def test_4bit_pages_are_priced_as_stored(capsys):
     exact = json.loads(capsys.readouterr().out)["plan"]
     assert exact["kv_bytes"] == 16 * GiB and packed["kv_bytes"] == 16 * GiB * 40960 // 131072
     assert packed["decode_step_s"] < exact["decode_step_s"]
+    assert main(base[:-1] + ["--kv-format", "4bit"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    # The preset has no 4-bit rate: a 4-bit page is priced as the exact page's attention.
+    assert "(40960-byte 4-bit pages, 0.312 of exact; 4-bit attention device 265.6 GB/s (unmeasured: as exact)" in head
     assert main(base + ["--kv-format", "int4"]) == 2
 
 

@@ -49,6 +49,7 @@ def test_quick_profile_is_plausible(quick_run):
     assert 0.005 <= profile.disk_write_gbps <= 100
     assert 0.1 <= profile.cpu_attention_gbps <= 500
     assert profile.device_attention_gbps == profile.cpu_attention_gbps  # the "device" is the CPU
+    assert 0.02 <= profile.cpu_attention_4bit_gbps == profile.device_attention_4bit_gbps <= 500
     assert profile.weights_gbps is not None and 0.1 <= profile.weights_gbps <= 500
     assert 1e-4 <= profile.device_matmul_tflops == profile.cpu_matmul_tflops <= 100
     assert 1e-6 <= profile.layer_overhead_s <= 0.1
@@ -327,12 +328,13 @@ def test_main_quick_json_then_table_from_the_saved_file(tmp_path, capsys):
     captured = capsys.readouterr()
     profile = HardwareProfile.from_json(captured.out)
     assert store.is_quick(profile)
-    assert "[1/8] memory copies" in captured.err  # progress goes to stderr, JSON alone to stdout
+    assert "[1/9] memory copies" in captured.err  # progress goes to stderr, JSON alone to stdout
     assert prof.main(["--quick", "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
     assert "saved earlier" in captured.out and str(store.profile_path(tmp_path, "cpu")) in captured.out
-    for row in ("disk read 64 KiB", "disk read 4 MiB", "CPU attention", "layer overhead", "device is host"):
+    for row in ("disk read 64 KiB", "disk read 4 MiB", "CPU attention", "CPU 4-bit attention", "layer overhead",
+                "device is host"):
         assert row in captured.out
 
 

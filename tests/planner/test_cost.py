@@ -279,6 +279,37 @@ def test_gpu_presets_document_their_sources(name):
     assert "GB/s" in doc
 
 
+def test_4bit_pages_cost_their_bytes_at_the_4bit_kernels_rate():
+    """A 4-bit page of the tiny problem: 320 stored bytes for 1024 exact. Unmeasured, its
+    attention takes the exact page's time (dequantization priced as the exact kernel); measured,
+    its stored bytes over the 4-bit rate; reads move the stored bytes either way."""
+    split = LayerSplit(0.5, 0.25, 0.25, delegated=0.25)
+    exact = CostModel(tiny_problem(), round_profile()).decode_legs(split)
+    packed_problem = tiny_problem(packed_page_bytes=320)
+    assert packed_problem.exact_page_bytes == 1024 and packed_problem.page_bytes == 320
+    unmeasured = CostModel(packed_problem, round_profile()).decode_legs(split)
+    assert unmeasured[Leg.COMPUTE] == pytest.approx(exact[Leg.COMPUTE], rel=1e-12)
+    assert unmeasured[Leg.CPU_ATTENTION] == pytest.approx(exact[Leg.CPU_ATTENTION], rel=1e-12)
+    assert unmeasured[Leg.DISK_READ] == pytest.approx(exact[Leg.DISK_READ] * 320 / 1024, rel=1e-12)
+    measured = CostModel(packed_problem, round_profile(device_attention_4bit_gbps=10.0,
+                                                       cpu_attention_4bit_gbps=0.5)).decode_legs(split)
+    weights = 2 * 9216 / 1e9
+    stored = 4 * 320  # the layer's four pages as stored
+    assert measured[Leg.COMPUTE] == pytest.approx(weights + stored * 0.75 / 10e9, rel=1e-12)
+    assert measured[Leg.CPU_ATTENTION] == pytest.approx(stored * 0.25 / 0.5e9, rel=1e-12)
+    with pytest.raises(ValueError, match="cpu_attention_4bit_gbps must be a finite number > 0 or None"):
+        round_profile(cpu_attention_4bit_gbps=0.0)
+
+
+def test_a_profile_saved_before_the_4bit_rates_loads_without_them():
+    d = HardwareProfile.preset("cpu-2core").to_dict()
+    for key in ("cpu_attention_4bit_gbps", "device_attention_4bit_gbps"):
+        del d[key]
+    old = HardwareProfile.from_dict(d)
+    assert old.cpu_attention_4bit_gbps is None and old.attention_4bit_gbps(device=False, stored_ratio=0.25) == (
+        old.cpu_attention_gbps * 0.25)
+
+
 def test_profile_json_errors():
     d = HardwareProfile.preset("cpu-2core").to_dict()
     with pytest.raises(ValueError, match="format_version is 0"):
