@@ -97,6 +97,8 @@ class KVReader:
         self.layout = layout
         self.io = counters
         self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None
+        # id(staging buffer) -> (the buffer, kept alive so the id stays its own; 4-bit views of all its slots)
+        self._packed_views: dict[int, tuple[AlignedBuffer, Quant4PagesNp]] = {}
 
     # ----- building -----------------------------------------------------------------------
     def layer_reads(self, seq: KVSequence, layer: int, *, rule: RouteRule = GROUPS_ONLY, length: int | None = None,
@@ -249,13 +251,18 @@ class KVReader:
     @contextlib.contextmanager
     def staged_packed(self, piece: Piece) -> Iterator[Quant4PagesNp]:
         """A DISK piece of 4-bit pages where the read-ahead staged it: head-major numpy views
-        of its chunk's n pages (the piece's at ``chunk_positions``), valid inside the block."""
+        of the staging buffer's slots, the chunk's pages first (the piece's at
+        ``chunk_positions``), valid inside the block. The views of a buffer are made once."""
         kv = self.kv
         assert kv.packed is not None and kv.disk is not None and self.readahead is not None
         buf = self._take(piece)
         try:
-            size = kv.disk.disk_page_bytes
-            yield kv.packed.layout.numpy_views(buf.torch()[: piece.chunk.num_pages * size].view(-1, size))
+            cached = self._packed_views.get(id(buf))
+            if cached is None or cached[0] is not buf:  # views of every slot, made once per buffer
+                size = kv.disk.disk_page_bytes
+                cached = self._packed_views[id(buf)] = (
+                    buf, kv.packed.layout.numpy_views(buf.torch()[: buf.nbytes // size * size].view(-1, size)))
+            yield cached[1]
         finally:
             self.readahead.give_back(buf)
 

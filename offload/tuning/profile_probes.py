@@ -285,7 +285,7 @@ def cpu_attention_4bit_gbps(kv_bytes: int, repeats: int) -> float:
     pages = quantize_pages_4bit(k, v)
     del k, v
     qn = q.numpy()
-    slots = np.broadcast_to(np.arange(num_slots, dtype=np.int32), (pages.k_q.shape[0], num_slots))
+    slots = np.tile(np.arange(num_slots, dtype=np.int32), (pages.k_q.shape[0], 1))  # (C-contiguous, writable)
     lens = np.full(slots.shape, _PAGE_TOKENS, dtype=np.int32)
     t = median_seconds(lambda: attention_pages_4bit(qn, pages, slots, lens, scale=q.shape[1] ** -0.5), repeats)
     return _stored_bytes(pages) / t / 1e9

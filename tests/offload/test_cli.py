@@ -158,6 +158,8 @@ def test_ingest_then_ask_reuses_the_doc_cache_and_cache_commands(tmp_path, capsy
     assert _json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]["doc_cache"] == ""
 
 
+@pytest.mark.slow  # (15 s; the API test test_kv_format.py::test_4bit_doc_cache_hit_answers_like_a_fresh_ingest
+# holds the same DocCache rules in the default run)
 def test_4bit_ingest_then_ask_hits_its_own_doc_cache_only(tmp_path, capsys):
     import json as _json
 
