@@ -81,6 +81,7 @@ def doc_file(tmp_path) -> Path:
 
 # ----- the twelve failures ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # (11 s: a second LongDocQA ingests and answers with the real model)
 def test_failure_01_a_doc_asked_through_another_longdocqa_is_refused(qa, doc, cache_dir):
     other = LongDocQA("smollm2-135m", config=RuntimeConfig(device="cpu"), cache_dir=cache_dir)
     try:

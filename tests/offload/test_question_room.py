@@ -238,9 +238,11 @@ def _sweep(make_qa, shape, budgets, tokens) -> bool:
 # (budgets in pages of 2 KiB: DEVICE, HOST or None, DISK or None; document tokens; answered?):
 # DEVICE alone too small or roomy; DEVICE exactly what the rings, tails and a question need
 # (d60 with HOST and DISK); pages spilled to DISK; tiers too small in all.
+SLOW = pytest.mark.slow  # (two of the four answered cases: their prefills cost 3-4 s each)
 SWEEP = [((60, None, None), 400, False), ((150, None, None), 100, True), ((150, None, None), 400, False),
-         ((400, None, None), 1000, True), ((60, 32, 1024), 100, True), ((100, 16, 1024), 600, True),
-         ((150, 64, None), 1000, False), ((200, 16, 64), 1000, False)]
+         pytest.param((400, None, None), 1000, True, marks=SLOW), ((60, 32, 1024), 100, True),
+         pytest.param((100, 16, 1024), 600, True, marks=SLOW), ((150, 64, None), 1000, False),
+         ((200, 16, 64), 1000, False)]
 
 
 @pytest.mark.parametrize("budgets, tokens, answered", SWEEP,

@@ -195,6 +195,7 @@ def _holder(tmp_path: Path, what: str) -> subprocess.Popen:
     return p
 
 
+@pytest.mark.slow  # (subprocesses)
 def test_other_processes_reader_builder_and_lock_are_respected(tmp_path):
     """Two processes: eviction skips a DocCache another process reads; cleanup keeps a build
     another process owns; one document's build lock does not block another document."""
