@@ -29,7 +29,6 @@ import torch
 
 from cpu_kernels import flash_torch
 from cpu_kernels.inputs import kernel_pages
-from cpu_kernels.quant4 import Quant4PagesNp
 from gpu_kernels.reference import attention_partial_ref, merge_partials_ref
 from offload.config import DecodeKernel
 from offload.kv.paged_kv import PagedKV
@@ -83,7 +82,8 @@ class DecodeAttention:
         # attended where they lie (no copy into attention order).
         self._numba_in_ram = device.type == "cpu" and kernel == DecodeKernel.NUMBA
         self._token_table: torch.Tensor | None = None  # [1, n] int32 0..n-1 (one-token pages)
-        self._arena_arrays: dict[int, object] = {}  # id(arena) -> numpy views (K, V; or a 4-bit arena's)
+        self._arena_arrays: dict[int, object] = {}  # id(arena) -> numpy views (K, V; or a 4-bit arena's rows)
+        self._blob_fields: np.ndarray | None = None  # byte offsets of a 4-bit blob's fields
         self._partial, self.max_group_tokens = group_partial_fn(
             device, num_heads=num_kv_heads * group_size, num_queries=1, scores_bytes=scores_bytes)
 
@@ -141,19 +141,26 @@ class DecodeAttention:
                                                    scale=self.scale)
             return out[0], lse[0]
         if piece.tier == Tier.DISK:
-            with self.kv.reader.staged_packed(piece) as pages:
-                return self._numba_packed(q, pages, piece.chunk_positions())
-        arrays = self._arena_arrays.get(id(packed.arenas[piece.tier]))
-        if arrays is None:  # the arena's views, made once (the arena lives as long as we do)
-            arrays = self._arena_arrays[id(packed.arenas[piece.tier])] = packed.layout.numpy_views(
-                packed.arenas[piece.tier].data)
-        return self._numba_packed(q, arrays, list(piece.slots))
+            with self.kv.reader.staged_rows(piece) as rows:
+                return self._numba_packed(q, rows, piece.chunk_positions())
+        arena = packed.arenas[piece.tier]
+        rows = self._arena_arrays.get(id(arena))
+        if rows is None:  # the arena's rows, made once (the arena lives as long as we do)
+            rows = self._arena_arrays[id(arena)] = arena.data.numpy()
+        return self._numba_packed(q, rows, list(piece.slots))
 
-    def _numba_packed(self, q: torch.Tensor, pages: Quant4PagesNp, slots: list[int]) -> Partial:
-        from cpu_kernels.attention_4bit import attention_pages_4bit_trusted
+    def _numba_packed(self, q: torch.Tensor, rows: np.ndarray, slots: list[int]) -> Partial:
+        """The fused Numba 4-bit kernel over blob rows (an arena's slots or a staging buffer's)."""
+        from cpu_kernels.attention_4bit import attention_blobs_4bit_trusted
 
+        assert self.kv.packed is not None
+        layout = self.kv.packed.layout
+        if self._blob_fields is None:
+            self._blob_fields = layout.blob_fields()
         q_cpu = np.ascontiguousarray(q.reshape(-1, self.head_dim).float().cpu().numpy())
-        out, lse = attention_pages_4bit_trusted(q_cpu, pages, np.asarray(slots, dtype=np.int32), self.scale)
+        out, lse = attention_blobs_4bit_trusted(q_cpu, rows, self._blob_fields,
+                                                (layout.num_kv_heads, layout.page_size, layout.head_dim),
+                                                np.asarray(slots, dtype=np.int32), self.scale)
         return (torch.from_numpy(out).to(self.device, non_blocking=True),
                 torch.from_numpy(lse).to(self.device, non_blocking=True))
 

@@ -28,13 +28,13 @@ import dataclasses
 import numpy as np
 import torch
 
+from cpu_kernels.attention_4bit import BLOB_FIELDS
 from cpu_kernels.quant4 import Quant4PagesNp, dequantize_pages_4bit, quantize_pages_4bit, value_group_size
 from gpu_kernels.reference_sparse import Quant4Pages
 from storage import PackedArena, Tier
 
 __all__ = ["PackedPools", "Quant4Layout"]
 
-_FIELDS = ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min")
 _ORDER = ("k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min")  # the kernels' argument order
 
 
@@ -76,6 +76,12 @@ class Quant4Layout:
     def page_bytes(self) -> int:
         """Bytes of one page's blob (no padding)."""
         return sum(nbytes for _, nbytes, _, _ in self._spans().values())
+
+    def blob_fields(self) -> np.ndarray:
+        """Each field's byte offset in a blob, int64 [6] in ``BLOB_FIELDS`` order (the fused CPU
+        kernel's ``attention_blobs_4bit_trusted`` reads blobs in place with them)."""
+        spans = self._spans()
+        return np.array([spans[f][0] for f in BLOB_FIELDS], dtype=np.int64)
 
     def views(self, raw: torch.Tensor) -> Quant4Pages:
         """Head-major views into blobs ``raw`` (uint8 [n, stride], rows contiguous): page p

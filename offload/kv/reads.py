@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Collection, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from cpu_kernels.quant4 import Quant4PagesNp, dequantize_pages_4bit
@@ -97,8 +98,8 @@ class KVReader:
         self.layout = layout
         self.io = counters
         self._unpack: tuple[torch.Tensor, torch.Tensor] | None = None
-        # id(staging buffer) -> (the buffer, kept alive so the id stays its own; 4-bit views of all its slots)
-        self._packed_views: dict[int, tuple[AlignedBuffer, Quant4PagesNp]] = {}
+        # id(staging buffer) -> (the buffer, kept alive so the id stays its own; its slots as uint8 rows)
+        self._staged_rows: dict[int, tuple[AlignedBuffer, np.ndarray]] = {}
 
     # ----- building -----------------------------------------------------------------------
     def layer_reads(self, seq: KVSequence, layer: int, *, rule: RouteRule = GROUPS_ONLY, length: int | None = None,
@@ -249,22 +250,29 @@ class KVReader:
             self.readahead.give_back(buf)
 
     @contextlib.contextmanager
-    def staged_packed(self, piece: Piece) -> Iterator[Quant4PagesNp]:
-        """A DISK piece of 4-bit pages where the read-ahead staged it: head-major numpy views
-        of the staging buffer's slots, the chunk's pages first (the piece's at
-        ``chunk_positions``), valid inside the block. The views of a buffer are made once."""
+    def staged_rows(self, piece: Piece) -> Iterator[np.ndarray]:
+        """A DISK piece of 4-bit pages where the read-ahead staged it: the staging buffer's
+        slots as uint8 rows [slots, DISK slot bytes], one page blob at the start of each, the
+        chunk's pages first (the piece's at ``chunk_positions``); valid inside the block. The
+        rows of a buffer are made once."""
         kv = self.kv
         assert kv.packed is not None and kv.disk is not None and self.readahead is not None
         buf = self._take(piece)
         try:
-            cached = self._packed_views.get(id(buf))
-            if cached is None or cached[0] is not buf:  # views of every slot, made once per buffer
+            cached = self._staged_rows.get(id(buf))
+            if cached is None or cached[0] is not buf:
                 size = kv.disk.disk_page_bytes
-                cached = self._packed_views[id(buf)] = (
-                    buf, kv.packed.layout.numpy_views(buf.torch()[: buf.nbytes // size * size].view(-1, size)))
+                cached = self._staged_rows[id(buf)] = (buf, buf.torch()[: buf.nbytes // size * size].view(-1, size).numpy())
             yield cached[1]
         finally:
             self.readahead.give_back(buf)
+
+    @contextlib.contextmanager
+    def staged_packed(self, piece: Piece) -> Iterator[Quant4PagesNp]:
+        """``staged_rows`` as head-major numpy views of the pages (``Quant4Layout.numpy_views``)."""
+        assert self.kv.packed is not None
+        with self.staged_rows(piece) as rows:
+            yield self.kv.packed.layout.numpy_views(rows)
 
     def packed_blobs(self, piece: Piece) -> torch.Tensor:
         """The blobs of a piece of 4-bit pages, [n, page_bytes] uint8 on the CPU, in page order

@@ -275,20 +275,23 @@ def cpu_attention_gbps(dtype: torch.dtype, kv_bytes: int, repeats: int) -> float
 
 
 def cpu_attention_4bit_gbps(kv_bytes: int, repeats: int) -> float:
-    """Stored bytes/s (codes, scales, mins) that the fused Numba 4-bit kernel
-    (``cpu_kernels.attention_4bit``) reads: one query over every page of the fp32 arena of
-    ``cpu_attention_gbps`` quantized to 4 bits (about a sixth of ``kv_bytes``)."""
-    from cpu_kernels import quantize_pages_4bit
-    from cpu_kernels.attention_4bit import attention_pages_4bit
+    """Stored bytes/s (codes, scales, mins) that the fused Numba 4-bit kernel reads as the
+    engine calls it (``cpu_kernels.attention_4bit.attention_blobs_4bit_trusted``, blob rows of
+    a packed arena): one query over every page of the fp32 arena of ``cpu_attention_gbps``
+    quantized to 4 bits (about a sixth of ``kv_bytes``)."""
+    from cpu_kernels.attention_4bit import attention_blobs_4bit_trusted
+    from offload.kv.quant_pages import Quant4Layout
 
     q, k, v, num_slots = _kv_arena(kv_bytes, torch.float32, torch.device("cpu"), _SMOLLM2_KV)
-    pages = quantize_pages_4bit(k, v)
+    layout = Quant4Layout(k.shape[0], _PAGE_TOKENS, k.shape[3])
+    rows = torch.empty((num_slots, layout.page_bytes), dtype=torch.uint8)
+    layout.quantize_into(rows, k, v)
     del k, v
-    qn = q.numpy()
-    slots = np.tile(np.arange(num_slots, dtype=np.int32), (pages.k_q.shape[0], 1))  # (C-contiguous, writable)
-    lens = np.full(slots.shape, _PAGE_TOKENS, dtype=np.int32)
-    t = median_seconds(lambda: attention_pages_4bit(qn, pages, slots, lens, scale=q.shape[1] ** -0.5), repeats)
-    return _stored_bytes(pages) / t / 1e9
+    qn, rows_np, fields = q.numpy(), rows.numpy(), layout.blob_fields()
+    shape, slots = (layout.num_kv_heads, layout.page_size, layout.head_dim), np.arange(num_slots, dtype=np.int32)
+    scale = q.shape[1] ** -0.5
+    t = median_seconds(lambda: attention_blobs_4bit_trusted(qn, rows_np, fields, shape, slots, scale), repeats)
+    return rows.nbytes / t / 1e9
 
 
 def device_attention_4bit_gbps(device: torch.device, dtype: torch.dtype, kv_bytes: int, repeats: int) -> float:

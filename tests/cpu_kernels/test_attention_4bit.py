@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_kernels.attention_4bit import attention_pages_4bit
+from cpu_kernels.attention_4bit import BLOB_FIELDS, attention_blobs_4bit_trusted, attention_pages_4bit
+from cpu_kernels.inputs import numba_threads
 from cpu_kernels.quant4 import Quant4PagesNp, quantize_pages_4bit
 from cpu_kernels.reference import attention_pages_ref, dequantize_pages_4bit_ref, quantize_pages_4bit_ref
 from tests.tolerances import KERNEL_TOL, LSE_ATOL
@@ -79,6 +80,42 @@ def test_matches_reference_over_shuffled_slots(shape, threads):
     out, lse = attention_pages_4bit(q, qp, slots, lens, scale=SCALE, num_threads=threads)
     k, v = dequantize_pages_4bit_ref(qp)
     ref_out, ref_lse = attention_pages_ref(q, k, v, slots, lens, scale=SCALE)
+    atol, rtol = KERNEL_TOL[F32]
+    np.testing.assert_allclose(out, ref_out, atol=atol, rtol=rtol)
+    np.testing.assert_allclose(lse, ref_lse, atol=LSE_ATOL[F32], rtol=0)
+
+
+def _blobs(qp: Quant4PagesNp, stride_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The arena's pages as blob rows written here field by field (every KV head of a field
+    together, head-major, in BLOB_FIELDS order), each row padded by ``stride_pad`` bytes."""
+    per_slot = [[np.ascontiguousarray(getattr(qp, f)[:, slot]).tobytes() for f in BLOB_FIELDS]
+                for slot in range(qp.k_q.shape[1])]
+    sizes = [len(b) for b in per_slot[0]]
+    rows = np.zeros((len(per_slot), sum(sizes) + stride_pad), dtype=np.uint8)
+    for slot, parts in enumerate(per_slot):
+        rows[slot, :sum(sizes)] = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    return rows, np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+
+
+@pytest.mark.parametrize("threads", [2, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape", [SHAPES[0], *(pytest.param(s, marks=pytest.mark.slow) for s in SHAPES[1:])],
+                         ids=lambda s: f"d{s[0]}-ps{s[1]}-g{s[2]}-m{s[3]}")
+def test_blob_rows_match_the_reference(shape, threads):
+    """The engine's entry: full pages as blob rows (a packed arena, a staging buffer), every
+    KV head the same shuffled rows; unlisted rows poisoned."""
+    head_dim, page_size, group, listed = shape
+    num_slots = listed + 4
+    qp = _arena(head_dim, page_size, num_slots, seed=head_dim + 3 * listed)
+    rng = np.random.default_rng(listed + 1)
+    slots_1d = rng.permutation(num_slots)[:listed].astype(np.int32)
+    slots = np.stack([slots_1d] * NUM_KV_HEADS)
+    _poison(qp, slots)
+    rows, fields = _blobs(qp, stride_pad=96)
+    q = rng.standard_normal((NUM_KV_HEADS * group, head_dim)).astype(np.float32)
+    with numba_threads(threads):
+        out, lse = attention_blobs_4bit_trusted(q, rows, fields, (NUM_KV_HEADS, page_size, head_dim), slots_1d, SCALE)
+    k, v = dequantize_pages_4bit_ref(qp)
+    ref_out, ref_lse = attention_pages_ref(q, k, v, slots, np.full(slots.shape, page_size, np.int32), scale=SCALE)
     atol, rtol = KERNEL_TOL[F32]
     np.testing.assert_allclose(out, ref_out, atol=atol, rtol=rtol)
     np.testing.assert_allclose(lse, ref_lse, atol=LSE_ATOL[F32], rtol=0)
