@@ -180,7 +180,8 @@ class RuntimeConfig:
             pages fit, else the ``planner``'s placement.
         kv_dir: where DISK tier files go (a fresh subdirectory per engine, removed on close);
             None = ``<cache dir>/kv``.
-        staging_chunk_pages / staging_buffers: DISK read staging (pages per chunk, chunks).
+        staging_chunk_pages / staging_buffers: DISK read staging (full-precision pages per
+            chunk, chunks; a chunk of 4-bit pages holds the same DISK bytes, in more pages).
         overlap: read DISK pages ahead while earlier layers compute, and on CUDA copy the next
             layer's HOST/DISK pages on a side stream (False: read and copy each piece when it
             is needed, serially; for measuring what the overlap buys).

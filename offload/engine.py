@@ -137,7 +137,7 @@ class Engine:
             self._finalizer = weakref.finalize(self, remove_disk_tier, tiers.disk, tiers.run_dir)
         self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed)
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
-                          disk_slots_limit=tiers.disk_limit, staging_chunk_pages=self.config.staging_chunk_pages,
+                          disk_slots_limit=tiers.disk_limit, staging_chunk_pages=tiers.chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
                           shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=tiers.write_staging,
                           windows=self.windows, packed=packed)
@@ -146,7 +146,7 @@ class Engine:
         if self.config.overlap and self.spills:
             # CUDA: the next layer's HOST/DISK pages cross PCIe on a side stream, at most as
             # many pages as the DISK staging area holds (transient DEVICE working memory).
-            self.kv.enable_fetch_ahead(self.config.staging_buffers * self.config.staging_chunk_pages)
+            self.kv.enable_fetch_ahead(self.config.staging_buffers * tiers.chunk_pages)
         self._profile: HardwareProfile | None = None
         self._host_shares: tuple[float, ...] | None = None
         self.last_problem: PlanProblem | None = None  # the problem of last_plan

@@ -28,7 +28,7 @@ from offload.errors import CacheDirError, CapacityError, InputError, Unsupported
 from offload.kv.page_table import cdiv
 from offload.kv.quant_pages import PackedPools, Quant4Layout
 from offload.model.model_source import AnyModelConfig, default_cache_dir
-from offload.tuning.planning import WRITE_STAGING_BYTES, staging_bytes
+from offload.tuning.planning import WRITE_STAGING_BYTES, staging_bytes, stored_chunk_pages
 from storage import PackedArena, PageArena, Tier, make_io
 from storage.disk_store import DiskExtentStore
 from storage.run_dirs import RunDir, make_run_dir, remove_dead_run_dirs
@@ -55,6 +55,7 @@ class Tiers:
     run_dir: RunDir | None
     packed: PackedPools | None
     write_staging: int
+    chunk_pages: int  # pages of one DISK staging chunk (``stored_chunk_pages``)
 
 
 def remove_disk_tier(store: DiskExtentStore, run_dir: RunDir) -> None:
@@ -104,7 +105,8 @@ def build_tiers(config: RuntimeConfig, model: AnyModelConfig, *, device: torch.d
                       page_size=config.page_size, head_dim=model.head_dim, dtype=kv_dtype, device=device)
     disk, disk_limit, run_dir = _make_disk(shape)
     try:
-        staging = (staging_bytes(shape.stored_bytes, staging_chunk_pages=config.staging_chunk_pages,
+        chunk_pages = stored_chunk_pages(config.staging_chunk_pages, shape.slot_bytes, shape.stored_bytes)
+        staging = (staging_bytes(shape.stored_bytes, staging_chunk_pages=chunk_pages,
                                  staging_buffers=config.staging_buffers) if disk is not None else 0)
         host_arena = _make_host_arena(shape, reserved=staging) if layout is None else None
         packed = _make_packed_pools(shape, budget - arena.num_slots * arena.slot_bytes, staging)
@@ -112,7 +114,8 @@ def build_tiers(config: RuntimeConfig, model: AnyModelConfig, *, device: torch.d
         if disk is not None and run_dir is not None:
             remove_disk_tier(disk, run_dir)
         raise
-    return Tiers(arena, host_arena, disk, disk_limit, run_dir, packed, WRITE_STAGING_BYTES if disk is not None else 0)
+    return Tiers(arena, host_arena, disk, disk_limit, run_dir, packed, WRITE_STAGING_BYTES if disk is not None else 0,
+                 chunk_pages)
 
 
 def _packed_layout(config: RuntimeConfig, model: AnyModelConfig) -> Quant4Layout:

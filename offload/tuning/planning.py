@@ -74,6 +74,15 @@ def working_bytes(cfg: ModelConfig, *, dtype_bytes: int, prefill_chunk_tokens: i
     return acts + scores_bytes + cfg.vocab_size * 4
 
 
+def stored_chunk_pages(staging_chunk_pages: int, page_bytes: int, stored_bytes: int) -> int:
+    """Pages one DISK staging chunk holds: ``staging_chunk_pages`` (``RuntimeConfig``) counts
+    full-precision pages of ``page_bytes``, so a chunk of 4-bit pages (``stored_bytes`` each)
+    holds as many DISK bytes as an exact chunk, in more pages: the same extent sizes, reads per
+    step and staging memory, and fewer kernel calls per layer."""
+    exact, stored = round_up(page_bytes, DISK_ALIGNMENT), round_up(stored_bytes, DISK_ALIGNMENT)
+    return max(1, staging_chunk_pages * exact // stored)
+
+
 def staging_bytes(page_bytes: int, *, staging_chunk_pages: int, staging_buffers: int) -> int:
     """HOST bytes of the DISK read staging area plus the write buffers in flight."""
     disk_page = round_up(page_bytes, DISK_ALIGNMENT)
@@ -110,6 +119,7 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
     """
     page_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
     stored = packed_page_bytes or page_bytes
+    staging_chunk_pages = stored_chunk_pages(staging_chunk_pages, page_bytes, stored)
     # Only global layers' pages are placed; sliding-window layers keep DEVICE rings (Gemma 3).
     windows = cfg.layer_windows
     placed = sum(1 for w in windows if w is None)
@@ -148,8 +158,11 @@ def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_by
             plus the profile's read interference), 0 with FlexGen's per-layer overlap.
         num_layers: the layers whose pages are placed (Gemma 3's global layers; default all).
             The weights of every layer still count in the compute time.
-        packed_page_bytes: the placed pages are 4-bit pages of this many bytes each."""
-    page_bytes = packed_page_bytes or 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
+        packed_page_bytes: the placed pages are 4-bit pages of this many bytes each (a staging
+            chunk then holds ``stored_chunk_pages`` of them)."""
+    exact_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
+    page_bytes = packed_page_bytes or exact_bytes
+    staging_chunk_pages = stored_chunk_pages(staging_chunk_pages, exact_bytes, page_bytes)
     weights = decode_weight_bytes(cfg, dtype_bytes)
     shape = _shape(cfg) | ({} if num_layers is None else {"num_layers": num_layers})
     return PlanProblem(

@@ -107,9 +107,10 @@ def test_bad_kv_format_is_refused():
 
 
 def _qa(cache: Path, fmt: str, **kw) -> LongDocQA:
-    # HOST: the DISK staging area (4 x 8 pages, and 8 MiB of writes) and a few pages more, so
-    # the document spills to DISK in both formats (4-bit DEVICE: 20 exact pages, 22 packed).
-    host, device = (12, 2) if fmt == "exact" else (8.3, 1.1)
+    # HOST: the DISK staging area (4 chunks of 8 exact pages' bytes: 48 packed pages each; and
+    # 8 MiB of writes) and a few pages more, so the document spills to DISK in both formats
+    # (4-bit DEVICE: 20 exact pages, 22 packed).
+    host, device = (12, 2) if fmt == "exact" else (9.8, 1.1)
     config = RuntimeConfig(device="cpu", device_memory_bytes=int(device * 2**20), host_memory_bytes=int(host * 2**20),
                            staging_chunk_pages=8, kv_dir=str(cache / "kv"), profile=PROFILE, kv_format=fmt)
     return LongDocQA("smollm2-135m", config=config, cache_dir=cache, random_weights=True, num_layers=2, **kw)
@@ -145,11 +146,13 @@ def test_4bit_with_no_device_room_for_packed_pages(tmp_path):
     (a plan of no pages was refused by the planner)."""
     exact_pages = 2 * 2 * 5  # two sequences x 2 layers x (sink, 2-page window, tail, one being packed)
     config = RuntimeConfig(device="cpu", device_memory_bytes=exact_pages * 49152 + 1000,
-                           host_memory_bytes=int(8.3 * 2**20), staging_chunk_pages=8, kv_dir=str(tmp_path / "kv"),
+                           host_memory_bytes=int(9.8 * 2**20), staging_chunk_pages=8, kv_dir=str(tmp_path / "kv"),
                            profile=PROFILE, kv_format="4bit")
     with LongDocQA("smollm2-135m", config=config, cache_dir=tmp_path, random_weights=True, num_layers=2,
                    doc_cache=False) as qa:
         assert Tier.DEVICE not in qa.engine.kv.packed.arenas
+        # A staging chunk holds 8 exact pages' DISK bytes: 48 packed pages of an 8 KiB slot.
+        assert qa.engine.kv.readahead.chunk_pages == 8 * 49152 // 8192
         doc = qa.ingest(DOC)
         assert qa.ask(doc, "Which?", max_new_tokens=4).token_ids
         assert doc.stats.peak_bytes["disk"] > 0

@@ -14,7 +14,7 @@ from offload.errors import CapacityError
 from offload.model.model_config import ModelConfig
 from offload.model.model_source import resolve_model
 from offload.kv.placement import Placement
-from offload.tuning.planning import engine_problem, model_problem, plan_placement, weight_bytes
+from offload.tuning.planning import engine_problem, model_problem, plan_placement, stored_chunk_pages, weight_bytes
 from offload.model.shapes import NAMED_SHAPES
 from planner import HardwareProfile, greedy_plan, plan
 from storage import Tier
@@ -41,6 +41,19 @@ def _engine(folder, tmp_path, **kw) -> Engine:
     kw.setdefault("profile", CPU)
     return Engine(resolve_model(str(folder), cache_dir=folder / "cache"),
                   RuntimeConfig(device="cpu", kv_dir=str(tmp_path / "kv"), staging_chunk_pages=3, **kw))
+
+
+def test_a_staging_chunk_of_4bit_pages_holds_an_exact_chunks_disk_bytes():
+    """SmolLM2 fp32 pages (48 KiB) against 4-bit ones (7680 bytes in an 8 KiB DISK slot): 64
+    exact pages' bytes are 384 packed pages, so the extent the planner prices is the same."""
+    assert stored_chunk_pages(64, 49152, 49152) == 64
+    assert stored_chunk_pages(64, 49152, 7680) == 384
+    assert stored_chunk_pages(1, 4096, 8192) == 1  # never less than a page
+    cfg = ModelConfig.from_hf_dict(NAMED_SHAPES["smollm2-135m"])
+    kw = dict(context_tokens=8192, dtype_bytes=4, kv_dtype_bytes=4, device_budget_bytes=None, host_budget_bytes=None,
+              disk_budget_bytes=None)
+    exact, packed = model_problem(cfg, **kw), model_problem(cfg, packed_page_bytes=7680, **kw)
+    assert exact.disk_extent_bytes == packed.disk_extent_bytes == 64 * 49152
 
 
 def test_per_layer_placement():
