@@ -1,7 +1,7 @@
 """Fidelity of the sparse decode modes against exact attention, in one process.
 
     python bench/fidelity.py [--model gemma3-270m] [--lengths 2048 4096 8192] [--budgets 0.05 0.1 0.2]
-                             [--modes quest speculative] [--kv-formats 4bit]
+                             [--modes quest speculative] [--kv-formats 4bit [4bit-exact-prefill]]
                              [--essay-tokens 8192] [--json-out fidelity.json]
 
 Each document is ingested once (its prefill is exact in every mode); then every mode answers
@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARED_ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham"
+# Page formats beside exact: the RuntimeConfig fields of each. With 4-bit pages a prefill in
+# chunks attends the earlier chunks' pages as stored (4-bit); one chunk attends itself exactly.
+FORMATS = {"exact": {"kv_format": "exact"}, "4bit": {"kv_format": "4bit"},
+           "4bit-exact-prefill": {"kv_format": "4bit", "prefill_chunk_tokens": 1 << 16}}
 
 
 def _selectors(engine, source, budgets, modes):
@@ -292,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-task", type=int, default=3, help="cases per task and length")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle", "speculative"])
-    p.add_argument("--kv-formats", nargs="+", default=[], choices=["4bit"],
+    p.add_argument("--kv-formats", nargs="+", default=[], choices=[f for f in FORMATS if f != "exact"],
                    help="page formats run beside exact, each on its own engine and prefill: the format alone "
-                        "and with each sparse mode")
+                        "and with each sparse mode (4bit-exact-prefill: 4-bit pages, the prompt prefilled as one "
+                        "chunk, so it attends itself exactly and is quantized at the end)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget (small: the KV spills)")
     p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     essays = qa_essays(SHARED_ESSAYS)
     with contextlib.ExitStack() as stack:
         def open_qa(fmt: str):
-            cfg = dataclasses.replace(config, kv_format=fmt)
+            cfg = dataclasses.replace(config, **FORMATS[fmt])
             return stack.enter_context(LongDocQA(args.model, config=cfg, doc_cache=False, allow_long_context=True))
 
         qa = open_qa("exact")
