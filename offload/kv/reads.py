@@ -262,7 +262,8 @@ class KVReader:
             cached = self._staged_rows.get(id(buf))
             if cached is None or cached[0] is not buf:
                 size = kv.disk.disk_page_bytes
-                cached = self._staged_rows[id(buf)] = (buf, buf.torch()[: buf.nbytes // size * size].view(-1, size).numpy())
+                rows = buf.torch()[: buf.nbytes // size * size].view(-1, size).numpy()
+                cached = self._staged_rows[id(buf)] = (buf, rows)
             yield cached[1]
         finally:
             self.readahead.give_back(buf)

@@ -129,7 +129,8 @@ def _step_cpu_attention_4bit(run: _Run) -> str:
     run.found["cpu_attention_4bit"] = gbps
     if not run.is_cuda:
         run.found["device_attention_4bit"] = gbps
-    return f"{gbps:.1f} GB/s of 4-bit pages as stored ({run.sizes.cpu_attention_bytes // MiB} MiB fp32 quantized, Numba)"
+    return (f"{gbps:.1f} GB/s of 4-bit pages as stored ({run.sizes.cpu_attention_bytes // MiB} MiB fp32 "
+            "quantized, Numba)")
 
 
 def _step_device_attention_4bit(run: _Run) -> str:

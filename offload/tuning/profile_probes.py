@@ -9,8 +9,8 @@ returns the median over ``repeats`` timed runs after one untimed warm-up:
   with the page cache dropped (``posix_fadvise(DONTNEED)``) before every pass;
 - page attention reading K/V (``cpu_attention_gbps``: the Numba kernel; ``device_attention_gbps``:
   the Triton kernel on CUDA) and reading 4-bit pages, dequantization included
-  (``cpu_attention_4bit_gbps``, ``device_attention_4bit_gbps``), the matrix-vector products of a decode step (``weights_gbps``),
-  dense matmul (``matmul_tflops``);
+  (``cpu_attention_4bit_gbps``, ``device_attention_4bit_gbps``), the matrix-vector products of a
+  decode step (``weights_gbps``), dense matmul (``matmul_tflops``);
 - on a CPU-only machine, how much slower that compute runs while cold disk reads run beside it
   (``read_interference``: seconds lost per GB read);
 - free memory per tier (``free_bytes``).
