@@ -328,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     if modes:
         sparse_rows = "".join(f" | DISK spill, {m} F={budget:g}" for m in modes) + (
             f" | all-DEVICE at {SHORT_PROMPT} tokens (the step's context-independent part)")
+    format_rows = "".join(f" | {fmt} DISK spill" + "".join(f" | {fmt} DISK spill, {m} F={budget:g}" for m in modes)
+                          for fmt in formats)
     print(f"configurations: all-DEVICE | {host_note} | DISK spill (read-ahead) | DEVICE/DISK split with compute ~ "
-          f"disk time, pipelined{' (fetch-ahead on a side stream)' if cuda else ''} and --no-overlap{sparse_rows} "
-          f"| {peers}")
+          f"disk time, pipelined{' (fetch-ahead on a side stream)' if cuda else ''} and --no-overlap{sparse_rows}"
+          f"{format_rows} | {peers}")
     cfg = source.config
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     from tqdm import tqdm
