@@ -186,10 +186,9 @@ def _merge_ranges_nb(acc, m, l, num_splits, out, lse):
 
 
 @njit(inline="always", nogil=True)
-def split_partials(q, slots, num_splits):
+def split_partials(q, num_kv_heads, num_listed, num_splits):
     """The per-item partials of a split-KV call (acc [items, G, D], m, l [items, G]) and the
     page-list length of one split."""
-    num_kv_heads, num_listed = slots.shape
     group = q.shape[0] // num_kv_heads
     num_items = num_kv_heads * num_splits
     acc = np.empty((num_items, group, q.shape[1]), dtype=np.float32)
@@ -207,7 +206,7 @@ def split_range(it, num_splits, per_split, num_listed):
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
 def _attention_pages_nb(q, k_pages, v_pages, slots, lens, starts, scale, num_splits, out, lse):
-    acc, m, l, per_split = split_partials(q, slots, num_splits)
+    acc, m, l, per_split = split_partials(q, slots.shape[0], slots.shape[1], num_splits)
     for it in prange(acc.shape[0]):
         h, start, stop = split_range(it, num_splits, per_split, slots.shape[1])
         _attend_range_nb(q, k_pages, v_pages, slots, lens, starts, h, start, stop,

@@ -18,8 +18,8 @@ Two layouts of the same pages: a ``Quant4PagesNp`` whose page axis is the slot a
 rows, one page per row of a uint8 [num_slots, stride] array (``attention_blobs_4bit_trusted``:
 the engine's packed arenas and DISK staging buffers, read where they lie with no view objects
 made per call). Speed (this 2-core machine, 1 thread, SmolLM2 shapes, 8K tokens at shuffled
-slots, with other work on the machine): 3.3-3.5 ms per call either way, against 8.2 ms for the
-earlier kernel that widened each page into one interleaved float32 page, and 2.0 ms for the
+slots, with other work on the machine, 9 rounds): medians 3.5 ms over views and 5.5 ms over
+blob rows, 3.3 ms at best either way, against 8.2 ms for the earlier kernel that widened each page into one interleaved float32 page, and 2.0 ms for the
 exact fp32 kernel.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from cpu_kernels.quant4 import Quant4PagesNp, value_group_size
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BLOB_FIELDS", "attention_blobs_4bit_trusted", "attention_pages_4bit", "attention_pages_4bit_trusted"]
+__all__ = ["BLOB_FIELDS", "attention_blobs_4bit_trusted", "attention_pages_4bit"]
 
 BLOB_FIELDS = ("k_q", "v_q", "k_scale", "k_min", "v_scale", "v_min")
 """The fields of a 4-bit page blob, in the order ``attention_blobs_4bit_trusted`` takes their offsets."""
@@ -175,7 +175,7 @@ def _attend_blob_range_nb(q, rows, fields, page_size, value_group, slots, h, sta
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
 def _attention_pages_4bit_nb(q, k_q, k_scale, k_min, v_q, v_scale, v_min, group_size, slots, lens, starts,
                              scale, num_splits, out, lse):
-    acc, m, l, per_split = split_partials(q, slots, num_splits)
+    acc, m, l, per_split = split_partials(q, slots.shape[0], slots.shape[1], num_splits)
     for it in prange(acc.shape[0]):
         h, start, stop = split_range(it, num_splits, per_split, slots.shape[1])
         _attend_range_4bit_nb(q, k_q, k_scale, k_min, v_q, v_scale, v_min, group_size, slots, lens, starts,
@@ -186,13 +186,8 @@ def _attention_pages_4bit_nb(q, k_q, k_scale, k_min, v_q, v_scale, v_min, group_
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
 def _attention_blobs_4bit_nb(q, rows, fields, num_kv_heads, page_size, value_group, slots, scale, num_splits,
                              out, lse):
-    group = q.shape[0] // num_kv_heads
-    num_items = num_kv_heads * num_splits
-    acc = np.empty((num_items, group, q.shape[1]), dtype=np.float32)
-    m = np.empty((num_items, group), dtype=np.float32)
-    l = np.empty((num_items, group), dtype=np.float32)
-    per_split = (slots.shape[0] + num_splits - 1) // num_splits
-    for it in prange(num_items):
+    acc, m, l, per_split = split_partials(q, num_kv_heads, slots.shape[0], num_splits)
+    for it in prange(acc.shape[0]):
         h, start, stop = split_range(it, num_splits, per_split, slots.shape[0])
         _attend_blob_range_nb(q, rows, fields, page_size, value_group, slots, h, start, stop, np.float32(scale),
                               acc[it], m[it], l[it])
@@ -247,27 +242,6 @@ def attention_pages_4bit(q: Any, pages: Quant4PagesNp, slots: Any, lens: Any, *,
                                  pages.v_q, pages.v_scale.view(np.uint16), pages.v_min.view(np.uint16),
                                  pages.group_size, sl, ln, st, float(scale), splits, out, lse)
     return like_query(q, out, lse)
-
-
-def attention_pages_4bit_trusted(q: np.ndarray, pages: Quant4PagesNp, slots_1d: np.ndarray,
-                                 scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """``attention_pages_4bit`` for a caller that built every input itself (the engine's
-    decode): every KV head attends the full pages ``slots_1d`` (int32 [M], within the arena)
-    in order; q float32 C-contiguous [num_heads, head_dim]; Numba's current thread count.
-    Returns numpy (out, lse)."""
-    num_kv_heads, _, page_size, _ = pages.k_q.shape
-    num_listed = slots_1d.shape[0]
-    slots = np.empty((num_kv_heads, num_listed), dtype=np.int32)
-    slots[:] = slots_1d
-    lens = np.full((num_kv_heads, num_listed), page_size, dtype=np.int32)
-    starts = np.zeros((num_kv_heads, num_listed), dtype=np.int32)
-    out = np.empty(q.shape, dtype=np.float32)
-    lse = np.empty(q.shape[0], dtype=np.float32)
-    splits = _num_splits(num_kv_heads, max(num_listed, 1), numba.get_num_threads())
-    _attention_pages_4bit_nb(q, pages.k_q, pages.k_scale.view(np.uint16), pages.k_min.view(np.uint16), pages.v_q,
-                             pages.v_scale.view(np.uint16), pages.v_min.view(np.uint16), pages.group_size, slots, lens,
-                             starts, float(scale), splits, out, lse)
-    return out, lse
 
 
 def attention_blobs_4bit_trusted(q: np.ndarray, rows: np.ndarray, fields: np.ndarray, page_shape: tuple[int, int, int],
