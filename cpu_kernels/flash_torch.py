@@ -50,14 +50,19 @@ def attention_partial_flash(
     if k.shape[1] == 0:  # the fused op crashes (SIGFPE) on an empty key range
         return (torch.zeros(q.shape, dtype=torch.float32),
                 torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32))
-    mask = None
-    if q_pos is not None and k_pos is not None:
+    mask, causal = None, False
+    if q_pos is not None and k_pos is not None and window is None and t == k.shape[1] and t > 1 \
+            and torch.equal(q_pos, k_pos):
+        # Queries and keys at the same positions (a prefill chunk over its own keys): the op's
+        # causal flag, with no mask built, skips the blocks above the diagonal.
+        causal = True
+    elif q_pos is not None and k_pos is not None:
         visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)  # [T, L]
         if window is not None:
             visible &= k_pos.view(1, -1) > q_pos.view(-1, 1) - window
         zero = torch.zeros((), dtype=q.dtype)
         mask = torch.where(visible, zero, torch.full((), float("-inf"), dtype=q.dtype))
-    out, lse = _OP(q.reshape(1, nkv * group, t, hd), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
+    out, lse = _OP(q.reshape(1, nkv * group, t, hd), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal,
                    attn_mask=mask, scale=scale)
     out = out.view(nkv, group, t, hd).float()
     lse = lse.view(nkv, group, t).float()

@@ -79,10 +79,11 @@ class PrefillAttention:
 
         for g in self.kv.reader.layer_groups(seq, layer, max_tokens):
             piece(g.k, g.v, g.start_pos, False)
-        # New tokens up to the first query are visible to every query; only the later ones
-        # (this chunk's own) need the causal mask.
+        # New tokens before the first query are visible to every query; the chunk's own keys
+        # need the causal mask (without a window, a square at the queries' own positions: the
+        # fused op's causal flag, no mask built).
         n = k_new.shape[1]
-        split = q_first + 1 - new_start
+        split = q_first - new_start
         for lo, hi in ((0, min(split, n)), (min(split, n), n)):
             for a in range(max(lo, seen - new_start), hi, max_tokens):
                 b = min(hi, a + max_tokens)

@@ -403,8 +403,16 @@ class Gemma3Runner:
         """o_proj, post-attention norm and residual, then pre-feed-forward norm, gelu-tanh
         gated MLP, post-feed-forward norm and residual. h: [T, hidden]; attn: [T, nq * head_dim]
         in the compute dtype."""
+        return self.mlp(layer, self.attn_out(layer, h, attn))
+
+    def attn_out(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention block: h + post-norm(o_proj(attn))."""
         lw = self.layers[layer]
-        h = h + self.rms_norm(F.linear(attn, lw.w_o, lw.b_o), lw.ln_post_attn)
+        return h + self.rms_norm(F.linear(attn, lw.w_o, lw.b_o), lw.ln_post_attn)
+
+    def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The gated MLP block with its pre- and post-norms and residual."""
+        lw = self.layers[layer]
         gate, up = F.linear(self.rms_norm(h, lw.ln_pre_ff), lw.w_gate_up).chunk(2, dim=-1)
         mlp = F.linear(F.gelu(gate, approximate="tanh") * up, lw.w_down)
         return h + self.rms_norm(mlp, lw.ln_post_ff)

@@ -108,18 +108,25 @@ class LlamaRunner:
         qkv = F.linear(x, lw.w_qkv, lw.b_qkv)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         t = h.shape[0]
-        q = qkv[:, :nq].view(t, cfg.num_heads, hd)
-        k = qkv[:, nq : nq + nkv].view(t, cfg.num_kv_heads, hd)
-        v = qkv[:, nq + nkv :].view(t, cfg.num_kv_heads, hd)
         cos, sin = self.rope.cos_sin(positions, h.dtype)
-        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin), v
+        # q and k sit side by side in qkv's rows: one rotation of both heads' sets.
+        qk = RotaryEmbedding.apply(qkv[:, : nq + nkv].view(t, cfg.num_heads + cfg.num_kv_heads, hd), cos, sin)
+        v = qkv[:, nq + nkv :].view(t, cfg.num_kv_heads, hd)
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual after o_proj, then the MLP block. attn: [T, nq * head_dim]."""
+        return self.mlp(layer, self.attn_out(layer, h, attn))
+
+    def attn_out(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention block: h + o_proj(attn)."""
         lw = self.layers[layer]
-        h = h + F.linear(attn, lw.w_o, lw.b_o)
-        x = self.rms_norm(h, lw.ln_post)
-        gate, up = F.linear(x, lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
+        return h + F.linear(attn, lw.w_o, lw.b_o)
+
+    def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The MLP block with its norm and residual."""
+        lw = self.layers[layer]
+        gate, up = F.linear(self.rms_norm(h, lw.ln_post), lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, lw.w_down, lw.b_down)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

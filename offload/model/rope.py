@@ -48,12 +48,21 @@ class RotaryEmbedding:
 
     def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
         self.inv_freq = inverse_frequencies(cfg).to(device)
+        # The last call's positions (held, so the object is not reused), dtype and result: a
+        # decode step passes one positions tensor to every layer, which then share one cos/sin.
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, head_dim] in ``dtype`` for int64 positions [T]."""
+        """cos, sin: [T, head_dim] in ``dtype`` for int64 positions [T] (the engine never
+        changes a positions tensor after passing it)."""
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2], last[3]
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self._last = (positions, dtype, cos, sin)
+        return cos, sin
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,14 @@ def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cach
     out = capsys.readouterr().out
     for row in ("all-DEVICE", "HOST spill", "DISK spill", "split, pipelined", "split, --no-overlap",
                 "cold read bandwidth", "overlap: pipelined / serial", "disk bound",
-                "reads beside compute"):
+                "reads beside compute", "where the time goes", "memory-read roofline", "prefill layer"):
         assert row in out
-    beside = json.loads(out_json.read_text())["beside"]  # CPU-only run: measured
+    blob = json.loads(out_json.read_text())
+    pieces = blob["breakdown"]["decode"]["pieces_s"]
+    assert pieces["attention kernel: pages in RAM (Numba)"] > 0 and pieces["MLP (norm, gate/up, down)"] > 0
+    assert blob["breakdown"]["prefill"]["layer_pieces_s"]["attention (prefill)"] > 0
+    assert 0 < blob["breakdown"]["roofline_fraction"]
+    beside = blob["beside"]  # CPU-only run: measured
     assert len(beside["step_s"]) == 3 and all(s > 0 for s in beside["step_s"]) and beside["read_gbps"] > 0
 
 
