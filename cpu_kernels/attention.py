@@ -363,6 +363,26 @@ def attention_contiguous_pages(q: Any, k_pages: Any, v_pages: Any, slots_1d: Any
                            num_threads=num_threads)
 
 
+@njit(cache=True, nogil=True)
+def _dense_walk_nb(slots_1d, num_tokens, skip, page_size, num_kv_heads):
+    """``_ring_pages``'s walk as the [num_kv_heads, kept] slots, lens and starts every head
+    shares (one compiled call: the numpy steps cost more than a short kernel)."""
+    first = skip // page_size
+    kept = max(0, slots_1d.shape[0] - first)
+    slots = np.empty((num_kv_heads, kept), dtype=np.int32)
+    lens = np.empty((num_kv_heads, kept), dtype=np.int32)
+    starts = np.zeros((num_kv_heads, kept), dtype=np.int32)
+    for i in range(kept):
+        n = min(page_size, max(0, num_tokens - page_size * (first + i)))
+        for h in range(num_kv_heads):
+            slots[h, i] = slots_1d[first + i]
+            lens[h, i] = n
+    if kept:
+        for h in range(num_kv_heads):
+            starts[h, 0] = skip - first * page_size
+    return slots, lens, starts
+
+
 def attention_contiguous_pages_trusted(q: np.ndarray, k_pages: np.ndarray, v_pages: np.ndarray,
                                        slots_1d: np.ndarray, num_tokens: int, scale: float, *,
                                        skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -373,17 +393,9 @@ def attention_contiguous_pages_trusted(q: np.ndarray, k_pages: np.ndarray, v_pag
     num_tokens <= M * page_size; 0 <= skip <= num_tokens (leading tokens not attended).
     Numba's current thread count. Returns numpy (out, lse)."""
     num_kv_heads, _, page_size, head_dim = k_pages.shape
-    first, page_lens, start = _ring_pages(slots_1d.shape[0], num_tokens, skip, page_size)
-    num_listed = page_lens.shape[0]
-    slots = np.empty((num_kv_heads, num_listed), dtype=np.int32)
-    slots[:] = slots_1d[first:]
-    lens = np.empty((num_kv_heads, num_listed), dtype=np.int32)
-    lens[:] = page_lens
-    starts = np.zeros((num_kv_heads, num_listed), dtype=np.int32)
-    if start:
-        starts[:, 0] = start
+    slots, lens, starts = _dense_walk_nb(slots_1d, num_tokens, skip, page_size, num_kv_heads)
     out = np.empty((q.shape[0], head_dim), dtype=np.float32)
     lse = np.empty(q.shape[0], dtype=np.float32)
-    splits = _num_splits(num_kv_heads, max(num_listed, 1), numba.get_num_threads())
+    splits = _num_splits(num_kv_heads, max(slots.shape[1], 1), numba.get_num_threads())
     _attention_pages_nb(q, k_pages, v_pages, slots, lens, starts, float(scale), splits, out, lse)
     return out, lse

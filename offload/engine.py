@@ -577,7 +577,7 @@ class Engine:
                 if self.config.overlap:
                     reader.plan_more(reads[layer + 1])
             q, k, v = self.runner.qkv(layer, h, pos)
-            self.kv.append(seq, layer, k, v)
+            self.kv.append(seq, layer, k, v, prepared=True)
             layer_reads = reads[layer]
             if needs_query[layer]:
                 layer_reads = self._reads_with_query(seq, layer_reads, q)

@@ -222,7 +222,7 @@ class PagedKV:
 
     # ----- writes -------------------------------------------------------------------------
     def append(self, seq: KVSequence, layer: int, k: torch.Tensor, v: torch.Tensor,
-               placement: Placement | None = None) -> None:
+               placement: Placement | None = None, *, prepared: bool = False) -> None:
         """Write K/V of the next tokens of ``layer`` into its pages, adding pages as needed.
 
         New full pages go where ``placement`` says (default: DEVICE); the last, partly filled
@@ -231,10 +231,19 @@ class PagedKV:
 
         Args:
             k, v: [T, num_kv_heads, head_dim].
+            prepared: a decode step's token whose page moves ``prepare_decode`` made: the page
+                table is taken as it stands.
         """
         assert not seq.released
         start = seq.lengths[layer]
         end = start + k.shape[0]
+        if prepared:
+            assert end == start + 1 and seq.table.num_pages(layer) * self.page_size >= end
+            if seq.bounds is not None:
+                seq.bounds.update(layer, start, k)
+            self.writes.write_tokens(seq, layer, start, end, k, v)
+            seq.lengths[layer] = end
+            return
         first = self._make_pages(seq, layer, start, end, placement or Placement())
         if seq.bounds is not None:  # after the pages exist: a refused append changes nothing
             seq.bounds.update(layer, start, k)
