@@ -21,7 +21,9 @@ piece when attention asks for it. ``--random-weights`` (a named shape such as
 transformers peer (there is no checkpoint to load into transformers).
 
 Each configuration is repeated (default 3): prefill of the prompt, then N decode steps on a
-copy-on-write fork of it; median and [min-max] are printed. Cold read bandwidth is measured
+copy-on-write fork of it; median and [min-max] are printed. The first row and the HF peers
+each start with one untimed pass (the process's first prefill or forward is slower: allocator
+growth, first touches of memory). Cold read bandwidth is measured
 in the same run by reading the DISK spill's pages exactly as a decode step does (same chunks,
 staging depth and threads, no compute); the disk bound of a step is its disk bytes divided by
 that bandwidth.
@@ -37,9 +39,6 @@ machine (printed as information next to the target line, which keeps its own den
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import statistics
 import sys
 import threading
 import time
@@ -54,41 +53,14 @@ from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.model.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
 from offload.commands.args import sparse_fields
-from offload.tuning.pieces import format_breakdown, step_breakdown
+from offload.commands.bench_report import SHORT_PROMPT, Beside, Result, median, report
+from offload.tuning.pieces import step_breakdown
 from offload.kv.placement import Placement
 from offload.stats import RunStats
 from storage import Tier
 from offload.kv.page_table import cdiv
 
 __all__ = ["main"]
-
-SHORT_PROMPT = 256  # tokens of the row that prices a step without long-context attention
-
-
-@dataclasses.dataclass
-class Result:
-    """Repeated measurements of one configuration."""
-
-    name: str
-    note: str
-    prefill_s: list[float] = dataclasses.field(default_factory=list)
-    decode_s: list[float] = dataclasses.field(default_factory=list)
-    fetch_wait_s: list[float] = dataclasses.field(default_factory=list)
-    bytes_per_token: dict[str, int] = dataclasses.field(default_factory=dict)
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    sparse: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sparse row's read fractions
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def _fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    if not xs:
-        return "-"
-    vals = [scale / x for x in xs] if scale else xs
-    return f"{statistics.median(vals):.{digits}f} [{min(vals):.{digits}f}-{max(vals):.{digits}f}]"
-
 
 def _prompt(source: ModelSource, n: int) -> list[int]:
     if source.tokenizer_dir is None:  # random weights of a named shape: random ids
@@ -111,6 +83,13 @@ def _prompt(source: ModelSource, n: int) -> list[int]:
     return ids[:n]
 
 
+def _prefilled(engine: Engine, ids: list[int]) -> Any:
+    seq = engine.new_sequence()
+    engine.forward(seq, ids)
+    engine.kv.writes.flush()
+    return seq
+
+
 def _decode_fork(engine: Engine, doc: Any, tok: int, decode: int) -> tuple[RunStats, list[int]]:
     """Decode ``decode`` steps after ``tok`` on a copy-on-write fork of ``doc`` (released after):
     the run's stats and the generated ids."""
@@ -122,10 +101,14 @@ def _decode_fork(engine: Engine, doc: Any, tok: int, decode: int) -> tuple[RunSt
 
 
 def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Result, progress,
-              keep: bool = False) -> Any:
+              keep: bool = False, warm: bool = False) -> Any:
     """Run the repetitions; with ``keep`` the last prefilled sequence is kept and returned (with the
-    first decoded token) instead of being released."""
+    first decoded token) instead of being released. ``warm``: one untimed prefill first (the
+    process's first prefill pays for allocator growth and first touches of memory; the HF peers
+    get the same, ``_run_hf``)."""
     kept = None
+    if warm:
+        engine.release(_prefilled(engine, ids))
     for rep in range(reps):
         doc = engine.new_sequence()
         t0 = time.perf_counter()
@@ -151,14 +134,6 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
             engine.release(doc)
         progress()
     return kept
-
-
-@dataclasses.dataclass
-class Beside:
-    """All-DEVICE decode steps timed while the DISK spill's reads run beside them."""
-
-    step_s: list[float]
-    read_gbps: float
 
 
 def time_disk_reads(engine: Engine, seq: Any) -> tuple[int, float]:
@@ -243,6 +218,7 @@ def _run_hf(source: ModelSource, ids: list[int], decode: int, reps: int, results
         "HF DynamicCache": lambda: transformers.DynamicCache(config=model.config),
         "HF StaticCache": lambda: transformers.StaticCache(config=model.config, max_cache_len=len(ids) + decode + 1),
     }
+    _hf_loop(model, makers["HF DynamicCache"](), ids, 1)  # untimed: the process's first forward warms up
     for name, make in makers.items():
         res = results[name]
         for _ in range(reps):
@@ -343,19 +319,20 @@ def main(argv: list[str] | None = None) -> int:
 
     kept: dict[str, Any] = {}
 
-    def run(name: str, note: str, keep: bool = False, prompt: list[int] = ids, **kw: Any) -> Engine:
+    def run(name: str, note: str, keep: bool = False, prompt: list[int] = ids, warm: bool = False,
+            **kw: Any) -> Engine:
         # Every row gives a placement or a DEVICE budget of twice the prompt, so no engine here
         # ever plans: the bench needs no hardware profile and never measures one
         # (offload.tuning.profile.profile_for would for the DEVICE budget alone).
         kw.setdefault("device_memory_bytes", 2 * len(ids) * kv_per_token + 64 * 2**20)
         engine = Engine(source, RuntimeConfig(device=str(device), dtype=dtype, kv_dir=kv_dir, **kw))
         results[name] = Result(name, note)
-        kept[name] = _run_ours(engine, prompt, args.decode_tokens, args.reps, results[name], bar.update, keep)
+        kept[name] = _run_ours(engine, prompt, args.decode_tokens, args.reps, results[name], bar.update, keep, warm)
         return engine
 
     # The all-DEVICE engine and its last prompt stay for the breakdown by piece and, on CPU,
     # the reads-beside-compute timing.
-    dev = run("all-DEVICE", "every page in the DEVICE arena", keep=True)
+    dev = run("all-DEVICE", "every page in the DEVICE arena", keep=True, warm=True)
     kv_step = sum(results["all-DEVICE"].bytes_per_token.values())
     breakdown = step_breakdown(dev, *kept["all-DEVICE"], ids, kv_step)
     bar.update()
@@ -369,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     seq = disk.new_sequence()
     disk.forward(seq, ids)
     reads = [time_disk_reads(disk, seq) for _ in range(3)]
-    read_gbps = _median([b / s / 1e9 for b, s in reads])
+    read_gbps = median([b / s / 1e9 for b, s in reads])
     disk_bytes = reads[0][0]
     cold = disk.disk.cold_read_mode if disk.disk is not None else "none"
     beside = None
@@ -378,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         dev.close()
     disk.release(seq)
     disk.close()
-    step_s = _median(results["all-DEVICE"].decode_s) / args.decode_tokens
+    step_s = median(results["all-DEVICE"].decode_s) / args.decode_tokens
     split = _overlap_placement(disk, len(ids), step_s, read_gbps)
     run("split, pipelined", f"pages >= {split.device_pages} on DISK", placement=split).close()
     run("split, --no-overlap", "same, each chunk read when needed", placement=split, overlap=False).close()
@@ -397,109 +374,6 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = Result(name, "transformers")
         _run_hf(source, ids, args.decode_tokens, args.reps, results, bar.update, device, dtype)
     bar.close()
-    _report(args, results, ids, read_gbps, disk_bytes, cold, step_s, beside, breakdown)
+    report(args, results, ids, read_gbps, disk_bytes, cold, step_s, beside, breakdown)
     return 0
 
-
-def _report(args: argparse.Namespace, results: dict[str, Result], ids: list[int], read_gbps: float,
-            disk_bytes: int, cold: str, step_s: float, beside: Beside | None = None,
-            breakdown: dict[str, Any] | None = None) -> None:
-    n, d = len(ids), args.decode_tokens
-    peers = [r for k, r in results.items() if k.startswith("HF")]
-    peer = min(peers, key=lambda r: _median(r.decode_s)) if peers else None
-    print(f"cold read bandwidth ({cold}, decode's chunks and staging depth): {read_gbps:.2f} GB/s over "
-          f"{disk_bytes / 2**20:.0f} MiB; disk bound of an all-DISK step: {disk_bytes / read_gbps / 1e9 * 1e3:.0f} ms")
-    print(f"{'configuration':22} {'prefill tok/s':>22} {'decode tok/s':>20} {'wait/decode':>11} "
-          f"{'MiB/token dev/host/disk':>24}  note")
-    for r in results.values():
-        wait = f"{_median(r.fetch_wait_s) / _median(r.decode_s):.0%}" if r.fetch_wait_s else "-"
-        b = r.bytes_per_token
-        mib = "/".join(f"{b.get(t, 0) / 2**20:.1f}" for t in ("device", "host", "disk")) if b else "-"
-        print(f"{r.name:22} {_fmt(r.prefill_s, n, 0):>22} {_fmt(r.decode_s, d, 2):>20} {wait:>11} {mib:>24}  {r.note}")
-    if peer is not None:
-        print(f"ratios to the peer ({peer.name}, the faster HF decode), medians:")
-        for r in results.values():
-            if r in peers:
-                continue
-            print(f"  {r.name:22} prefill {_median(peer.prefill_s) / _median(r.prefill_s):.2f}x  "
-                  f"decode {_median(peer.decode_s) / _median(r.decode_s):.2f}x  (ours / {peer.name})")
-    static = results.get("HF StaticCache")
-    if peers and static is not None:
-        fast = max(peers, key=lambda r: n / _median(r.prefill_s))
-        dev = results["all-DEVICE"]
-        print(f"all-DEVICE against transformers: prefill {_median(fast.prefill_s) / _median(dev.prefill_s):.2f}x "
-              f"the faster HF prefill ({fast.name}; target >= 1.0), decode "
-              f"{_median(static.decode_s) / _median(dev.decode_s):.2f}x HF StaticCache (target >= 1.3)")
-    pipe, serial = results["split, pipelined"], results["split, --no-overlap"]
-    ratio = _median(pipe.decode_s) / _median(serial.decode_s)
-    wait = _median(pipe.fetch_wait_s) / _median(pipe.decode_s)
-    disk_step = _median(results["DISK spill"].decode_s) / d
-    bound = max(step_s, disk_bytes / read_gbps / 1e9)
-    print(f"overlap: pipelined / serial decode time = {ratio:.2f} (target <= 0.75); fetch wait = {wait:.0%} of "
-          f"pipelined decode (target <= 15%)")
-    print(f"all-DISK step {disk_step * 1e3:.0f} ms / max(compute-only step {step_s * 1e3:.0f} ms, disk bound "
-          f"{disk_bytes / read_gbps / 1e6:.0f} ms) = {disk_step / bound:.2f} (target <= 1.3)")
-    if beside is not None:
-        side = _median(beside.step_s)
-        side_disk = disk_bytes / beside.read_gbps / 1e9
-        lo, hi = min(beside.step_s) * 1e3, max(beside.step_s) * 1e3
-        print(f"reads beside compute (CPU-only: readers and compute share the cores): all-DEVICE step with one "
-              f"step's DISK reads repeated beside it {side * 1e3:.0f} ms [{lo:.0f}-{hi:.0f}] "
-              f"(alone {step_s * 1e3:.0f} ms), reads beside it {beside.read_gbps:.2f} GB/s (alone {read_gbps:.2f}); "
-              f"all-DISK step / max({side * 1e3:.0f} ms, disk time beside {side_disk * 1e3:.0f} ms) = "
-              f"{disk_step / max(side, side_disk):.2f} (target <= 1.1: the best overlap this machine allows)")
-    sparse_rows = {k.removeprefix("DISK spill, "): r for k, r in results.items() if k.startswith("DISK spill, ")}
-    if sparse_rows:
-        budget = next(iter(sparse_rows.values())).sparse.get("sparse_budget") or 0.0
-        fixed = _median(results["all-DEVICE, short"].decode_s) / d  # weights, MLP, lm_head: no long context
-        attention = max(0.0, step_s - fixed)
-        best = fixed + budget * attention
-        print(f"sparse bound (F={budget:g}): all-DEVICE step without its long-context attention {fixed * 1e3:.0f} ms "
-              f"+ F x that attention {budget * attention * 1e3:.0f} ms = {best * 1e3:.0f} ms; the attention is the "
-              f"all-DEVICE step {step_s * 1e3:.0f} ms less the {SHORT_PROMPT}-token step")
-    for mode, row in sparse_rows.items():
-        sparse_step = _median(row.decode_s) / d
-        sp = row.sparse
-        hit = sp.get("speculation_hit_rate")
-        print(f"sparse ({mode}, F={budget:g}): kv_fraction_read {sp.get('kv_fraction_read') or 0:.3f} "
-              f"(max {sp.get('kv_fraction_read_max') or 0:.3f}), kv_fraction_fetched "
-              f"{sp.get('kv_fraction_fetched') or 0:.3f} (target <= {1.5 * budget:.3f}), selection "
-              f"{(sp.get('selection_s') or 0) / d * 1e3:.1f} ms/step, on-demand reads "
-              f"{(sp.get('sync_miss_bytes_per_token') or 0) / 2**20:.2f} MiB/step"
-              f"{'' if hit is None else f', speculation_hit_rate {hit:.3f}'}"
-              f"{'; fallback: ' + sp['sparse_fallback'] if sp.get('sparse_fallback') else ''}")
-        print(f"  sparse all-DISK step {sparse_step * 1e3:.0f} ms / bound {best * 1e3:.0f} ms = "
-              f"{sparse_step / best:.2f} (target <= 1.25)")
-        print(f"  exact all-DISK step {disk_step * 1e3:.0f} ms / sparse all-DISK step = {disk_step / sparse_step:.2f}x")
-    if "quest" in sparse_rows and "speculative" in sparse_rows:
-        q, s_ = sparse_rows["quest"], sparse_rows["speculative"]
-        wait_q, wait_s = _median(q.fetch_wait_s), _median(s_.fetch_wait_s)
-        print(f"speculative against quest: fetch wait {wait_s * 1e3:.1f} ms / {wait_q * 1e3:.1f} ms = "
-              f"{wait_s / wait_q if wait_q > 0 else float('nan'):.2f} (target <= 0.25); step quest / speculative = "
-              f"{_median(q.decode_s) / _median(s_.decode_s):.2f}x (target >= 1.3 at SmolLM2 8K, >= 1.0)")
-    _report_formats(results, step_s, d)
-    if breakdown is not None:
-        print("\n".join(format_breakdown(breakdown)))
-    if args.json_out is not None:
-        blob = {"tokens": n, "decode_tokens": d, "read_gbps": read_gbps, "disk_bytes_per_step": disk_bytes,
-                "cold_reads": cold, "results": {k: dataclasses.asdict(r) for k, r in results.items()},
-                "beside": None if beside is None else dataclasses.asdict(beside), "breakdown": breakdown}
-        args.json_out.write_text(json.dumps(blob, indent=1))
-        print(f"raw timings: {args.json_out}")
-
-
-def _report_formats(results: dict[str, Result], step_s: float, d: int) -> None:
-    """The 4-bit rows against exact ones of the same run: the step against exact all-DEVICE's,
-    and DISK bytes per step against exact all-DISK's."""
-    exact_disk = results["DISK spill"].bytes_per_token.get("disk", 0)
-    for name, row in results.items():
-        if not name.startswith("4bit DISK spill"):
-            continue
-        step = _median(row.decode_s) / d
-        disk = row.bytes_per_token.get("disk", 0)
-        sp = row.sparse
-        sparse = (f"; kv_fraction_read {sp.get('kv_fraction_read') or 0:.3f} (max "
-                  f"{sp.get('kv_fraction_read_max') or 0:.3f}) of exact fp32 pages" if sp else "")
-        print(f"{name}: step {step * 1e3:.0f} ms / exact all-DEVICE step {step_s * 1e3:.0f} ms = {step / step_s:.2f} "
-              f"(target <= 1.2); DISK bytes per step / exact all-DISK's = "
-              f"{disk / exact_disk if exact_disk else float('nan'):.3f} (target <= 0.2){sparse}")
