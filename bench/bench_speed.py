@@ -348,7 +348,7 @@ def describe(args: argparse.Namespace, source: Any, engine: Any, model: Any, fol
         "decode_tokens": args.decode_tokens, "reps": args.reps, "essays_dir": str(folder),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "hf_attn_implementation": model.config._attn_implementation, "page_size": engine.config.page_size,
-        "prefill_chunk_tokens": engine.config.prefill_chunk_tokens, "read_gbps": read_gbps(),
+        "prefill_chunk_tokens": engine.prefill_chunk, "read_gbps": read_gbps(),
         "weights_bytes": engine.runner.weights_bytes, "kv_bytes_per_token": engine.kv_bytes_per_token,
         "hf_decode_method": "manual greedy loop over model(input_ids=[[tok]], cache=C), each step timed",
         "loadavg_before": list(os.getloadavg()),

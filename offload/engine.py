@@ -4,7 +4,7 @@ Two named paths. ``prefill`` (T prompt tokens)::
 
     h = embed(ids)                                  [T, hidden]
     for layer l:                                    (one layer at a time: layer-wise prefill)
-        for each chunk of <= prefill_chunk_tokens tokens:
+        for each chunk of <= prefill_chunk tokens:
             q, k, v = qkv(l, h[chunk]); k, v -> the layer's buffer of new tokens
             attention of q as (out, lse) partials merged by log-sum-exp: over the layer's
                 stored pages (earlier tokens, no mask) and over the new tokens so far (causal)
@@ -116,6 +116,7 @@ class Engine:
     def __init__(self, source: ModelSource, config: RuntimeConfig | None = None) -> None:
         self.config = config or RuntimeConfig()
         self.device = self.config.resolved_device()
+        self.prefill_chunk = self.config.resolved_prefill_chunk(self.device)  # tokens per prefill chunk
         self.dtype = self.config.resolved_dtype(self.device)
         self.kv_dtype = self.config.kv_dtype or self.dtype
         self.model_config: AnyModelConfig = source.config
@@ -525,7 +526,7 @@ class Engine:
         num_layers = self.model_config.num_layers
         placement = self.placement_for(seq, t, document=document)
         reader = self.kv.reader
-        if t <= self.config.prefill_chunk_tokens and self.config.overlap:
+        if t <= self.prefill_chunk and self.config.overlap:
             # One pass over the stored pages per layer (a question over a DocCache): read
             # their DISK chunks ahead, in the order the layers will take them.
             reader.plan([reader.layer_reads(seq, layer) for layer in range(num_layers)])
@@ -652,7 +653,7 @@ class Engine:
         pages (earlier tokens) and to this buffer, and the tokens join the pages after the
         layer, so a layer's keys are never read back from slower tiers during prefill.
         """
-        cfg, t, chunk = self.model_config, h.shape[0], self.config.prefill_chunk_tokens
+        cfg, t, chunk = self.model_config, h.shape[0], self.prefill_chunk
         kbuf = torch.empty(cfg.num_kv_heads, t, cfg.head_dim, dtype=self.kv_dtype, device=self.device)
         vbuf = torch.empty_like(kbuf)
         for c0 in range(0, t, chunk):

@@ -11,7 +11,8 @@ Configurations, declared (printed) before anything is measured:
 - peers: transformers with its default DynamicCache and with a StaticCache (what
   ``generate(cache_implementation="static")`` builds), timed as manual greedy loops over the
   same cache classes (checked token-identical to ``generate`` on a short prompt); the faster
-  one is the peer of the ratios.
+  one is the peer of the ratios. Their repetitions alternate with all-DEVICE's (ours, HF
+  dynamic, HF static, ours, ...), so the ratios against them are taken side by side.
 
 On CUDA (``--device cuda``, the default where a GPU is present) HOST pages are pinned and
 cross PCIe: the pipelined rows copy the next layer's HOST and DISK pieces on a side stream
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +103,12 @@ def _decode_fork(engine: Engine, doc: Any, tok: int, decode: int) -> tuple[RunSt
 
 
 def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Result, progress,
-              keep: bool = False, warm: bool = False) -> Any:
+              keep: bool = False, warm: bool = False, between: Callable[[], None] | None = None) -> Any:
     """Run the repetitions; with ``keep`` the last prefilled sequence is kept and returned (with the
     first decoded token) instead of being released. ``warm``: one untimed prefill first (the
     process's first prefill pays for allocator growth and first touches of memory; the HF peers
-    get the same, ``_run_hf``)."""
+    get the same, ``_HFPeers``). ``between`` runs after each repetition (the peers' repetitions,
+    interleaved with these so that drifts of a shared machine hit both sides alike)."""
     kept = None
     if warm:
         engine.release(_prefilled(engine, ids))
@@ -133,6 +136,8 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
         else:
             engine.release(doc)
         progress()
+        if between is not None:
+            between()
     return kept
 
 
@@ -208,25 +213,33 @@ def _hf_loop(model: Any, cache: Any, ids: list[int], decode: int) -> tuple[float
     return t1 - t0, t2 - t1, toks
 
 
-def _run_hf(source: ModelSource, ids: list[int], decode: int, reps: int, results: dict[str, Result],
-            progress, device: torch.device, dtype: torch.dtype) -> None:
-    import transformers
-    from transformers import AutoModelForCausalLM
+class _HFPeers:
+    """transformers on the same checkpoint, with its DynamicCache and StaticCache: one untimed
+    forward at load (the process's first is slower), then ``rep`` times one repetition of each."""
 
-    model = AutoModelForCausalLM.from_pretrained(str(source.weights_dir), dtype=dtype).to(device).eval()
-    makers = {
-        "HF DynamicCache": lambda: transformers.DynamicCache(config=model.config),
-        "HF StaticCache": lambda: transformers.StaticCache(config=model.config, max_cache_len=len(ids) + decode + 1),
-    }
-    _hf_loop(model, makers["HF DynamicCache"](), ids, 1)  # untimed: the process's first forward warms up
-    for name, make in makers.items():
-        res = results[name]
-        for _ in range(reps):
-            pre, dec, toks = _hf_loop(model, make(), ids, decode)
+    def __init__(self, source: ModelSource, ids: list[int], decode: int, progress, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(source.weights_dir), dtype=dtype).to(device).eval()
+        config = self.model.config
+        self.makers = {
+            "HF DynamicCache": lambda: transformers.DynamicCache(config=config),
+            "HF StaticCache": lambda: transformers.StaticCache(config=config, max_cache_len=len(ids) + decode + 1),
+        }
+        self.results = {name: Result(name, "transformers") for name in self.makers}
+        self.ids, self.decode, self.progress = ids, decode, progress
+        _hf_loop(self.model, self.makers["HF DynamicCache"](), ids, 1)
+
+    def rep(self) -> None:
+        for name, make in self.makers.items():
+            pre, dec, toks = _hf_loop(self.model, make(), self.ids, self.decode)
+            res = self.results[name]
             res.prefill_s.append(pre)
             res.decode_s.append(dec)
             res.tokens = toks
-            progress()
+            self.progress()
 
 
 def _overlap_placement(engine: Engine, n_tokens: int, step_s: float, read_gbps: float) -> Placement:
@@ -320,19 +333,25 @@ def main(argv: list[str] | None = None) -> int:
     kept: dict[str, Any] = {}
 
     def run(name: str, note: str, keep: bool = False, prompt: list[int] = ids, warm: bool = False,
-            **kw: Any) -> Engine:
+            between: Callable[[], None] | None = None, **kw: Any) -> Engine:
         # Every row gives a placement or a DEVICE budget of twice the prompt, so no engine here
         # ever plans: the bench needs no hardware profile and never measures one
         # (offload.tuning.profile.profile_for would for the DEVICE budget alone).
         kw.setdefault("device_memory_bytes", 2 * len(ids) * kv_per_token + 64 * 2**20)
         engine = Engine(source, RuntimeConfig(device=str(device), dtype=dtype, kv_dir=kv_dir, **kw))
         results[name] = Result(name, note)
-        kept[name] = _run_ours(engine, prompt, args.decode_tokens, args.reps, results[name], bar.update, keep, warm)
+        kept[name] = _run_ours(engine, prompt, args.decode_tokens, args.reps, results[name], bar.update, keep, warm,
+                               between)
         return engine
 
-    # The all-DEVICE engine and its last prompt stay for the breakdown by piece and, on CPU,
-    # the reads-beside-compute timing.
-    dev = run("all-DEVICE", "every page in the DEVICE arena", keep=True, warm=True)
+    # The HF peers' repetitions alternate with all-DEVICE's: the ratios of the issue are taken
+    # side by side. The all-DEVICE engine and its last prompt stay for the breakdown by piece
+    # and, on CPU, the reads-beside-compute timing.
+    peers = None if no_hf else _HFPeers(source, ids, args.decode_tokens, bar.update, device, dtype)
+    dev = run("all-DEVICE", "every page in the DEVICE arena", keep=True, warm=True,
+              between=None if peers is None else peers.rep)
+    peer_results = {} if peers is None else peers.results
+    del peers  # its model's memory goes before the other rows
     kv_step = sum(results["all-DEVICE"].bytes_per_token.values())
     breakdown = step_breakdown(dev, *kept["all-DEVICE"], ids, kv_step)
     bar.update()
@@ -369,10 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 **({"sparse": mode, "sparse_budget": budget} if mode else {})).close()
     if modes:
         run("all-DEVICE, short", f"{SHORT_PROMPT}-token prompt", prompt=ids[:SHORT_PROMPT]).close()
-    if not no_hf:
-        for name in ("HF DynamicCache", "HF StaticCache"):
-            results[name] = Result(name, "transformers")
-        _run_hf(source, ids, args.decode_tokens, args.reps, results, bar.update, device, dtype)
+    results.update(peer_results)
     bar.close()
     report(args, results, ids, read_gbps, disk_bytes, cold, step_s, beside, breakdown)
     return 0

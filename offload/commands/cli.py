@@ -52,7 +52,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="file I/O of the DISK tier and DocCaches: kvikio (NVIDIA KvikIO, needs CUDA and "
                         "the kvikio package) or posix (a thread pool); auto = kvikio where it can run")
     g.add_argument("--page-size", type=int, default=32, help="tokens per KV page (default 32)")
-    g.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk (default 1024)")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill chunk (default 4096 on a CPU, 1024 on CUDA)")
     g.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (throughput runs)")
     g.add_argument("--num-layers", type=int, default=None, help="with --random-weights: use only this many layers")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling and random weights")

@@ -21,8 +21,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from offload.commands.args import OneLineParser, flag_error, size_flag, sparse_fields
-from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, check_sparse_budget, parse_dtype
+from offload.config import (KV_FORMATS, SPARSE_MODES, RuntimeConfig, check_sparse_budget, default_prefill_chunk,
+                            parse_dtype)
 
 if TYPE_CHECKING:
     from planner import HardwareProfile, PlanProblem
@@ -193,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
         disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
         what_if=args.what_if, sparse_budget=budget, sparse_fetch=_fetch(args, budget),
         num_layer_groups=args.layer_groups,
-        packed_page_bytes=_packed_page_bytes(cfg, args))
+        packed_page_bytes=_packed_page_bytes(cfg, args),
+        prefill_chunk_tokens=default_prefill_chunk(torch.device("cpu" if profile.device_is_host else "cuda")))
     try:
         result = plan(problem, profile)
         baseline = greedy_plan(problem, profile) if args.greedy else None

@@ -14,7 +14,8 @@ Policy over ``storage.doc_store`` (the mechanism: verified, crash-safe directori
 
 The fingerprint is the SHA-256 of the checkpoint's files (cached by file identity: path,
 size, mtime, inode), the compute and KV dtypes, the page size, the model shape and this
-module's layout version; random-weight models include their seed. A DocCache built for
+module's layout version; random-weight models include their seed, 4-bit DocCaches their
+format and prefill chunk (later chunks attend earlier chunks' 4-bit pages). A DocCache built for
 anything else never matches. What it holds: for each layer, its live pages in order (every
 page of a global layer; a sliding layer's ring) as ``page_size`` tokens of K then V, head by
 head, in the KV dtype; the meta records the tokens per layer and each ring's first page.
@@ -108,6 +109,9 @@ def fingerprint(engine: "Engine", source: "ModelSource", memo_path: Path) -> str
     }
     if c.kv_format.value != "exact":  # (exact DocCaches keep the fingerprint they had before 4-bit pages)
         parts["kv_format"] = c.kv_format.value
+        # A 4-bit prefill's later chunks attend the earlier chunks' 4-bit pages: the chunk
+        # shapes the values stored.
+        parts["prefill_chunk"] = engine.prefill_chunk
     if source.weights_dir is None:
         parts["random_weights_seed"] = c.seed
     else:

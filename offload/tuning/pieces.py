@@ -205,7 +205,7 @@ def step_breakdown(engine: Any, seq: Any, token: int, ids: list[int], kv_bytes_p
     roofline_s = (weights + kv_bytes_per_step) / gbps / 1e9
     return {"decode": decode, "prefill": prefill, "memory_read_gbps": gbps, "weights_bytes": weights,
             "kv_bytes_per_step": kv_bytes_per_step, "roofline_s": roofline_s,
-            "roofline_fraction": roofline_s / decode["step_s"], "prefill_chunk_tokens": engine.config.prefill_chunk_tokens}
+            "roofline_fraction": roofline_s / decode["step_s"], "prefill_chunk_tokens": engine.prefill_chunk}
 
 
 def _pieces_line(pieces: dict[str, float]) -> str:
