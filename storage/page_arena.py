@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import logging
 import weakref
+from typing import Any
 
 import torch
 
@@ -156,6 +157,7 @@ class PageArena(SlotPool):
         # (pinned memory is touched at once: locking faults every page in).
         self.k = torch.empty(shape, dtype=dtype, device=self.device)
         self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self._token_views: tuple[Any, Any] | None = None  # numpy views of K and V (CPU fp32/fp16)
         self.pinned_by = "no"  # "register" (cudaHostRegister), "allocator" (pin_memory=True) or "no"
         if pin_memory:
             self._pin()
@@ -217,6 +219,14 @@ class PageArena(SlotPool):
 
     def write_token(self, slot: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token. k, v: [num_kv_heads, head_dim]."""
+        views = self._token_views
+        if views is None and self.device.type == "cpu" and self.dtype in (torch.float32, torch.float16):
+            views = self._token_views = (self.k.numpy(), self.v.numpy())  # made once, on the first write
+        if views is not None and k.device.type == "cpu" and k.dtype == self.dtype and v.dtype == self.dtype:
+            # A decode step's token on the CPU: numpy assignment costs a fraction of torch indexing's.
+            views[0][:, slot, offset] = k.numpy()
+            views[1][:, slot, offset] = v.numpy()
+            return
         self.k[:, slot, offset] = k
         self.v[:, slot, offset] = v
 

@@ -377,6 +377,8 @@ class Gemma3Runner:
     def rms_norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """Gemma RMSNorm over the last dim: normalize and scale in fp32, then cast back
         (Llama casts before scaling)."""
+        if x.dtype == torch.float32:  # torch's op computes the same steps in the same order, in one call
+            return F.rms_norm(x, (x.shape[-1],), gain, self.cfg.rms_norm_eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
         return (xf * gain).to(x.dtype)
