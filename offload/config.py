@@ -14,7 +14,7 @@ from offload.kv.placement import Placement
 if TYPE_CHECKING:
     from planner.profile import HardwareProfile
 
-__all__ = ["RuntimeConfig", "DecodeKernel", "HostAttention", "Planner", "DiskBackend", "Sparse", "KVFormat",
+__all__ = ["RuntimeConfig", "DecodeKernel", "MatvecKernel", "HostAttention", "Planner", "DiskBackend", "Sparse", "KVFormat",
            "PLANNERS", "SPARSE_MODES", "KV_FORMATS", "parse_size", "parse_dtype", "format_size", "check_sparse_budget", "DTYPES"]
 
 
@@ -43,6 +43,13 @@ class DecodeKernel(enum.Enum):
     TRITON = "triton"  # also runs in Triton's interpreter on a CPU (tests)
     NUMBA = "numba"  # CPU only: in place over the arena
     TORCH = "torch"  # torch's fused CPU flash op (or the reference) over page groups
+
+
+class MatvecKernel(enum.Enum):
+    """What multiplies one decode token by the weight matrices."""
+
+    AUTO = "auto"  # CPU with fp32 weights: the Numba row kernel (cpu_kernels.matvec); else torch
+    TORCH = "torch"  # torch's F.linear (its BLAS), everywhere
 
 
 class HostAttention(enum.Enum):
@@ -201,6 +208,10 @@ class RuntimeConfig:
         shuffle_pages_seed: if set, pages take random arena slots (tests of real paging).
         seed: seed of random weights.
         decode_kernel: the kernel for DEVICE pages in decode (AUTO: Triton on CUDA, Numba on CPU).
+        matvec_kernel: what multiplies a decode token by the weights: AUTO = on a CPU with fp32
+            weights the Numba row kernel on every thread (``cpu_kernels.matvec``: the BLAS ran
+            one-row products on one thread at about 40% of the memory rate on the team's
+            machine), else torch's ``F.linear``; TORCH = ``F.linear`` everywhere.
         host_attention: where HOST pages are attended when ``placement`` is None: CPU = the
             planner may delegate them (on a CPU-only machine they are always attended in
             place), DEVICE = never; a given ``placement`` says it itself.
@@ -248,6 +259,7 @@ class RuntimeConfig:
     shuffle_pages_seed: int | None = None
     seed: int = 0
     decode_kernel: DecodeKernel = DecodeKernel.AUTO
+    matvec_kernel: MatvecKernel = MatvecKernel.AUTO
     host_attention: HostAttention = HostAttention.CPU
     planner: Planner = Planner.LP
     plan_min_gain: float = 0.10
@@ -268,7 +280,7 @@ class RuntimeConfig:
                 raise InputError(f"{name} takes an int, got {type(value).__name__} {value!r}")
         # A field over a closed set takes the enum or its string value (RuntimeConfig(planner="lp")).
         for name, kind in (("disk_backend", DiskBackend), ("planner", Planner), ("decode_kernel", DecodeKernel),
-                           ("host_attention", HostAttention)):
+                           ("matvec_kernel", MatvecKernel), ("host_attention", HostAttention)):
             object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
         object.__setattr__(self, "sparse", _member(Sparse, "sparse", self.sparse))
         object.__setattr__(self, "kv_format", _member(KVFormat, "kv_format", self.kv_format))

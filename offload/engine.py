@@ -51,7 +51,7 @@ from offload.attention.quest import QuestSelector
 from offload.attention.read_account import ReadAccount, StepReads
 from offload.attention.selection import ExactSelector, PageSelector
 from offload.attention.speculative import speculative_selector
-from offload.config import HostAttention, Planner, RuntimeConfig, Sparse
+from offload.config import HostAttention, MatvecKernel, Planner, RuntimeConfig, Sparse
 from offload.errors import CapacityError, ContextTooLongError, InputError, UnsupportedModelError
 from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weights, load_gemma3_weights
 from offload.model.llama import LlamaRunner
@@ -89,9 +89,9 @@ _TIER_BUDGETS = ("--device-memory, --host-memory or --disk-space (RuntimeConfig.
 
 
 def make_runner(source: ModelSource, *, dtype: torch.dtype, device: torch.device,
-                seed: int = 0) -> LlamaRunner | Gemma3Runner:
+                seed: int = 0, row_kernel: bool = True) -> LlamaRunner | Gemma3Runner:
     """The runner of the source's architecture with its checkpoint's weights (random ones,
-    from ``seed``, for a shape-only source)."""
+    from ``seed``, for a shape-only source); ``row_kernel``: see ``offload.model.matvec``."""
     cfg = source.config
     if isinstance(cfg, Gemma3Config):
         if cfg.attn_logit_softcapping is not None:
@@ -99,10 +99,10 @@ def make_runner(source: ModelSource, *, dtype: torch.dtype, device: torch.device
                                         "the paged engine (released Gemma 3 configs set it to null)")
         weights = (gemma3_random_weights(cfg, dtype=dtype, device=device, seed=seed) if source.weights_dir is None
                    else load_gemma3_weights(source.weights_dir, cfg, dtype=dtype, device=device))
-        return Gemma3Runner(cfg, weights, device=device)
+        return Gemma3Runner(cfg, weights, device=device, row_kernel=row_kernel)
     weights = (random_weights(cfg, dtype=dtype, device=device, seed=seed) if source.weights_dir is None
                else load_checkpoint(source.weights_dir, cfg, dtype=dtype, device=device))
-    return LlamaRunner(cfg, weights, device=device)
+    return LlamaRunner(cfg, weights, device=device, row_kernel=row_kernel)
 
 
 class Engine:
@@ -136,7 +136,8 @@ class Engine:
         self.packed_layout = packed.layout if packed is not None else None
         if tiers.disk is not None and tiers.run_dir is not None:
             self._finalizer = weakref.finalize(self, remove_disk_tier, tiers.disk, tiers.run_dir)
-        self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed)
+        self.runner = make_runner(source, dtype=self.dtype, device=self.device, seed=self.config.seed,
+                                  row_kernel=self.config.matvec_kernel is MatvecKernel.AUTO)
         self.kv = PagedKV(self.arena, cfg.num_layers, host_arena=self.host_arena, disk=self.disk,
                           disk_slots_limit=tiers.disk_limit, staging_chunk_pages=tiers.chunk_pages,
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,

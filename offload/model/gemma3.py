@@ -27,6 +27,7 @@ from safetensors import safe_open
 from offload.errors import ModelNotFoundError, UnsupportedModelError
 from offload.model.model_config import ModelConfig
 from offload.model.llama import count_weight_bytes
+from offload.model.matvec import make_linear, weight_matrices
 from offload.model.rope import RotaryEmbedding
 from offload.model.weights import safetensors_files
 
@@ -329,7 +330,8 @@ class Gemma3Runner:
         attn_softcap: attention-score soft-cap (None in released Gemma 3 configs).
     """
 
-    def __init__(self, cfg: Gemma3Config, weights: dict[str, torch.Tensor], *, device: torch.device) -> None:
+    def __init__(self, cfg: Gemma3Config, weights: dict[str, torch.Tensor], *, device: torch.device,
+                 row_kernel: bool = True) -> None:
         self.cfg = cfg
         self.device = device
         self.embed_tokens = weights.pop("model.embed_tokens.weight")
@@ -348,6 +350,7 @@ class Gemma3Runner:
         self.window = cfg.sliding_window
         self.attn_softcap = cfg.attn_logit_softcapping
         self.weights_bytes = self._count_bytes()
+        self.linear = make_linear(device, self.dtype, weight_matrices(self), row_kernel=row_kernel)
 
     def _count_bytes(self) -> int:
         return count_weight_bytes(self)
@@ -393,7 +396,7 @@ class Gemma3Runner:
         cfg, lw = self.cfg, self.layers[layer]
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         t = h.shape[0]
-        qkv = F.linear(self.rms_norm(h, lw.ln_in), lw.w_qkv, lw.b_qkv)
+        qkv = self.linear(self.rms_norm(h, lw.ln_in), lw.w_qkv, lw.b_qkv)
         q = self.rms_norm(qkv[:, :nq].view(t, cfg.num_heads, hd), lw.q_norm)
         k = self.rms_norm(qkv[:, nq : nq + nkv].view(t, cfg.num_kv_heads, hd), lw.k_norm)
         v = qkv[:, nq + nkv :].view(t, cfg.num_kv_heads, hd)
@@ -410,18 +413,18 @@ class Gemma3Runner:
     def attn_out(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual stream after the attention block: h + post-norm(o_proj(attn))."""
         lw = self.layers[layer]
-        return h + self.rms_norm(F.linear(attn, lw.w_o, lw.b_o), lw.ln_post_attn)
+        return h + self.rms_norm(self.linear(attn, lw.w_o, lw.b_o), lw.ln_post_attn)
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The gated MLP block with its pre- and post-norms and residual."""
         lw = self.layers[layer]
-        gate, up = F.linear(self.rms_norm(h, lw.ln_pre_ff), lw.w_gate_up).chunk(2, dim=-1)
-        mlp = F.linear(F.gelu(gate, approximate="tanh") * up, lw.w_down)
+        gate, up = self.linear(self.rms_norm(h, lw.ln_pre_ff), lw.w_gate_up).chunk(2, dim=-1)
+        mlp = self.linear(F.gelu(gate, approximate="tanh") * up, lw.w_down)
         return h + self.rms_norm(mlp, lw.ln_post_ff)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, vocab] float32 (final norm, lm head, soft-cap if configured)."""
-        out = F.linear(self.rms_norm(h, self.norm), self.lm_head)
+        out = self.linear(self.rms_norm(h, self.norm), self.lm_head)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             out = torch.tanh(out / cap) * cap

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.model.model_config import ModelConfig
+from offload.model.matvec import make_linear, weight_matrices
 from offload.model.rope import RotaryEmbedding
 
 __all__ = ["LlamaRunner", "LayerWeights", "count_weight_bytes"]
@@ -56,7 +57,8 @@ class LlamaRunner:
             on ``device`` in the compute dtype; the dict is consumed.
     """
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, device: torch.device,
+                 row_kernel: bool = True) -> None:
         self.cfg = cfg
         self.device = device
         self.embed_tokens = weights.pop("model.embed_tokens.weight")
@@ -67,6 +69,7 @@ class LlamaRunner:
         self.rope = RotaryEmbedding(cfg, device)
         self.scale = cfg.head_dim**-0.5
         self.weights_bytes = self._count_bytes()
+        self.linear = make_linear(device, self.dtype, weight_matrices(self), row_kernel=row_kernel)
 
     def _count_bytes(self) -> int:
         return count_weight_bytes(self)
@@ -107,7 +110,7 @@ class LlamaRunner:
         """Normed, projected and rotated q [T, nq, hd], k [T, nkv, hd] and v [T, nkv, hd]."""
         cfg, lw = self.cfg, self.layers[layer]
         x = self.rms_norm(h, lw.ln_in)
-        qkv = F.linear(x, lw.w_qkv, lw.b_qkv)
+        qkv = self.linear(x, lw.w_qkv, lw.b_qkv)
         nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         t = h.shape[0]
         cos, sin = self.rope.cos_sin(positions, h.dtype)
@@ -123,14 +126,14 @@ class LlamaRunner:
     def attn_out(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual stream after the attention block: h + o_proj(attn)."""
         lw = self.layers[layer]
-        return h + F.linear(attn, lw.w_o, lw.b_o)
+        return h + self.linear(attn, lw.w_o, lw.b_o)
 
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The MLP block with its norm and residual."""
         lw = self.layers[layer]
-        gate, up = F.linear(self.rms_norm(h, lw.ln_post), lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, lw.w_down, lw.b_down)
+        gate, up = self.linear(self.rms_norm(h, lw.ln_post), lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
+        return h + self.linear(F.silu(gate) * up, lw.w_down, lw.b_down)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, vocab] float32."""
-        return F.linear(self.rms_norm(h, self.norm), self.lm_head).float()
+        return self.linear(self.rms_norm(h, self.norm), self.lm_head).float()
