@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from offload.errors import CacheDirError, InputError, ModelNotFoundError
-from offload.model.gemma3 import Gemma3Config
+from offload.model.gemma3_config import Gemma3Config
 from offload.model.model_config import ModelConfig
 from offload.model.shapes import NAMED_SHAPES
 

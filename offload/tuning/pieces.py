@@ -23,8 +23,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["PieceClock", "timed_pieces", "decode_breakdown", "prefill_breakdown", "memory_read_gbps",
+from offload.model.matvec import weight_matrices
+
+__all__ = ["PieceClock", "timed_pieces", "decode_breakdown", "prefill_breakdown", "memory_read_gbps", "matvec_rates",
            "step_breakdown", "format_breakdown", "OTHER"]
 
 OTHER = "other (Python between pieces)"
@@ -192,6 +195,29 @@ def memory_read_gbps(device: torch.device, *, mib: int = 256, repeats: int = 5) 
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
+def matvec_rates(runner: Any, *, repeats: int = 3) -> dict[str, float | None]:
+    """Weight bytes/s of one token through every matrix of ``runner`` (its layers and LM head),
+    with the runner's linear function and with torch's ``F.linear``, alternated: medians of
+    ``repeats``. ``linear_gbps`` is None when the runner's function is ``F.linear`` itself."""
+    matrices = weight_matrices(runner)
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in matrices}
+    nbytes = sum(w.numel() * w.element_size() for w in matrices)
+    sync = (lambda: torch.cuda.synchronize(runner.device)) if runner.device.type == "cuda" else (lambda: None)
+    ours = None if runner.linear is F.linear else runner.linear
+    times: dict[str, list[float]] = {"linear": [], "torch": []}
+    for rep in range(repeats + 1):  # the first pass of each is a warm-up
+        for name, fn in (("linear", ours), ("torch", F.linear)):
+            if fn is None:
+                continue
+            t0 = time.perf_counter()
+            for w in matrices:
+                fn(inputs[w.shape[1]], w)
+            sync()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return {f"{name}_gbps": (nbytes / statistics.median(ts) / 1e9 if ts else None) for name, ts in times.items()}
+
+
 def step_breakdown(engine: Any, seq: Any, token: int, ids: list[int], kv_bytes_per_step: int, *,
                    steps: int = 8) -> dict[str, Any]:
     """The bench's breakdown: ``decode_breakdown`` on ``seq`` (a prefilled prompt) and
@@ -204,12 +230,21 @@ def step_breakdown(engine: Any, seq: Any, token: int, ids: list[int], kv_bytes_p
     weights = int(engine.runner.weights_bytes)
     roofline_s = (weights + kv_bytes_per_step) / gbps / 1e9
     return {"decode": decode, "prefill": prefill, "memory_read_gbps": gbps, "weights_bytes": weights,
+            "matvec": matvec_rates(engine.runner),
             "kv_bytes_per_step": kv_bytes_per_step, "roofline_s": roofline_s,
             "roofline_fraction": roofline_s / decode["step_s"], "prefill_chunk_tokens": engine.prefill_chunk}
 
 
 def _pieces_line(pieces: dict[str, float]) -> str:
     return " | ".join(f"{n} {s * 1e3:.1f}" for n, s in sorted(pieces.items(), key=lambda kv: -kv[1]))
+
+
+def _matvec_line(m: dict[str, float | None], probe_gbps: float) -> str:
+    torch_part = f"torch's F.linear {m['torch_gbps']:.1f} GB/s"
+    if m["linear_gbps"] is None:
+        return f"  one token through every weight matrix: {torch_part} (the engine's choice; probe {probe_gbps:.1f})"
+    return (f"  one token through every weight matrix: the engine's row kernel {m['linear_gbps']:.1f} GB/s, "
+            f"{torch_part} (medians of 3, alternated; read probe {probe_gbps:.1f})")
 
 
 def format_breakdown(b: dict[str, Any]) -> list[str]:
@@ -221,9 +256,10 @@ def format_breakdown(b: dict[str, Any]) -> list[str]:
         f"{d['steps']} steps):",
         f"  decode step {d['step_s'] * 1e3:.1f} ms: {_pieces_line(d['pieces_s'])} "
         f"(other = {other / d['layers'] * 1e3:.2f} ms per layer)",
-        f"  memory-read roofline: weights {b['weights_bytes'] / 1e6:.0f} MB + K/V read {b['kv_bytes_per_step'] / 1e6:.0f}"
-        f" MB per step / read probe {b['memory_read_gbps']:.1f} GB/s = {b['roofline_s'] * 1e3:.1f} ms; the step runs "
-        f"at {b['roofline_fraction']:.0%} of it",
+        f"  memory-read roofline: weights {b['weights_bytes'] / 1e6:.0f} MB + K/V read "
+        f"{b['kv_bytes_per_step'] / 1e6:.0f} MB per step / read probe {b['memory_read_gbps']:.1f} GB/s = "
+        f"{b['roofline_s'] * 1e3:.1f} ms; the step runs at {b['roofline_fraction']:.0%} of it",
+        _matvec_line(b["matvec"], b["memory_read_gbps"]),
         f"  prefill layer {p['prefill_s'] / p['layers'] * 1e3:.0f} ms ({p['tokens']} tokens, chunks of "
         f"{b['prefill_chunk_tokens']}): {_pieces_line(p['layer_pieces_s'])}",
     ]

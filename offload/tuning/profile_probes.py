@@ -41,6 +41,7 @@ import numpy as np
 import psutil
 import torch
 
+from offload.model.matvec import make_linear
 from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 
 __all__ = [
@@ -348,8 +349,9 @@ def device_attention_gbps(device: torch.device, dtype: torch.dtype, kv_bytes: in
 
 
 def _weight_chain(device: torch.device, dtype: torch.dtype, total_bytes: int) -> tuple[Callable[[], None], int]:
-    """A decode step's matrix-vector products: ``F.linear`` of one token through a chain of
-    weight matrices (``dtype``, on ``device``) of about ``total_bytes``, alternately
+    """A decode step's matrix-vector products: one token through a chain of weight matrices
+    (``dtype``, on ``device``) of about ``total_bytes`` with the engine's linear function
+    (``offload.model.matvec``: the row kernel on a CPU with fp32 weights), alternately
     [inter, hidden] and [hidden, inter] (SmolLM2's 576/1536 on CPU; 4096/14336 on CUDA, where
     smaller matrices would measure launch time instead of memory). Returns the function that
     runs the chain once and the chain's weight bytes."""
@@ -360,12 +362,13 @@ def _weight_chain(device: torch.device, dtype: torch.dtype, total_bytes: int) ->
     # Scaled so the activations stay O(1) along the chain.
     weights = [torch.empty(s, dtype=dtype, device=device).normal_(std=s[1] ** -0.5) for s in shapes]
     x0 = torch.randn(1, hidden, dtype=dtype, device=device)
+    linear = make_linear(device, dtype, weights)
 
     def run() -> None:
         with torch.inference_mode():
             x = x0
             for w in weights:
-                x = torch.nn.functional.linear(x, w)
+                x = linear(x, w)
         assert x.shape[-1] == hidden, "the chain ends where it started"
 
     return run, sum(w.nbytes for w in weights)

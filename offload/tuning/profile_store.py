@@ -70,8 +70,14 @@ def _fs_device_id(path: Path) -> int:
     return 0
 
 
+# Raised when a probe changes what it measures, so that profiles saved before are measured
+# again: 2 = the weights probe runs the engine's linear function (the CPU row kernel).
+PROBES_VERSION = "2"
+
+
 def machine_fields(cache_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """What identifies the machine for a profile's numbers (hashed into its file name)."""
+    """What identifies the machine for a profile's numbers (hashed into its file name), and
+    the probes' version."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu = f"{props.name} {props.total_memory}"
@@ -79,13 +85,15 @@ def machine_fields(cache_dir: Path, device: torch.device, dtype: torch.dtype) ->
         gpu = "cpu"
     return {"host": socket.gethostname(), "cpu": _cpu_model(), "cores": str(os.cpu_count()),
             "ram": str(psutil.virtual_memory().total), "gpu": gpu, "torch": torch.__version__,
-            "fs": str(_fs_device_id(cache_dir)), "dtype": str(dtype)}
+            "fs": str(_fs_device_id(cache_dir)), "dtype": str(dtype),
+            "probes": PROBES_VERSION}
 
 
 def profile_path(cache_dir: Path, device: torch.device | str, *, dtype: torch.dtype | None = None) -> Path:
     """``<cache_dir>/profiles/<cpu|cuda>-<hash12>.json``: the hash covers host name, CPU model,
     logical cores, total RAM, GPU name and memory (or "cpu"), torch version, the file system
-    of ``cache_dir`` and the probe dtype (None: the device's default compute dtype)."""
+    of ``cache_dir``, the probe dtype (None: the device's default compute dtype) and
+    ``PROBES_VERSION``."""
     dev, dt = resolve_target(device, dtype)
     fields = machine_fields(Path(cache_dir), dev, dt)
     key = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(fields.items())).encode()).hexdigest()

@@ -11,8 +11,8 @@ from offload.engine import Engine
 from offload.kv.placement import Placement
 from offload.model.model_source import ModelSource
 from offload.tuning import engine_probe
-from offload.tuning.pieces import (OTHER, PieceClock, decode_breakdown, format_breakdown, memory_read_gbps,
-                                   prefill_breakdown, step_breakdown, timed_pieces)
+from offload.tuning.pieces import (OTHER, PieceClock, decode_breakdown, format_breakdown, matvec_rates,
+                                   memory_read_gbps, prefill_breakdown, step_breakdown, timed_pieces)
 
 
 def _engine(tmp_path, **kw) -> Engine:
@@ -96,7 +96,9 @@ def test_step_breakdown_prefill_roofline_and_lines(tmp_path):
     assert b["memory_read_gbps"] > 0
     assert b["roofline_s"] == (b["weights_bytes"] + 10_000) / b["memory_read_gbps"] / 1e9
     lines = format_breakdown(b)
-    assert lines[0].startswith("where the time goes") and "roofline" in lines[2] and "prefill layer" in lines[3]
+    assert b["matvec"]["linear_gbps"] > 0 and b["matvec"]["torch_gbps"] > 0  # fp32 on a CPU: the row kernel
+    assert lines[0].startswith("where the time goes") and "roofline" in lines[2]
+    assert "row kernel" in lines[3] and "prefill layer" in lines[4]
     assert seq.num_tokens == 200
 
 
@@ -106,6 +108,13 @@ def test_prefill_breakdown_releases_its_sequence(tmp_path):
     b = prefill_breakdown(engine, [1, 2, 3, 4, 5] * 20)
     assert b["prefill_s"] > 0
     assert engine.kv.arena.num_used == used
+
+
+def test_matvec_rates_without_the_row_kernel_name_torch_only(tmp_path):
+    engine = _engine(tmp_path, matvec_kernel="torch")
+    assert engine.runner.linear is torch.nn.functional.linear
+    m = matvec_rates(engine.runner, repeats=2)
+    assert m["linear_gbps"] is None and m["torch_gbps"] > 0
 
 
 def test_memory_read_probe_reports_a_positive_rate():
