@@ -110,9 +110,12 @@ def _tiered_engine(source, tmp_path, name, **kw) -> Engine:
 
 
 # The delegated placements (the TORCH kernel over HOST pages in place) run in the slow suite:
-# tests/offload/test_read_sets.py covers that route against a dense reference by default.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.endswith("delegated") else n
-                                  for n in PLACEMENTS])
+# tests/offload/test_read_sets.py covers that route against a dense reference by default. So
+# does all-disk: "mixed" reads DISK pages too, and all-disk runs at 4K and 8K there.
+_FAST = ("all-host", "mixed")
+
+
+@pytest.mark.parametrize("name", [n if n in _FAST else pytest.param(n, marks=pytest.mark.slow) for n in PLACEMENTS])
 @pytest.mark.parametrize("n", [1024, pytest.param(4096, marks=pytest.mark.slow)])
 def test_tiered_placements_match_transformers(smollm2_source, hf_reference, essay_prompt, tmp_path, name, n):
     engine = _tiered_engine(smollm2_source, tmp_path, name)
