@@ -37,28 +37,26 @@ def test_clock_charges_a_piece_only_its_own_time():
     assert clock.take() == {}
 
 
+def _greedy_fork(engine: Engine, seq, steps: int = 4) -> list[int]:
+    """Greedy tokens of a fork of ``seq`` decoded from token 7 (the fork is released)."""
+    fork = engine.fork(seq)
+    out, tok = [], 7
+    for _ in range(steps):
+        tok = int(torch.argmax(engine.decode_step(fork, tok)[-1]))
+        out.append(tok)
+    engine.release(fork)
+    return out
+
+
 def test_pass_leaves_no_wrapper_and_tokens_unchanged(tmp_path):
     engine = _engine(tmp_path)
     seq = engine.new_sequence()
-    ids = [i % 256 for i in range(300)]
-    engine.prefill(seq, ids)
-    plain = engine.fork(seq)
-    want = []
-    tok = 7
-    for _ in range(4):
-        tok = int(torch.argmax(engine.decode_step(plain, tok)[-1]))
-        want.append(tok)
-    engine.release(plain)
+    engine.prefill(seq, [i % 256 for i in range(300)])
+    want = _greedy_fork(engine, seq)
     attention = engine.decode_attention
     with timed_pieces(engine):
         assert "qkv" in vars(engine.runner) and engine.decode_attention is not attention
-        timed = engine.fork(seq)
-        got = []
-        tok = 7
-        for _ in range(4):
-            tok = int(torch.argmax(engine.decode_step(timed, tok)[-1]))
-            got.append(tok)
-        engine.release(timed)
+        got = _greedy_fork(engine, seq)
     assert got == want
     assert engine.decode_attention is attention
     for owner in (engine.runner, engine.kv, engine.kv.reader, engine.decode_attention, engine):
