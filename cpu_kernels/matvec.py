@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["linear_row", "linear_row_trusted", "matvec_trusted"]
+__all__ = ["linear_row", "linear_row_trusted"]
 
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _ROWS = 8  # output rows per parallel item
@@ -44,12 +44,6 @@ def _matvec(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
             for j in range(k):
                 acc += w[r, j] * x[j]
             out[r] = acc
-
-
-def matvec_trusted(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """``out = w @ x`` for C-contiguous float32 ``w [n, k]``, ``x [k]`` and ``out [n]``, unchecked
-    (``linear_row`` checks)."""
-    _matvec(w, x, out)
 
 
 def linear_row(x: Any, w: Any, b: Any = None) -> Any:
