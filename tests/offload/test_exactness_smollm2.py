@@ -87,9 +87,8 @@ def test_shuffled_noncontiguous_pages_stay_exact(smollm2_source, hf_reference, e
     _check(engine, hf_reference, essay_prompt, 1024)
 
 
-# The default run checks every placement at 1K tokens (with 4-page staging chunks, so several
-# DISK chunks per layer are read ahead and staged) and the device-only anchor at 4K; the tiered
-# 4K cases are `slow`. Placements of the Tiers issue: every full page on HOST, on DISK, and a mix of all three;
+# The default run checks the mixed placement at 1K tokens (with 4-page staging chunks, so several
+# DISK chunks per layer are read ahead and staged); the other placements, and 4K, are `slow`. Placements of the Tiers issue: every full page on HOST, on DISK, and a mix of all three;
 # and the Kernels issue's CPU delegation: HOST pages attended by the Numba page kernel and
 # merged with the DEVICE part computed by another kernel (torch's fused op), in every layer
 # or in every other layer.
@@ -111,8 +110,9 @@ def _tiered_engine(source, tmp_path, name, **kw) -> Engine:
 
 # The delegated placements (the TORCH kernel over HOST pages in place) run in the slow suite:
 # tests/offload/test_read_sets.py covers that route against a dense reference by default. So
-# does all-disk: "mixed" reads DISK pages too, and all-disk runs at 4K and 8K there.
-_FAST = ("all-host", "mixed")
+# do all-host and all-disk: "mixed" reads DEVICE, HOST and DISK pages in every layer, and the
+# single-tier placements run at 4K and 8K there.
+_FAST = ("mixed",)
 
 
 @pytest.mark.parametrize("name", [n if n in _FAST else pytest.param(n, marks=pytest.mark.slow) for n in PLACEMENTS])
