@@ -88,8 +88,9 @@ def test_shuffled_noncontiguous_pages_stay_exact(smollm2_source, hf_reference, e
 
 
 # The default run checks the mixed placement at 1K tokens (with 4-page staging chunks, so several
-# DISK chunks per layer are read ahead and staged); the other placements, and 4K, are `slow`. Placements of the Tiers issue: every full page on HOST, on DISK, and a mix of all three;
-# and the Kernels issue's CPU delegation: HOST pages attended by the Numba page kernel and
+# DISK chunks per layer are read ahead and staged); the other placements, and 4K, are `slow`.
+# Placements of the Tiers issue: every full page on HOST, on DISK, and a mix of all three; and
+# the Kernels issue's CPU delegation: HOST pages attended by the Numba page kernel and
 # merged with the DEVICE part computed by another kernel (torch's fused op), in every layer
 # or in every other layer.
 PLACEMENTS = {
