@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m offload.commands.demo
 
+# The default run spreads test files over TEST_WORKERS processes (pytest-xdist; a file's tests
+# stay in one process, so module fixtures are built once): much of it is single-threaded
+# (Numba compiling kernels on a fresh clone, Python between small tests).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -rs --durations=15
+	$(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -rs --durations=15 -m slow

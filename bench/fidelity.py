@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
-    p.add_argument("--per-task", type=int, default=3, help="cases per task and length")
+    p.add_argument("--per-task", type=int, nargs="+", default=[3],
+                   help="cases per task and length: one count, or one per length (fewer at the longest lengths)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle", "speculative"])
     p.add_argument("--kv-formats", nargs="+", default=[], choices=[f for f in FORMATS if f != "exact"],
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     from offload.config import RuntimeConfig
 
     config = RuntimeConfig(device_memory_bytes=args.device_memory, host_memory_bytes=0)
-    cases = build_cases(tuple(args.lengths), per_task=args.per_task)[: args.limit]
+    per_task = args.per_task[0] if len(args.per_task) == 1 else tuple(args.per_task)
+    cases = build_cases(tuple(args.lengths), per_task=per_task)[: args.limit]
     essays = qa_essays(SHARED_ESSAYS)
     with contextlib.ExitStack() as stack:
         def open_qa(fmt: str):

@@ -101,14 +101,18 @@ _TASKS: dict[str, Callable[[random.Random, float], tuple[tuple[tuple[float, str]
     "single": _single, "lookalike": _lookalike, "chain": _chain}
 
 
-def build_cases(lengths: tuple[int, ...], *, per_task: int = 3, seed: int = 0) -> list[QACase]:
-    """``per_task`` cases of each task at each length, depths rotating over ``DEPTHS``."""
+def build_cases(lengths: tuple[int, ...], *, per_task: int | tuple[int, ...] = 3, seed: int = 0) -> list[QACase]:
+    """``per_task`` cases of each task at each length (one count for every length, or one per
+    length), depths rotating over ``DEPTHS``."""
+    counts = (per_task,) * len(lengths) if isinstance(per_task, int) else tuple(per_task)
+    if len(counts) != len(lengths):
+        raise ValueError(f"per_task gives {len(counts)} counts for {len(lengths)} lengths; give one, or one per length")
     rng = random.Random(seed)
     cases = []
     i = 0
-    for tokens in lengths:
+    for tokens, count in zip(lengths, counts):
         for task, make in _TASKS.items():
-            for _ in range(per_task):
+            for _ in range(count):
                 depth = DEPTHS[(5 * i) % len(DEPTHS)]  # 5 and 9 coprime: every depth in turn
                 facts, question, expected = make(rng, depth)
                 cases.append(QACase(f"{task}-{tokens}-{i}", task, tokens, depth, facts, question, expected,

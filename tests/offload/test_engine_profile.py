@@ -89,7 +89,7 @@ def test_a_given_profile_wins_and_nothing_is_read(tmp_path, no_measuring, monkey
     def refuse(**kwargs: object) -> None:
         raise AssertionError("a saved profile was read although one was given")
 
-    monkeypatch.setattr("offload.engine.load_saved", refuse)
+    monkeypatch.setattr("offload.engine_admission.load_saved", refuse)
     engine, stats = _run(tmp_path, profile=HardwareProfile.preset("h100-sxm"))
     try:
         assert stats.profile == "h100-sxm (given)"
