@@ -49,6 +49,17 @@ def save_test_profile(cache: Path) -> None:
         save_profile(path, HardwareProfile.preset(TEST_PROFILE))
 
 
+def _share_models(cache: Path, tmp_path_factory) -> None:
+    """Point ``cache``'s converted models at one directory for the whole test run: the session
+    dirs (and, under pytest-xdist, every worker's) then convert each packaged GGUF once
+    (``convert_gguf`` locks a conversion, so a second process waits for the first's)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-models"
+    shared.mkdir(exist_ok=True)
+    if not (cache / "models").exists():
+        (cache / "models").symlink_to(shared, target_is_directory=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offload_home(tmp_path_factory):
     """Point $OFFLOAD_CACHE (the default cache dir: models, DISK tiers, saved hardware
@@ -60,6 +71,7 @@ def _offload_home(tmp_path_factory):
         return
     home = tmp_path_factory.mktemp("offload-home")
     save_test_profile(home)
+    _share_models(home, tmp_path_factory)
     os.environ["OFFLOAD_CACHE"] = str(home)
     try:
         yield
@@ -75,6 +87,8 @@ def cache_dir(tmp_path_factory) -> Path:
     env = os.environ.get("OFFLOAD_TEST_CACHE")
     path = Path(env) if env else tmp_path_factory.mktemp("offload-cache")
     save_test_profile(path)
+    if not env:
+        _share_models(path, tmp_path_factory)
     return path
 
 

@@ -10,7 +10,8 @@ Sources:
 
 A GGUF is dequantized once through transformers and cached as fp32 safetensors (plus the
 tokenizer) under ``<cache_dir>/models/<stem>-<sha256 prefix>``; the directory appears by
-atomic rename, so a half-written conversion is never used.
+atomic rename, so a half-written conversion is never used, and a lock file beside it makes a
+second process wait for the first one's conversion instead of converting again.
 """
 from __future__ import annotations
 
@@ -260,6 +261,30 @@ def convert_gguf(gguf: Path, cache_dir: Path, *, show_progress: bool = True) -> 
     dest = cache_dir / "models" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
     if (dest / "config.json").is_file():
         return dest
+    with _conversion_lock(dest):  # another process converting the same file: wait for it
+        if (dest / "config.json").is_file():
+            return dest
+        return _convert(gguf, dest, show_progress=show_progress)
+
+
+@contextlib.contextmanager
+def _conversion_lock(dest: Path) -> Iterator[None]:
+    """An exclusive lock on ``<dest>.lock`` (flock: released when the process dies)."""
+    import fcntl
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(dest.with_name(f".{dest.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise CacheDirError(f"could not create {dest.parent} ({e}); free space or pass --cache-dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert(gguf: Path, dest: Path, *, show_progress: bool) -> Path:
     logger.info("converting %s to safetensors in %s (once)", gguf.name, dest)
     import torch
     import transformers
