@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EngineAdmission"]
 
-logger = logging.getLogger("offload.engine")
+logger = logging.getLogger("offload.engine")  # the engine's own log name: its messages moved here, not their source
 
 # The budgets capacity errors ask to raise, as the CLI flag and the API field that set them.
 _DEVICE_BUDGET = "--device-memory (RuntimeConfig.device_memory_bytes)"
