@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.model.matvec import weight_matrices
-from offload.tuning.profile_probes import median_seconds
+from offload.tuning.profile_probes import device_sync, median_seconds
 
 __all__ = ["PieceClock", "timed_pieces", "decode_breakdown", "prefill_breakdown", "memory_read_gbps", "matvec_rates",
            "step_breakdown", "format_breakdown", "OTHER"]
@@ -93,15 +93,10 @@ class _TimedCall:
         return getattr(self._target, name)
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
-    """What waits for ``device``'s queued work before a clock read (nothing on a CPU)."""
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
 @contextlib.contextmanager
 def timed_pieces(engine: Any) -> Iterator[PieceClock]:
     """Install a ``PieceClock`` on ``engine``'s pieces for the ``with`` block; removed after."""
-    clock = PieceClock(_sync(engine.device))
+    clock = PieceClock(device_sync(engine.device))
     patched: list[tuple[Any, str]] = []
 
     def patch(owner: Any, attr: str, name: str) -> None:
@@ -188,7 +183,7 @@ def memory_read_gbps(device: torch.device, *, mib: int = 256, repeats: int = 5) 
     """Read bandwidth of a reduction over ``mib`` MiB of fp32 on ``device`` (torch's threads on
     the CPU, the same the decode's matrix-vector products use): median of ``repeats``."""
     x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
-    return x.numel() * 4 / median_seconds(x.sum, repeats, sync=_sync(device)) / 1e9
+    return x.numel() * 4 / median_seconds(x.sum, repeats, sync=device_sync(device)) / 1e9
 
 
 def matvec_rates(runner: Any, *, repeats: int = 3) -> dict[str, float | None]:
@@ -198,7 +193,7 @@ def matvec_rates(runner: Any, *, repeats: int = 3) -> dict[str, float | None]:
     matrices = weight_matrices(runner)
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in matrices}
     nbytes = sum(w.numel() * w.element_size() for w in matrices)
-    sync = _sync(runner.device)
+    sync = device_sync(runner.device)
     ours = None if runner.linear is F.linear else runner.linear
     times: dict[str, list[float]] = {"linear": [], "torch": []}
     for rep in range(repeats + 1):  # the first pass of each is a warm-up

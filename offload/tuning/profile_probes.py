@@ -45,7 +45,7 @@ from offload.model.matvec import make_linear
 from storage.aligned import DISK_ALIGNMENT, AlignedBuffer
 
 __all__ = [
-    "DiskResult", "median_seconds", "copy_gbps", "host_to_device_gbps", "disk_probe",
+    "DiskResult", "median_seconds", "device_sync", "copy_gbps", "host_to_device_gbps", "disk_probe",
     "cpu_attention_gbps", "device_attention_gbps", "cpu_attention_4bit_gbps", "device_attention_4bit_gbps",
     "weights_gbps", "read_interference", "matmul_tflops",
     "free_bytes",
@@ -80,8 +80,9 @@ def median_seconds(fn: Callable[[], object], repeats: int, *, sync: Callable[[],
     return statistics.median(times)
 
 
-def _sync_for(device: torch.device) -> Callable[[], None] | None:
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock read (nothing on a CPU)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 # ----- memory copies -------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def host_to_device_gbps(device: torch.device, sizes: Sequence[int], repeats: int
     for n in sizes:
         src = torch.ones(n, dtype=torch.uint8, pin_memory=pinned)
         dst = torch.empty(n, dtype=torch.uint8, device=device)
-        t = median_seconds(lambda: dst.copy_(src, non_blocking=pinned), repeats, sync=_sync_for(device))
+        t = median_seconds(lambda: dst.copy_(src, non_blocking=pinned), repeats, sync=device_sync(device))
         out[n] = n / t / 1e9
     return out
 
@@ -377,7 +378,7 @@ def _weight_chain(device: torch.device, dtype: torch.dtype, total_bytes: int) ->
 def weights_gbps(device: torch.device, dtype: torch.dtype, total_bytes: int, repeats: int) -> float:
     """Weight bytes/s of a decode step's matrix-vector products (``_weight_chain``)."""
     run, nbytes = _weight_chain(device, dtype, total_bytes)
-    return nbytes / median_seconds(run, repeats, sync=_sync_for(device)) / 1e9
+    return nbytes / median_seconds(run, repeats, sync=device_sync(device)) / 1e9
 
 
 def read_interference(kv_dir: Path, dtype: torch.dtype, *, weights_bytes: int, file_bytes: int,
@@ -443,7 +444,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     out = torch.empty(n, n, dtype=dtype, device=device)
-    t = median_seconds(lambda: torch.mm(a, b, out=out), repeats, sync=_sync_for(device))
+    t = median_seconds(lambda: torch.mm(a, b, out=out), repeats, sync=device_sync(device))
     return 2 * n**3 / t / 1e12
 
 
