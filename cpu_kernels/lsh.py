@@ -23,10 +23,11 @@ bytes of its K and V in bf16 (512 for head_dim 128).
 Retrieval walks the query's bucket in each table (``tables * built / 2**bits`` ids on average
 for keys unrelated to the query), counting hits per token in a byte per token; candidates are
 the tokens reaching ``min_hits`` inside ``[lo, hi)`` (the sampled region: sink, window and tail
-pages are attended exactly elsewhere). A KV group's query heads are retrieved separately and
-their union (the rows read) is capped: above ``cap`` rows, a uniform subset of ``cap`` is kept
-(the ``cap`` smallest of a per-token hash salted per step), each kept candidate's weight
-multiplied by ``union / cap``.
+pages are attended exactly elsewhere). Each query head is retrieved separately (a KV group's
+heads then read the union of their rows). ``thin`` caps what a step reads without bias: at most
+so many distinct rows per KV head in memory and so many DISK pages (read whole, a page being
+the unit of I/O), each a uniform subset (the smallest of a hash salted per step), the kept
+candidates' weights multiplied by distinct / kept.
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["LshTables", "Candidates", "SEGMENT_TOKENS", "hash_planes", "simhash_codes", "query_codes",
-           "token_hash"]
+__all__ = ["LshTables", "Candidates", "SEGMENT_TOKENS", "hash_planes", "simhash_codes", "query_codes", "thin"]
 
 SEGMENT_TOKENS = 32768  # tokens whose ids share one uint16 offset table (offsets reach 32768)
 MAX_BITS = 16  # codes are uint16
@@ -178,84 +178,147 @@ def _splitmix(x):
 
 
 @njit(cache=True, nogil=True)
-def _token_hash_nb(tokens, salt, out):
-    for i in range(tokens.shape[0]):
-        out[i] = _splitmix(np.uint64(tokens[i]) ^ np.uint64(salt))
-
-
-def token_hash(tokens: np.ndarray, salt: int) -> np.ndarray:
-    """A uint64 hash per token id (splitmix64 of ``token ^ salt``): the order of the capped
-    subset (``Candidates.capped``)."""
-    out = np.empty(len(tokens), dtype=np.uint64)
-    _token_hash_nb(np.asarray(tokens, dtype=np.int64), np.uint64(salt & 0xFFFFFFFFFFFFFFFF), out)
-    return out
+def _bottom(keys, k):
+    """Indices of the k smallest keys (k < len(keys); hashes: no ties in practice)."""
+    return np.argsort(keys)[:k]
 
 
 @njit(cache=True, nogil=True)
-def _cap_nb(cand, count, group, cap, salt, mark, keep_log, unique):
-    """Per KV head: the union of its query heads' candidates; above ``cap`` rows only the cap
-    with the smallest token hash stay (cand/count rewritten), and keep_log[g] = log(union / cap).
-    unique[h] = rows left per KV head. mark [tokens] uint8 scratch (zero on entry and return)."""
+def _demand_nb(cand, count, group, page_size, disk_page, mark, rows, pages):
+    """rows[h]: distinct tokens of KV head h's group in memory pages; returns the distinct
+    pages on DISK holding any candidate (their ids in pages[:returned]). mark [tokens] uint8
+    scratch, zero on entry and return."""
     num_heads = cand.shape[0]
+    num_pages = 0
     for h in range(num_heads // group):
-        union = 0
+        rows[h] = 0
         for g in range(h * group, (h + 1) * group):
             for i in range(count[g]):
                 tok = cand[g, i]
+                if disk_page[tok // page_size]:
+                    continue
                 if mark[tok] == 0:
                     mark[tok] = 1
-                    union += 1
-        toks = np.empty(union, dtype=np.int64)
-        u = 0
+                    rows[h] += 1
         for g in range(h * group, (h + 1) * group):
             for i in range(count[g]):
-                tok = cand[g, i]
-                if mark[tok] == 1:
-                    mark[tok] = 2
-                    toks[u] = tok
-                    u += 1
-        for i in range(union):
-            mark[toks[i]] = 0
-        kept = union
-        if union > cap:
-            keys = np.empty(union, dtype=np.uint64)
-            for i in range(union):
-                keys[i] = _splitmix(np.uint64(toks[i]) ^ salt)
-            limit = np.sort(keys)[cap - 1]
-            for i in range(union):
-                if keys[i] <= limit:
-                    mark[toks[i]] = 1
+                mark[cand[g, i]] = 0
+    for g in range(num_heads):
+        for i in range(count[g]):
+            page = cand[g, i] // page_size
+            if disk_page[page] and mark[page * page_size] == 0:
+                mark[page * page_size] = 1
+                pages[num_pages] = page
+                num_pages += 1
+    for i in range(num_pages):
+        mark[pages[i] * page_size] = 0
+    return num_pages
+
+
+@njit(cache=True, nogil=True)
+def _thin_nb(cand, count, log_factor, group, page_size, disk_page, row_caps, page_cap, salt, mark):
+    """Keep at most row_caps[h] memory rows per KV head (the smallest hashes of token ^ salt)
+    and page_cap DISK pages (of page ^ ~salt); each kept candidate's log_factor gains
+    log(distinct / kept) of its kind. Returns (memory rows per KV head, DISK pages) before
+    thinning. mark [tokens] uint8 scratch, zero on entry and return: 2 marks a kept DISK page
+    at its first token, 1 a memory row seen, 3 a memory row kept."""
+    num_heads = cand.shape[0]
+    rows = np.zeros(num_heads // group, dtype=np.int64)
+    pages = np.empty(count.sum() + 1, dtype=np.int64)
+    num_pages = _demand_nb(cand, count, group, page_size, disk_page, mark, rows, pages)
+    if num_pages > page_cap:
+        keys = np.empty(num_pages, dtype=np.uint64)
+        for i in range(num_pages):
+            keys[i] = _splitmix(np.uint64(pages[i]) ^ ~salt)
+        for i in _bottom(keys, page_cap):
+            mark[pages[i] * page_size] = 2
+    else:
+        for i in range(num_pages):
+            mark[pages[i] * page_size] = 2
+    page_log = math.log(num_pages / page_cap) if num_pages > page_cap else 0.0
+    for h in range(num_heads // group):
+        capped = rows[h] > row_caps[h]
+        toks = np.empty(rows[h] if capped else 0, dtype=np.int64)
+        row_log = 0.0
+        if capped:
+            u = 0
             for g in range(h * group, (h + 1) * group):
-                m = 0
                 for i in range(count[g]):
-                    if mark[cand[g, i]] == 1:
-                        cand[g, m] = cand[g, i]
-                        m += 1
-                count[g] = m
-                keep_log[g] = math.log(union / cap)
-            for i in range(union):
-                mark[toks[i]] = 0
-            kept = cap
-        unique[h] = kept
+                    tok = cand[g, i]
+                    if not disk_page[tok // page_size] and mark[tok] == 0:
+                        mark[tok] = 1
+                        toks[u] = tok
+                        u += 1
+            keys = np.empty(u, dtype=np.uint64)
+            for i in range(u):
+                keys[i] = _splitmix(np.uint64(toks[i]) ^ salt)
+            for i in _bottom(keys, row_caps[h]):
+                mark[toks[i]] = 3
+            row_log = math.log(rows[h] / row_caps[h])
+        for g in range(h * group, (h + 1) * group):
+            m = 0
+            for i in range(count[g]):
+                tok = cand[g, i]
+                page = tok // page_size
+                if disk_page[page]:
+                    if mark[page * page_size] != 2:
+                        continue
+                    log_factor[g, m] = log_factor[g, i] + page_log
+                elif capped:
+                    if mark[tok] != 3:
+                        continue
+                    log_factor[g, m] = log_factor[g, i] + row_log
+                else:
+                    log_factor[g, m] = log_factor[g, i]
+                cand[g, m] = tok
+                m += 1
+            count[g] = m
+        for i in range(toks.shape[0]):
+            mark[toks[i]] = 0
+    for i in range(num_pages):
+        mark[pages[i] * page_size] = 0
+    return rows, num_pages
 
 
 @dataclasses.dataclass
 class Candidates:
-    """One layer's retrieval for one query.
+    """One layer's retrieval for one query (``LshTables.retrieve``), thinned in place by
+    ``thin``.
 
     Attributes:
         tokens: [num_heads, max] int32; query head g's candidates are tokens[g, :count[g]].
         count: [num_heads] int32.
-        keep_log: [num_heads] float32, log of the capped subset's weight (0: not capped).
-        unique: [num_kv_heads] int64 rows (tokens) each KV head's group reads.
+        log_factor: [num_heads, max] float32, log of each candidate's thinning weight (0: kept
+            with certainty).
         ids_scanned: bucket ids walked (the table bytes read: 2 bytes each).
+        rows: [num_kv_heads] distinct memory rows per KV head before the last ``thin``.
+        disk_pages: distinct DISK pages holding a candidate before the last ``thin``.
     """
 
     tokens: np.ndarray
     count: np.ndarray
-    keep_log: np.ndarray
-    unique: np.ndarray
+    log_factor: np.ndarray
     ids_scanned: int
+    rows: np.ndarray | None = None
+    disk_pages: int = 0
+
+
+def thin(cand: Candidates, *, group: int, page_size: int, disk_page: np.ndarray, row_caps: np.ndarray,
+         page_cap: int, salt: int, scratch: np.ndarray) -> None:
+    """Cap the rows read in place, unbiasedly: at most ``row_caps[h]`` distinct memory rows
+    (tokens of pages where ``disk_page`` is False) per KV head h, and ``page_cap`` distinct
+    DISK pages (read whole), each kept as a uniform subset (the smallest splitmix64 hashes of
+    ``token ^ salt``, of ``page ^ ~salt``) whose candidates' weights gain ``distinct / kept``.
+
+    Args:
+        disk_page: [num_pages] bool, per page id of the layer.
+        row_caps: [num_kv_heads] int64 (>= 1); page_cap >= 1.
+        scratch: [>= tokens] uint8, zero (and left zero).
+    """
+    rows, pages = _thin_nb(cand.tokens, cand.count, cand.log_factor, group, page_size, disk_page,
+                           np.maximum(np.asarray(row_caps, dtype=np.int64), 1), max(1, page_cap),
+                           np.uint64(salt & 0xFFFFFFFFFFFFFFFF), scratch)
+    cand.rows, cand.disk_pages = rows, int(pages)
 
 
 class LshTables:
@@ -320,25 +383,26 @@ class LshTables:
             raise ValueError(f"cannot truncate to {num_tokens} tokens: {self.built} are bucketed")
         self.tail_count = min(self.tail_count, num_tokens - self.built)
 
-    def retrieve(self, q: np.ndarray, *, lo: int, hi: int, min_hits: int, cap: int, salt: int) -> Candidates:
-        """Candidates of query q [num_heads, head_dim] float32 among tokens [lo, hi), at most
-        ``cap`` rows per KV head (see the module docstring)."""
-        num_heads = q.shape[0]
+    def scratch(self, num_heads: int) -> np.ndarray:
+        """[num_heads, >= num_tokens] uint8 zeros for ``retrieve`` (row 0 serves ``thin``),
+        kept between calls (each leaves it zero)."""
         n = self.num_tokens
         if self._hits.shape[0] < num_heads or self._hits.shape[1] < n:
             self._hits = np.zeros((num_heads, max(n, 2 * self._hits.shape[1])), dtype=np.uint8)
+        return self._hits
+
+    def retrieve(self, q: np.ndarray, *, lo: int, hi: int, min_hits: int) -> Candidates:
+        """Candidates of query q [num_heads, head_dim] float32 among tokens [lo, hi): tokens
+        whose code equals the query's in at least ``min_hits`` tables (module docstring)."""
+        num_heads = q.shape[0]
+        hits = self.scratch(num_heads)
         qc = query_codes(np.ascontiguousarray(q, dtype=np.float32), self.planes, self.bits)
-        cand = np.empty((num_heads, max(1, min(n, hi) - max(0, lo))), dtype=np.int32)
+        cand = np.empty((num_heads, max(1, min(self.num_tokens, hi) - max(0, lo))), dtype=np.int32)
         count = np.zeros(num_heads, dtype=np.int32)
-        _retrieve_nb(qc, self.offsets, self.ids, self.tail, self.tail_count, self.built, lo, hi, min_hits,
-                     self._hits, cand, count)
-        scanned = _ids_scanned(qc, self.offsets, self.ids.shape[0])
-        group = num_heads // self.ids.shape[0]
-        keep_log = np.zeros(num_heads, dtype=np.float32)
-        unique = np.zeros(self.ids.shape[0], dtype=np.int64)
-        _cap_nb(cand, count, group, max(1, cap), np.uint64(salt & 0xFFFFFFFFFFFFFFFF), self._hits[0], keep_log,
-                unique)
-        return Candidates(tokens=cand, count=count, keep_log=keep_log, unique=unique, ids_scanned=scanned)
+        _retrieve_nb(qc, self.offsets, self.ids, self.tail, self.tail_count, self.built, lo, hi, min_hits, hits,
+                     cand, count)
+        return Candidates(tokens=cand, count=count, log_factor=np.zeros(cand.shape, dtype=np.float32),
+                          ids_scanned=_ids_scanned(qc, self.offsets, self.ids.shape[0]))
 
 
 @njit(cache=True, nogil=True)

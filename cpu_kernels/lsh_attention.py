@@ -5,17 +5,19 @@ A candidate key k (retrieved by ``cpu_kernels.lsh.LshTables.retrieve``) of a que
 with probability ``P(k) = P[Binomial(L, p) >= m]``, where ``p = (1 - theta / pi) ** K`` is the
 probability that one table of K SimHash bits gives q and the centred key ``k - mean`` the same
 code (theta their angle; Charikar 2002) and m = ``min_hits`` of L tables. With
-``w = exp(scale * q . k) / P(k)`` (times ``union / cap`` when the candidates were capped)::
+``w = exp(scale * q . k) / P(k)`` (times the thinning factor ``distinct / kept`` where the
+candidates were capped: ``cpu_kernels.lsh.thin``)::
 
     out = sum_k w v_k / sum_k w        lse = log sum_k w
 
 ``sum_k w`` is an unbiased estimate of the softmax denominator over the sampled region, and the
 pair merges by log-sum-exp with the exact pieces (sink, window, tail) like any partial.
 
-Each query head's candidates are gathered row by row from a page arena (``[num_kv_heads,
-num_slots, page_size, head_dim]``, float32 or 16-bit bits, ``docs/layout.md``) through
-``page_slots`` (the slot of each page id; -1 where the page lives elsewhere: those rows are
-skipped, another call attends them), in two passes: the keys' logits, then the values.
+Each query head's candidates are gathered row by row from pages ``[num_kv_heads, num_slots,
+page_size, head_dim]`` (float32 or 16-bit bits; an arena, ``docs/layout.md``, or the strided
+view of a staged DISK chunk) through ``page_slots`` (the slot of each page id; -1 where the
+page lives elsewhere: those rows are skipped, another call attends them), in two passes: the
+keys' logits, then the values.
 """
 from __future__ import annotations
 
@@ -82,12 +84,13 @@ def inclusion_probability(cos: Any, *, bits: int, tables: int, min_hits: int) ->
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
-def _sampled_attention_nb(q, k_rows, v_rows, page_size, page_slots, cand, count, keep_log, mean, bits, tables,
-                          min_hits, scale, out, lse):
-    """q [H, D]; k_rows, v_rows [nkv, slots * page_size, D] (row = slot * page_size + offset);
-    cand [H, max] / count [H] token ids; writes out [H, D], lse [H] (-inf: no row here)."""
+def _sampled_attention_nb(q, k_pages, v_pages, page_slots, cand, count, log_factor, mean, bits, tables, min_hits,
+                          scale, out, lse):
+    """q [H, D]; k_pages, v_pages [nkv, slots, page_size, D]; cand [H, max] / count [H] token
+    ids, log_factor [H, max]; writes out [H, D], lse [H] (-inf: no row here)."""
     num_heads, head_dim = q.shape
-    group = num_heads // k_rows.shape[0]
+    page_size = k_pages.shape[2]
+    group = num_heads // k_pages.shape[0]
     for g in prange(num_heads):
         h = g // group
         qg, mu = q[g], mean[h]
@@ -96,7 +99,8 @@ def _sampled_attention_nb(q, k_rows, v_rows, page_size, page_slots, cand, count,
         mu2 = np.sum(mu * mu)
         n = count[g]
         logits = np.empty(n, dtype=np.float64)
-        rows = np.empty(n, dtype=np.int64)
+        slots = np.empty(n, dtype=np.int64)
+        offsets = np.empty(n, dtype=np.int64)
         kbuf = np.empty(head_dim, dtype=np.float32)
         vbuf = np.empty(head_dim, dtype=np.float32)
         m = 0
@@ -106,8 +110,7 @@ def _sampled_attention_nb(q, k_rows, v_rows, page_size, page_slots, cand, count,
             slot = page_slots[tok // page_size]
             if slot < 0:
                 continue
-            row = slot * page_size + tok % page_size
-            k = load_row(k_rows, h, row, kbuf)
+            k = load_row(k_pages[h], slot, tok % page_size, kbuf)
             dot = np.float32(0.0)
             k_mu = np.float32(0.0)
             k2 = np.float32(0.0)
@@ -117,9 +120,10 @@ def _sampled_attention_nb(q, k_rows, v_rows, page_size, page_slots, cand, count,
                 k2 += k[d] * k[d]
             centred = math.sqrt(max(k2 - 2.0 * k_mu + mu2, 1e-30))
             prob = _inclusion_nb((dot - q_mu) / (q_norm * centred), bits, tables, min_hits)
-            logit = scale * dot - math.log(prob) + keep_log[g]
+            logit = scale * dot - math.log(prob) + log_factor[g, i]
             logits[m] = logit
-            rows[m] = row
+            slots[m] = slot
+            offsets[m] = tok % page_size
             best = max(best, logit)
             m += 1
         acc = np.zeros(head_dim, dtype=np.float64)
@@ -127,7 +131,7 @@ def _sampled_attention_nb(q, k_rows, v_rows, page_size, page_slots, cand, count,
         for i in range(m):  # pass 2: the values
             w = math.exp(logits[i] - best)
             total += w
-            v = load_row(v_rows, h, rows[i], vbuf)
+            v = load_row(v_pages[h], slots[i], offsets[i], vbuf)
             for d in range(head_dim):
                 acc[d] += w * v[d]
         if m == 0:
@@ -139,12 +143,6 @@ def _sampled_attention_nb(q, k_rows, v_rows, page_size, page_slots, cand, count,
             lse[g] = best + math.log(total)
 
 
-def _rows(pages: np.ndarray) -> np.ndarray:
-    """A [nkv, slots, page_size, D] kernel view as [nkv, slots * page_size, D] (a view)."""
-    nkv, slots, page_size, head_dim = pages.shape
-    return pages.reshape(nkv, slots * page_size, head_dim)
-
-
 def sampled_attention_trusted(q: np.ndarray, k_pages: np.ndarray, v_pages: np.ndarray, page_slots: np.ndarray,
                               cand: Candidates, mean: np.ndarray, *, bits: int, tables: int, min_hits: int,
                               scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +150,8 @@ def sampled_attention_trusted(q: np.ndarray, k_pages: np.ndarray, v_pages: np.nd
     num_heads, head_dim = q.shape
     out = np.empty((num_heads, head_dim), dtype=np.float32)
     lse = np.empty(num_heads, dtype=np.float32)
-    _sampled_attention_nb(q, _rows(k_pages), _rows(v_pages), k_pages.shape[2], page_slots, cand.tokens, cand.count,
-                          cand.keep_log, mean, bits, tables, min_hits, np.float32(scale), out, lse)
+    _sampled_attention_nb(q, k_pages, v_pages, page_slots, cand.tokens, cand.count, cand.log_factor, mean, bits,
+                          tables, min_hits, np.float32(scale), out, lse)
     return out, lse
 
 
@@ -163,8 +161,8 @@ def sampled_attention(q: Any, k_pages: Any, v_pages: Any, page_slots: Any, cand:
 
     Args:
         q: [num_heads, head_dim] float32.
-        k_pages, v_pages: [num_kv_heads, num_slots, page_size, head_dim] page arenas
-            (contiguous; float32, float16 or bfloat16).
+        k_pages, v_pages: [num_kv_heads, num_slots, page_size, head_dim] pages (float32,
+            float16 or bfloat16; strided views allowed).
         page_slots: [num_pages] int32, the slot of each page id in this arena, -1 elsewhere.
         cand: the layer's ``Candidates`` (token ids of the sequence).
         mean: [num_kv_heads, head_dim] float32, the key mean the tables were hashed around.
@@ -180,8 +178,8 @@ def sampled_attention(q: Any, k_pages: Any, v_pages: Any, page_slots: Any, cand:
     """
     qm = query_matrix(q)
     k, v = kernel_pages(k_pages, "k_pages", 4), kernel_pages(v_pages, "v_pages", 4)
-    if k.shape != v.shape or not k.flags.c_contiguous or not v.flags.c_contiguous:
-        raise ValueError(f"k_pages and v_pages must be contiguous and alike, got {k.shape} and {v.shape}")
+    if k.shape != v.shape or k.dtype != v.dtype:
+        raise ValueError(f"k_pages and v_pages must be alike, got {k.shape} {k.dtype} and {v.shape} {v.dtype}")
     if qm.shape[0] % k.shape[0] or qm.shape[1] != k.shape[3]:
         raise ValueError(f"q {qm.shape} does not fit pages of {k.shape[0]} KV heads and head_dim {k.shape[3]}")
     slots = np.ascontiguousarray(page_slots, dtype=np.int32)

@@ -43,65 +43,90 @@ def inclusion_probability_ref(cos: Any, *, bits: int, tables: int, min_hits: int
     return binom.sf(min_hits - 1, tables, p)
 
 
-def lsh_candidates_ref(q: Any, keys: Any, planes: Any, *, bits: int, min_hits: int, lo: int, hi: int, cap: int,
-                       salt: int, mean: Any = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per query head, its candidate tokens (sorted) after the KV group's cap, and per query
-    head the cap's weight factor (union / cap, or 1).
+def _bottom(items: list[int], k: int, salt: int) -> set[int]:
+    """The k items with the smallest splitmix64 hash of ``item ^ salt``."""
+    return set(sorted(items, key=lambda t: splitmix64_ref(int(t) ^ salt))[:k])
+
+
+def lsh_candidates_ref(q: Any, keys: Any, planes: Any, *, bits: int, min_hits: int, lo: int, hi: int, salt: int = 0,
+                       mean: Any = None, page_size: int = 1, disk_page: Any = None, row_caps: Any = None,
+                       page_cap: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per query head, its candidate tokens (sorted) and each one's log thinning factor.
 
     Args:
         q: [num_heads, head_dim]; keys [num_kv_heads, n, head_dim]; planes [num_kv_heads,
             tables * bits, head_dim].
         mean: [num_kv_heads, head_dim] the keys are centred by (None: their own mean).
+        page_size, disk_page: [num_pages] bool, pages on DISK (None: none).
+        row_caps: [num_kv_heads] distinct memory rows kept per KV head (None: all); page_cap:
+            distinct DISK pages kept (None: all). The kept subsets are the smallest hashes of
+            ``token ^ salt`` and ``page ^ ~salt`` (64 bits).
     """
     q = np.asarray(q, dtype=np.float64)
     keys = np.asarray(keys, dtype=np.float64)
-    num_heads, nkv = q.shape[0], keys.shape[0]
+    num_heads, nkv, n = q.shape[0], keys.shape[0], keys.shape[1]
     group = num_heads // nkv
     mean = keys.mean(axis=1) if mean is None else np.asarray(mean, dtype=np.float64)
-    out: list[np.ndarray] = []
-    factor = np.ones(num_heads)
+    on_disk = np.zeros(-(-n // page_size), dtype=bool) if disk_page is None else np.asarray(disk_page, dtype=bool)
+    heads: list[np.ndarray] = []
     for h in range(nkv):
         kc = lsh_codes_ref(keys[h] - mean[h], planes[h], bits)  # [tables, n]
-        heads = []
         for g in range(h * group, (h + 1) * group):
-            qc = lsh_codes_ref(q[g:g + 1], planes[h], bits)  # [tables, 1]
-            hits = (kc == qc).sum(axis=0)
+            hits = (kc == lsh_codes_ref(q[g:g + 1], planes[h], bits)).sum(axis=0)
             toks = np.nonzero(hits >= min_hits)[0]
             heads.append(toks[(toks >= lo) & (toks < hi)])
-        union = np.unique(np.concatenate(heads)) if heads else np.zeros(0, dtype=np.int64)
-        if len(union) > cap:
-            order = sorted(union.tolist(), key=lambda t: splitmix64_ref(int(t) ^ (salt & _MASK)))
-            kept = set(order[:cap])
-            heads = [np.array([t for t in toks if t in kept], dtype=np.int64) for toks in heads]
-            factor[h * group:(h + 1) * group] = len(union) / cap
-        out.extend(np.sort(toks) for toks in heads)
-    return out, factor
+    disk_pages = sorted({int(t) // page_size for toks in heads for t in toks if on_disk[t // page_size]})
+    kept_pages, page_log = set(disk_pages), 0.0
+    if page_cap is not None and len(disk_pages) > page_cap:
+        kept_pages = _bottom(disk_pages, page_cap, ~salt & _MASK)
+        page_log = np.log(len(disk_pages) / page_cap)
+    out_t, out_f = [], []
+    for h in range(nkv):
+        mem = sorted({int(t) for g in range(h * group, (h + 1) * group) for t in heads[g]
+                      if not on_disk[t // page_size]})
+        kept_rows, row_log = set(mem), 0.0
+        if row_caps is not None and len(mem) > row_caps[h]:
+            kept_rows = _bottom(mem, int(row_caps[h]), salt & _MASK)
+            row_log = np.log(len(mem) / row_caps[h])
+        for g in range(h * group, (h + 1) * group):
+            toks, logs = [], []
+            for t in heads[g]:
+                if on_disk[t // page_size] and t // page_size in kept_pages:
+                    toks.append(t)
+                    logs.append(page_log)
+                elif not on_disk[t // page_size] and t in kept_rows:
+                    toks.append(t)
+                    logs.append(row_log)
+            out_t.append(np.asarray(toks, dtype=np.int64))
+            out_f.append(np.asarray(logs, dtype=np.float64))
+    return out_t, out_f
 
 
 def lsh_attention_ref(q: Any, keys: Any, values: Any, planes: Any, *, bits: int, min_hits: int, lo: int, hi: int,
-                      cap: int, salt: int, scale: float, mean: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                      scale: float, **thinning: Any) -> tuple[np.ndarray, np.ndarray]:
     """The sampled partial of every query head over [lo, hi): out [num_heads, head_dim],
-    lse [num_heads] (float64; -inf and zeros for a head without candidates). ``mean`` as in
-    ``lsh_candidates_ref``."""
+    lse [num_heads] (float64; -inf and zeros for a head without candidates). ``thinning``:
+    ``lsh_candidates_ref``'s keyword arguments (salt, mean, page_size, disk_page, caps)."""
     q = np.asarray(q, dtype=np.float64)
     keys = np.asarray(keys, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64)
     tables = np.asarray(planes).shape[1] // bits
+    mean = thinning.pop("mean", None)
     mean = keys.mean(axis=1) if mean is None else np.asarray(mean, dtype=np.float64)
-    cands, factor = lsh_candidates_ref(q, keys, planes, bits=bits, min_hits=min_hits, lo=lo, hi=hi, cap=cap,
-                                       salt=salt, mean=mean)
+    cands, factors = lsh_candidates_ref(q, keys, planes, bits=bits, min_hits=min_hits, lo=lo, hi=hi, mean=mean,
+                                        **thinning)
     num_heads, head_dim = q.shape
     group = num_heads // keys.shape[0]
     out = np.zeros((num_heads, head_dim))
     lse = np.full(num_heads, -np.inf)
-    for g, toks in enumerate(cands):
+    for g, (toks, log_f) in enumerate(zip(cands, factors)):
         if len(toks) == 0:
             continue
         k = keys[g // group, toks]
         centred = k - mean[g // group]
         cos = centred @ q[g] / (np.linalg.norm(centred, axis=1) * np.linalg.norm(q[g]))
         prob = inclusion_probability_ref(cos, bits=bits, tables=tables, min_hits=min_hits)
-        logits = scale * (k @ q[g]) - np.log(prob) + np.log(factor[g])
+        logits = scale * (k @ q[g]) - np.log(prob) + log_f
         top = logits.max()
         w = np.exp(logits - top)
         out[g] = w @ values[g // group, toks] / w.sum()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_kernels.lsh import SEGMENT_TOKENS, LshTables, hash_planes, query_codes, simhash_codes
+from cpu_kernels.lsh import SEGMENT_TOKENS, Candidates, LshTables, hash_planes, query_codes, simhash_codes, thin
 from cpu_kernels.lsh_attention import inclusion_probability, sampled_attention
 from cpu_kernels.reference_lsh import (
     inclusion_probability_ref,
@@ -24,9 +24,11 @@ from tests.tolerances import KERNEL_TOL, LSE_ATOL
 
 PAGE_SIZE = 16
 SCALE = 0.125
-# (num_kv_heads, group, head_dim, bits, tables, min_hits, cap): the cap binds in some cases
-CASES = [(1, 4, 64, 6, 40, 2, 10_000), (2, 3, 64, 6, 40, 2, 120), (3, 1, 80, 4, 12, 1, 50),
-         (1, 2, 128, 8, 100, 3, 10_000)]
+NO_CAP = 10**9
+# (num_kv_heads, group, head_dim, bits, tables, min_hits, row cap, DISK share of pages, page cap)
+CASES = [(1, 4, 64, 6, 40, 2, NO_CAP, 0.0, NO_CAP), (2, 3, 64, 6, 40, 2, 120, 0.0, NO_CAP),
+         (3, 1, 80, 4, 12, 1, 50, 0.5, 20), (1, 2, 128, 8, 100, 3, NO_CAP, 0.3, NO_CAP),
+         (2, 2, 64, 5, 30, 2, 60, 1.0, 15)]
 
 
 def _data(seed: int, nkv: int, group: int, head_dim: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,23 +70,43 @@ def test_planes_come_from_the_seed():
     assert not np.array_equal(hash_planes(5, 2, 64, 4, 3), hash_planes(6, 2, 64, 4, 3))
 
 
-@pytest.mark.parametrize("nkv,group,hd,bits,tables,min_hits,cap", CASES)
-def test_candidates_match_reference(nkv, group, hd, bits, tables, min_hits, cap):
+def _retrieve(t: LshTables, q: np.ndarray, *, lo: int, hi: int, min_hits: int, row_cap: int, disk_share: float,
+              page_cap: int, salt: int) -> tuple[Candidates, np.ndarray]:
+    """Retrieval thinned as a step would: DISK pages (a seeded share of them) capped to
+    ``page_cap``, memory rows to ``row_cap`` per KV head. Returns the candidates and the
+    DISK mask."""
+    pages = -(-t.num_tokens // PAGE_SIZE)
+    disk = np.random.default_rng(salt).random(pages) < disk_share
+    cand = t.retrieve(q, lo=lo, hi=hi, min_hits=min_hits)
+    nkv = t.mean.shape[0]
+    thin(cand, group=q.shape[0] // nkv, page_size=PAGE_SIZE, disk_page=disk, row_caps=np.full(nkv, row_cap),
+         page_cap=page_cap, salt=salt, scratch=t.scratch(q.shape[0])[0])
+    return cand, disk
+
+
+@pytest.mark.parametrize("nkv,group,hd,bits,tables,min_hits,row_cap,disk_share,page_cap", CASES)
+def test_candidates_match_reference(nkv, group, hd, bits, tables, min_hits, row_cap, disk_share, page_cap):
     n, lo, hi, salt = 3000, PAGE_SIZE, 3000 - 3 * PAGE_SIZE, 99
     keys, _, q = _data(1, nkv, group, hd, n)
     t = LshTables(keys, bits=bits, tables=tables, seed=3)
-    cand = t.retrieve(q, lo=lo, hi=hi, min_hits=min_hits, cap=cap, salt=salt)
-    ref, factor = lsh_candidates_ref(q, keys, t.planes, bits=bits, min_hits=min_hits, lo=lo, hi=hi, cap=cap,
-                                     salt=salt)
+    cand, disk = _retrieve(t, q, lo=lo, hi=hi, min_hits=min_hits, row_cap=row_cap, disk_share=disk_share,
+                           page_cap=page_cap, salt=salt)
+    ref, factors = lsh_candidates_ref(q, keys, t.planes, bits=bits, min_hits=min_hits, lo=lo, hi=hi, salt=salt,
+                                      page_size=PAGE_SIZE, disk_page=disk, row_caps=np.full(nkv, row_cap),
+                                      page_cap=page_cap)
     for g in range(nkv * group):
-        mine = np.sort(cand.tokens[g, :cand.count[g]])
+        order = np.argsort(cand.tokens[g, :cand.count[g]])
+        mine = cand.tokens[g, :cand.count[g]][order]
         np.testing.assert_array_equal(mine, ref[g])
         assert ((mine >= lo) & (mine < hi)).all()  # never in the exactly attended pages
-        np.testing.assert_allclose(cand.keep_log[g], np.log(factor[g]), rtol=1e-6)
-    for h in range(nkv):
-        union = np.unique(np.concatenate([ref[g] for g in range(h * group, (h + 1) * group)]))
-        assert cand.unique[h] == len(union) <= cap
+        np.testing.assert_allclose(cand.log_factor[g, :cand.count[g]][order], factors[g], rtol=1e-6, atol=1e-7)
+    assert (t.scratch(nkv * group) == 0).all()  # the scratch is left zero
     assert cand.ids_scanned > 0
+    kept_pages = {int(x) // PAGE_SIZE for r in ref for x in r if disk[x // PAGE_SIZE]}
+    assert len(kept_pages) <= page_cap
+    for h in range(nkv):
+        rows = {int(x) for r in ref[h * group:(h + 1) * group] for x in r if not disk[x // PAGE_SIZE]}
+        assert len(rows) <= row_cap
 
 
 def test_segments_and_appended_tokens():
@@ -96,8 +118,8 @@ def test_segments_and_appended_tokens():
     t.extend(keys[:, n0:n0 + 200])
     t.extend(keys[:, n0 + 200:])
     assert t.num_tokens == n0 + n1 and t.built == n0
-    cand = t.retrieve(q, lo=100, hi=n0 + n1 - 50, min_hits=2, cap=10**9, salt=0)
-    ref, _ = lsh_candidates_ref(q, keys, t.planes, bits=5, min_hits=2, lo=100, hi=n0 + n1 - 50, cap=10**9, salt=0,
+    cand = t.retrieve(q, lo=100, hi=n0 + n1 - 50, min_hits=2)
+    ref, _ = lsh_candidates_ref(q, keys, t.planes, bits=5, min_hits=2, lo=100, hi=n0 + n1 - 50,
                                 mean=keys[:, :n0].mean(axis=1))
     for g in range(2):
         np.testing.assert_array_equal(np.sort(cand.tokens[g, :cand.count[g]]), ref[g])
@@ -109,8 +131,8 @@ def test_segments_and_appended_tokens():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("nkv,group,hd,bits,tables,min_hits,cap", CASES[:3])
-def test_attention_matches_reference(dtype, nkv, group, hd, bits, tables, min_hits, cap):
+@pytest.mark.parametrize("nkv,group,hd,bits,tables,min_hits,row_cap,disk_share,page_cap", CASES[1:4])
+def test_attention_matches_reference(dtype, nkv, group, hd, bits, tables, min_hits, row_cap, disk_share, page_cap):
     """Pages at shuffled slots, split between two arenas (each call attends its own rows):
     merged, they equal the float64 reference over the same candidates."""
     n, lo, hi, salt = 2000, PAGE_SIZE, 2000 - 2 * PAGE_SIZE, 5
@@ -119,7 +141,8 @@ def test_attention_matches_reference(dtype, nkv, group, hd, bits, tables, min_hi
         keys = torch.from_numpy(keys).to(dtype).float().numpy()
         values = torch.from_numpy(values).to(dtype).float().numpy()
     t = LshTables(keys, bits=bits, tables=tables, seed=4)
-    cand = t.retrieve(q, lo=lo, hi=hi, min_hits=min_hits, cap=cap, salt=salt)
+    cand, disk = _retrieve(t, q, lo=lo, hi=hi, min_hits=min_hits, row_cap=row_cap, disk_share=disk_share,
+                           page_cap=page_cap, salt=salt)
     pages = -(-n // PAGE_SIZE)
     perm = np.random.default_rng(0).permutation(pages + 5).astype(np.int32)
     k_arena, v_arena = _arena(keys, perm, dtype), _arena(values, perm, dtype)
@@ -129,7 +152,8 @@ def test_attention_matches_reference(dtype, nkv, group, hd, bits, tables, min_hi
                                scale=SCALE) for s in (first, second)]
     out, lse = merge_partials_ref([torch.from_numpy(o) for o, _ in parts], [torch.from_numpy(s) for _, s in parts])
     ref_out, ref_lse = lsh_attention_ref(q, keys, values, t.planes, bits=bits, min_hits=min_hits, lo=lo, hi=hi,
-                                         cap=cap, salt=salt, scale=SCALE)
+                                         scale=SCALE, salt=salt, page_size=PAGE_SIZE, disk_page=disk,
+                                         row_caps=np.full(nkv, row_cap), page_cap=page_cap)
     atol, rtol = KERNEL_TOL[torch.float32]
     np.testing.assert_allclose(out.numpy(), ref_out, atol=10 * atol, rtol=10 * rtol)
     np.testing.assert_allclose(lse.numpy(), ref_lse, atol=10 * LSE_ATOL[torch.float32], rtol=0)
@@ -138,7 +162,7 @@ def test_attention_matches_reference(dtype, nkv, group, hd, bits, tables, min_hi
 def test_attention_rejects_bad_inputs():
     keys, values, q = _data(4, 1, 2, 64, 64)
     t = LshTables(keys, bits=4, tables=8, seed=0)
-    cand = t.retrieve(q, lo=0, hi=64, min_hits=1, cap=100, salt=0)
+    cand = t.retrieve(q, lo=0, hi=64, min_hits=1)
     arena = _arena(keys, np.arange(4, dtype=np.int32), torch.float32)
     with pytest.raises(ValueError, match="beyond"):
         sampled_attention(q, arena, arena, np.zeros(1, dtype=np.int32), cand, t.mean, bits=4, tables=8,
@@ -196,7 +220,7 @@ def test_denominator_is_unbiased():
     sums = []
     for seed in range(300):
         t = LshTables(keys, bits=3, tables=6, seed=seed)
-        cand = t.retrieve(q, lo=lo, hi=hi, min_hits=2, cap=10**9, salt=0)
+        cand = t.retrieve(q, lo=lo, hi=hi, min_hits=2)
         arena = _arena(keys, np.arange(-(-n // PAGE_SIZE), dtype=np.int32), torch.float32)
         varena = _arena(values, np.arange(-(-n // PAGE_SIZE), dtype=np.int32), torch.float32)
         _, lse = sampled_attention(q, arena, varena, np.arange(arena.shape[1], dtype=np.int32), cand, t.mean,
@@ -220,7 +244,7 @@ def test_estimate_nears_exact_as_tables_grow():
         err = []
         for seed in range(5):
             t = LshTables(keys, bits=3, tables=tables, seed=seed)
-            cand = t.retrieve(q, lo=lo, hi=hi, min_hits=2, cap=10**9, salt=0)
+            cand = t.retrieve(q, lo=lo, hi=hi, min_hits=2)
             slots = np.arange(-(-n // PAGE_SIZE), dtype=np.int32)
             part = sampled_attention(q, _arena(keys, slots, torch.float32), _arena(values, slots, torch.float32),
                                      slots, cand, t.mean, bits=3, tables=tables, min_hits=2, scale=SCALE)
