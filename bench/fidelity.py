@@ -68,6 +68,17 @@ def _selectors(engine, source, budgets, modes):
             from offload.attention.speculative import speculative_selector
 
             out.append(("speculative", f, speculative_selector(engine, source, budget=f)))
+        if "lsh" in modes:  # the engine's sequences carry SimHash tables (main sets engine.lsh_params)
+            from offload.attention.lsh import lsh_selector
+
+            out.append(("lsh", f, lsh_selector(engine, QuestSelector(budget=f, page_size=ps, kinds=kinds,
+                                                                     scale=engine.runner.scale), budget=f)))
+        if "lsh-prior" in modes:  # the prompt prior's best pages exact, the rest sampled
+            from offload.attention.lsh import lsh_selector
+
+            out.append(("lsh-prior", f, lsh_selector(engine, QuestSelector(budget=f, page_size=ps, kinds=kinds,
+                                                                           scale=engine.runner.scale),
+                                                     budget=f, prior_share=0.75)))
     return out
 
 
@@ -304,12 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-task", type=int, nargs="+", default=[3],
                    help="cases per task and length: one count, or one per length (fewer at the longest lengths)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle", "speculative"])
+    p.add_argument("--modes", nargs="+", default=["quest"], choices=["quest", "quest-classic", "oracle", "speculative", "lsh", "lsh-prior"])
     p.add_argument("--kv-formats", nargs="+", default=[], choices=[f for f in FORMATS if f != "exact"],
                    help="page formats run beside exact, each on its own engine and prefill: the format alone "
                         "and with each sparse mode (4bit-exact-prefill: 4-bit pages, the prompt prefilled as one "
                         "chunk, so it attends itself exactly and is quantized at the end; exact-blas: exact "
                         "with torch's BLAS for a decode token's products, the floor of the agreement metrics)")
+    p.add_argument("--lsh-bits", type=int, default=None, help="lsh mode: SimHash bits per table (default: the engine's)")
+    p.add_argument("--lsh-tables", type=int, default=None, help="lsh mode: tables (default: the engine's)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device-memory", default="24MiB", help="DEVICE KV budget (small: the KV spills)")
     p.add_argument("--essay-tokens", type=int, nargs="*", default=[8192])
@@ -337,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             return stack.enter_context(LongDocQA(args.model, config=cfg, doc_cache=False, allow_long_context=True))
 
         qa = open_qa("exact")
+        if {"lsh", "lsh-prior"} & set(args.modes):  # every sequence hashes its keys, so the lsh selector can sample them
+            from offload.attention.lsh import lsh_params
+
+            qa.engine.lsh_params = lsh_params(seed=0, bits=args.lsh_bits, tables=args.lsh_tables)
         configs = _with_formats(qa, {fmt: open_qa(fmt) for fmt in args.kv_formats}, args.budgets, args.modes)
         print(f"model {args.model}; DEVICE {args.device_memory}, HOST 0 (global KV on DISK); page "
               f"{qa.engine.config.page_size} tokens; {len(cases)} QA cases at {args.lengths} tokens; "

@@ -37,7 +37,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["LshTables", "Candidates", "SEGMENT_TOKENS", "hash_planes", "simhash_codes", "query_codes", "thin"]
+__all__ = ["LshTables", "Candidates", "SEGMENT_TOKENS", "hash_planes", "simhash_codes", "query_codes", "demand",
+           "thin"]
 
 SEGMENT_TOKENS = 32768  # tokens whose ids share one uint16 offset table (offsets reach 32768)
 MAX_BITS = 16  # codes are uint16
@@ -301,6 +302,16 @@ class Candidates:
     ids_scanned: int
     rows: np.ndarray | None = None
     disk_pages: int = 0
+
+
+def demand(cand: Candidates, *, group: int, page_size: int, disk_page: np.ndarray,
+           scratch: np.ndarray) -> tuple[np.ndarray, int]:
+    """What the candidates would read: distinct memory rows per KV head [num_kv_heads] int64,
+    and distinct DISK pages (``thin``'s arguments)."""
+    rows = np.zeros(cand.tokens.shape[0] // group, dtype=np.int64)
+    pages = np.empty(int(cand.count.sum()) + 1, dtype=np.int64)
+    num = _demand_nb(cand.tokens, cand.count, group, page_size, disk_page, scratch, rows, pages)
+    return rows, int(num)
 
 
 def thin(cand: Candidates, *, group: int, page_size: int, disk_page: np.ndarray, row_caps: np.ndarray,

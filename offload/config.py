@@ -65,6 +65,7 @@ class Sparse(enum.Enum):
     EXACT = "exact"  # every page
     QUEST = "quest"  # the pages whose key bounds score highest against the live query (Tang et al. 2024)
     SPECULATIVE = "speculative"  # Quest's choice, its pages predicted and read one layer ahead (InfiniGen)
+    LSH = "lsh"  # sampled tokens, weighted by their SimHash retrieval probability (MagicPIG)
 
 
 SPARSE_MODES = tuple(m.value for m in Sparse)
@@ -230,8 +231,10 @@ class RuntimeConfig:
         sparse: which pages a decode step attends in the global layers: "exact" (all),
             "quest" (``offload.attention.quest``) or "speculative" (quest's pages, predicted
             one layer ahead and read while the layer before computes:
-            ``offload.attention.speculative``; its engine calibrates once per model). Prefill,
-            and a question's own prefill over its document, always attend every page.
+            ``offload.attention.speculative``; its engine calibrates once per model), or
+            "lsh" (sink, window and tail exact, every other token sampled by SimHash and
+            weighted: ``offload.attention.lsh``; CPU only for now). Prefill, and a question's
+            own prefill over its document, always attend every page.
         sparse_budget: F, the most a sparse decode step reads of the K/V bytes exact attention
             would read in the global layers at that step (sink, window, tail and the page
             bounds it scans included), in (0, 1].
@@ -239,6 +242,10 @@ class RuntimeConfig:
             last ``window_pages`` (2) full pages and the partly filled tail are stored as 4-bit
             pages wherever they live (``offload.kv.quant_pages``), about a sixth of fp32's
             bytes; the exact pages live on DEVICE. Sliding-window rings stay exact.
+        lsh_seed: the seed of the lsh mode's hyperplanes (never ``seed``): the same seed
+            gives the same tables and the same answers.
+        lsh_bits, lsh_tables: K SimHash bits per table and L tables (None: the defaults of
+            ``offload.attention.lsh``).
     """
 
     device: str | None = None
@@ -267,6 +274,9 @@ class RuntimeConfig:
     sparse: Sparse = Sparse.EXACT
     sparse_budget: float = 0.1
     kv_format: KVFormat = KVFormat.EXACT
+    lsh_seed: int = 0
+    lsh_bits: int | None = None
+    lsh_tables: int | None = None
 
     def __post_init__(self) -> None:
         # Size fields take bytes or a size string (RuntimeConfig(device_memory_bytes="512MiB")).
@@ -285,6 +295,7 @@ class RuntimeConfig:
         object.__setattr__(self, "sparse", _member(Sparse, "sparse", self.sparse))
         object.__setattr__(self, "kv_format", _member(KVFormat, "kv_format", self.kv_format))
         object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
+        self._check_lsh()
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:
@@ -317,6 +328,18 @@ class RuntimeConfig:
                              f"{self.staging_chunk_pages} and {self.staging_buffers}")
         if self.attn_scores_bytes < 1:
             raise InputError(f"attn_scores_bytes must be >= 1, got {self.attn_scores_bytes}")
+
+    def _check_lsh(self) -> None:
+        if not isinstance(self.lsh_seed, int) or isinstance(self.lsh_seed, bool) or self.lsh_seed < 0:
+            raise InputError(f"lsh_seed takes an int >= 0, got {self.lsh_seed!r}")
+        if self.lsh_bits is not None and not (isinstance(self.lsh_bits, int) and 1 <= self.lsh_bits <= 16):
+            raise InputError(f"lsh_bits must be an int in 1..16 (SimHash bits per table), got {self.lsh_bits!r}")
+        if self.lsh_tables is not None and not (isinstance(self.lsh_tables, int) and 2 <= self.lsh_tables <= 1024):
+            raise InputError(f"lsh_tables must be an int in 2..1024 (a candidate needs 2 hits), got "
+                             f"{self.lsh_tables!r}")
+        if self.sparse == Sparse.LSH and self.kv_format != KVFormat.EXACT:
+            raise InputError("sparse='lsh' samples exact pages; kv_format='4bit' with it is not built yet: "
+                             "use one or the other")
 
     def resolved_prefill_chunk(self, device: torch.device) -> int:
         """``prefill_chunk_tokens``, or the default of ``device`` (``default_prefill_chunk``)."""

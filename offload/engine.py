@@ -40,11 +40,12 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from offload.attention.decode import DecodeAttention
+from offload.attention.lsh import lsh_selector
 from offload.attention.prefill import PrefillAttention
 from offload.attention.prompt_prior import PRIOR_QUERIES, PageMass
 from offload.attention.quest import QuestSelector
@@ -58,6 +59,7 @@ from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weigh
 from offload.model.llama import LlamaRunner
 from offload.model.model_source import AnyModelConfig, ModelSource
 from offload.kv.counters import IOSnapshot, kind_strings, tier_strings
+from offload.kv.lsh_index import LshIndex, LshParams
 from offload.kv.paged_kv import KVSequence, PagedKV, ring_pages
 from offload.kv.readahead import Chunk
 from offload.kv.reads import LayerReads
@@ -155,10 +157,14 @@ class Engine(EngineAdmission):
             self.kv, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, group_size=cfg.group_size,
             head_dim=cfg.head_dim, scale=self.runner.scale, scores_bytes=self.config.attn_scores_bytes)
         # Which pages a decode step attends (exact mode: all); the sparse modes are selectors.
-        self.selector: PageSelector = (
-            QuestSelector(budget=self.config.sparse_budget, page_size=self.config.page_size, kinds=self.kv.kinds,
-                          scale=self.runner.scale)
-            if self.config.sparse == Sparse.QUEST else ExactSelector())
+        self.selector: PageSelector = ExactSelector()
+        if self.config.sparse in (Sparse.QUEST, Sparse.LSH):
+            self.selector = QuestSelector(budget=self.config.sparse_budget, page_size=self.config.page_size,
+                                          kinds=self.kv.kinds, scale=self.runner.scale)
+        self.lsh_params: LshParams | None = None  # set: new sequences hash their keys (lsh mode)
+        if self.config.sparse == Sparse.LSH:
+            self.selector = lsh_selector(self, self.selector)
+            self.lsh_params = self.selector.params
         self.last_step = StepReads()  # the last decode step's global-layer bytes (``read_account``)
         # Documents' sequences (``add_document``): their pages may move off DEVICE to make
         # room for a question or another document's ingest.
@@ -181,7 +187,10 @@ class Engine(EngineAdmission):
 
     # ----- sequences ----------------------------------------------------------------------
     def new_sequence(self) -> KVSequence:
-        return self.kv.new_sequence()
+        seq = self.kv.new_sequence()
+        if self.lsh_params is not None:  # lsh mode: the sequence's keys are hashed as they come
+            seq.lsh = LshIndex(self.global_layers, self.lsh_params)
+        return seq
 
     def fork(self, seq: KVSequence) -> KVSequence:
         return self.kv.fork(seq)
@@ -329,17 +338,18 @@ class Engine(EngineAdmission):
         return self._reads_before_query(seq, layer)
 
     def _layer_reads(self, seq: KVSequence, layer: int, length: int, pages: Sequence[int] | None,
-                     planned: set[Chunk] | None) -> LayerReads:
+                     planned: set[Chunk] | None, **sampled: Any) -> LayerReads:
         return self.kv.reader.layer_reads(seq, layer, rule=self.decode_attention.routes, length=length, pages=pages,
                                           host_share=self.host_share(layer), window=self.windows[layer],
-                                          planned=planned)
+                                          planned=planned, **sampled)
 
     def _reads_with_query(self, seq: KVSequence, before: LayerReads, q: torch.Tensor) -> LayerReads:
         """The layer's final read set once its query exists: pages read ahead stay planned,
         pages added are read on demand, planned pages no longer named are dropped."""
         layer = before.layer
         choice = self.selector.choose(seq, layer, length=before.length, query=q)
-        after = self._layer_reads(seq, layer, before.length, choice.pages, set(before.chunks(ahead=True)))
+        after = self._layer_reads(seq, layer, before.length, choice.pages, set(before.chunks(ahead=True)),
+                                  sampled=choice.sampled, sample=choice.sample)
         self.kv.reader.drop_unused(before, after)
         return after
 
@@ -469,3 +479,4 @@ class Engine(EngineAdmission):
         stats.kv_format = self.config.kv_format.value
         stats.sparse_budget = self.config.sparse_budget if self.config.sparse != Sparse.EXACT else None
         stats.key_bounds_bytes = seq.bounds.nbytes() if seq.bounds is not None else 0
+        stats.lsh_table_bytes = seq.lsh.nbytes() if seq.lsh is not None else 0

@@ -63,7 +63,10 @@ class RunStats:
             read on demand, per decoded token.
         wasted_prefetch_bytes_per_token: DISK bytes read ahead that the final set dropped.
         key_bounds_bytes: bytes of the sequence's key bounds held on the compute device;
-            key_bounds_bytes_read_per_token: of them, scanned per decoded token.
+            key_bounds_bytes_read_per_token: of them, scanned per decoded token (lsh mode: the
+            bucket ids the retrieval walked, 2 bytes each).
+        lsh_table_bytes: bytes of the sequence's SimHash tables in CPU memory, outside the
+            tiers (lsh mode).
     """
 
     ttft_s: float = 0.0
@@ -108,6 +111,7 @@ class RunStats:
     wasted_prefetch_bytes_per_token: int = 0
     key_bounds_bytes: int = 0
     key_bounds_bytes_read_per_token: int = 0
+    lsh_table_bytes: int = 0
     doc_cache: str = ""
     doc_cache_reason: str = ""
     doc_cache_verify_s: float = 0.0

@@ -100,7 +100,9 @@ class DecodeAttention:
         outs: list[torch.Tensor] = []
         lses: list[torch.Tensor] = []
         for piece in reads.pieces:
-            if piece.kind == PieceKind.PACKED4 and piece.route != Route.GROUPS:
+            if piece.kind == PieceKind.SAMPLED:
+                part = self._sampled(q, piece, reads)
+            elif piece.kind == PieceKind.PACKED4 and piece.route != Route.GROUPS:
                 part = self._packed_pages(q, piece)
             elif piece.route == Route.PAGED_DEVICE:
                 pool = self.kv.pool_of(piece.tier)
@@ -148,6 +150,34 @@ class DecodeAttention:
         if rows is None:  # the arena's rows, made once (the arena lives as long as we do)
             rows = self._arena_arrays[id(arena)] = arena.data.numpy()
         return self._numba_packed(q, rows, list(piece.slots))
+
+    def _sampled(self, q: torch.Tensor, piece: Piece, reads: LayerReads) -> Partial:
+        """The importance-weighted partial of the sample's tokens on this piece's pages (LSH:
+        ``cpu_kernels.lsh_attention``), read where they lie: an arena in place, or the staged
+        DISK chunk (its pages at ``chunk_positions``)."""
+        from cpu_kernels.lsh_attention import sampled_attention_trusted
+
+        sample = reads.sample
+        assert sample is not None and self.device.type == "cpu", "sampled pieces are attended on the CPU"
+        page_slots = np.full(-(-reads.length // self.kv.page_size), -1, dtype=np.int32)
+        q_cpu = np.ascontiguousarray(q.reshape(-1, self.head_dim).float().numpy())
+
+        def run(k: np.ndarray, v: np.ndarray) -> Partial:
+            out, lse = sampled_attention_trusted(q_cpu, k, v, page_slots, sample.candidates, sample.mean,
+                                                 bits=sample.bits, tables=sample.tables, min_hits=sample.min_hits,
+                                                 scale=self.scale)
+            return torch.from_numpy(out), torch.from_numpy(lse)
+
+        if piece.tier == Tier.DISK:
+            page_slots[list(piece.page_ids)] = piece.chunk_positions()
+            with self.kv.reader.staged(piece) as (k, v):
+                return run(kernel_pages(k, "k", 4), kernel_pages(v, "v", 4))
+        page_slots[list(piece.page_ids)] = piece.slots
+        pool = self.kv.pool_of(piece.tier)
+        arrays = self._arena_arrays.get(id(pool))
+        if arrays is None:
+            arrays = self._arena_arrays[id(pool)] = (kernel_pages(pool.k, "k", 4), kernel_pages(pool.v, "v", 4))
+        return run(*arrays)
 
     def _numba_packed(self, q: torch.Tensor, rows: np.ndarray, slots: list[int]) -> Partial:
         """The fused Numba 4-bit kernel over blob rows (an arena's slots or a staging buffer's)."""

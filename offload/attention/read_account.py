@@ -4,7 +4,8 @@ Every mode is measured the same way, from the read sets the step consumed (exact
 1.0): per step, over the global layers (sliding rings are reported apart, in
 ``bytes_read_per_token_by_kind``)::
 
-    kv_fraction_read    = (pages attended * page bytes + key bounds scanned) / exact bytes
+    kv_fraction_read    = (pages attended * page bytes + sampled rows read in memory
+                           + key bounds / hash ids scanned) / exact bytes
     kv_fraction_fetched = (HOST and DISK pages attended + pages read ahead and left unused)
                           * page bytes / exact bytes
     exact bytes         = every live page of the step's global layers * page bytes
@@ -55,14 +56,14 @@ class StepReads:
         self.exact_bytes += exact_pages * page_bytes
         for piece in after.pieces:
             self.selected_pages += piece.num_pages
-            self.read_bytes += piece.num_pages * per_page(piece)
+            self.read_bytes += piece.bytes_read(per_page(piece))
             if piece.tier != Tier.DEVICE:
-                self.fetched_bytes += piece.num_pages * per_page(piece)
+                self.fetched_bytes += piece.bytes_read(per_page(piece))
         if before is after:  # chosen before the query (exact mode): nothing read on demand or dropped
             return
         named_before = set(before.pages())
         for piece in after.pieces:
-            if piece.tier != Tier.DEVICE:
+            if piece.tier != Tier.DEVICE and piece.nbytes is None:
                 self.sync_miss_bytes += sum(p not in named_before for p in piece.page_ids) * per_page(piece)
         used = sum(piece.num_pages * per_page(piece) for piece in after.pieces
                    if piece.chunk is not None and piece.ahead)

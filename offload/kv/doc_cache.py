@@ -424,6 +424,7 @@ class DocCache:
                 return buf.torch()[: count * reader.page_bytes]
 
             pending = ahead.submit(read, 0) if pieces else None
+            keys: list[torch.Tensor] = []  # a global layer's keys [tokens, num_kv_heads, head_dim] so far (lsh)
             for i, (layer, p0, count) in enumerate(pieces):
                 assert pending is not None
                 data = pending.result()
@@ -433,6 +434,11 @@ class DocCache:
                 arr = data.view(eng.kv_dtype).view(count, 2, cfg.num_kv_heads, ps, cfg.head_dim)
                 eng.kv.writes.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement,
                                             length=tokens)
+                if seq.lsh is not None and layer in seq.lsh.layers:  # lsh mode: hash the layer once it is whole
+                    keys.append(arr[:, 0].permute(0, 2, 1, 3).reshape(-1, cfg.num_kv_heads, cfg.head_dim).clone())
+                    if p0 + count == layers[layer][1]:
+                        seq.lsh.add(layer, first * ps, torch.cat(keys)[: tokens - first * ps])
+                        keys.clear()
                 del arr, data
         except BaseException:
             eng.release(seq)

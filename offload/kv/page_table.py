@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from offload.kv.key_bounds import KeyBounds
+    from offload.kv.lsh_index import LshIndex
 
 __all__ = ["PageLocation", "PageTable", "KVSequence", "DiskSlots", "group_pages", "MIN_VIEW_PAGES", "LayerKind",
            "cdiv"]
@@ -119,6 +120,7 @@ class KVSequence:
     # Per global layer, the last prefill's prompt prior [pages] (``offload.attention.prompt_prior``),
     # kept only in a sparse mode.
     prior: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    lsh: LshIndex | None = None  # the global layers' SimHash tables (``offload.kv.lsh_index``), lsh mode only
 
     @property
     def num_tokens(self) -> int:

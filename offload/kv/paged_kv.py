@@ -241,12 +241,16 @@ class PagedKV:
             assert end == start + 1 and seq.table.num_pages(layer) * self.page_size >= end
             if seq.bounds is not None:
                 seq.bounds.update(layer, start, k)
+            if seq.lsh is not None:
+                seq.lsh.add(layer, start, k)
             self.writes.write_tokens(seq, layer, start, end, k, v)
             seq.lengths[layer] = end
             return
         first = self._make_pages(seq, layer, start, end, placement or Placement())
         if seq.bounds is not None:  # after the pages exist: a refused append changes nothing
             seq.bounds.update(layer, start, k)
+        if seq.lsh is not None:
+            seq.lsh.add(layer, start, k)
         if first > start:  # tokens that land only in pages out of a sliding window are not written
             k, v = k[first - start:], v[first - start:]
         if end > first:
@@ -469,7 +473,7 @@ class PagedKV:
                 self.arena.free([old.slot])
                 table.replace(layer, last, PageLocation(Tier.DEVICE, new))
         return KVSequence(table, list(seq.lengths), bounds=seq.bounds.copy() if seq.bounds is not None else None,
-                          prior=dict(seq.prior))
+                          prior=dict(seq.prior), lsh=seq.lsh.fork() if seq.lsh is not None else None)
 
     def _for_each_tier(self, table: PageTable, layer: int, *, incref: bool) -> None:
         by_pool: dict[tuple[Tier, bool], list[int]] = collections.defaultdict(list)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Hashable
+from typing import Any
 
 import torch
 
@@ -14,8 +15,8 @@ from offload.kv.page_table import LayerKind, group_pages
 from offload.kv.readahead import Chunk
 from storage import Tier
 
-__all__ = ["PieceKind", "Route", "Piece", "LayerReads", "PageChoice", "RouteRule", "PageGroup", "fetch_keys",
-           "GROUPS_ONLY"]
+__all__ = ["PieceKind", "Route", "Piece", "LayerReads", "PageChoice", "RouteRule", "PageGroup", "Sample",
+           "fetch_keys", "GROUPS_ONLY"]
 
 
 class PieceKind(enum.Enum):
@@ -23,6 +24,7 @@ class PieceKind(enum.Enum):
 
     DENSE = "dense"  # whole pages as stored: K and V of every token
     PACKED4 = "packed4"  # 4-bit pages (``offload.kv.quant_pages``), attended by the 4-bit kernels
+    SAMPLED = "sampled"  # pages holding sampled tokens: only those rows attended, weighted (LSH)
 
 
 class Route(enum.Enum):
@@ -56,13 +58,38 @@ GROUPS_ONLY = RouteRule()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Sample:
+    """A layer's sampled tokens and how to weight them (LSH sampling, ``offload.attention.lsh``):
+    attention computes one importance-weighted partial over them, reading their rows from the
+    set's ``SAMPLED`` pieces.
+
+    Attributes:
+        candidates: ``cpu_kernels.lsh.Candidates`` (token ids per query head, thinned).
+        mean: [num_kv_heads, head_dim] float32, the key mean the tables were hashed around.
+        bits, tables, min_hits: the tables' K, L and the hits a candidate needed.
+        row_bytes: bytes of the distinct rows read per memory tier (a SAMPLED piece's bytes).
+    """
+
+    candidates: Any
+    mean: Any
+    bits: int
+    tables: int
+    min_hits: int
+    row_bytes: dict[Any, int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PageChoice:
     """A selector's answer: the page ids to attend (ascending; None = every live page) and
     whether the choice is final before the query exists (read ahead) or must be made again
-    with the query (pages then added are read on demand)."""
+    with the query (pages then added are read on demand). A sampling selector also names the
+    pages holding its sampled tokens (``sampled``, disjoint from ``pages``; DISK ones are read
+    whole) and the ``sample`` itself."""
 
     pages: tuple[int, ...] | None = None
     needs_query: bool = False
+    sampled: tuple[int, ...] = ()
+    sample: Sample | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +107,7 @@ class Piece:
             some of a chunk read ahead: ``chunk_positions``).
         ahead: read ahead (known before the query); False: read on demand.
         cpu_attended: a CPU kernel attends it where it lies. copied: it crosses to a GPU.
+        nbytes: bytes read when not whole pages (a SAMPLED piece in memory reads rows).
     """
 
     tier: Tier
@@ -93,10 +121,15 @@ class Piece:
     ahead: bool = True
     cpu_attended: bool = False
     copied: bool = False
+    nbytes: int | None = None
 
     @property
     def num_pages(self) -> int:
         return len(self.page_ids)
+
+    def bytes_read(self, page_bytes: int) -> int:
+        """Bytes the piece reads, its pages being ``page_bytes`` each as stored."""
+        return self.num_pages * page_bytes if self.nbytes is None else self.nbytes
 
     def chunk_positions(self) -> list[int]:
         """Where the piece's pages lie in its chunk's staging buffer, in order: every page of
@@ -130,6 +163,7 @@ class LayerReads:
     kind: LayerKind
     pieces: tuple[Piece, ...]
     length: int  # the layer's tokens the step attends over (a decode step's own token included)
+    sample: Sample | None = None  # sampled tokens over the SAMPLED pieces (LSH), else None
 
     def pages(self) -> list[int]:
         """Every page id the set names, ascending."""
@@ -143,7 +177,7 @@ class LayerReads:
     def bytes_by_tier(self, page_bytes: int) -> dict[Tier, int]:
         out = {t: 0 for t in Tier}
         for p in self.pieces:
-            out[p.tier] += p.num_pages * page_bytes
+            out[p.tier] += p.bytes_read(page_bytes)
         return out
 
 
@@ -167,8 +201,8 @@ def fetch_keys(reads: LayerReads, max_pages: int, page_size: int) -> list[tuple[
     and DISK chunk routed through the compute device (the keys attention takes them by)."""
     keys: list[tuple[Hashable, int]] = []
     for piece in reads.pieces:
-        if piece.route != Route.GROUPS or piece.tier == Tier.DEVICE or piece.kind == PieceKind.PACKED4:
-            continue  # (4-bit pages are dequantized where they are read: not fetched ahead yet)
+        if piece.route != Route.GROUPS or piece.tier == Tier.DEVICE or piece.kind != PieceKind.DENSE:
+            continue  # (4-bit pages are dequantized where they are read, sampled rows gathered: not fetched ahead)
         if piece.tier == Tier.DISK:
             assert piece.chunk is not None
             keys.append(((Tier.DISK, piece.chunk), piece.chunk.num_pages))  # copied whole

@@ -49,6 +49,7 @@ from offload.kv.read_sets import (
     PieceKind,
     Route,
     RouteRule,
+    Sample,
     fetch_keys,
 )
 from offload.kv.readahead import Chunk, Extent, PageLayout, ReadAhead
@@ -104,7 +105,8 @@ class KVReader:
     # ----- building -----------------------------------------------------------------------
     def layer_reads(self, seq: KVSequence, layer: int, *, rule: RouteRule = GROUPS_ONLY, length: int | None = None,
                     pages: Sequence[int] | None = None, host_share: float = 0.0, window: int | None = None,
-                    planned: Collection[Chunk] | None = None) -> LayerReads:
+                    planned: Collection[Chunk] | None = None, sampled: Sequence[int] = (),
+                    sample: Sample | None = None) -> LayerReads:
         """The read set of ``layer`` over ``length`` tokens (default: the layer's length).
 
         Args:
@@ -119,6 +121,9 @@ class KVReader:
             planned: the DISK chunks already planned for this layer (a set rebuilt once the
                 query exists): a chunk of this set among them is taken from the read-ahead,
                 any other is read on demand. None = every chunk is read ahead.
+            sampled, sample: pages holding a sample's tokens (disjoint from ``pages``) and the
+                sample: one SAMPLED piece per memory tier (rows read in place by the CPU,
+                ``sample.row_bytes``) and DISK chunks of them (read whole).
         """
         kv, ps = self.kv, self.kv.page_size
         length = seq.lengths[layer] if length is None else length
@@ -134,12 +139,14 @@ class KVReader:
         def tokens(pids: list[int]) -> int:
             return len(pids) * ps - (ps * n - length if pids and pids[-1] == n - 1 else 0)
 
-        def add(tier: Tier, route: Route, pids: list[int], packed: bool = False, **kw: object) -> None:
+        def add(tier: Tier, route: Route, pids: list[int], packed: bool = False, *,
+                kind: PieceKind | None = None, **kw: object) -> None:
             if not pids:
                 return
             cpu = route == Route.PAGED_CPU or (route == Route.PAGED_DEVICE and rule.device_kernel_on_cpu)
             copied = route == Route.GROUPS and tier != Tier.DEVICE and rule.cuda
-            pieces.append(Piece(tier=tier, kind=PieceKind.PACKED4 if packed else PieceKind.DENSE, route=route,
+            kind = kind or (PieceKind.PACKED4 if packed else PieceKind.DENSE)
+            pieces.append(Piece(tier=tier, kind=kind, route=route,
                                 page_ids=tuple(pids), slots=tuple(map(slots.__getitem__, pids)), tokens=tokens(pids),
                                 skip=skip if pids[0] == first_live else 0, cpu_attended=cpu, copied=copied, **kw))
 
@@ -154,7 +161,23 @@ class KVReader:
             add(Tier.HOST, Route.GROUPS, host[delegated:], packed)
             add(Tier.DEVICE, device_route, by_tier[(Tier.DEVICE, packed)], packed)
             add(Tier.HOST, Route.PAGED_CPU, host[:delegated], packed)
-        return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length)
+        if sample is not None:
+            self._sampled_pieces(layer, list(sampled), tiers, slots, planned, sample, add)
+        return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length, sample=sample)
+
+    def _sampled_pieces(self, layer: int, pids: list[int], tiers: list[Tier], slots: list[int],
+                        planned: Collection[Chunk] | None, sample: Sample, add) -> None:
+        """A sample's pages: DISK ones in chunks read whole, each memory tier's as one piece
+        whose bytes are the rows it reads (the CPU attends them in place; on CUDA, DEVICE rows
+        are gathered on the device)."""
+        disk = [p for p in pids if tiers[p] == Tier.DISK]
+        for part, chunk in self._chunks(layer, disk, slots, planned):
+            add(Tier.DISK, Route.PAGED_CPU, part, kind=PieceKind.SAMPLED, chunk=chunk,
+                ahead=planned is None or chunk in planned)
+        for tier in (Tier.HOST, Tier.DEVICE):
+            mine = [p for p in pids if tiers[p] == tier]
+            route = Route.PAGED_CPU if tier == Tier.HOST or self.kv.compute_device.type != "cuda" else Route.GROUPS
+            add(tier, route, mine, kind=PieceKind.SAMPLED, nbytes=sample.row_bytes.get(tier, 0))
 
     def _chunks(self, layer: int, pids: list[int], slots: list[int],
                 planned: Collection[Chunk] | None = None) -> Iterator[tuple[list[int], Chunk]]:
@@ -216,7 +239,7 @@ class KVReader:
         io = self.io
         by_kind = io.read_by_kind[reads.kind]
         for p in reads.pieces:
-            nbytes = p.num_pages * self.page_bytes(p)
+            nbytes = p.bytes_read(self.page_bytes(p))
             io.bytes_read[p.tier] += nbytes
             by_kind[p.tier] += nbytes
             if p.cpu_attended:

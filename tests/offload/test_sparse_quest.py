@@ -31,14 +31,14 @@ MiB = 2**20
 DOC = 130 * PAGE + 7  # 131 pages per layer
 
 
-def _engine(tmp_path, *, sparse: str = "exact", budget: float = 0.2, spill: bool = False) -> Engine:
+def _engine(tmp_path, *, sparse: str = "exact", budget: float = 0.2, spill: bool = False, **fields) -> Engine:
     placement = (Placement(device_pages=(30, 50, 10), host_pages=(50, 30, 60), delegated_share=(0.5, 1.0, 0.0))
                  if spill else None)
     config = RuntimeConfig(device="cpu", dtype=torch.float32, page_size=PAGE, device_memory_bytes=8 * MiB,
                            host_memory_bytes=12 * MiB if spill else None, disk_space_bytes=32 * MiB if spill else 0,
                            kv_dir=str(tmp_path), placement=placement, staging_chunk_pages=4, staging_buffers=2,
                            profile=HardwareProfile.preset("cpu-2core"), shuffle_pages_seed=3 if spill else None,
-                           sparse=sparse, sparse_budget=budget)
+                           sparse=sparse, sparse_budget=budget, **fields)
     return Engine(ModelSource("tiny-quest", _config(), None, None), config)
 
 
@@ -368,7 +368,7 @@ def test_unknown_modes_are_refused():
     (["--sparse", "exact", "--sparse-budget", "0.2"], "--sparse-budget applies to a sparse mode"),
     (["--sparse", "quest", "--sparse-budget", "0"], r"--sparse-budget must be a number in (0, 1]"),
     (["--sparse", "quest", "--sparse-budget", "2"], r"--sparse-budget must be a number in (0, 1]"),
-    (["--sparse", "lsh"], "argument --sparse: invalid choice"),
+    (["--sparse", "lsh-x"], "argument --sparse: invalid choice"),
 ])
 def test_cli_sparse_flags_are_checked_before_the_model_loads(tmp_path, capsys, command, flags, message):
     doc = tmp_path / "doc.txt"
