@@ -145,7 +145,77 @@ def bench_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows.append(row("numba quantize_pages_4bit", f"{pages} pages fp32 (bytes in + out)", moved, times, bw))
     times = timed(lambda: cpu_kernels.dequantize_pages_4bit(qp), args.repeat, lambda: None)
     rows.append(row("numba dequantize_pages_4bit", f"{pages} pages (bytes in + out)", moved, times, bw))
+    for shape in (("SmolLM2", 3, 3, 64), ("Gemma 3", 1, 4, 256)):
+        rows += bench_lsh(args, *shape, tokens=max(args.cpu_tokens), bw=bw)
     return rows
+
+
+def bench_lsh(args: argparse.Namespace, model: str, nkv: int, group: int, hd: int, *, tokens: int,
+              bw: float) -> list[dict[str, Any]]:
+    """LSH sampling (MagicPIG) at one layer: the weighted attention over its candidate rows
+    against a probe gathering as many random rows of the same arenas (per query head: q . k and
+    a sum of v rows), both walking ``--working-set-mib`` of arenas; and the retrieval."""
+    import numba
+
+    from cpu_kernels.lsh import LshTables, thin
+    from cpu_kernels.lsh_attention import sampled_attention_trusted
+    from offload.attention.lsh import DEFAULT_BITS, DEFAULT_TABLES, MIN_HITS
+
+    @numba.njit(parallel=True, fastmath=True)
+    def _gather_probe(q, k_pages, v_pages, toks, count, out):
+        ps = k_pages.shape[2]
+        for g in numba.prange(q.shape[0]):
+            h = g // (q.shape[0] // k_pages.shape[0])
+            acc = np.zeros(q.shape[1], dtype=np.float32)
+            total = np.float32(0.0)
+            for i in range(count[g]):
+                t = toks[g, i]
+                k, v = k_pages[h, t // ps, t % ps], v_pages[h, t // ps, t % ps]
+                total += np.sum(q[g] * k)
+                acc += v
+            out[g] = acc + total
+
+    ps, pages, rng = 32, cdiv(tokens, 32), np.random.default_rng(5)
+    keys = (rng.standard_normal((nkv, pages * ps, hd)) + 0.5).astype(np.float32)
+    tables = LshTables(keys, bits=DEFAULT_BITS, tables=DEFAULT_TABLES, seed=0)
+    q = rng.standard_normal((nkv * group, hd)).astype(np.float32)
+    lo, hi = ps, (pages - 3) * ps
+    retrieve = lambda: tables.retrieve(q, lo=lo, hi=hi, min_hits=MIN_HITS)  # noqa: E731
+    cand = retrieve()
+    rows_cap = np.full(nkv, int(0.08 * tokens), dtype=np.int64)  # F = 0.1 less sink, window and tail
+    thin(cand, group=group, page_size=ps, disk_page=np.zeros(pages, dtype=bool), row_caps=rows_cap, page_cap=1,
+         salt=1, scratch=tables.scratch(q.shape[0])[0])
+    copies = max(1, cdiv(args.working_set_mib * 2**20, 2 * keys.nbytes))
+    arenas = [(rng.standard_normal((nkv, pages, ps, hd)).astype(np.float32),
+               rng.standard_normal((nkv, pages, ps, hd)).astype(np.float32)) for _ in range(copies)]
+    slots = np.arange(pages, dtype=np.int32)
+    rand = np.stack([rng.integers(lo, hi, cand.tokens.shape[1]) for _ in range(q.shape[0])]).astype(np.int32)
+    out = np.empty((q.shape[0], hd), dtype=np.float32)
+    n_rows = int(cand.count.sum())
+    nbytes = n_rows * 2 * hd * 4  # K and V rows gathered, per query head
+    config = f"{model} {tokens} tok, {n_rows} rows over {q.shape[0]} heads ({copies} arenas)"
+    print(f"LSH {model}: K={DEFAULT_BITS} L={DEFAULT_TABLES}, {int(cand.count.sum())} candidates kept of "
+          f"{cand.rows.sum()} distinct rows; tables {tables.nbytes / 2**20:.1f} MiB", flush=True)
+
+    def attend() -> None:
+        for k, v in arenas:
+            sampled_attention_trusted(q, k, v, slots, cand, tables.mean, bits=DEFAULT_BITS, tables=DEFAULT_TABLES,
+                                      min_hits=MIN_HITS, scale=hd**-0.5)
+
+    def probe() -> None:
+        for k, v in arenas:
+            _gather_probe(q, k, v, rand, cand.count, out)
+
+    t_attend = [t / copies for t in timed(attend, args.repeat, lambda: None)]
+    t_probe = [t / copies for t in timed(probe, args.repeat, lambda: None)]
+    out_rows = [row("numba lsh sampled_attention", config, nbytes, t_attend, bw),
+                row("  probe: gather random rows", config, nbytes, t_probe, bw)]
+    print(f"  sampled attention / probe (same rows, same run): "
+          f"{statistics.median(t_probe) / statistics.median(t_attend):.2f} of the probe's speed (target >= 0.5)")
+    t_retrieve = timed(retrieve, args.repeat, lambda: None)
+    out_rows.append(row("numba lsh retrieve", f"{model} {tokens} tok, {cand.ids_scanned} ids walked",
+                        2 * cand.ids_scanned, t_retrieve, bw))
+    return out_rows
 
 
 # ----- GPU -----------------------------------------------------------------------------------
