@@ -170,6 +170,24 @@ def _packed_note(problem: PlanProblem, profile: HardwareProfile) -> str:
             f"{', '.join(rates)} of pages as stored, dequantization included)")
 
 
+def _lsh_note(cfg, args: argparse.Namespace, budget: float, kv_dtype: torch.dtype) -> str:
+    """What ``--sparse lsh`` holds and reads: K, L, its tables' bytes in CPU memory beside the
+    global layers' KV, and the rows a step may sample per layer and KV head within F."""
+    from offload.attention.lsh import lsh_params
+    from offload.attention.quest import fixed_pages
+
+    p = lsh_params(seed=0)
+    layers = sum(w is None for w in cfg.layer_windows)
+    table = layers * cfg.num_kv_heads * p.tables * 2 * args.context
+    kv = 2 * layers * cfg.num_kv_heads * cfg.head_dim * kv_dtype.itemsize * args.context
+    n = -(-args.context // args.page_size)
+    rows = max(0, int(budget * n * args.page_size) - len(fixed_pages(n)) * args.page_size)
+    return (f"lsh: K={p.bits} bits x L={p.tables} tables (>= {p.min_hits} hits; fixed defaults, not the planner's "
+            f"choice yet); tables {table / 2**20:.1f} MiB in CPU memory outside the tiers, beside "
+            f"{kv / 2**20:.1f} MiB of the global layers' KV; at F={budget:g} a step samples at most {rows} rows "
+            f"per global layer and KV head (fewer as bucket ids are paid), DISK pages read whole")
+
+
 def _run(args: argparse.Namespace) -> int:
     from offload.errors import ContextTooLongError
     from offload.tuning.planning import model_problem
@@ -221,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     print(head)
+    if args.sparse == "lsh":
+        print(_lsh_note(cfg, args, budget, kv_dtype))
     print(result.explain())
     if baseline is not None:
         ratio = baseline.decode_step_s / result.decode_step_s

@@ -126,6 +126,14 @@ class KVSequence:
     def num_tokens(self) -> int:
         return self.lengths[-1]
 
+    def track_keys(self, layer: int, start: int, k: torch.Tensor) -> None:
+        """Keys k [T, num_kv_heads, head_dim] appended to ``layer`` from token ``start``: the
+        key bounds and the LSH tables (where kept) follow them."""
+        if self.bounds is not None:
+            self.bounds.update(layer, start, k)
+        if self.lsh is not None:
+            self.lsh.add(layer, start, k)
+
 
 class DiskSlots:
     """Reference-counted page positions in one layer's file; new runs are contiguous."""

@@ -239,18 +239,12 @@ class PagedKV:
         end = start + k.shape[0]
         if prepared:
             assert end == start + 1 and seq.table.num_pages(layer) * self.page_size >= end
-            if seq.bounds is not None:
-                seq.bounds.update(layer, start, k)
-            if seq.lsh is not None:
-                seq.lsh.add(layer, start, k)
+            seq.track_keys(layer, start, k)
             self.writes.write_tokens(seq, layer, start, end, k, v)
             seq.lengths[layer] = end
             return
         first = self._make_pages(seq, layer, start, end, placement or Placement())
-        if seq.bounds is not None:  # after the pages exist: a refused append changes nothing
-            seq.bounds.update(layer, start, k)
-        if seq.lsh is not None:
-            seq.lsh.add(layer, start, k)
+        seq.track_keys(layer, start, k)  # after the pages exist: a refused append changes nothing
         if first > start:  # tokens that land only in pages out of a sliding window are not written
             k, v = k[first - start:], v[first - start:]
         if end > first:
