@@ -151,13 +151,16 @@ def _log_prob(logits, cont: list[int]) -> float:
 
 
 def _gold_continuation(codec, exact_ids: list[int], expected: str, hit: bool) -> list[int]:
-    """Exact's answer tokens up to the one that completes ``expected`` (when exact hit), else
-    the expected value's own tokens."""
+    """Exact's answer tokens up to the one that completes ``expected`` (every part of an
+    aggregate answer; when exact hit), else the expected value's own tokens (parts joined by
+    commas)."""
+    from bench.qa_set import answer_hits
+
     if hit:
         for n in range(1, len(exact_ids) + 1):
-            if expected.lower() in codec.decode(exact_ids[:n]).lower():
+            if answer_hits(codec.decode(exact_ids[:n]), expected):
                 return exact_ids[:n]
-    return codec.encode(expected)
+    return codec.encode(", ".join(expected.split("|")))
 
 
 def _with_formats(qa, qas: dict, budgets, modes):
@@ -178,7 +181,7 @@ def _with_formats(qa, qas: dict, budgets, modes):
 
 
 def run_qa(configs, cases, essays, *, max_new_tokens: int, say) -> list[dict]:
-    from bench.qa_set import fit_facts
+    from bench.qa_set import answer_hits, fit_facts
 
     codec = configs[0][2].codec
     rows = []
@@ -197,7 +200,7 @@ def run_qa(configs, cases, essays, *, max_new_tokens: int, say) -> list[dict]:
             ans = qa.ask(doc, case.question, max_new_tokens=max_new_tokens)
             results[f"{label}@{f:g}"] = {
                 "mode": label, "budget": f, "answer": ans.text, "token_ids": ans.token_ids,
-                "hit": case.expected.lower() in ans.text.lower(),
+                "hit": answer_hits(ans.text, case.expected),
                 "kv_fraction_read": ans.stats.kv_fraction_read, "kv_fraction_read_max": ans.stats.kv_fraction_read_max,
                 "kv_fraction_fetched": ans.stats.kv_fraction_fetched, "sparse_fallback": ans.stats.sparse_fallback,
                 "disk_bytes_per_token": ans.stats.bytes_read_per_token.get("disk", 0),
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--essay-steps", type=int, default=64)
     p.add_argument("--essay-windows", type=int, default=3, help="essay texts continued (each its own prefill)")
     p.add_argument("--limit", type=int, default=None, help="only the first N QA cases")
+    p.add_argument("--tasks", nargs="+", default=["single", "lookalike", "chain"],
+                   choices=["single", "lookalike", "chain", "aggregate"],
+                   help="QA tasks (aggregate: three facts far apart, all asked at once; not in the default set)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = RuntimeConfig(device_memory_bytes=args.device_memory, host_memory_bytes=0)
     per_task = args.per_task[0] if len(args.per_task) == 1 else tuple(args.per_task)
-    cases = build_cases(tuple(args.lengths), per_task=per_task)[: args.limit]
+    cases = build_cases(tuple(args.lengths), per_task=per_task, tasks=tuple(args.tasks))[: args.limit]
     essays = qa_essays(SHARED_ESSAYS)
     with contextlib.ExitStack() as stack:
         def open_qa(fmt: str):

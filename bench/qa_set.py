@@ -8,6 +8,14 @@ Three tasks, every fact made up (a model can only answer from the document):
 - ``chain``: two facts, the answer needs both ("Mira Loth's courier is Baptiste Ferrow.",
   "Baptiste Ferrow lives in the town of Quelmarren.").
 
+And one opt-in task (``build_cases(..., tasks=AGGREGATE_TASKS)``), where the answer gathers
+facts spread over the document, so attention must hold several far-apart places at once (what
+a top-k page choice is expected to lose first):
+
+- ``aggregate``: three facts of one kind at three depths ("The first crate of the Velmorn
+  shipment holds copper.", "... second ...", "... third ..."), the question asks for all
+  three; ``expected`` joins them with ``|`` and a hit needs every one (``answer_hits``).
+
 Cases vary the document length, the depth of the asked fact (2% to 98% of the document),
 the wording, the invented names and values, and the essays the facts sit in. The QA essays
 are the haystack's first ``QA_ESSAYS`` in name order; the others are left for calibration
@@ -20,7 +28,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["QACase", "build_cases", "qa_essays", "calibration_essays", "fit_facts", "QA_ESSAYS"]
+__all__ = ["QACase", "build_cases", "qa_essays", "calibration_essays", "fit_facts", "answer_hits", "QA_ESSAYS",
+           "TASKS", "AGGREGATE_TASKS"]
 
 QA_ESSAYS = 40
 DEPTHS = (0.02, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.98)
@@ -97,11 +106,34 @@ def _chain(rng: random.Random, depth: float) -> tuple[tuple[tuple[float, str], .
     return facts, f"In which town does the courier of {sender} live?", town
 
 
-_TASKS: dict[str, Callable[[random.Random, float], tuple[tuple[tuple[float, str], ...], str, str]]] = {
-    "single": _single, "lookalike": _lookalike, "chain": _chain}
+_ITEMS = ("copper", "saffron", "lanterns", "marbles", "cinnamon", "violins", "blankets", "walnuts", "mirrors",
+          "candles", "pepper", "anchors")
 
 
-def build_cases(lengths: tuple[int, ...], *, per_task: int | tuple[int, ...] = 3, seed: int = 0) -> list[QACase]:
+def _aggregate(rng: random.Random, depth: float) -> tuple[tuple[tuple[float, str], ...], str, str]:
+    shipment = _word(rng, 2)
+    items = rng.sample(_ITEMS, 3)
+    others = [d for d in DEPTHS if abs(d - depth) > 0.15]
+    first, second = rng.sample(others, 2)
+    depths = sorted([depth, first, second])
+    facts = tuple((d, f"The {nth} crate of the {shipment} shipment holds {item}.")
+                  for d, nth, item in zip(depths, ("first", "second", "third"), items))
+    return facts, f"What do the first, second and third crates of the {shipment} shipment hold?", "|".join(items)
+
+
+_Make = Callable[[random.Random, float], tuple[tuple[tuple[float, str], ...], str, str]]
+_TASKS: dict[str, _Make] = {"single": _single, "lookalike": _lookalike, "chain": _chain, "aggregate": _aggregate}
+TASKS = ("single", "lookalike", "chain")
+AGGREGATE_TASKS = ("aggregate",)
+
+
+def answer_hits(text: str, expected: str) -> bool:
+    """Every ``|``-separated part of ``expected`` appears in ``text`` (case-insensitive)."""
+    return all(part.lower() in text.lower() for part in expected.split("|"))
+
+
+def build_cases(lengths: tuple[int, ...], *, per_task: int | tuple[int, ...] = 3, seed: int = 0,
+                tasks: tuple[str, ...] = TASKS) -> list[QACase]:
     """``per_task`` cases of each task at each length (one count for every length, or one per
     length), depths rotating over ``DEPTHS``."""
     counts = (per_task,) * len(lengths) if isinstance(per_task, int) else tuple(per_task)
@@ -111,7 +143,8 @@ def build_cases(lengths: tuple[int, ...], *, per_task: int | tuple[int, ...] = 3
     cases = []
     i = 0
     for tokens, count in zip(lengths, counts):
-        for task, make in _TASKS.items():
+        for task in tasks:
+            make = _TASKS[task]
             for _ in range(count):
                 depth = DEPTHS[(5 * i) % len(DEPTHS)]  # 5 and 9 coprime: every depth in turn
                 facts, question, expected = make(rng, depth)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.qa_set import DEPTHS, build_cases, fit_facts
+from bench.qa_set import AGGREGATE_TASKS, DEPTHS, TASKS, answer_hits, build_cases, fit_facts
 
 
 def test_one_count_per_length_gives_that_many_cases_of_each_task():
@@ -32,3 +32,21 @@ def test_the_document_holds_each_fact_and_fits_its_length():
     doc = fit_facts(case, essays, lambda text: len(text.split()))
     assert all(fact in doc for _, fact in case.facts)
     assert abs(len(doc.split()) - case.tokens) <= case.tokens // 100
+
+
+def test_the_default_set_is_unchanged_by_the_opt_in_task():
+    assert build_cases((2048,), per_task=2) == build_cases((2048,), per_task=2, tasks=TASKS)
+    assert {c.task for c in build_cases((2048,), per_task=2)} == set(TASKS)
+
+
+def test_an_aggregate_case_asks_for_three_facts_far_apart():
+    cases = build_cases((4096,), per_task=3, tasks=AGGREGATE_TASKS)
+    assert [c.task for c in cases] == ["aggregate"] * 3
+    for c in cases:
+        parts = c.expected.split("|")
+        assert len(parts) == 3 == len(c.facts) == len(set(parts))
+        depths = sorted(d for d, _ in c.facts)
+        assert min(b - a for a, b in zip(depths, depths[1:])) > 0.15
+        assert all(part in fact for part, (_, fact) in zip(parts, sorted(c.facts)))
+        assert answer_hits(f"They hold {', '.join(reversed(parts))}.", c.expected)
+        assert not answer_hits(f"They hold {parts[0]} and {parts[1]}.", c.expected)
