@@ -7,7 +7,7 @@
    appended), ``--reps`` times per model; the seconds spent hashing (``LshIndex.add``) over
    the prefill's seconds, median and spread (target: at most 10%).
 2. Memory: the SimHash tables' bytes of those prefills beside their KV bytes, and the same
-   formula (``LshParams.table_bytes_per_token`` plus offsets and planes) for Gemma 3 at 32K
+   formula (``table_bytes``: ids, offsets, means and the shared planes) for Gemma 3 at 32K
    tokens and Llama-3.1-8B shapes (32 layers, 8 KV heads, head_dim 128, bf16) at 128K.
 
 Configurations are printed before measuring. Real weights (the models' GGUF packages), essays
@@ -31,13 +31,13 @@ GiB = 2**30
 
 def table_bytes(params, *, tokens: int, layers: int, num_kv_heads: int, head_dim: int) -> int:
     """Bytes of the tables of ``layers`` global layers at ``tokens`` tokens: uint16 ids per table
-    and token, uint16 offsets per 32K-token segment, float32 planes and mean."""
+    and token, uint16 offsets per 32K-token segment and a float32 mean per layer and KV head,
+    and the float32 planes every layer shares."""
     from cpu_kernels.lsh import SEGMENT_TOKENS
 
     segments = -(-tokens // SEGMENT_TOKENS)
-    per_head = (2 * params.tables * tokens + 2 * segments * params.tables * ((1 << params.bits) + 1)
-                + 4 * params.tables * params.bits * head_dim + 4 * head_dim)
-    return layers * num_kv_heads * per_head
+    per_head = 2 * params.tables * tokens + 2 * segments * params.tables * ((1 << params.bits) + 1) + 4 * head_dim
+    return layers * num_kv_heads * per_head + num_kv_heads * 4 * params.tables * params.bits * head_dim
 
 
 def measure_prefill(model: str, tokens: int, reps: int, say) -> dict:

@@ -340,8 +340,10 @@ class LshTables:
     prefill's mean), so a token's codes never change.
     """
 
-    def __init__(self, keys: np.ndarray, *, bits: int, tables: int, seed: int) -> None:
-        """keys [num_kv_heads, n, head_dim] float32, n >= 1."""
+    def __init__(self, keys: np.ndarray, *, bits: int, tables: int, seed: int,
+                 planes: np.ndarray | None = None) -> None:
+        """keys [num_kv_heads, n, head_dim] float32, n >= 1; ``planes``: ``hash_planes(seed, ...)``
+        made already (layers hashed with one seed share them), else drawn here."""
         if not 1 <= bits <= MAX_BITS:
             raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
         if tables < 1:
@@ -349,7 +351,10 @@ class LshTables:
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         num_kv_heads, _, head_dim = keys.shape
         self.bits, self.tables, self.seed = bits, tables, seed
-        self.planes = hash_planes(seed, num_kv_heads, head_dim, bits, tables)
+        self.planes = hash_planes(seed, num_kv_heads, head_dim, bits, tables) if planes is None else planes
+        if self.planes.shape != (num_kv_heads, tables * bits, head_dim):
+            raise ValueError(f"planes of shape {self.planes.shape} for {num_kv_heads} KV heads, {tables} tables of "
+                             f"{bits} bits, head_dim {head_dim}")
         self.mean = keys.mean(axis=1).astype(np.float32)  # [num_kv_heads, head_dim]
         self.tail = np.zeros((num_kv_heads, tables, _TAIL_GROW), dtype=np.uint16)
         self.tail_count = 0

@@ -37,8 +37,8 @@ from storage import Tier
 
 __all__ = ["LshSelector", "lsh_selector", "lsh_params", "MIN_CANDIDATES", "DEFAULT_BITS", "DEFAULT_TABLES", "MIN_HITS"]
 
-DEFAULT_BITS = 8  # K: SimHash bits per table
-DEFAULT_TABLES = 64  # L: tables
+DEFAULT_BITS = 10  # K: SimHash bits per table (MagicPIG's setting)
+DEFAULT_TABLES = 150  # L: tables
 MIN_HITS = 2  # collisions a candidate needs (MagicPIG's rule)
 MIN_CANDIDATES = 2  # per query head on average, below which a layer takes Quest's pages
 

@@ -178,7 +178,7 @@ def _lsh_note(cfg, args: argparse.Namespace, budget: float, kv_dtype: torch.dtyp
 
     p = lsh_params(seed=0)
     layers = sum(w is None for w in cfg.layer_windows)
-    table = layers * cfg.num_kv_heads * p.tables * 2 * args.context
+    table = layers * cfg.num_kv_heads * p.tables * 2 * args.context  # the uint16 ids (offsets, planes: little)
     kv = 2 * layers * cfg.num_kv_heads * cfg.head_dim * kv_dtype.itemsize * args.context
     n = -(-args.context // args.page_size)
     rows = max(0, int(budget * n * args.page_size) - len(fixed_pages(n)) * args.page_size)

@@ -24,7 +24,7 @@ from collections.abc import Collection
 import numpy as np
 import torch
 
-from cpu_kernels.lsh import LshTables
+from cpu_kernels.lsh import LshTables, hash_planes
 
 __all__ = ["LshParams", "LshIndex"]
 
@@ -45,11 +45,6 @@ class LshParams:
             raise ValueError(f"lsh tables must be >= 1 and min_hits in 1..tables, got {self.tables} and "
                              f"{self.min_hits}")
 
-    def table_bytes_per_token(self, num_kv_heads: int) -> float:
-        """Bytes of bucketed ids per token of one layer (offsets add 2**bits per 32K tokens)."""
-        return 2.0 * self.tables * num_kv_heads
-
-
 class LshIndex:
     """The SimHash tables of one sequence's global layers.
 
@@ -62,6 +57,7 @@ class LshIndex:
         self.layers = frozenset(layers)
         self.params = params
         self._tables: dict[int, LshTables] = {}
+        self._planes: np.ndarray | None = None  # one seed: every layer hashes with the same planes
 
     def get(self, layer: int) -> LshTables:
         tables = self._tables.get(layer)
@@ -83,7 +79,9 @@ class LshIndex:
             if start != 0:
                 raise RuntimeError(f"layer {layer}'s LSH tables must be built from token 0, got keys from {start}")
             p = self.params
-            self._tables[layer] = LshTables(keys, bits=p.bits, tables=p.tables, seed=p.seed)
+            if self._planes is None:
+                self._planes = hash_planes(p.seed, keys.shape[0], keys.shape[2], p.bits, p.tables)
+            self._tables[layer] = LshTables(keys, bits=p.bits, tables=p.tables, seed=p.seed, planes=self._planes)
             return
         if start != tables.num_tokens:
             if start > tables.num_tokens:
@@ -94,6 +92,7 @@ class LshIndex:
     def fork(self) -> "LshIndex":
         """A copy whose appends leave this index as it is (built tables shared, tails copied)."""
         other = LshIndex(self.layers, self.params)
+        other._planes = self._planes
         for layer, tables in self._tables.items():
             twin = copy.copy(tables)
             twin.tail = tables.tail.copy()
@@ -102,5 +101,7 @@ class LshIndex:
         return other
 
     def nbytes(self) -> int:
-        """Bytes held by every layer's tables (shared tables counted in each index)."""
-        return sum(t.nbytes for t in self._tables.values())
+        """Bytes held by every layer's tables and the planes they share (tables shared with a
+        fork counted in each index)."""
+        planes = self._planes.nbytes if self._planes is not None else 0
+        return sum(t.nbytes - t.planes.nbytes for t in self._tables.values()) + planes

@@ -119,10 +119,10 @@ def test_plans_for_other_shapes(capsys, model, preset):
 
 
 def test_plan_shows_what_lsh_holds_and_samples(capsys):
-    """SmolLM2 at 8K: 30 layers x 3 KV heads x 64 tables x 2-byte ids per token; 256 pages at
+    """SmolLM2 at 8K: 30 layers x 3 KV heads x 150 tables x 2-byte ids per token; 256 pages at
     F = 0.1 leave 25.6 pages, of which sink, window and tail take 4: 691 rows."""
     assert main(["plan", "--model", "smollm2-135m", "--context", "8192", "--sparse", "lsh", "--sparse-budget", "0.1",
                  "--preset", "cpu-2core"]) == 0
     out = capsys.readouterr().out
-    assert "lsh: K=8 bits x L=64 tables" in out
-    assert f"tables {30 * 3 * 64 * 2 * 8192 / 2**20:.1f} MiB" in out and "samples at most 691 rows" in out
+    assert "lsh: K=10 bits x L=150 tables" in out
+    assert f"tables {30 * 3 * 150 * 2 * 8192 / 2**20:.1f} MiB" in out and "samples at most 691 rows" in out

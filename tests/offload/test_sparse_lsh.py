@@ -137,6 +137,7 @@ def test_a_fork_leaves_the_documents_tables_as_they_were(tmp_path):
             assert doc.lsh.get(layer).num_tokens == built[layer] == DOC
             assert child.lsh.get(layer).num_tokens == DOC + 23
             assert child.lsh.get(layer).ids is doc.lsh.get(layer).ids  # built tables shared
+            assert doc.lsh.get(layer).planes is doc.lsh.get(0).planes  # one seed, one set of planes
         engine.release(child)
     finally:
         engine.close()
