@@ -150,19 +150,12 @@ def bench_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_lsh(args: argparse.Namespace, model: str, nkv: int, group: int, hd: int, *, tokens: int,
-              bw: float) -> list[dict[str, Any]]:
-    """LSH sampling (MagicPIG) at one layer: the weighted attention over its candidate rows
-    against a probe gathering as many random rows of the same arenas (per query head: q . k and
-    a sum of v rows), both walking ``--working-set-mib`` of arenas; and the retrieval."""
+def _gather_probe():
+    """The probe: per query head, q . k over the given rows and a sum of their v rows."""
     import numba
 
-    from cpu_kernels.lsh import LshTables, thin
-    from cpu_kernels.lsh_attention import sampled_attention_trusted
-    from offload.attention.lsh import DEFAULT_BITS, DEFAULT_TABLES, MIN_HITS
-
     @numba.njit(parallel=True, fastmath=True)
-    def _gather_probe(q, k_pages, v_pages, toks, count, out):
+    def _gather_probe_nb(q, k_pages, v_pages, toks, count, out):
         ps = k_pages.shape[2]
         for g in numba.prange(q.shape[0]):
             h = g // (q.shape[0] // k_pages.shape[0])
@@ -170,52 +163,72 @@ def bench_lsh(args: argparse.Namespace, model: str, nkv: int, group: int, hd: in
             total = np.float32(0.0)
             for i in range(count[g]):
                 t = toks[g, i]
-                k, v = k_pages[h, t // ps, t % ps], v_pages[h, t // ps, t % ps]
-                total += np.sum(q[g] * k)
-                acc += v
+                total += np.sum(q[g] * k_pages[h, t // ps, t % ps])
+                acc += v_pages[h, t // ps, t % ps]
             out[g] = acc + total
+    return _gather_probe_nb
 
-    ps, pages, rng = 32, cdiv(tokens, 32), np.random.default_rng(5)
+
+def _lsh_case(nkv: int, group: int, hd: int, tokens: int, rng: np.random.Generator):
+    """Tables over random keys, a query's candidates thinned to F = 0.1 (less sink, window
+    and tail: 8% of the tokens per KV head), and the retrieval itself."""
+    from cpu_kernels.lsh import LshTables, thin
+    from offload.attention.lsh import DEFAULT_BITS, DEFAULT_TABLES, MIN_HITS
+
+    ps, pages = 32, cdiv(tokens, 32)
     keys = (rng.standard_normal((nkv, pages * ps, hd)) + 0.5).astype(np.float32)
     tables = LshTables(keys, bits=DEFAULT_BITS, tables=DEFAULT_TABLES, seed=0)
     q = rng.standard_normal((nkv * group, hd)).astype(np.float32)
-    lo, hi = ps, (pages - 3) * ps
-    retrieve = lambda: tables.retrieve(q, lo=lo, hi=hi, min_hits=MIN_HITS)  # noqa: E731
+    retrieve = lambda: tables.retrieve(q, lo=ps, hi=(pages - 3) * ps, min_hits=MIN_HITS)  # noqa: E731
     cand = retrieve()
-    rows_cap = np.full(nkv, int(0.08 * tokens), dtype=np.int64)  # F = 0.1 less sink, window and tail
-    thin(cand, group=group, page_size=ps, disk_page=np.zeros(pages, dtype=bool), row_caps=rows_cap, page_cap=1,
-         salt=1, scratch=tables.scratch(q.shape[0])[0])
-    copies = max(1, cdiv(args.working_set_mib * 2**20, 2 * keys.nbytes))
-    arenas = [(rng.standard_normal((nkv, pages, ps, hd)).astype(np.float32),
-               rng.standard_normal((nkv, pages, ps, hd)).astype(np.float32)) for _ in range(copies)]
+    thin(cand, group=group, page_size=ps, disk_page=np.zeros(pages, dtype=bool),
+         row_caps=np.full(nkv, int(0.08 * tokens), dtype=np.int64), page_cap=1, salt=1,
+         scratch=tables.scratch(q.shape[0])[0])
+    return tables, q, cand, retrieve
+
+
+def bench_lsh(args: argparse.Namespace, model: str, nkv: int, group: int, hd: int, *, tokens: int,
+              bw: float) -> list[dict[str, Any]]:
+    """LSH sampling (MagicPIG) at one layer: the weighted attention over its candidate rows
+    against a probe gathering as many random rows of the same arenas (per query head: q . k and
+    a sum of v rows), both walking ``--working-set-mib`` of arenas; and the retrieval."""
+    from cpu_kernels.lsh_attention import sampled_attention_trusted
+
+    rng = np.random.default_rng(5)
+    tables, q, cand, retrieve = _lsh_case(nkv, group, hd, tokens, rng)
+    pages = cdiv(tokens, 32)
+    copies = max(1, cdiv(args.working_set_mib * 2**20, 2 * nkv * pages * 32 * hd * 4))
+    arenas = [(rng.standard_normal((nkv, pages, 32, hd)).astype(np.float32),
+               rng.standard_normal((nkv, pages, 32, hd)).astype(np.float32)) for _ in range(copies)]
     slots = np.arange(pages, dtype=np.int32)
-    rand = np.stack([rng.integers(lo, hi, cand.tokens.shape[1]) for _ in range(q.shape[0])]).astype(np.int32)
+    rand = rng.integers(32, (pages - 3) * 32, cand.tokens.shape).astype(np.int32)
     out = np.empty((q.shape[0], hd), dtype=np.float32)
+    probe = _gather_probe()
     n_rows = int(cand.count.sum())
     nbytes = n_rows * 2 * hd * 4  # K and V rows gathered, per query head
     config = f"{model} {tokens} tok, {n_rows} rows over {q.shape[0]} heads ({copies} arenas)"
-    print(f"LSH {model}: K={DEFAULT_BITS} L={DEFAULT_TABLES}, {int(cand.count.sum())} candidates kept of "
-          f"{cand.rows.sum()} distinct rows; tables {tables.nbytes / 2**20:.1f} MiB", flush=True)
+    print(f"LSH {model}: K={tables.bits} L={tables.tables}, {n_rows} candidates over the query heads, "
+          f"{cand.rows.sum()} distinct rows over the KV heads before thinning; tables {tables.nbytes / 2**20:.1f} MiB",
+          flush=True)
 
     def attend() -> None:
         for k, v in arenas:
-            sampled_attention_trusted(q, k, v, slots, cand, tables.mean, bits=DEFAULT_BITS, tables=DEFAULT_TABLES,
-                                      min_hits=MIN_HITS, scale=hd**-0.5)
+            sampled_attention_trusted(q, k, v, slots, cand, tables.mean, bits=tables.bits, tables=tables.tables,
+                                      min_hits=2, scale=hd**-0.5)
 
-    def probe() -> None:
+    def gather() -> None:
         for k, v in arenas:
-            _gather_probe(q, k, v, rand, cand.count, out)
+            probe(q, k, v, rand, cand.count, out)
 
     t_attend = [t / copies for t in timed(attend, args.repeat, lambda: None)]
-    t_probe = [t / copies for t in timed(probe, args.repeat, lambda: None)]
-    out_rows = [row("numba lsh sampled_attention", config, nbytes, t_attend, bw),
-                row("  probe: gather random rows", config, nbytes, t_probe, bw)]
+    t_probe = [t / copies for t in timed(gather, args.repeat, lambda: None)]
+    rows = [row("numba lsh sampled_attention", config, nbytes, t_attend, bw),
+            row("  probe: gather random rows", config, nbytes, t_probe, bw)]
     print(f"  sampled attention / probe (same rows, same run): "
           f"{statistics.median(t_probe) / statistics.median(t_attend):.2f} of the probe's speed (target >= 0.5)")
-    t_retrieve = timed(retrieve, args.repeat, lambda: None)
-    out_rows.append(row("numba lsh retrieve", f"{model} {tokens} tok, {cand.ids_scanned} ids walked",
-                        2 * cand.ids_scanned, t_retrieve, bw))
-    return out_rows
+    rows.append(row("numba lsh retrieve", f"{model} {tokens} tok, {cand.ids_scanned} ids walked",
+                    2 * cand.ids_scanned, timed(retrieve, args.repeat, lambda: None), bw))
+    return rows
 
 
 # ----- GPU -----------------------------------------------------------------------------------

@@ -424,7 +424,7 @@ class DocCache:
                 return buf.torch()[: count * reader.page_bytes]
 
             pending = ahead.submit(read, 0) if pieces else None
-            keys: list[torch.Tensor] = []  # a global layer's keys [tokens, num_kv_heads, head_dim] so far (lsh)
+            keys: list[torch.Tensor] = []  # lsh mode: a global layer's restored keys so far
             for i, (layer, p0, count) in enumerate(pieces):
                 assert pending is not None
                 data = pending.result()
@@ -434,11 +434,8 @@ class DocCache:
                 arr = data.view(eng.kv_dtype).view(count, 2, cfg.num_kv_heads, ps, cfg.head_dim)
                 eng.kv.writes.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement,
                                             length=tokens)
-                if seq.lsh is not None and layer in seq.lsh.layers:  # lsh mode: hash the layer once it is whole
-                    keys.append(arr[:, 0].permute(0, 2, 1, 3).reshape(-1, cfg.num_kv_heads, cfg.head_dim).clone())
-                    if p0 + count == layers[layer][1]:
-                        seq.lsh.add(layer, first * ps, torch.cat(keys)[: tokens - first * ps])
-                        keys.clear()
+                if seq.lsh is not None and layer in seq.lsh.layers:
+                    _hash_restored(seq, layer, arr, keys, whole=p0 + count == layers[layer][1], tokens=tokens)
                 del arr, data
         except BaseException:
             eng.release(seq)
@@ -446,6 +443,19 @@ class DocCache:
         finally:
             ahead.shutdown(wait=True, cancel_futures=True)
         return seq
+
+
+def _hash_restored(seq: "KVSequence", layer: int, pages: torch.Tensor, keys: list[torch.Tensor], *, whole: bool,
+                   tokens: int) -> None:
+    """lsh mode: keep the keys of a restored piece of a global layer (``pages`` [n, 2,
+    num_kv_heads, page_size, head_dim]); once the layer is ``whole``, hash its ``tokens`` keys
+    at once, as its prefill did (the same values: the same tables)."""
+    nkv, hd = pages.shape[2], pages.shape[4]
+    keys.append(pages[:, 0].permute(0, 2, 1, 3).reshape(-1, nkv, hd).clone())
+    if whole:
+        assert seq.lsh is not None
+        seq.lsh.add(layer, 0, torch.cat(keys)[:tokens])
+        keys.clear()
 
 
 def _ids_hash(ids: list[int]) -> str:

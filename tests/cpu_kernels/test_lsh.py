@@ -218,11 +218,11 @@ def test_denominator_is_unbiased():
     keys, values, q = _data(5, 1, 2, 32, n)
     _, exact_lse = _exact_region(q, keys, values, lo, hi)
     sums = []
-    for seed in range(300):
+    arena = _arena(keys, np.arange(-(-n // PAGE_SIZE), dtype=np.int32), torch.float32)
+    varena = _arena(values, np.arange(-(-n // PAGE_SIZE), dtype=np.int32), torch.float32)
+    for seed in range(120):
         t = LshTables(keys, bits=3, tables=6, seed=seed)
         cand = t.retrieve(q, lo=lo, hi=hi, min_hits=2)
-        arena = _arena(keys, np.arange(-(-n // PAGE_SIZE), dtype=np.int32), torch.float32)
-        varena = _arena(values, np.arange(-(-n // PAGE_SIZE), dtype=np.int32), torch.float32)
         _, lse = sampled_attention(q, arena, varena, np.arange(arena.shape[1], dtype=np.int32), cand, t.mean,
                                    bits=3, tables=6, min_hits=2, scale=SCALE)
         sums.append(np.exp(lse.astype(np.float64) - exact_lse))
