@@ -35,7 +35,7 @@ import dataclasses
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 __all__ = ["LshTables", "Candidates", "SEGMENT_TOKENS", "hash_planes", "simhash_codes", "query_codes", "demand",
            "thin"]
@@ -104,13 +104,13 @@ def query_codes(q: np.ndarray, planes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _bucket_nb(codes, offsets, ids):
     """Counting sort of codes [nkv, tables, n] into offsets [nseg, nkv, tables, 2**bits + 1]
     and ids [nkv, tables, n] (segment-local)."""
     num_kv_heads, tables, n = codes.shape
     num_buckets = offsets.shape[3] - 1
-    for it in prange(num_kv_heads * tables):
+    for it in range(num_kv_heads * tables):  # serial: a parallel kernel cost seconds to compile, this ms to run
         h, t = it // tables, it % tables
         fill = np.empty(num_buckets, dtype=np.int64)
         for s in range(offsets.shape[0]):
@@ -130,14 +130,14 @@ def _bucket_nb(codes, offsets, ids):
                 fill[c] += 1
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _retrieve_nb(qc, offsets, ids, tail, tail_count, built, lo, hi, min_hits, hits, cand, count):
     """Per query head g (KV head g // group): tokens in [lo, hi) whose code equals qc[g, t] in at
     least min_hits tables, in cand[g, :count[g]]; hits [num_heads, tokens] uint8 scratch
     (zero on entry and on return)."""
     num_heads, tables = qc.shape
     group = num_heads // ids.shape[0]
-    for g in prange(num_heads):
+    for g in range(num_heads):
         h = g // group
         hg = hits[g]
         m = 0
