@@ -22,7 +22,8 @@ piece when attention asks for it. ``--random-weights`` (a named shape such as
 transformers peer (there is no checkpoint to load into transformers).
 
 Each configuration is repeated (default 3): prefill of the prompt, then N decode steps on a
-copy-on-write fork of it; median and [min-max] are printed. The first row and the HF peers
+copy-on-write fork of it; median and [min-max] are printed ([n/a] for a smoke run of
+``--reps 1``, whose single values are no measurement to quote). The first row and the HF peers
 each start with one untimed pass (the process's first prefill or forward is slower: allocator
 growth, first touches of memory). Cold read bandwidth is measured
 in the same run by reading the DISK spill's pages exactly as a decode step does (same chunks,
@@ -264,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--tokens", type=int, default=8192, help="prompt tokens (default 8192)")
     p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions of each row (default 3; 1 is a smoke run: its spreads print n/a)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peers")
     p.add_argument("--sparse", nargs="+", choices=[m for m in SPARSE_MODES if m != "exact"], default=None,
                    help="also run these sparse modes all-DISK (and a short-prompt all-DEVICE row for their bound); "
@@ -283,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a usage error (one line printed) or --help
         return e.code if isinstance(e.code, int) else 2
-    if args.reps < 3:
-        print("offload bench: error: --reps must be >= 3 (median and spread need repeats)", file=sys.stderr)
+    if args.reps < 1:
+        print("offload bench: error: --reps must be >= 1 (3 or more for a median and a spread; 1 is a smoke run)",
+              file=sys.stderr)
         return 2
     cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
     try:
@@ -308,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"offload bench: {args.model}{' (random weights)' if source.weights_dir is None else ''}, "
           f"{str(dtype).removeprefix('torch.')} on {where}, prompt {len(ids)} tokens "
           f"({'essays' if source.tokenizer_dir is not None else 'random ids'}), {args.decode_tokens} decode steps, "
-          f"{args.reps} repetitions each; torch {torch.__version__}")
+          f"{args.reps} repetitions each{' (a smoke run: no spread, nothing to quote)' if args.reps < 3 else ''}; "
+          f"torch {torch.__version__}")
     host_note = ("HOST spill (pinned, copied over PCIe)" if cuda
                  else "HOST spill (CPU-only: HOST is RAM, pages attended in place, not copied)")
     peers = ("HF DynamicCache, HF StaticCache (manual greedy loops)" if not no_hf else

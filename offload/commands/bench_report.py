@@ -10,7 +10,7 @@ from typing import Any
 
 from offload.tuning.pieces import format_breakdown
 
-__all__ = ["SHORT_PROMPT", "Result", "Beside", "report", "median"]
+__all__ = ["SHORT_PROMPT", "Result", "Beside", "report", "median", "spread"]
 
 SHORT_PROMPT = 256  # tokens of the row that prices a step without long-context attention
 
@@ -37,7 +37,14 @@ def _fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
     if not xs:
         return "-"
     vals = [scale / x for x in xs] if scale else xs
-    return f"{statistics.median(vals):.{digits}f} [{min(vals):.{digits}f}-{max(vals):.{digits}f}]"
+    return f"{statistics.median(vals):.{digits}f} {spread(vals, digits)}"
+
+
+def spread(vals: list[float], digits: int = 1, scale: float = 1.0) -> str:
+    """``[min-max]`` of repeated values times ``scale``, or ``[n/a]`` for a single one (``--reps 1``)."""
+    if len(vals) < 2:
+        return "[n/a]"
+    return f"[{min(vals) * scale:.{digits}f}-{max(vals) * scale:.{digits}f}]"
 
 
 @dataclasses.dataclass
@@ -89,9 +96,8 @@ def report(args: argparse.Namespace, results: dict[str, Result], ids: list[int],
     if beside is not None:
         side = median(beside.step_s)
         side_disk = disk_bytes / beside.read_gbps / 1e9
-        lo, hi = min(beside.step_s) * 1e3, max(beside.step_s) * 1e3
         print(f"reads beside compute (CPU-only: readers and compute share the cores): all-DEVICE step with one "
-              f"step's DISK reads repeated beside it {side * 1e3:.0f} ms [{lo:.0f}-{hi:.0f}] "
+              f"step's DISK reads repeated beside it {side * 1e3:.0f} ms {spread(beside.step_s, 0, 1e3)} "
               f"(alone {step_s * 1e3:.0f} ms), reads beside it {beside.read_gbps:.2f} GB/s (alone {read_gbps:.2f}); "
               f"all-DISK step / max({side * 1e3:.0f} ms, disk time beside {side_disk * 1e3:.0f} ms) = "
               f"{disk_step / max(side, side_disk):.2f} (target <= 1.1: the best overlap this machine allows)")

@@ -28,9 +28,19 @@ def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cach
     assert len(beside["step_s"]) == 3 and all(s > 0 for s in beside["step_s"]) and beside["read_gbps"] > 0
 
 
-def test_bench_refuses_fewer_than_three_repetitions(capsys):
-    assert main(["bench", "--reps", "2"]) == 2
-    assert "--reps must be >= 3" in capsys.readouterr().err
+def test_bench_refuses_no_repetition(capsys):
+    assert main(["bench", "--reps", "0"]) == 2
+    assert "--reps must be >= 1" in capsys.readouterr().err
+
+
+def test_one_repetition_is_a_smoke_run_whose_spreads_are_na(capsys, cache_dir):
+    assert main(["bench", "--model", "smollm2-135m", "--random-weights", "--num-layers", "2", "--tokens", "256",
+                 "--decode-tokens", "2", "--reps", "1", "--no-hf", "--quiet", "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "1 repetitions each (a smoke run: no spread, nothing to quote)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("all-DEVICE", "DISK spill", "HOST spill"))]
+    assert len(rows) >= 3 and all(line.count("[n/a]") == 2 for line in rows)  # prefill and decode tok/s
+    assert "[n/a] (alone" in out  # the all-DEVICE step beside the reads (CPU-only)
 
 
 @pytest.mark.slow  # eight configurations of a 2-layer random model: about 30 s
