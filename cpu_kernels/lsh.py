@@ -98,9 +98,11 @@ def query_codes(q: np.ndarray, planes: np.ndarray, bits: int) -> np.ndarray:
     num_heads = q.shape[0]
     group = num_heads // planes.shape[0]
     tables = planes.shape[1] // bits
+    proj = np.empty((num_heads, planes.shape[1]), dtype=np.float32)  # one product per KV group
+    for h in range(planes.shape[0]):
+        np.matmul(q[h * group:(h + 1) * group], planes[h].T, out=proj[h * group:(h + 1) * group])
     out = np.empty((num_heads, tables), dtype=np.uint16)
-    for g in range(num_heads):
-        _pack_codes_nb(np.ascontiguousarray(q[g:g + 1] @ planes[g // group].T), bits, out[g:g + 1].T)
+    _pack_codes_nb(proj, bits, out.T)
     return out
 
 

@@ -41,6 +41,8 @@ DEFAULT_BITS = 10  # K: SimHash bits per table (MagicPIG's setting)
 DEFAULT_TABLES = 150  # L: tables
 MIN_HITS = 2  # collisions a candidate needs (MagicPIG's rule)
 MIN_CANDIDATES = 2  # per query head on average, below which a layer takes Quest's pages
+_TIERS = (Tier.DEVICE, Tier.HOST, Tier.DISK)
+_TIER_CODE = {t: i for i, t in enumerate(_TIERS)}  # a page's tier as a small int (vectorized counts)
 
 
 def lsh_params(*, seed: int, bits: int | None = None, tables: int | None = None) -> LshParams:
@@ -137,8 +139,8 @@ class LshSelector:
         if int(cand.count.sum()) < MIN_CANDIDATES * num_heads or room < 1:
             self.selection_s += time.perf_counter() - t0
             return self._quest(seq, layer, length, query)
-        tiers = seq.table.tiers(layer)
-        disk_page = np.fromiter((t is Tier.DISK for t in tiers[:n]), dtype=bool, count=n)
+        tier_of = np.fromiter((_TIER_CODE[t] for t in seq.table.tiers(layer)[:n]), dtype=np.int8, count=n)
+        disk_page = tier_of == _TIER_CODE[Tier.DISK]
         group = num_heads // self.num_kv_heads
         scratch = tables.scratch(num_heads)[0]
         rows, pages = demand(cand, group=group, page_size=ps, disk_page=disk_page, scratch=scratch)
@@ -146,7 +148,7 @@ class LshSelector:
         share = min(1.0, room / cost) if cost else 1.0
         thin(cand, group=group, page_size=ps, disk_page=disk_page, row_caps=np.floor(share * rows).astype(np.int64),
              page_cap=math.floor(share * pages), salt=self._salt(layer, length), scratch=scratch)
-        sampled, row_bytes = self._pages_and_rows(cand, tiers, disk_page, group)
+        sampled, row_bytes = self._pages_and_rows(cand, tier_of, group)
         sample = Sample(candidates=cand, mean=tables.mean, bits=p.bits, tables=p.tables, min_hits=p.min_hits,
                         row_bytes=row_bytes)
         self.sampled_tokens += int(cand.count.sum())
@@ -176,23 +178,22 @@ class LshSelector:
         run twice samples the same tokens)."""
         return (self.params.seed * 0x9E3779B1 + layer * 0x85EBCA77 + length * 0xC2B2AE3D) & 0xFFFFFFFFFFFFFFFF
 
-    def _pages_and_rows(self, cand, tiers: list[Tier], disk_page: np.ndarray,
-                        group: int) -> tuple[tuple[int, ...], dict[Tier, int]]:
+    def _pages_and_rows(self, cand, tier_of: np.ndarray, group: int) -> tuple[tuple[int, ...], dict[Tier, int]]:
         """The pages holding the kept candidates, and the bytes of the distinct rows read per
-        memory tier (a KV group reads each of its tokens once)."""
+        memory tier (a KV group reads each of its tokens once); ``tier_of``: each page's
+        ``_TIER_CODE``."""
         ps = self.page_size
-        row_bytes: dict[Tier, int] = {}
-        pages: set[int] = set()
+        owners = []
+        rows = np.zeros(len(_TIERS), dtype=np.int64)
         for h in range(self.num_kv_heads):
             toks = np.unique(np.concatenate([cand.tokens[g, :cand.count[g]]
                                              for g in range(h * group, (h + 1) * group)]))
             owner = toks // ps
-            pages.update(np.unique(owner).tolist())
-            mem = owner[~disk_page[owner]]
-            for pid, count in zip(*np.unique(mem, return_counts=True)):
-                tier = tiers[pid]
-                row_bytes[tier] = row_bytes.get(tier, 0) + int(count) * self.row_bytes
-        return tuple(sorted(pages)), row_bytes
+            owners.append(owner)
+            rows += np.bincount(tier_of[owner], minlength=len(_TIERS))
+        pages = np.unique(np.concatenate(owners)) if owners else np.zeros(0, dtype=np.int64)
+        row_bytes = {t: int(rows[i]) * self.row_bytes for i, t in enumerate(_TIERS) if t != Tier.DISK and rows[i]}
+        return tuple(pages.tolist()), row_bytes
 
     def _quest(self, seq: KVSequence, layer: int, length: int, query: torch.Tensor) -> PageChoice:
         """Quest's pages at the same F (its bounds' bytes and time counted as ours)."""
