@@ -171,7 +171,8 @@ def _gather_probe():
 
 def _lsh_case(nkv: int, group: int, hd: int, tokens: int, rng: np.random.Generator):
     """Tables over random keys, a query's candidates thinned to F = 0.1 (less sink, window
-    and tail: 8% of the tokens per KV head), and the retrieval itself."""
+    and tail: 8% of the tokens per KV head), the retrieval itself and the distinct rows before
+    thinning."""
     from cpu_kernels.lsh import LshTables, thin
     from offload.attention.lsh import DEFAULT_BITS, DEFAULT_TABLES, MIN_HITS
 
@@ -181,10 +182,10 @@ def _lsh_case(nkv: int, group: int, hd: int, tokens: int, rng: np.random.Generat
     q = rng.standard_normal((nkv * group, hd)).astype(np.float32)
     retrieve = lambda: tables.retrieve(q, lo=ps, hi=(pages - 3) * ps, min_hits=MIN_HITS)  # noqa: E731
     cand = retrieve()
-    thin(cand, group=group, page_size=ps, disk_page=np.zeros(pages, dtype=bool),
-         row_caps=np.full(nkv, int(0.08 * tokens), dtype=np.int64), page_cap=1, salt=1,
-         scratch=tables.scratch(q.shape[0])[0])
-    return tables, q, cand, retrieve
+    need = thin(cand, group=group, page_size=ps, disk_page=np.zeros(pages, dtype=bool),
+                row_caps=np.full(nkv, int(0.08 * tokens), dtype=np.int64), page_cap=1, salt=1,
+                scratch=tables.scratch(q.shape[0])[0])
+    return tables, q, cand, retrieve, int(need.rows.sum())
 
 
 def bench_lsh(args: argparse.Namespace, model: str, nkv: int, group: int, hd: int, *, tokens: int,
@@ -195,7 +196,7 @@ def bench_lsh(args: argparse.Namespace, model: str, nkv: int, group: int, hd: in
     from cpu_kernels.lsh_attention import sampled_attention_trusted
 
     rng = np.random.default_rng(5)
-    tables, q, cand, retrieve = _lsh_case(nkv, group, hd, tokens, rng)
+    tables, q, cand, retrieve, distinct = _lsh_case(nkv, group, hd, tokens, rng)
     pages = cdiv(tokens, 32)
     copies = max(1, cdiv(args.working_set_mib * 2**20, 2 * nkv * pages * 32 * hd * 4))
     arenas = [(rng.standard_normal((nkv, pages, 32, hd)).astype(np.float32),
@@ -208,7 +209,7 @@ def bench_lsh(args: argparse.Namespace, model: str, nkv: int, group: int, hd: in
     nbytes = n_rows * 2 * hd * 4  # K and V rows gathered, per query head
     config = f"{model} {tokens} tok, {n_rows} rows over {q.shape[0]} heads ({copies} arenas)"
     print(f"LSH {model}: K={tables.bits} L={tables.tables}, {n_rows} candidates over the query heads, "
-          f"{cand.rows.sum()} distinct rows over the KV heads before thinning; tables {tables.nbytes / 2**20:.1f} MiB",
+          f"{distinct} distinct rows over the KV heads before thinning; tables {tables.nbytes / 2**20:.1f} MiB",
           flush=True)
 
     def attend() -> None:

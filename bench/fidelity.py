@@ -68,17 +68,14 @@ def _selectors(engine, source, budgets, modes):
             from offload.attention.speculative import speculative_selector
 
             out.append(("speculative", f, speculative_selector(engine, source, budget=f)))
-        if "lsh" in modes:  # the engine's sequences carry SimHash tables (main sets engine.lsh_params)
-            from offload.attention.lsh import lsh_selector
+        # lsh-prior: the prompt prior's best pages exact, the rest sampled. The engine's sequences
+        # carry SimHash tables (main sets engine.lsh_params).
+        for label, prior_share in (("lsh", 0.0), ("lsh-prior", 0.75)):
+            if label in modes:
+                from offload.attention.lsh import lsh_selector
 
-            out.append(("lsh", f, lsh_selector(engine, QuestSelector(budget=f, page_size=ps, kinds=kinds,
-                                                                     scale=engine.runner.scale), budget=f)))
-        if "lsh-prior" in modes:  # the prompt prior's best pages exact, the rest sampled
-            from offload.attention.lsh import lsh_selector
-
-            out.append(("lsh-prior", f, lsh_selector(engine, QuestSelector(budget=f, page_size=ps, kinds=kinds,
-                                                                           scale=engine.runner.scale),
-                                                     budget=f, prior_share=0.75)))
+                quest = QuestSelector(budget=f, page_size=ps, kinds=kinds, scale=engine.runner.scale)
+                out.append((label, f, lsh_selector(engine, quest, budget=f, prior_share=prior_share)))
     return out
 
 

@@ -14,7 +14,8 @@ Storage, per KV head and table (``LshTables``)::
         sorted by code; offsets [num_segments, num_kv_heads, tables, 2**bits + 1] uint16
         (counting sort: bucket c of segment s is ids[h, t, start + off[c] : start + off[c+1]])
     codes of tokens appended since:        tail    [num_kv_heads, tables, capacity] uint16
-        scanned linearly; folded into the buckets by ``rebuild`` when they grow
+        scanned linearly (a question's prompt and its decode tokens: never folded into the
+        buckets, which a prefill or a DocCache restore builds whole)
 
 A table costs ``2 * (1 + 2**bits / SEGMENT_TOKENS)`` bytes per token and KV head: at the
 default 10 bits and 150 tables about 310 bytes per token and head, beside 2 * head_dim * 2
@@ -31,14 +32,15 @@ candidates' weights multiplied by distinct / kept.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import numpy as np
 from numba import njit
 
-__all__ = ["LshTables", "Candidates", "SEGMENT_TOKENS", "hash_planes", "simhash_codes", "query_codes", "demand",
-           "thin"]
+__all__ = ["LshTables", "Candidates", "Demand", "SEGMENT_TOKENS", "hash_planes", "simhash_codes", "query_codes",
+           "demand", "thin"]
 
 SEGMENT_TOKENS = 32768  # tokens whose ids share one uint16 offset table (offsets reach 32768)
 MAX_BITS = 16  # codes are uint16
@@ -136,9 +138,10 @@ def _bucket_nb(codes, offsets, ids):
 def _retrieve_nb(qc, offsets, ids, tail, tail_count, built, lo, hi, min_hits, hits, cand, count):
     """Per query head g (KV head g // group): tokens in [lo, hi) whose code equals qc[g, t] in at
     least min_hits tables, in cand[g, :count[g]]; hits [num_heads, tokens] uint8 scratch
-    (zero on entry and on return)."""
+    (zero on entry and on return). Returns the bucket ids walked."""
     num_heads, tables = qc.shape
     group = num_heads // ids.shape[0]
+    scanned = 0
     for g in range(num_heads):
         h = g // group
         hg = hits[g]
@@ -149,6 +152,7 @@ def _retrieve_nb(qc, offsets, ids, tail, tail_count, built, lo, hi, min_hits, hi
                 for t in range(tables):
                     c = qc[g, t]
                     a, b = offsets[s, h, t, c], offsets[s, h, t, c + 1]
+                    scanned += (b - a) * (1 - sweep)
                     for j in range(a, b):
                         tok = base + ids[h, t, base + j]
                         if sweep == 1:
@@ -170,6 +174,7 @@ def _retrieve_nb(qc, offsets, ids, tail, tail_count, built, lo, hi, min_hits, hi
                 cand[g, m] = tok
                 m += 1
         count[g] = m
+    return scanned
 
 
 @njit(cache=True, nogil=True)
@@ -219,16 +224,14 @@ def _demand_nb(cand, count, group, page_size, disk_page, mark, rows, pages):
 
 
 @njit(cache=True, nogil=True)
-def _thin_nb(cand, count, log_factor, group, page_size, disk_page, row_caps, page_cap, salt, mark):
-    """Keep at most row_caps[h] memory rows per KV head (the smallest hashes of token ^ salt)
-    and page_cap DISK pages (of page ^ ~salt); each kept candidate's log_factor gains
-    log(distinct / kept) of its kind. Returns (memory rows per KV head, DISK pages) before
-    thinning. mark [tokens] uint8 scratch, zero on entry and return: 2 marks a kept DISK page
-    at its first token, 1 a memory row seen, 3 a memory row kept."""
+def _thin_nb(cand, count, log_factor, group, page_size, disk_page, rows, pages, row_caps, page_cap, salt, mark):
+    """Keep at most row_caps[h] of the rows[h] distinct memory rows per KV head (the smallest
+    hashes of token ^ salt) and page_cap of the distinct DISK ``pages`` (of page ^ ~salt); each
+    kept candidate's log_factor gains log(distinct / kept) of its kind. mark [tokens] uint8
+    scratch, zero on entry and return: 2 marks a kept DISK page at its first token, 1 a memory
+    row seen, 3 a memory row kept."""
     num_heads = cand.shape[0]
-    rows = np.zeros(num_heads // group, dtype=np.int64)
-    pages = np.empty(count.sum() + 1, dtype=np.int64)
-    num_pages = _demand_nb(cand, count, group, page_size, disk_page, mark, rows, pages)
+    num_pages = pages.shape[0]
     if num_pages > page_cap:
         keys = np.empty(num_pages, dtype=np.uint64)
         for i in range(num_pages):
@@ -280,7 +283,6 @@ def _thin_nb(cand, count, log_factor, group, page_size, disk_page, row_caps, pag
             mark[toks[i]] = 0
     for i in range(num_pages):
         mark[pages[i] * page_size] = 0
-    return rows, num_pages
 
 
 @dataclasses.dataclass
@@ -294,30 +296,33 @@ class Candidates:
         log_factor: [num_heads, max] float32, log of each candidate's thinning weight (0: kept
             with certainty).
         ids_scanned: bucket ids walked (the table bytes read: 2 bytes each).
-        rows: [num_kv_heads] distinct memory rows per KV head before the last ``thin``.
-        disk_pages: distinct DISK pages holding a candidate before the last ``thin``.
     """
 
     tokens: np.ndarray
     count: np.ndarray
     log_factor: np.ndarray
     ids_scanned: int
-    rows: np.ndarray | None = None
-    disk_pages: int = 0
 
 
-def demand(cand: Candidates, *, group: int, page_size: int, disk_page: np.ndarray,
-           scratch: np.ndarray) -> tuple[np.ndarray, int]:
-    """What the candidates would read: distinct memory rows per KV head [num_kv_heads] int64,
-    and distinct DISK pages (``thin``'s arguments)."""
+@dataclasses.dataclass(frozen=True)
+class Demand:
+    """What candidates would read: ``rows`` [num_kv_heads] int64, the distinct memory rows of
+    each KV head's group; ``pages`` int64, the distinct DISK pages holding one (read whole)."""
+
+    rows: np.ndarray
+    pages: np.ndarray
+
+
+def demand(cand: Candidates, *, group: int, page_size: int, disk_page: np.ndarray, scratch: np.ndarray) -> Demand:
+    """``Demand`` of the candidates (``thin``'s arguments)."""
     rows = np.zeros(cand.tokens.shape[0] // group, dtype=np.int64)
     pages = np.empty(int(cand.count.sum()) + 1, dtype=np.int64)
     num = _demand_nb(cand.tokens, cand.count, group, page_size, disk_page, scratch, rows, pages)
-    return rows, int(num)
+    return Demand(rows=rows, pages=pages[:num])
 
 
 def thin(cand: Candidates, *, group: int, page_size: int, disk_page: np.ndarray, row_caps: np.ndarray,
-         page_cap: int, salt: int, scratch: np.ndarray) -> None:
+         page_cap: int, salt: int, scratch: np.ndarray, need: Demand | None = None) -> Demand:
     """Cap the rows read in place, unbiasedly: at most ``row_caps[h]`` distinct memory rows
     (tokens of pages where ``disk_page`` is False) per KV head h, and ``page_cap`` distinct
     DISK pages (read whole), each kept as a uniform subset (the smallest splitmix64 hashes of
@@ -327,11 +332,17 @@ def thin(cand: Candidates, *, group: int, page_size: int, disk_page: np.ndarray,
         disk_page: [num_pages] bool, per page id of the layer.
         row_caps: [num_kv_heads] int64 (>= 1); page_cap >= 1.
         scratch: [>= tokens] uint8, zero (and left zero).
+        need: the candidates' ``demand`` when the caller computed it to set the caps.
+
+    Returns:
+        The demand before thinning.
     """
-    rows, pages = _thin_nb(cand.tokens, cand.count, cand.log_factor, group, page_size, disk_page,
-                           np.maximum(np.asarray(row_caps, dtype=np.int64), 1), max(1, page_cap),
-                           np.uint64(salt & 0xFFFFFFFFFFFFFFFF), scratch)
-    cand.rows, cand.disk_pages = rows, int(pages)
+    if need is None:
+        need = demand(cand, group=group, page_size=page_size, disk_page=disk_page, scratch=scratch)
+    _thin_nb(cand.tokens, cand.count, cand.log_factor, group, page_size, disk_page, need.rows, need.pages,
+             np.maximum(np.asarray(row_caps, dtype=np.int64), 1), max(1, page_cap),
+             np.uint64(salt & 0xFFFFFFFFFFFFFFFF), scratch)
+    return need
 
 
 class LshTables:
@@ -394,6 +405,13 @@ class LshTables:
         self.tail[:, :, self.tail_count:self.tail_count + m] = codes
         self.tail_count += m
 
+    def fork(self) -> "LshTables":
+        """A copy sharing the built tables (never written again) with a tail of its own."""
+        twin = copy.copy(self)
+        twin.tail = self.tail.copy()
+        twin._hits = np.zeros((0, 0), dtype=np.uint8)
+        return twin
+
     def truncate(self, num_tokens: int) -> None:
         """Forget tokens from ``num_tokens`` on (a question's scratch tokens); only tail tokens
         can be forgotten."""
@@ -417,24 +435,7 @@ class LshTables:
         qc = query_codes(np.ascontiguousarray(q, dtype=np.float32), self.planes, self.bits)
         cand = np.empty((num_heads, max(1, min(self.num_tokens, hi) - max(0, lo))), dtype=np.int32)
         count = np.zeros(num_heads, dtype=np.int32)
-        _retrieve_nb(qc, self.offsets, self.ids, self.tail, self.tail_count, self.built, lo, hi, min_hits, hits,
-                     cand, count)
+        scanned = _retrieve_nb(qc, self.offsets, self.ids, self.tail, self.tail_count, self.built, lo, hi, min_hits,
+                               hits, cand, count)
         return Candidates(tokens=cand, count=count, log_factor=np.zeros(cand.shape, dtype=np.float32),
-                          ids_scanned=_ids_scanned(qc, self.offsets, self.ids.shape[0]))
-
-
-@njit(cache=True, nogil=True)
-def _ids_scanned_nb(qc, offsets, num_kv_heads):
-    num_heads, tables = qc.shape
-    group = num_heads // num_kv_heads
-    total = 0
-    for g in range(num_heads):
-        for s in range(offsets.shape[0]):
-            for t in range(tables):
-                c = qc[g, t]
-                total += offsets[s, g // group, t, c + 1] - offsets[s, g // group, t, c]
-    return total
-
-
-def _ids_scanned(qc: np.ndarray, offsets: np.ndarray, num_kv_heads: int) -> int:
-    return int(_ids_scanned_nb(qc, offsets, num_kv_heads))
+                          ids_scanned=int(scanned))

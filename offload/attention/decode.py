@@ -173,11 +173,7 @@ class DecodeAttention:
             with self.kv.reader.staged(piece) as (k, v):
                 return run(kernel_pages(k, "k", 4), kernel_pages(v, "v", 4))
         page_slots[list(piece.page_ids)] = piece.slots
-        pool = self.kv.pool_of(piece.tier)
-        arrays = self._arena_arrays.get(id(pool))
-        if arrays is None:
-            arrays = self._arena_arrays[id(pool)] = (kernel_pages(pool.k, "k", 4), kernel_pages(pool.v, "v", 4))
-        return run(*arrays)
+        return run(*self._arena_views(self.kv.pool_of(piece.tier)))
 
     def _numba_packed(self, q: torch.Tensor, rows: np.ndarray, slots: list[int]) -> Partial:
         """The fused Numba 4-bit kernel over blob rows (an arena's slots or a staging buffer's)."""
@@ -204,10 +200,14 @@ class DecodeAttention:
 
     def _numba_pages(self, q: torch.Tensor, pool: PageArena, slots: list[int], tokens: int, skip: int) -> Partial:
         """In place over a CPU arena (DEVICE on a CPU machine, or HOST): only q moves."""
+        return self._numba_arrays(q, *self._arena_views(pool), slots, tokens, skip)
+
+    def _arena_views(self, pool: PageArena) -> tuple[np.ndarray, np.ndarray]:
+        """A CPU arena's K and V as kernel views, made once (the arena lives as long as we do)."""
         arrays = self._arena_arrays.get(id(pool))
-        if arrays is None:  # the arena's numpy views, made once (the arena lives as long as we do)
+        if arrays is None:
             arrays = self._arena_arrays[id(pool)] = (kernel_pages(pool.k, "k", 4), kernel_pages(pool.v, "v", 4))
-        return self._numba_arrays(q, *arrays, slots, tokens, skip)
+        return arrays
 
     def _numba_arena(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], tokens: int,
                      skip: int) -> Partial:

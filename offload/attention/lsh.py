@@ -60,8 +60,7 @@ def lsh_selector(engine, quest: QuestSelector, *, budget: float | None = None,
         raise InputError(f"sparse='lsh' samples on a CPU-only machine for now; on {engine.device} use "
                          "sparse='quest' or 'speculative'")
     cfg, rc = engine.model_config, engine.config
-    params = getattr(engine, "lsh_params", None) or lsh_params(seed=rc.lsh_seed, bits=rc.lsh_bits,
-                                                               tables=rc.lsh_tables)
+    params = engine.lsh_params or lsh_params(seed=rc.lsh_seed, bits=rc.lsh_bits, tables=rc.lsh_tables)
     return LshSelector(budget=rc.sparse_budget if budget is None else budget, page_size=rc.page_size,
                        kinds=engine.kv.kinds, params=params,
                        row_bytes=2 * cfg.head_dim * engine.kv_dtype.itemsize, num_kv_heads=cfg.num_kv_heads,
@@ -118,7 +117,7 @@ class LshSelector:
         if self.budget >= 1.0 or math.floor(self.budget * n + 1e-9) >= n:
             self.fallback = f"the budget covers every page ({n} pages at F={self.budget:g})"
             return PageChoice(pages=None, needs_query=False)
-        if hi <= lo or len(fixed) >= self.budget * n:
+        if hi <= lo or len(fixed) >= self.budget * n:  # rows are sampled: any room past the fixed pages serves
             self.fallback = f"too few pages to sample: {n} pages at F={self.budget:g}"
             return PageChoice(pages=None, needs_query=False)
         exact = self._exact_pages(seq, layer, n, fixed)
@@ -143,11 +142,12 @@ class LshSelector:
         disk_page = tier_of == _TIER_CODE[Tier.DISK]
         group = num_heads // self.num_kv_heads
         scratch = tables.scratch(num_heads)[0]
-        rows, pages = demand(cand, group=group, page_size=ps, disk_page=disk_page, scratch=scratch)
-        cost = rows.sum() / self.num_kv_heads + pages * ps
+        need = demand(cand, group=group, page_size=ps, disk_page=disk_page, scratch=scratch)
+        cost = need.rows.sum() / self.num_kv_heads + len(need.pages) * ps
         share = min(1.0, room / cost) if cost else 1.0
-        thin(cand, group=group, page_size=ps, disk_page=disk_page, row_caps=np.floor(share * rows).astype(np.int64),
-             page_cap=math.floor(share * pages), salt=self._salt(layer, length), scratch=scratch)
+        thin(cand, group=group, page_size=ps, disk_page=disk_page, need=need, salt=self._salt(layer, length),
+             row_caps=np.floor(share * need.rows).astype(np.int64), page_cap=math.floor(share * len(need.pages)),
+             scratch=scratch)
         sampled, row_bytes = self._pages_and_rows(cand, tier_of, group)
         sample = Sample(candidates=cand, mean=tables.mean, bits=p.bits, tables=p.tables, min_hits=p.min_hits,
                         row_bytes=row_bytes)

@@ -17,7 +17,6 @@ sliding-window layers keep none (their rings are attended whole). The hyperplane
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Collection
 
@@ -65,9 +64,6 @@ class LshIndex:
             raise RuntimeError(f"layer {layer} has no LSH tables: its keys were never appended in lsh mode")
         return tables
 
-    def has(self, layer: int) -> bool:
-        return layer in self._tables
-
     def add(self, layer: int, start: int, k: torch.Tensor) -> None:
         """Hash keys k [T, num_kv_heads, head_dim] of tokens start .. start + T - 1 of ``layer``
         (a global layer's first call builds its tables; later ones extend them)."""
@@ -93,11 +89,7 @@ class LshIndex:
         """A copy whose appends leave this index as it is (built tables shared, tails copied)."""
         other = LshIndex(self.layers, self.params)
         other._planes = self._planes
-        for layer, tables in self._tables.items():
-            twin = copy.copy(tables)
-            twin.tail = tables.tail.copy()
-            twin._hits = np.zeros((0, 0), dtype=np.uint8)
-            other._tables[layer] = twin
+        other._tables = {layer: tables.fork() for layer, tables in self._tables.items()}
         return other
 
     def nbytes(self) -> int:

@@ -168,16 +168,15 @@ class KVReader:
     def _sampled_pieces(self, layer: int, pids: list[int], tiers: list[Tier], slots: list[int],
                         planned: Collection[Chunk] | None, sample: Sample, add) -> None:
         """A sample's pages: DISK ones in chunks read whole, each memory tier's as one piece
-        whose bytes are the rows it reads (the CPU attends them in place; on CUDA, DEVICE rows
-        are gathered on the device)."""
+        whose bytes are the rows it reads; the CPU attends them all in place (sampling runs on
+        CPU-only machines)."""
         disk = [p for p in pids if tiers[p] == Tier.DISK]
         for part, chunk in self._chunks(layer, disk, slots, planned):
             add(Tier.DISK, Route.PAGED_CPU, part, kind=PieceKind.SAMPLED, chunk=chunk,
                 ahead=planned is None or chunk in planned)
         for tier in (Tier.HOST, Tier.DEVICE):
             mine = [p for p in pids if tiers[p] == tier]
-            route = Route.PAGED_CPU if tier == Tier.HOST or self.kv.compute_device.type != "cuda" else Route.GROUPS
-            add(tier, route, mine, kind=PieceKind.SAMPLED, nbytes=sample.row_bytes.get(tier, 0))
+            add(tier, Route.PAGED_CPU, mine, kind=PieceKind.SAMPLED, nbytes=sample.row_bytes.get(tier, 0))
 
     def _chunks(self, layer: int, pids: list[int], slots: list[int],
                 planned: Collection[Chunk] | None = None) -> Iterator[tuple[list[int], Chunk]]:
