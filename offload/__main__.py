@@ -1,5 +1,5 @@
 import sys
 
-from offload.commands.cli import main
+from offload.commands.entry import main
 
 sys.exit(main())

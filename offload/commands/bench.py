@@ -263,7 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="weights and KV dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--tokens", type=int, default=8192, help="prompt tokens (default 8192)")
+    p.add_argument("--contexts", default=None, help="sweep: contexts in tokens, K = 1024 (default 8K), e.g. 2K,8K,32K")
+    p.add_argument("--modes", default=None, help="sweep: exact, quest, speculative, lsh, 4bit, 4bit+quest, "
+                   "4bit+speculative, comma-separated (default exact)")
+    p.add_argument("--placements", default=None, help="sweep: device, host, disk (default device,disk)")
+    p.add_argument("--out", type=Path, default=None, help="sweep: directory for results.json, report.md and the "
+                   "plots (default bench-out)")
+    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="rewrite report.md and the plots beside a sweep's results.json, from it alone")
+    p.add_argument("--prefill-reps", type=int, default=None,
+                   help="sweep: prefill repetitions per context (default --reps up to 8K tokens, 1 above)")
+    p.add_argument("--peers-all-contexts", action="store_true", help="sweep: peers beyond 8K tokens too")
+    p.add_argument("--no-peers", default=None, help="sweep: leave out these peers (transformers, llamacpp, vllm)")
+    p.add_argument("--allow-long-context", action="store_true", help="sweep: contexts beyond the model's window")
+    p.add_argument("--fidelity", type=Path, default=None,
+                   help="sweep: the sparse harness's JSON (bench/fidelity.py --json-out), for the fidelity plot")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="single-context shorthand (today's first version): prompt tokens (default 8192)")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--reps", type=int, default=3,
                    help="repetitions of each row (default 3; 1 is a smoke run: its spreads print n/a)")
@@ -280,11 +296,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The sweep (``offload.commands.sweep``) with this parser's defaults filled in."""
+    if args.no_hf:
+        args.no_peers = ",".join(filter(None, [args.no_peers, "transformers"]))
+    skip = [t.strip() for t in (args.no_peers or "").split(",") if t.strip()]
+    bad = [t for t in skip if t not in ("transformers", "llamacpp", "vllm")]
+    if bad:
+        print(f"offload bench: error: --no-peers: {bad[0]} is not one of transformers, llamacpp, vllm", file=sys.stderr)
+        return 2
+    args.no_peers = skip
+    args.contexts = args.contexts or "8K"
+    args.modes = args.modes or "exact"
+    args.placements = args.placements or "device,disk"
+    args.out = args.out or Path("bench-out")
+    args.argv = list(sys.argv[2:] if argv is None else argv)
+    from offload.commands.sweep import run_sweep
+
+    return run_sweep(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a usage error (one line printed) or --help
         return e.code if isinstance(e.code, int) else 2
+    if args.render is not None:
+        from offload.commands import bench_render
+
+        return bench_render.main([str(args.render)])
+    if args.tokens is None and args.json_out is None and not args.sparse and not args.kv_format:
+        return _sweep(args, argv)
+    sweep_only = [f for f, v in (("--contexts", args.contexts), ("--modes", args.modes), ("--placements", args.placements),
+                                 ("--out", args.out), ("--fidelity", args.fidelity), ("--no-peers", args.no_peers),
+                                 ("--prefill-reps", args.prefill_reps)) if v is not None]
+    if sweep_only:
+        print(f"offload bench: error: {sweep_only[0]} belongs to the sweep, and --tokens/--json-out to the "
+              "single-context shorthand: use one or the other", file=sys.stderr)
+        return 2
+    args.tokens = 8192 if args.tokens is None else args.tokens
     if args.reps < 1:
         print("offload bench: error: --reps must be >= 1 (3 or more for a median and a spread; 1 is a smoke run)",
               file=sys.stderr)

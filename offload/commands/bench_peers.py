@@ -1,0 +1,213 @@
+"""The sweep's peers, on the same prompt ids as its rows. Each is measured or says why not.
+
+- transformers (in the runtime's own venv, the exactness oracle): DynamicCache and StaticCache
+  as manual greedy loops (``bench._hf_loop``), their repetitions interleaved with exact
+  all-DEVICE's; their greedy tokens are checked against exact mode's. On CUDA also its
+  offloaded caches (``DynamicCache(offloading=True)`` and ``StaticCache(offloading=True)``,
+  what ``cache_implementation="offloaded"`` / ``"offloaded_static"`` build).
+- llama.cpp (``llama-cpp-python``) and vLLM's CPU build, each in its own venv under ``.peers/``
+  (``make peer-llamacpp``, ``make peer-vllm``), run as subprocesses of ``bench/peers/*.py`` that
+  print one JSON line. llama.cpp runs the same GGUF file (its quantized weights, labelled);
+  vLLM the checkpoint converted from it (fp32 or bf16 weights, as ours).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Peers", "PEER_CONTEXT_LIMIT"]
+
+PEER_CONTEXT_LIMIT = 8192  # peers run up to here unless --peers-all-contexts
+ROOT = Path(__file__).resolve().parents[2]
+SUBPROCESS_PEERS = {"llama.cpp": ("llamacpp", "llamacpp_peer.py"), "vLLM (CPU)": ("vllm", "vllm_peer.py")}
+PEER_TIMEOUT_S = 1800
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None
+
+
+class _Run:
+    """The peers of one context: HF repetitions interleaved with exact all-DEVICE's, the
+    subprocess peers after the rows."""
+
+    def __init__(self, peers: "Peers", tokens: int, ids: list[int]) -> None:
+        self.peers, self.tokens, self.ids = peers, tokens, ids
+        self.hf = None
+        self.hf_error = ""
+        if peers.hf_available:
+            try:
+                from offload.commands.bench import _HFPeers
+
+                plan = peers.plan
+                self.hf = _HFPeers(plan.source, ids, plan.decode, lambda: None, plan.device, plan.dtype)
+                if plan.device.type == "cuda":
+                    _add_offloaded(self.hf, len(ids) + plan.decode + 1)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                self.hf_error = f"transformers failed to load the checkpoint: {type(e).__name__}: {e}"
+
+    def rep(self) -> None:
+        if self.hf is not None:
+            self.hf.rep()
+
+    def finish(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        exact = next((r for r in rows if (r["mode"], r["placement"]) == ("exact", "device")), None)
+        out: list[dict[str, Any]] = []
+        for p in self.peers.declared():
+            if not p["name"].startswith("transformers"):
+                continue
+            if self.hf is None:
+                out.append({**p, "measured": False, "reason": self.hf_error or p["reason"]})
+                continue
+            res = self.hf.results.get(p["cache"])
+            if res is None or not res.decode_s:
+                out.append({**p, "measured": False, "reason": "not run with exact all-DEVICE (not in --modes/--placements)"})
+                continue
+            d = {**p, "measured": True, "prompt_tokens": len(self.ids), "threads": torch.get_num_threads(),
+                 "prefill_s": res.prefill_s, "decode_s_per_token": [s / self.peers.plan.decode for s in res.decode_s],
+                 "tokens": res.tokens, "same_tokens": None}
+            if exact is not None:
+                diff = _first_difference(res.tokens, exact["tokens"])
+                d["same_tokens"] = diff is None
+                d["first_difference"] = diff
+            out.append(d)
+        self.hf = None  # its model's memory goes before the next context
+        for p in self.peers.declared():
+            if p["name"] in SUBPROCESS_PEERS:
+                out.append(self.peers.run_subprocess(p, self.ids) if p["available"] else {**p, "measured": False})
+        return out
+
+
+def _add_offloaded(hf: Any, max_len: int) -> None:
+    import transformers
+
+    from offload.commands.bench_report import Result
+
+    config = hf.model.config
+    hf.makers["HF DynamicCache offloaded"] = lambda: transformers.DynamicCache(config=config, offloading=True)
+    hf.makers["HF StaticCache offloaded"] = lambda: transformers.StaticCache(
+        config=config, max_cache_len=max_len, offloading=True)
+    for name in ("HF DynamicCache offloaded", "HF StaticCache offloaded"):
+        hf.results[name] = Result(name, "transformers")
+
+
+class Peers:
+    """Which peers this run has, decided (and declared) before anything is measured."""
+
+    def __init__(self, plan: Any, args: Any, cache: Path) -> None:
+        self.plan, self.args, self.cache = plan, args, cache
+        self.all_contexts = bool(getattr(args, "peers_all_contexts", False))
+        self.skip = set(getattr(args, "no_peers", None) or [])
+        self.hf_available = plan.source.weights_dir is not None and "transformers" not in self.skip
+        self._declared = self._declare()
+
+    def _declare(self) -> list[dict[str, Any]]:
+        plan = self.plan
+        dtype = str(plan.dtype).removeprefix("torch.")
+        hf_why = ("left out by --no-peers" if "transformers" in self.skip else
+                  "random weights: there is no checkpoint to load into transformers")
+        caches = ["HF DynamicCache", "HF StaticCache"]
+        cuda_caches = ["HF DynamicCache offloaded", "HF StaticCache offloaded"]
+        out = [{"name": f"transformers {c.removeprefix('HF ')}", "cache": c, "available": self.hf_available,
+                "label": f"weights {dtype} (same checkpoint), KV {dtype}, greedy loop", "reason": hf_why}
+               for c in caches]
+        for c in cuda_caches:
+            ok = self.hf_available and plan.device.type == "cuda"
+            out.append({"name": f"transformers {c.removeprefix('HF ')}", "cache": c, "available": ok,
+                        "label": f"weights {dtype}, KV {dtype} offloaded to pinned host memory",
+                        "reason": hf_why if not self.hf_available else "CUDA only: the offloaded caches move "
+                        "KV between GPU and host memory, which a CPU-only run has no use for"})
+        for name, (env, script) in SUBPROCESS_PEERS.items():
+            out.append(self._subprocess_declared(name, env, script))
+        return out
+
+    def _subprocess_declared(self, name: str, env: str, script: str) -> dict[str, Any]:
+        py = ROOT / ".peers" / env / "bin" / "python"
+        path = ROOT / "bench" / "peers" / script
+        d: dict[str, Any] = {"name": name, "available": False, "label": "", "reason": ""}
+        gguf = _gguf_path(self.plan, self.cache)
+        if env in self.skip:
+            d["reason"] = "left out by --no-peers"
+        elif self.plan.source.weights_dir is None:
+            d["reason"] = "random weights: no model file for it to load"
+        elif not path.is_file():
+            d["reason"] = f"its runner bench/peers/{script} is not here (run the bench from a clone of the project)"
+        elif not py.is_file():
+            d["reason"] = f"not installed: `make peer-{env}` builds its own venv in .peers/{env}"
+        elif name == "llama.cpp" and gguf is None:
+            d["reason"] = "no GGUF file for this model (llama.cpp runs GGUF files only)"
+        elif name == "vLLM (CPU)" and self.plan.device.type == "cuda":
+            d["reason"] = "this run is on CUDA; the installed build is vLLM's CPU wheel"
+        else:
+            d["available"] = True
+        d["python"], d["script"], d["gguf"] = str(py), str(path), str(gguf) if gguf else None
+        d["label"] = (f"GGUF weights as shipped ({gguf.name.split('.')[-2] if gguf else '?'}), KV fp32"
+                      if name == "llama.cpp" else f"weights {str(self.plan.dtype).removeprefix('torch.')} "
+                      "(the converted checkpoint), KV as vLLM's CPU backend keeps it")
+        return d
+
+    def declared(self) -> list[dict[str, Any]]:
+        return [dict(p) for p in self._declared]
+
+    def start(self, tokens: int, ids: list[int]) -> _Run | None:
+        if tokens > PEER_CONTEXT_LIMIT and not self.all_contexts:
+            return _Skipped(self, tokens)
+        return _Run(self, tokens, ids)
+
+    def run_subprocess(self, p: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+        plan = self.plan
+        request = {"ids": ids, "decode": plan.decode, "reps": plan.reps, "threads": torch.get_num_threads(),
+                   "gguf": p["gguf"], "checkpoint": str(plan.source.weights_dir),
+                   "dtype": str(plan.dtype).removeprefix("torch.")}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(request, f)
+        try:
+            proc = subprocess.run([p["python"], p["script"], f.name], capture_output=True, text=True,
+                                  timeout=PEER_TIMEOUT_S, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {**p, "measured": False, "reason": f"timed out after {PEER_TIMEOUT_S} s"}
+        finally:
+            Path(f.name).unlink(missing_ok=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            return {**p, "measured": False, "reason": f"failed (exit {proc.returncode}): {tail}"}
+        got = json.loads(lines[-1])
+        return {**p, **got, "measured": True, "prompt_tokens": len(ids)}
+
+
+class _Skipped:
+    """A context beyond the peers' limit: every peer says why it did not run there."""
+
+    def __init__(self, peers: Peers, tokens: int) -> None:
+        self.peers, self.tokens = peers, tokens
+
+    def rep(self) -> None:
+        pass
+
+    def finish(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        why = f"peers run at contexts up to {PEER_CONTEXT_LIMIT} tokens; --peers-all-contexts lifts that"
+        return [{**p, "measured": False, "reason": p["reason"] if not p["available"] else why}
+                for p in self.peers.declared()]
+
+
+def _gguf_path(plan: Any, cache: Path) -> Path | None:
+    """The GGUF file the model came from (a packaged name or a .gguf path), if any."""
+    name = plan.model
+    if name.endswith(".gguf"):
+        return Path(name)
+    try:
+        from offload.model.model_source import _packaged_gguf
+
+        return _packaged_gguf(name, cache)
+    except Exception:  # noqa: BLE001 - not a packaged GGUF model: no llama.cpp peer
+        return None
+
