@@ -67,6 +67,9 @@ peer-vllm: .peers/vllm/.installed
 .peers/vllm/.installed:
 	$(PYTHON) -m venv .peers/vllm
 	.peers/vllm/bin/pip install -q "$(VLLM_SPEC)"
+	# torchvision, torchaudio and torchcodec from PyPI are CUDA builds whose native ops fail to
+	# load over the CPU torch (vLLM then dies at import); its text models run without them.
+	.peers/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 peer-kvpress: .peers/kvpress/.installed

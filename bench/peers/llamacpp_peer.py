@@ -27,8 +27,10 @@ def main(path: str) -> int:
                 n_threads_batch=threads, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False,
                 logits_all=False, verbose=False)
 
-    def last() -> int:
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    vocab = llm.n_vocab()
+
+    def last() -> int:  # the last evaluated token's logits (the only row kept without logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
 
     llm.reset()
     llm.eval(ids[:32])  # untimed: first touches of the weights

@@ -178,7 +178,8 @@ class Peers:
             Path(f.name).unlink(missing_ok=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            err = proc.stderr.strip().splitlines() or ["no output"]
+            tail = next((line for line in reversed(err) if "Error" in line), err[-1])[:300]
             return {**p, "measured": False, "reason": f"failed (exit {proc.returncode}): {tail}"}
         got = json.loads(lines[-1])
         return {**p, **got, "measured": True, "prompt_tokens": len(ids)}
