@@ -177,7 +177,7 @@ def _with_formats(qa, qas: dict, budgets, modes):
     return out
 
 
-def run_qa(configs, cases, essays, *, max_new_tokens: int, say) -> list[dict]:
+def run_qa(configs, cases, essays, *, max_new_tokens: int, say, peer_inputs: list | None = None) -> list[dict]:
     from bench.qa_set import answer_hits, fit_facts
 
     codec = configs[0][2].codec
@@ -216,6 +216,9 @@ def run_qa(configs, cases, essays, *, max_new_tokens: int, say) -> list[dict]:
                 qa.forget(docs.pop(id(qa)))
         rows.append({"case": case.name, "task": case.task, "tokens": num_tokens, "depth": case.depth,
                      "expected": case.expected, "gold_tokens": len(cont), "results": results})
+        if peer_inputs is not None:  # what a peer needs to answer the same case
+            peer_inputs.append({"name": case.name, "doc_ids": codec.qa_prompt(text, "").doc_ids,
+                                "question_ids": q_ids, "cont_ids": cont})
         marks = " ".join(f"{k}:{'Y' if r['hit'] else '-'}" for k, r in results.items())
         say(f"[{ci + 1}/{len(cases)}] {case.name} {num_tokens} tok depth {case.depth:.2f} "
             f"({time.perf_counter() - t0:.0f}s) {marks}")
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=["single", "lookalike", "chain"],
                    choices=["single", "lookalike", "chain", "aggregate"],
                    help="QA tasks (aggregate: three facts far apart, all asked at once; not in the default set)")
+    p.add_argument("--peers", nargs="*", default=[], choices=["kvpress"],
+                   help="kvpress (SnapKV, StreamingLLM at each budget; make peer-kvpress) on the same QA cases")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -361,13 +366,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {args.model}; DEVICE {args.device_memory}, HOST 0 (global KV on DISK); page "
               f"{qa.engine.config.page_size} tokens; {len(cases)} QA cases at {args.lengths} tokens; "
               f"configurations: {', '.join(f'{l}@{f:g}' for l, f, _, _ in configs)}")
-        rows = run_qa(configs, cases, essays, max_new_tokens=args.max_new_tokens, say=say)
+        inputs: list[dict] = []
+        rows = run_qa(configs, cases, essays, max_new_tokens=args.max_new_tokens, say=say, peer_inputs=inputs)
+        peers = {}
+        if "kvpress" in args.peers:
+            from bench.fidelity_peers import run_kvpress
+
+            why = run_kvpress(rows, inputs, args.budgets, qa, max_new_tokens=args.max_new_tokens, say=say)
+            peers["kvpress"] = why or "measured"
+            print(f"peer kvpress: {why or 'measured'}")
         continuation = {n: run_essays(configs, essays, tokens=n, steps=args.essay_steps,
                                        windows=args.essay_windows, say=say)
                         for n in args.essay_tokens}
     report = {"model": args.model, "lengths": args.lengths, "budgets": args.budgets, "cases": rows,
               "summary_4k_plus": summarize(rows, 4000), "summary_short": summarize([r for r in rows if r["tokens"] < 4000], 0),
-              "continuation": continuation}
+              "continuation": continuation, "peers": peers}
     for title, summ in (("cases of 4K tokens and more", report["summary_4k_plus"]),
                         ("cases under 4K tokens", report["summary_short"])):
         if not summ:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -149,10 +150,17 @@ class Peers:
         else:
             d["available"] = True
         d["python"], d["script"], d["gguf"] = str(py), str(path), str(gguf) if gguf else None
-        d["label"] = (f"GGUF weights as shipped ({gguf.name.split('.')[-2] if gguf else '?'}), KV fp32"
+        d["label"] = (f"GGUF weights as shipped ({_quant(gguf)}), KV fp32"
                       if name == "llama.cpp" else f"weights {str(self.plan.dtype).removeprefix('torch.')} "
                       "(the converted checkpoint), KV as vLLM's CPU backend keeps it")
         return d
+
+    def units(self, prefill_units: float) -> float:
+        """The progress display's cost of one context's peers, given what one prefill of the
+        prompt costs: each peer prefills it once per repetition, and vLLM compiles its model."""
+        avail = {p["name"] for p in self._declared if p["available"]}
+        runs = 2 * self.hf_available + ("llama.cpp" in avail) + 2 * ("vLLM (CPU)" in avail)
+        return runs * self.plan.reps * prefill_units + 40.0 * ("vLLM (CPU)" in avail)
 
     def declared(self) -> list[dict[str, Any]]:
         return [dict(p) for p in self._declared]
@@ -198,6 +206,14 @@ class _Skipped:
         why = f"peers run at contexts up to {PEER_CONTEXT_LIMIT} tokens; --peers-all-contexts lifts that"
         return [{**p, "measured": False, "reason": p["reason"] if not p["available"] else why}
                 for p in self.peers.declared()]
+
+
+def _quant(gguf: Path | None) -> str:
+    """The weights' format named at the end of a GGUF file's name (Q4_K_M, Q4_1, F16), else its name."""
+    if gguf is None:
+        return "?"
+    m = re.search(r"[-._]((?:i?q\d[_a-z0-9]*)|f16|bf16|f32)$", gguf.stem, re.IGNORECASE)
+    return m.group(1).upper() if m else gguf.name
 
 
 def _gguf_path(plan: Any, cache: Path) -> Path | None:

@@ -134,17 +134,23 @@ def _ttft_plot(blob: dict[str, Any], out: Path) -> Path:
 def _fidelity_plot(blob: dict[str, Any], out: Path) -> Path | None:
     fid = blob.get("fidelity") or {}
     points = [(key, n, c) for n, cont in (fid.get("continuation") or {}).items() for key, c in cont.items()]
-    if not points:
+    qa = {**(fid.get("summary_short") or {}), **(fid.get("summary_4k_plus") or {})}
+    if not points and not qa:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     for key, n, c in points:
-        x = c.get("kv_fraction_read_max") or 1.0
-        ax.scatter([x], [c["top1_agreement"]], label=f"{key} ({n} tokens)")
-    ax.set_xlabel("K/V bytes read per step / exact's (kv_fraction_read, max over steps)")
-    ax.set_ylabel("top-1 agreement with exact (essay continuation)")
-    ax.set_title(f"Fidelity against bytes read, {fid.get('model', '')}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+        left.scatter([c.get("kv_fraction_read_max") or 1.0], [c["top1_agreement"]], label=f"{key} ({n} tokens)")
+    for key, s in qa.items():
+        exact_right = max(1, s["exact_right"])
+        right.scatter([s["kv_fraction_read_max"] or 1.0], [(exact_right - s["misses_of_exact_right"]) / exact_right],
+                      marker="s" if key.startswith("kvpress") else "o", label=key)
+    left.set_ylabel("top-1 agreement with exact (essay continuation)")
+    right.set_ylabel("share of exact's right QA answers kept")
+    for ax in (left, right):
+        ax.set_xlabel("K/V bytes read per step / exact's (max over steps)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Fidelity against bytes read, {fid.get('model', '')}")
     return _save(fig, out / "fidelity.png")
 
 

@@ -171,6 +171,18 @@ def _fidelity_table(blob: dict[str, Any]) -> list[str]:
         for key, c in cont.items():
             out.append(f"| {key} ({n} tokens) | {c['top1_agreement']:.3f} | {c['kl']:.4f} | "
                        f"{c.get('kv_fraction_read_max') or 0:.3f} |")
+    for title, key in (("4K tokens and more", "summary_4k_plus"), ("under 4K tokens", "summary_short")):
+        summ = fid.get(key) or {}
+        if not summ:
+            continue
+        out += ["", f"QA cases of {title} (invented facts; peers such as kvpress on the same cases):", "",
+                "| configuration | hits | misses of exact's right answers | median gold log-prob gap | "
+                "kv_fraction_read max |", "|---|---|---|---|---|"]
+        for name, s in summ.items():
+            out.append(f"| {name} | {s['hits']}/{s['cases']} | {s['misses_of_exact_right']}/{s['exact_right']} | "
+                       f"{s['median_gold_gap']:.3f} | {s['kv_fraction_read_max']:.3f} |")
+    for name, status in (fid.get("peers") or {}).items():
+        out.append(f"\nFidelity peer {name}: {status}.")
     return out + [""]
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from offload.commands.bench import _decode_fork, _prefilled, _prompt, time_disk_reads
+from offload.commands.bench_peers import PEER_CONTEXT_LIMIT, Peers
 from offload.commands.bench_render import SCHEMA_VERSION, render
 from offload.commands.sweep_args import MODES, PLACEMENTS, SweepPlan, declare, plan_sweep
 from offload.config import RuntimeConfig
@@ -82,6 +83,12 @@ def _prefill_units(tokens: int) -> float:  # attention grows with the context: a
 
 def _row_units(plan: SweepPlan, tokens: int) -> float:
     return (plan.reps + 1) * (plan.decode + plan.question / 8) * (1 + tokens / 8192) / 20
+
+
+def _peer_units(peers, tokens: int) -> float:
+    if tokens > PEER_CONTEXT_LIMIT and not peers.all_contexts:
+        return 0.0
+    return peers.units(_prefill_units(tokens))
 
 
 def _machine() -> dict[str, Any]:
@@ -261,6 +268,7 @@ def _context(plan: SweepPlan, tokens: int, progress: Progress, cache: Path, peer
         if runner is not None:
             progress.show(f"{tokens} tokens: peers")
             out["peers"] = runner.finish(out["rows"])
+            progress.advance(_peer_units(peers, tokens))
     finally:
         shutil.rmtree(store, ignore_errors=True)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -268,7 +276,6 @@ def _context(plan: SweepPlan, tokens: int, progress: Progress, cache: Path, peer
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from offload.commands.bench_peers import Peers
 
     cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
     args.cache_dir_resolved = cache
@@ -289,7 +296,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                             "fidelity": fidelity}
     print("\n".join(declare(plan, peers.declared())), flush=True)
     units = sum(_prefill_units(c) * plan.prefill_reps(c) * len(plan.formats)
-                + _row_units(plan, c) * len(plan.modes) * len(plan.placements) for c in plan.contexts)
+                + _row_units(plan, c) * len(plan.modes) * len(plan.placements) + _peer_units(peers, c)
+                for c in plan.contexts)
     progress = Progress(units, enabled=not args.quiet)
     t0 = time.perf_counter()
     try:
@@ -319,7 +327,8 @@ def _fidelity(path: Path | None) -> dict[str, Any] | None:
         raise InputError(f"--fidelity {path}: cannot read it as JSON ({e})") from None
     if not isinstance(blob, dict) or "continuation" not in blob:
         raise InputError(f"--fidelity {path} is not the JSON of bench/fidelity.py --json-out (no \"continuation\")")
-    return {k: blob[k] for k in ("model", "budgets", "continuation", "summary_4k_plus") if k in blob}
+    return {k: blob[k] for k in ("model", "lengths", "budgets", "continuation", "summary_4k_plus", "summary_short",
+                                 "peers") if k in blob}
 
 
 def _dumps(blob: dict[str, Any]) -> str:
