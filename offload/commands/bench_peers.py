@@ -108,6 +108,7 @@ class Peers:
         self.all_contexts = bool(getattr(args, "peers_all_contexts", False))
         self.skip = set(getattr(args, "no_peers", None) or [])
         self.hf_available = plan.source.weights_dir is not None and "transformers" not in self.skip
+        self._paths: dict[str, tuple[Path, Path, Path | None]] = {}
         self._declared = self._declare()
 
     def _declare(self) -> list[dict[str, Any]]:
@@ -149,7 +150,7 @@ class Peers:
             d["reason"] = "this run is on CUDA; the installed build is vLLM's CPU wheel"
         else:
             d["available"] = True
-        d["python"], d["script"], d["gguf"] = str(py), str(path), str(gguf) if gguf else None
+        self._paths[name] = (py, path, gguf)  # kept out of the results: no machine's paths in a report
         d["label"] = (f"GGUF weights as shipped ({_quant(gguf)}), KV fp32"
                       if name == "llama.cpp" else f"weights {str(self.plan.dtype).removeprefix('torch.')} "
                       "(the converted checkpoint), KV as vLLM's CPU backend keeps it")
@@ -172,13 +173,14 @@ class Peers:
 
     def run_subprocess(self, p: dict[str, Any], ids: list[int]) -> dict[str, Any]:
         plan = self.plan
+        python, script, gguf = self._paths[p["name"]]
         request = {"ids": ids, "decode": plan.decode, "reps": plan.reps, "threads": torch.get_num_threads(),
-                   "gguf": p["gguf"], "checkpoint": str(plan.source.weights_dir),
+                   "gguf": None if gguf is None else str(gguf), "checkpoint": str(plan.source.weights_dir),
                    "dtype": str(plan.dtype).removeprefix("torch.")}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(request, f)
         try:
-            proc = subprocess.run([p["python"], p["script"], f.name], capture_output=True, text=True,
+            proc = subprocess.run([str(python), str(script), f.name], capture_output=True, text=True,
                                   timeout=PEER_TIMEOUT_S, cwd=ROOT)
         except subprocess.TimeoutExpired:
             return {**p, "measured": False, "reason": f"timed out after {PEER_TIMEOUT_S} s"}
