@@ -55,7 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offload.commands.bench import time_disk_reads  # noqa: E402
+from offload.commands.bench_runs import time_disk_reads  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
 from offload.engine import Engine  # noqa: E402
 from offload.model.model_source import default_cache_dir, resolve_model  # noqa: E402

@@ -44,7 +44,6 @@ import argparse
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,65 +53,27 @@ import torch
 from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, parse_dtype
 from offload.engine import Engine
 from offload.errors import OffloadError
-from offload.model.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
+from offload.model.model_source import default_cache_dir, ensure_cache_dir, resolve_model
 from offload.commands.args import sparse_fields
 from offload.commands.bench_report import SHORT_PROMPT, Beside, Result, median, report
+from offload.commands.bench_runs import HFPeers, decode_fork, prefilled, prompt_ids, time_disk_reads
 from offload.tuning.pieces import step_breakdown
 from offload.kv.placement import Placement
-from offload.stats import RunStats
 from storage import Tier
 from offload.kv.page_table import cdiv
 
 __all__ = ["main"]
-
-def _prompt(source: ModelSource, n: int) -> list[int]:
-    if source.tokenizer_dir is None:  # random weights of a named shape: random ids
-        gen = torch.Generator().manual_seed(0)
-        return torch.randint(0, source.config.vocab_size, (n,), generator=gen).tolist()
-    from offload.commands.needle import package_essays_dir
-    from offload.model.text import load_codec
-
-    codec = load_codec(source.tokenizer_dir, source.config.vocab_size, source.config.eos_token_ids)
-    text, ids = "", []
-    for path in sorted(package_essays_dir().glob("*.txt")):
-        text += path.read_text(encoding="utf-8") + "\n\n"
-        if len(text) > 6 * n:
-            ids = codec.encode(text)
-            if len(ids) >= n:
-                break
-    ids = codec.encode(text) if not ids else ids
-    while len(ids) < n:  # short essays: repeat
-        ids = ids + ids
-    return ids[:n]
-
-
-def _prefilled(engine: Engine, ids: list[int]) -> Any:
-    seq = engine.new_sequence()
-    engine.forward(seq, ids)
-    engine.kv.writes.flush()
-    return seq
-
-
-def _decode_fork(engine: Engine, doc: Any, tok: int, decode: int) -> tuple[RunStats, list[int]]:
-    """Decode ``decode`` steps after ``tok`` on a copy-on-write fork of ``doc`` (released after):
-    the run's stats and the generated ids."""
-    fork = engine.fork(doc)
-    stats = RunStats()
-    toks = list(engine.generate(fork, [tok], max_new_tokens=decode + 1, stats=stats))
-    engine.release(fork)
-    return stats, toks
-
 
 def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Result, progress,
               keep: bool = False, warm: bool = False, between: Callable[[], None] | None = None) -> Any:
     """Run the repetitions; with ``keep`` the last prefilled sequence is kept and returned (with the
     first decoded token) instead of being released. ``warm``: one untimed prefill first (the
     process's first prefill pays for allocator growth and first touches of memory; the HF peers
-    get the same, ``_HFPeers``). ``between`` runs after each repetition (the peers' repetitions,
+    get the same, ``HFPeers``). ``between`` runs after each repetition (the peers' repetitions,
     interleaved with these so that drifts of a shared machine hit both sides alike)."""
     kept = None
     if warm:
-        engine.release(_prefilled(engine, ids))
+        engine.release(prefilled(engine, ids))
     for rep in range(reps):
         doc = engine.new_sequence()
         t0 = time.perf_counter()
@@ -121,8 +82,8 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
         res.prefill_s.append(time.perf_counter() - t0)
         tok = int(torch.argmax(logits[-1]))
         if rep == 0:  # untimed: kernels compiled on first use (Numba, Triton) stay out of the timings
-            _decode_fork(engine, doc, tok, 2)
-        stats, toks = _decode_fork(engine, doc, tok, decode)
+            decode_fork(engine, doc, tok, 2)
+        stats, toks = decode_fork(engine, doc, tok, decode)
         res.decode_s.append(stats.decode_s / max(1, stats.decode_tokens) * decode)
         res.fetch_wait_s.append(stats.fetch_wait_s)
         res.bytes_per_token = stats.bytes_read_per_token
@@ -140,25 +101,6 @@ def _run_ours(engine: Engine, ids: list[int], decode: int, reps: int, res: Resul
         if between is not None:
             between()
     return kept
-
-
-def time_disk_reads(engine: Engine, seq: Any) -> tuple[int, float]:
-    """Read every DISK page of ``seq`` once as a decode step does (the chunks of the step's
-    exact read sets, the same staging depth and reader threads), without compute:
-    (bytes, seconds)."""
-    kv = engine.kv
-    if kv.readahead is None or kv.disk is None:
-        return 0, 0.0
-    kv.writes.flush()
-    routes = engine.decode_attention.routes
-    chunks = [c for layer in range(engine.model_config.num_layers)
-              for c in kv.reader.layer_reads(seq, layer, rule=routes).chunks()]
-    t0 = time.perf_counter()
-    kv.readahead.plan(chunks)
-    for c in chunks:
-        buf, _ = kv.readahead.take(c)
-        kv.readahead.give_back(buf)
-    return sum(c.num_pages for c in chunks) * kv.disk.disk_page_bytes, time.perf_counter() - t0
 
 
 def _decode_beside_reads(dev: Engine, kept: Any, disk: Engine, disk_seq: Any, decode: int, reps: int) -> Beside:
@@ -184,7 +126,7 @@ def _decode_beside_reads(dev: Engine, kept: Any, disk: Engine, disk_seq: Any, de
         while not moved and not errors:  # the readers are running before the timing starts
             time.sleep(0.01)
         for _ in range(reps):
-            stats, _ = _decode_fork(dev, doc, tok, decode)
+            stats, _ = decode_fork(dev, doc, tok, decode)
             steps.append(stats.decode_s / max(1, stats.decode_tokens))
     finally:
         stop.set()
@@ -193,54 +135,6 @@ def _decode_beside_reads(dev: Engine, kept: Any, disk: Engine, disk_seq: Any, de
         raise errors[0]
     passes = moved[1:-1] or moved  # the first and last passes ran only partly beside the decodes
     return Beside(steps, sum(b for b, _ in passes) / sum(t for _, t in passes) / 1e9)
-
-
-def _hf_loop(model: Any, cache: Any, ids: list[int], decode: int) -> tuple[float, float, list[int]]:
-    # past_key_values= works in every transformers 5.x (its rename to cache= warns in 5.24)
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-    dev = next(model.parameters()).device
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model(torch.tensor([ids], device=dev), past_key_values=cache, logits_to_keep=1, use_cache=True)
-        tok = int(out.logits[0, -1].argmax())  # .item() syncs: the clock reads after the device is done
-        t1 = time.perf_counter()
-        toks = [tok]
-        for i in range(decode):
-            pos = torch.tensor([len(ids) + i], device=dev)
-            out = model(torch.tensor([[tok]], device=dev), past_key_values=cache, cache_position=pos, use_cache=True)
-            tok = int(out.logits[0, -1].argmax())
-            toks.append(tok)
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, toks
-
-
-class _HFPeers:
-    """transformers on the same checkpoint, with its DynamicCache and StaticCache: one untimed
-    forward at load (the process's first is slower), then ``rep`` times one repetition of each."""
-
-    def __init__(self, source: ModelSource, ids: list[int], decode: int, progress, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        import transformers
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(str(source.weights_dir), dtype=dtype).to(device).eval()
-        config = self.model.config
-        self.makers = {
-            "HF DynamicCache": lambda: transformers.DynamicCache(config=config),
-            "HF StaticCache": lambda: transformers.StaticCache(config=config, max_cache_len=len(ids) + decode + 1),
-        }
-        self.results = {name: Result(name, "transformers") for name in self.makers}
-        self.ids, self.decode, self.progress = ids, decode, progress
-        _hf_loop(self.model, self.makers["HF DynamicCache"](), ids, 1)
-
-    def rep(self) -> None:
-        for name, make in self.makers.items():
-            pre, dec, toks = _hf_loop(self.model, make(), self.ids, self.decode)
-            res = self.results[name]
-            res.prefill_s.append(pre)
-            res.decode_s.append(dec)
-            res.tokens = toks
-            self.progress()
 
 
 def _overlap_placement(engine: Engine, n_tokens: int, step_s: float, read_gbps: float) -> Placement:
@@ -276,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers-all-contexts", action="store_true", help="sweep: peers beyond 8K tokens too")
     p.add_argument("--no-peers", default=None, help="sweep: leave out these peers (transformers, llamacpp, vllm)")
     p.add_argument("--allow-long-context", action="store_true", help="sweep: contexts beyond the model's window")
+    p.add_argument("--synthetic-kv", action="store_true", help="sweep, with --random-weights: random K/V written "
+                   "through the engine's write path instead of a prefill (long contexts of large shapes)")
     p.add_argument("--fidelity", type=Path, default=None,
                    help="sweep: the sparse harness's JSON (bench/fidelity.py --json-out), for the fidelity plot")
     p.add_argument("--tokens", type=int, default=None,
@@ -329,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args, argv)
     sweep_only = [f for f, v in (("--contexts", args.contexts), ("--modes", args.modes), ("--placements", args.placements),
                                  ("--out", args.out), ("--fidelity", args.fidelity), ("--no-peers", args.no_peers),
-                                 ("--prefill-reps", args.prefill_reps)) if v is not None]
+                                 ("--prefill-reps", args.prefill_reps),
+                                 ("--synthetic-kv", args.synthetic_kv or None)) if v is not None]
     if sweep_only:
         print(f"offload bench: error: {sweep_only[0]} belongs to the sweep, and --tokens/--json-out to the "
               "single-context shorthand: use one or the other", file=sys.stderr)
@@ -352,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"offload bench: error: {e}", file=sys.stderr)
         return 2
     no_hf = args.no_hf or source.weights_dir is None
-    ids = _prompt(source, args.tokens)
+    ids = prompt_ids(source, args.tokens)
     kv_dir = str(cache / "kv")
     formats = [f for f in dict.fromkeys(args.kv_format or []) if f != "exact"]
     n_configs = 5 + (0 if no_hf else 2) + (len(modes) + 1 if modes else 0) + len(formats) * (1 + len(modes))
@@ -401,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     # The HF peers' repetitions alternate with all-DEVICE's: the ratios of the issue are taken
     # side by side. The all-DEVICE engine and its last prompt stay for the breakdown by piece
     # and, on CPU, the reads-beside-compute timing.
-    peers = None if no_hf else _HFPeers(source, ids, args.decode_tokens, bar.update, device, dtype)
+    peers = None if no_hf else HFPeers(source, ids, args.decode_tokens, bar.update, device, dtype)
     dev = run("all-DEVICE", "every page in the DEVICE arena", keep=True, warm=True,
               between=None if peers is None else peers.rep)
     peer_results = {} if peers is None else peers.results

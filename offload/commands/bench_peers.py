@@ -1,7 +1,7 @@
 """The sweep's peers, on the same prompt ids as its rows. Each is measured or says why not.
 
 - transformers (in the runtime's own venv, the exactness oracle): DynamicCache and StaticCache
-  as manual greedy loops (``bench._hf_loop``), their repetitions interleaved with exact
+  as manual greedy loops (``bench_runs.hf_loop``), their repetitions interleaved with exact
   all-DEVICE's; their greedy tokens are checked against exact mode's. On CUDA also its
   offloaded caches (``DynamicCache(offloading=True)`` and ``StaticCache(offloading=True)``,
   what ``cache_implementation="offloaded"`` / ``"offloaded_static"`` build).
@@ -46,10 +46,11 @@ class _Run:
         self.hf_error = ""
         if peers.hf_available:
             try:
-                from offload.commands.bench import _HFPeers
+                from offload.commands.bench_runs import HFPeers
 
                 plan = peers.plan
-                self.hf = _HFPeers(plan.source, ids, plan.decode, lambda: None, plan.device, plan.dtype)
+                # a short untimed warm-up: the sweep's process has run long prefills already
+                self.hf = HFPeers(plan.source, ids, plan.decode, lambda: None, plan.device, plan.dtype, warm_tokens=512)
                 if plan.device.type == "cuda":
                     _add_offloaded(self.hf, len(ids) + plan.decode + 1)
             except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
@@ -65,14 +66,19 @@ class _Run:
         for p in self.peers.declared():
             if not p["name"].startswith("transformers"):
                 continue
+            if not p["available"]:
+                out.append({**p, "measured": False})
+                continue
             if self.hf is None:
                 out.append({**p, "measured": False, "reason": self.hf_error or p["reason"]})
                 continue
             res = self.hf.results.get(p["cache"])
             if res is None or not res.decode_s:
-                out.append({**p, "measured": False, "reason": "not run with exact all-DEVICE (not in --modes/--placements)"})
+                why = "not run with exact all-DEVICE (not in --modes/--placements)"
+                out.append({**p, "measured": False, "reason": why})
                 continue
-            d = {**p, "measured": True, "prompt_tokens": len(self.ids), "threads": torch.get_num_threads(),
+            d = {**p, "measured": True, "reason": "", "prompt_tokens": len(self.ids),
+                 "threads": torch.get_num_threads(),
                  "prefill_s": res.prefill_s, "decode_s_per_token": [s / self.peers.plan.decode for s in res.decode_s],
                  "tokens": res.tokens, "same_tokens": None}
             if exact is not None:
@@ -109,6 +115,8 @@ class Peers:
         self.skip = set(getattr(args, "no_peers", None) or [])
         self.hf_available = plan.source.weights_dir is not None and "transformers" not in self.skip
         self._paths: dict[str, tuple[Path, Path, Path | None]] = {}
+        self.prompts: dict[int, list[int]] = {}
+        self._answers: dict[str, dict[int, dict[str, Any]]] = {}
         self._declared = self._declare()
 
     def _declare(self) -> list[dict[str, Any]]:
@@ -167,32 +175,55 @@ class Peers:
         return [dict(p) for p in self._declared]
 
     def start(self, tokens: int, ids: list[int]) -> _Run | None:
-        if tokens > PEER_CONTEXT_LIMIT and not self.all_contexts:
+        if not self.runs_at(tokens):
             return _Skipped(self, tokens)
         return _Run(self, tokens, ids)
 
+    def runs_at(self, tokens: int) -> bool:
+        return tokens <= PEER_CONTEXT_LIMIT or self.all_contexts
+
+    def prepare(self, prompts: dict[int, list[int]]) -> None:
+        """The prompt of every context the peers run at: a subprocess peer starts once (vLLM
+        compiles its model for minutes) and answers all of them, the first time it is asked."""
+        self.prompts = {t: ids for t, ids in prompts.items() if self.runs_at(t)}
+        self._answers: dict[str, dict[int, dict[str, Any]]] = {}
+
     def run_subprocess(self, p: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+        """This context's measurement by the peer ``p`` (its runs for every context done on first use)."""
+        prompts = self.prompts or {len(ids): ids}
+        tokens = next((t for t, x in prompts.items() if x == ids), None)
+        if tokens is None:
+            prompts, tokens = {len(ids): ids}, len(ids)
+        if p["name"] not in self._answers or tokens not in self._answers[p["name"]]:
+            self._answers.setdefault(p["name"], {}).update(self._launch(p, prompts))
+        return self._answers[p["name"]][tokens]
+
+    def _launch(self, p: dict[str, Any], prompts: dict[int, list[int]]) -> dict[int, dict[str, Any]]:
         plan = self.plan
         python, script, gguf = self._paths[p["name"]]
-        request = {"ids": ids, "decode": plan.decode, "reps": plan.reps, "threads": torch.get_num_threads(),
-                   "gguf": None if gguf is None else str(gguf), "checkpoint": str(plan.source.weights_dir),
-                   "dtype": str(plan.dtype).removeprefix("torch.")}
+        request = {"prompts": list(prompts.values()), "decode": plan.decode, "reps": plan.reps,
+                   "threads": torch.get_num_threads(), "gguf": None if gguf is None else str(gguf),
+                   "checkpoint": str(plan.source.weights_dir), "dtype": str(plan.dtype).removeprefix("torch.")}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(request, f)
+        failed = None
         try:
             proc = subprocess.run([str(python), str(script), f.name], capture_output=True, text=True,
                                   timeout=PEER_TIMEOUT_S, cwd=ROOT)
         except subprocess.TimeoutExpired:
-            return {**p, "measured": False, "reason": f"timed out after {PEER_TIMEOUT_S} s"}
+            failed = f"timed out after {PEER_TIMEOUT_S} s"
         finally:
             Path(f.name).unlink(missing_ok=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
+        lines = [] if failed else [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if failed is None and (proc.returncode != 0 or not lines):
             err = proc.stderr.strip().splitlines() or ["no output"]
             tail = next((line for line in reversed(err) if "Error" in line), err[-1])[:300]
-            return {**p, "measured": False, "reason": f"failed (exit {proc.returncode}): {tail}"}
+            failed = f"failed (exit {proc.returncode}): {tail}"
+        if failed is not None:
+            return {t: {**p, "measured": False, "reason": failed} for t in prompts}
         got = json.loads(lines[-1])
-        return {**p, **got, "measured": True, "prompt_tokens": len(ids)}
+        return {t: {**p, **r, "note": got.get("note", ""), "measured": True, "reason": "", "prompt_tokens": len(x)}
+                for (t, x), r in zip(prompts.items(), got["results"])}
 
 
 class _Skipped:

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from offload.commands.bench_render import MIB, TIERS, _med, disk_bound  # noqa: E402
+from offload.commands.bench_results import MIB, TIERS, disk_bound, median  # noqa: E402
 
 __all__ = ["draw"]
 
@@ -47,7 +47,7 @@ def _decode_plot(blob: dict[str, Any], out: Path) -> Path:
     modes = list(dict.fromkeys(mode for mode, _ in _series(blob)))
     styles = {"device": "-", "host": "-.", "disk": "--"}
     for (mode, placement), pts in _series(blob).items():
-        ys = [1 / _med(r["decode_s_per_token"]) for _, r in pts]
+        ys = [1 / median(r["decode_s_per_token"]) for _, r in pts]
         ax.plot([x for x, _ in pts], ys, marker="o", linestyle=styles[placement], color=f"C{modes.index(mode)}",
                 label=f"{mode}, all-{placement.upper()}")
     bound = [(c["tokens"], disk_bound(c, r)) for c in blob["contexts"] for r in c["rows"]
@@ -60,7 +60,7 @@ def _decode_plot(blob: dict[str, Any], out: Path) -> Path:
     for c in blob["contexts"]:
         for p in c.get("peers", []):
             if p.get("measured") and p.get("decode_s_per_token"):
-                peers.setdefault(p["name"], []).append((c["tokens"], 1 / _med(p["decode_s_per_token"])))
+                peers.setdefault(p["name"], []).append((c["tokens"], 1 / median(p["decode_s_per_token"])))
     for name, pts in peers.items():
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="s", linestyle=":", color="gray", alpha=0.8,
                 label=f"peer: {name}")
@@ -95,10 +95,11 @@ def _prefill_plot(blob: dict[str, Any], out: Path) -> Path:
     fmts: dict[str, list[tuple[int, float]]] = {}
     for c in blob["contexts"]:
         for p in c["prefill"]:
-            fmts.setdefault(p["kv_format"], []).append((c["tokens"], p["doc_tokens"] / _med(p["prefill_s"])))
+            fmts.setdefault(p["kv_format"], []).append((c["tokens"], p["doc_tokens"] / median(p["prefill_s"])))
         for p in c.get("peers", []):
             if p.get("measured") and p.get("prefill_s"):
-                fmts.setdefault(f"peer: {p['name']}", []).append((c["tokens"], p["prompt_tokens"] / _med(p["prefill_s"])))
+                rate = p["prompt_tokens"] / median(p["prefill_s"])
+                fmts.setdefault(f"peer: {p['name']}", []).append((c["tokens"], rate))
     for name, pts in fmts.items():
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
                 label=name if name.startswith("peer") else f"ours, {name} pages")
@@ -121,7 +122,7 @@ def _ttft_plot(blob: dict[str, Any], out: Path) -> Path:
     for (mode, placement), pts in _series(blob).items():
         if mode not in ("exact", "4bit"):
             continue  # a hit restores the same pages for every sparse mode
-        ax.plot([x for x, _ in pts], [_med(r["ttft_hit_s"]) for _, r in pts], marker="^",
+        ax.plot([x for x, _ in pts], [median(r["ttft_hit_s"]) for _, r in pts], marker="^",
                 label=f"DocCache hit, {mode} pages to {placement.upper()}")
     _context_axis(ax, blob)
     ax.set_yscale("log")

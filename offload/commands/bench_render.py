@@ -4,48 +4,14 @@ plots). Every table names the denominator of its ratios; every plot labels its a
 and names its bound lines in the legend."""
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "render", "load_results", "main"]
+from offload.commands.bench_results import MIB, TIERS, BadResults, disk_bound, load_results, median, read_gbps
 
-SCHEMA_VERSION = 1
-MIB = 2**20
-TIERS = ("device", "host", "disk")
-
-
-class BadResults(ValueError):
-    """A results.json this version cannot render."""
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    """The sweep's JSON at ``path``.
-
-    Raises:
-        BadResults: unreadable, not JSON, not a sweep's, or another schema version.
-    """
-    try:
-        blob = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise BadResults(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadResults(f"{path} is not JSON ({e}); give the results.json an `offload bench --out DIR` run wrote") from None
-    if not isinstance(blob, dict) or blob.get("kind") != "offload-bench":
-        raise BadResults(f"{path} is not an `offload bench --out` results.json (no \"kind\": \"offload-bench\")")
-    if blob.get("schema_version") != SCHEMA_VERSION:
-        raise BadResults(f"{path} has schema_version {blob.get('schema_version')!r}; this offload renders "
-                         f"version {SCHEMA_VERSION}: rerun the bench with this version")
-    if not isinstance(blob.get("contexts"), list) or not isinstance(blob.get("config"), dict):
-        raise BadResults(f"{path} lacks \"contexts\" or \"config\": a truncated or edited file")
-    return blob
-
-
-def _med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
+__all__ = ["render", "main"]
 
 def _ms(xs: list[float], scale: float = 1.0, digits: int = 1, invert: bool = False) -> str:
     """median [min-max] of ``xs`` (or of scale / x with ``invert``); [n/a] for one value."""
@@ -58,26 +24,12 @@ def _ms(xs: list[float], scale: float = 1.0, digits: int = 1, invert: bool = Fal
     return f"{statistics.median(vals):.{digits}f} {sp}"
 
 
-def read_gbps(ctx: dict[str, Any]) -> float | None:
-    """The cold read bandwidth measured at this context (the exact all-DISK row's pages)."""
-    for row in ctx["rows"]:
-        if row.get("read_gbps"):
-            return _med(row["read_gbps"])
-    return None
-
-
-def disk_bound(ctx: dict[str, Any], row: dict[str, Any]) -> float | None:
-    """Tokens per second the row's DISK bytes per token allow at the measured bandwidth."""
-    gbps, disk = read_gbps(ctx), row.get("bytes_per_token", {}).get("disk", 0)
-    return gbps * 1e9 / disk if gbps and disk else None
-
-
 def _label(row: dict[str, Any]) -> str:
     return f"{row['mode']}, {row['placement']}"
 
 
 def _tok_s(row: dict[str, Any]) -> float:
-    return 1.0 / _med(row["decode_s_per_token"])
+    return 1.0 / median(row["decode_s_per_token"])
 
 
 def _tables(blob: dict[str, Any]) -> list[str]:
@@ -91,7 +43,9 @@ def _tables(blob: dict[str, Any]) -> list[str]:
         out += ["| pages | prefill tok/s | TTFT, DocCache miss (s) | of it: save (s) | DocCache (MiB) |",
                 "|---|---|---|---|---|"]
         for p in ctx["prefill"]:
-            out.append(f"| {p['kv_format']} | {_ms(p['prefill_s'], p['doc_tokens'], 0, invert=True)} | "
+            rate = _ms(p['prefill_s'], p['doc_tokens'], 0, invert=True)
+            rate = f"synthetic KV: {rate}" if p.get("synthetic") else rate
+            out.append(f"| {p['kv_format']} | {rate} | "
                        f"{p['ttft_miss_s']:.2f} | {p['save_s']:.2f} | {p['doc_cache_bytes'] / MIB:.1f} |")
         gbps = read_gbps(ctx)
         base = next((r for r in ctx["rows"] if (r["mode"], r["placement"]) == ("exact", "device")), None)
@@ -107,7 +61,7 @@ def _tables(blob: dict[str, Any]) -> list[str]:
             sp = r.get("sparse_stats") or {}
             frac = (f"{sp.get('kv_fraction_read') or 0:.3f} ({sp.get('kv_fraction_read_max') or 0:.3f})"
                     if sp else "1")
-            rel = f"{_tok_s(r) * _med(base['decode_s_per_token']):.2f}" if base else "-"
+            rel = f"{_tok_s(r) * median(base['decode_s_per_token']):.2f}" if base else "-"
             out.append(f"| {r['mode']} | {r['placement']} | {_ms(r['decode_s_per_token'], 1.0, 2, invert=True)} | "
                        f"{rel} | {_ms(r['ttft_hit_s'], 1e3, 0)} | "
                        f"{'/'.join(f'{b.get(t, 0) / MIB:.2f}' for t in TIERS)} | "
@@ -132,13 +86,14 @@ def _peer_table(ctx: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
             out.append(f"| {p['name']} | {p.get('label', '-')} | - | - | - | - | - | - | not run: {p['reason']} |")
             continue
         dec = p.get("decode_s_per_token") or []
-        rel = f"{_med(dec) / _med(base['decode_s_per_token']):.2f}" if base and dec else "-"
+        rel = f"{median(dec) / median(base['decode_s_per_token']):.2f}" if base and dec else "-"
         same = p.get("same_tokens")
         same_s = "not checked" if same is None else (
             "yes" if same else f"no (first difference at token {p.get('first_difference')})")
         out.append(f"| {p['name']} | {p.get('label', '-')} | {p.get('threads', '-')} | "
                    f"{_ms(p.get('prefill_s') or [], p.get('prompt_tokens', 0), 0, invert=True)} | "
-                   f"{_ms(p.get('ttft_hit_s') or [], 1e3, 0)} | {_ms(dec, 1.0, 2, invert=True)} | {rel} | {same_s} | {p.get('note', '')} |")
+                   f"{_ms(p.get('ttft_hit_s') or [], 1e3, 0)} | {_ms(dec, 1.0, 2, invert=True)} | {rel} | {same_s} | "
+                   f"{p.get('note', '')} |")
     return out
 
 
@@ -152,8 +107,8 @@ def _header(blob: dict[str, Any]) -> list[str]:
              f"torch threads, {m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM{', GPU ' + m['gpu'] if m.get('gpu') else ''}; "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
              f"Rows: modes {', '.join(cfg['modes'])} x placements {', '.join(cfg['placements'])}; sparse budget "
-             f"F={cfg['sparse_budget']:g}; {cfg['reps']} repetitions (medians [min-max]); prefill repetitions "
-             f"{cfg['prefill_reps']}; one prefill per context and page format, shared by every row through a DocCache."
+             f"F={cfg['sparse_budget']:g}; {cfg['reps']} repetitions (medians [min-max]); repetitions of the exact "
+             f"prefill {cfg['prefill_reps']} (of another page format's: one); one prefill per context and page format, shared by every row through a DocCache."
              + smoke, f"Wall time of the run: {blob.get('wall_s', 0) / 60:.1f} min.", ""]
     for p in blob.get("peers_declared", []):
         lines.append(f"- peer {p['name']}: {p['label'] if p['available'] else 'not run: ' + p['reason']}")

@@ -7,9 +7,9 @@ What one context costs and measures (declared, printed and stored before anythin
   C - question - decode tokens of essays, then a request of ``QUESTION`` tokens, then the decode.
 - One prefill per context and page format, shared by every mode and placement through a
   DocCache written by that prefill (a 4-bit DocCache is never served to exact mode, so 4-bit
-  rows have a prefill of their own). Its first run is the DocCache miss; the prefill alone is
-  repeated ``--prefill-reps`` times (default: ``--reps`` up to 8K tokens, once above: at 32K a
-  prefill takes minutes on a small CPU; one value prints its spread as n/a).
+  rows have a prefill of their own, timed once). Its first run is the DocCache miss; the exact
+  prefill alone is repeated ``--prefill-reps`` times (default: ``--reps`` up to 8K tokens, once
+  above: at 32K a prefill takes minutes on a small CPU; one value prints its spread as n/a).
 - Each row (mode x placement) restores the DocCache into its own engine (a hit, its pages
   placed all on the row's tier), prefills the request on a fork (time to first token on a hit,
   repeated ``--reps`` times after one untimed restore), then decodes ``--decode-tokens`` steps
@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
-from offload.commands.bench import _decode_fork, _prefilled, _prompt, time_disk_reads
+from offload.commands.bench_runs import decode_fork, prefilled, prompt_ids, time_disk_reads
 from offload.commands.bench_peers import PEER_CONTEXT_LIMIT, Peers
-from offload.commands.bench_render import SCHEMA_VERSION, render
+from offload.commands.bench_render import render
+from offload.commands.bench_results import SCHEMA_VERSION
 from offload.commands.sweep_args import MODES, PLACEMENTS, SweepPlan, declare, plan_sweep
 from offload.config import RuntimeConfig
 from offload.engine import Engine
@@ -169,13 +170,15 @@ def _prefill_context(plan: SweepPlan, fmt: str, shared: _Shared, reps: int, prog
 
         def prefill(ids: list[int]):
             t0 = time.perf_counter()
-            seq = _prefilled(engine, ids)
+            seq = _synthetic(engine, ids) if plan.synthetic else prefilled(engine, ids)
             times.append(time.perf_counter() - t0)
             return seq
 
+        before = _store_bytes(shared.store)  # the other page formats' DocCaches of this context
         t0 = time.perf_counter()
         seq, res = cache.ingest(shared.doc, prefill)
         ingest_s = time.perf_counter() - t0
+        doc_bytes = _store_bytes(shared.store) - before
         if res.status != "miss":
             raise OffloadError(f"the bench's fresh DocCache store answered {res.status!r} for a new document")
         fork = engine.fork(seq)
@@ -188,12 +191,33 @@ def _prefill_context(plan: SweepPlan, fmt: str, shared: _Shared, reps: int, prog
         for _ in range(reps - 1):
             progress.show(f"prefill ({fmt} pages), repetition {len(times) + 1}/{reps}")
             engine.release(prefill(shared.doc))
-        doc_bytes = sum(p.stat().st_size for p in (shared.store / "docs").rglob("*") if p.is_file())
-        return {"kv_format": fmt, "doc_tokens": len(shared.doc), "prefill_s": times, "ingest_s": ingest_s,
+        return {"kv_format": fmt, "doc_tokens": len(shared.doc), "prefill_s": times, "synthetic": plan.synthetic,
+                "ingest_s": ingest_s,
                 "save_s": ingest_s - times[0], "question_s": question_s, "ttft_miss_s": ingest_s + question_s,
                 "doc_cache_bytes": doc_bytes}
     finally:
         engine.close()
+
+
+def _synthetic(engine: Engine, ids: list[int]) -> Any:
+    """``--synthetic-kv``: random K/V for every position written through the engine's own write
+    path (placement, DISK writes, 4-bit quantization as a prefill's pages get), with no compute:
+    a long context of a large random-weight shape in seconds instead of hours."""
+    seq = engine.new_sequence()
+    placement = engine.placement_for(seq, len(ids), document=True)
+    cfg = engine.model_config
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(cfg.num_layers):
+        for a in range(0, len(ids), 4096):
+            n = min(4096, len(ids) - a)
+            k, v = (torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(engine.kv_dtype) for _ in "kv")
+            engine.kv.append(seq, layer, k.to(engine.device), v.to(engine.device), placement)
+    engine.kv.writes.flush()
+    return seq
+
+
+def _store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in (store / "docs").rglob("*") if p.is_file())
 
 
 def _row(plan: SweepPlan, mode: str, placement: str, shared: _Shared, between=None) -> dict[str, Any]:
@@ -221,9 +245,9 @@ def _row(plan: SweepPlan, mode: str, placement: str, shared: _Shared, between=No
             base = fork
         row: dict[str, Any] = {"mode": mode, "placement": placement, **{k: str(v) for k, v in MODES[mode].items()},
                                "ttft_hit_s": ttft, "decode_s_per_token": [], "fetch_wait_s_per_token": []}
-        _decode_fork(engine, base, tok, 2)  # untimed
+        decode_fork(engine, base, tok, 2)  # untimed
         for _ in range(plan.reps):
-            stats, toks = _decode_fork(engine, base, tok, plan.decode)
+            stats, toks = decode_fork(engine, base, tok, plan.decode)
             row["decode_s_per_token"].append(stats.decode_s / max(1, stats.decode_tokens))
             row["fetch_wait_s_per_token"].append(stats.fetch_wait_s / max(1, stats.decode_tokens))
             if between is not None:
@@ -246,7 +270,7 @@ def _row(plan: SweepPlan, mode: str, placement: str, shared: _Shared, between=No
 
 
 def _context(plan: SweepPlan, tokens: int, progress: Progress, cache: Path, peers) -> dict[str, Any]:
-    ids = _prompt(plan.source, tokens - plan.decode)
+    ids = prompt_ids(plan.source, tokens - plan.decode)
     doc, question = ids[:-plan.question], ids[-plan.question:]
     (cache / "bench-docs").mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="sweep-", dir=cache / "bench-docs"))
@@ -254,8 +278,8 @@ def _context(plan: SweepPlan, tokens: int, progress: Progress, cache: Path, peer
     out: dict[str, Any] = {"tokens": tokens, "doc_tokens": len(doc), "question_tokens": len(question),
                            "prefill": [], "rows": [], "peers": []}
     try:
-        reps = plan.prefill_reps(tokens)
-        for fmt in plan.formats:
+        for fmt in plan.formats:  # the exact prefill is the one timed repeatedly; a 4-bit one gives its rows pages
+            reps = plan.prefill_reps(tokens) if fmt == "exact" else 1
             out["prefill"].append(_prefill_context(plan, fmt, shared, reps, progress))
             progress.advance(_prefill_units(tokens) * reps)
         runner = peers.start(tokens, doc + question) if peers is not None else None
@@ -295,7 +319,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                             "config": plan.to_dict(), "peers_declared": peers.declared(), "contexts": [],
                             "fidelity": fidelity}
     print("\n".join(declare(plan, peers.declared())), flush=True)
-    units = sum(_prefill_units(c) * plan.prefill_reps(c) * len(plan.formats)
+    peers.prepare({c: prompt_ids(plan.source, c - plan.decode) for c in plan.contexts if peers.runs_at(c)})
+    units = sum(_prefill_units(c) * (plan.prefill_reps(c) + len(plan.formats) - 1)
                 + _row_units(plan, c) * len(plan.modes) * len(plan.placements) + _peer_units(peers, c)
                 for c in plan.contexts)
     progress = Progress(units, enabled=not args.quiet)

@@ -72,6 +72,7 @@ class SweepPlan:
     dtype: torch.dtype
     prefill_reps_given: int | None
     random_weights: bool
+    synthetic: bool = False
 
     @property
     def formats(self) -> list[str]:
@@ -84,7 +85,8 @@ class SweepPlan:
         return self.reps if tokens <= 8 * K else 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "random_weights": self.random_weights, "contexts": self.contexts,
+        return {"model": self.model, "random_weights": self.random_weights, "synthetic_kv": self.synthetic,
+                "contexts": self.contexts,
                 "modes": self.modes, "mode_fields": {m: MODES[m] for m in self.modes}, "placements": self.placements,
                 "reps": self.reps, "prefill_reps": {str(c): self.prefill_reps(c) for c in self.contexts},
                 "decode_tokens": self.decode, "question_tokens": self.question, "sparse_budget": self.sparse_budget,
@@ -112,6 +114,8 @@ def plan_sweep(args: argparse.Namespace, resolve_model: Callable[..., Any]) -> S
         raise InputError("--reps must be >= 1 (3 or more for a median and a spread; 1 is a smoke run)")
     if args.decode_tokens < 1:
         raise InputError("--decode-tokens must be >= 1")
+    if args.synthetic_kv and not args.random_weights:
+        raise InputError("--synthetic-kv writes random K/V instead of a prefill: it needs --random-weights")
     if args.prefill_reps is not None and args.prefill_reps < 1:
         raise InputError("--prefill-reps must be >= 1")
     sparse = any("sparse" in MODES[m] for m in modes)
@@ -133,9 +137,11 @@ def plan_sweep(args: argparse.Namespace, resolve_model: Callable[..., Any]) -> S
                              f"{QUESTION}-token request and {args.decode_tokens} decode steps; give at least {low}")
         if window and c > window and not args.allow_long_context:
             raise InputError(f"--contexts: {c} tokens is beyond {args.model}'s context window of {window}; add "
-                             "--allow-long-context to run it anyway (quality is then not what the model was trained for)")
+                             "--allow-long-context to run it anyway (quality is then not what the model was "
+                             "trained for)")
     return SweepPlan(args.model, source, contexts, modes, placements, args.reps, args.decode_tokens, QUESTION,
-                     budget, device, base.resolved_dtype(device), args.prefill_reps, args.random_weights)
+                     budget, device, base.resolved_dtype(device), args.prefill_reps, args.random_weights,
+                     args.synthetic_kv)
 
 
 def declare(plan: SweepPlan, peers: list[dict[str, Any]]) -> list[str]:
@@ -148,8 +154,10 @@ def declare(plan: SweepPlan, peers: list[dict[str, Any]]) -> list[str]:
              f"{' (a smoke run: no spread, nothing to quote)' if plan.reps < 3 else ''}",
              f"rows: modes {', '.join(plan.modes)} x placements {', '.join(plan.placements)}"
              + (f"; sparse budget F={plan.sparse_budget:g}" if any('sparse' in MODES[m] for m in plan.modes) else ""),
-             "prefill: one per context and page format (" + ", ".join(plan.formats) + "), shared through a DocCache; "
-             "repeated " + ", ".join(f"{plan.prefill_reps(c)}x at {c}" for c in plan.contexts)]
+             ("synthetic KV (random K/V written, no prefill)" if plan.synthetic else "prefill")
+             + ": one per context and page format (" + ", ".join(plan.formats) + "), shared through a DocCache; "
+             "exact's repeated " + ", ".join(f"{plan.prefill_reps(c)}x at {c}" for c in plan.contexts)
+             + (", the others' once" if len(plan.formats) > 1 else "")]
     for p in peers:
         lines.append(f"peer {p['name']}: " + (p["label"] if p["available"] else f"not run: {p['reason']}"))
     return lines

@@ -150,7 +150,8 @@ def test_a_subprocess_peer_that_is_missing_or_fails_says_why(tmp_path, monkeypat
     (tmp_path / "bench" / "peers" / "llamacpp_peer.py").write_text(
         "import sys\nsys.exit('llama_cpp: cannot open the model file')\n")
     declared = {p["name"]: p for p in bench_peers.Peers(plan, args, tmp_path).declared()}
-    assert declared["llama.cpp"]["reason"] == "not installed: `make peer-llamacpp` builds its own venv in .peers/llamacpp"
+    assert declared["llama.cpp"]["reason"] == ("not installed: `make peer-llamacpp` builds its own venv in "
+                                               ".peers/llamacpp")
     venv_bin = tmp_path / ".peers" / "llamacpp" / "bin"
     venv_bin.mkdir(parents=True)
     (venv_bin / "python").symlink_to(sys.executable)
@@ -172,3 +173,48 @@ def test_transformers_peers_give_exact_modes_greedy_tokens(tmp_path, cache_dir):
     assert len(hf) == 2 and all(p["measured"] and p["same_tokens"] is True for p in hf)
     assert all(len(p["decode_s_per_token"]) == 3 for p in hf)
     assert "| transformers StaticCache |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow  # writes 8K tokens of random K/V for a 2-layer Llama-3.1-8B shape: about half a minute
+def test_synthetic_kv_stands_in_for_a_prefill_of_a_random_shape(tmp_path):
+    out = tmp_path / "run"
+    assert main(["bench", "--model", "llama-3.1-8b", "--random-weights", "--num-layers", "2", "--dtype", "bf16",
+                 "--synthetic-kv", "--contexts", "8K", "--modes", "exact,quest", "--placements", "disk",
+                 "--decode-tokens", "2", "--reps", "1", "--quiet", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out)]) == 0
+    blob = json.loads((out / "results.json").read_text())
+    assert blob["config"]["synthetic_kv"] is True
+    (ctx,) = blob["contexts"]
+    assert ctx["prefill"][0]["synthetic"] is True
+    rows = {r["mode"]: r for r in ctx["rows"]}
+    exact_disk = rows["exact"]["bytes_per_token"]["disk"]
+    # 2 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes per token: nearly all of it read from DISK
+    assert 0.9 * 2 * 8 * 128 * 2 * 2 * ctx["tokens"] <= exact_disk <= 2 * 8 * 128 * 2 * 2 * ctx["tokens"]
+    assert rows["quest"]["sparse_stats"]["kv_fraction_read_max"] <= 0.1 + 1e-9
+    assert "synthetic KV:" in (out / "report.md").read_text()
+
+
+def test_synthetic_kv_needs_random_weights(capsys, tmp_path):
+    assert main(["bench", "--synthetic-kv", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--synthetic-kv writes random K/V instead of a prefill: it needs --random-weights" in capsys.readouterr().err
+
+
+def test_the_fidelity_harness_json_becomes_a_table_and_a_plot(small_sweep, tmp_path):
+    """What `--fidelity FILE` embeds (the harness's own keys) is drawn by --render from results.json."""
+    blob = json.loads((small_sweep / "results.json").read_text())
+    summary = {"exact@1": {"cases": 4, "hits": 3, "misses_of_exact_right": 0, "exact_right": 3, "median_gold_gap": 0.0,
+                           "kv_fraction_read_max": 1.0},
+               "quest@0.1": {"cases": 4, "hits": 3, "misses_of_exact_right": 0, "exact_right": 3,
+                             "median_gold_gap": -0.1, "kv_fraction_read_max": 0.09},
+               "kvpress-snapkv@0.1": {"cases": 4, "hits": 1, "misses_of_exact_right": 2, "exact_right": 3,
+                                      "median_gold_gap": -1.5, "kv_fraction_read_max": 0.1}}
+    blob["fidelity"] = {"model": "gemma3-270m", "summary_4k_plus": summary, "peers": {"kvpress": "measured"},
+                        "continuation": {"8192": {"quest@0.1": {"top1_agreement": 0.9, "kl": 0.05,
+                                                                "kv_fraction_read_max": 0.09}}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(blob))
+    assert main(["bench", "--render", str(path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| kvpress-snapkv@0.1 | 1/4 | 2/3 | -1.500 | 0.100 |" in report
+    assert "| quest@0.1 (8192 tokens) | 0.900 | 0.0500 | 0.090 |" in report
+    assert (tmp_path / "fidelity.png").read_bytes()[:4] == b"\x89PNG" and "](fidelity.png)" in report

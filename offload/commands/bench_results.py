@@ -1,0 +1,59 @@
+"""A sweep's results.json: its schema version, loading it with one-line errors, and the numbers
+derived from it that both the report and the plots use (no torch)."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "MIB", "TIERS", "BadResults", "load_results", "median", "read_gbps", "disk_bound"]
+
+SCHEMA_VERSION = 1
+MIB = 2**20
+TIERS = ("device", "host", "disk")
+
+
+class BadResults(ValueError):
+    """A results.json this version cannot render."""
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """The sweep's JSON at ``path``.
+
+    Raises:
+        BadResults: unreadable, not JSON, not a sweep's, or another schema version.
+    """
+    try:
+        blob = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise BadResults(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadResults(f"{path} is not JSON ({e}); give the results.json an `offload bench --out DIR` run "
+                         "wrote") from None
+    if not isinstance(blob, dict) or blob.get("kind") != "offload-bench":
+        raise BadResults(f"{path} is not an `offload bench --out` results.json (no \"kind\": \"offload-bench\")")
+    if blob.get("schema_version") != SCHEMA_VERSION:
+        raise BadResults(f"{path} has schema_version {blob.get('schema_version')!r}; this offload renders "
+                         f"version {SCHEMA_VERSION}: rerun the bench with this version")
+    if not isinstance(blob.get("contexts"), list) or not isinstance(blob.get("config"), dict):
+        raise BadResults(f"{path} lacks \"contexts\" or \"config\": a truncated or edited file")
+    return blob
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def read_gbps(ctx: dict[str, Any]) -> float | None:
+    """The cold read bandwidth measured at this context (the exact all-DISK row's pages)."""
+    for row in ctx["rows"]:
+        if row.get("read_gbps"):
+            return median(row["read_gbps"])
+    return None
+
+
+def disk_bound(ctx: dict[str, Any], row: dict[str, Any]) -> float | None:
+    """Tokens per second the row's DISK bytes per token allow at the measured bandwidth."""
+    gbps, disk = read_gbps(ctx), row.get("bytes_per_token", {}).get("disk", 0)
+    return gbps * 1e9 / disk if gbps and disk else None
