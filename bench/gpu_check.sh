@@ -45,10 +45,10 @@ has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
     echo "skipped: no CUDA"
   fi
 
-  echo "== 1c. the sweep on CUDA (issue 22): offload bench, llama-3.1-8b shape, 32 layers, bf16, random ids, 32K and 128K tokens, exact / quest / speculative / 4bit, pages all on DEVICE and all on DISK; results.json and report.md in \$OUT/sweep (render the plots locally: offload bench --render)"
+  echo "== 1c. the sweep on CUDA (issue 22): offload bench, llama-3.1-8b shape, 32 layers, bf16, synthetic KV (random K/V written, no prefill), 32K and 128K tokens, exact / quest / speculative / 4bit, pages all on DEVICE and all on DISK; results.json and report.md in \$OUT/sweep (render the plots locally: offload bench --render)"
   if [ "$has_cuda" = 1 ]; then
     timeout 300 $PY -m offload bench --model llama-3.1-8b --random-weights --num-layers 32 --dtype bf16 \
-      --contexts 32K,128K --allow-long-context --modes exact,quest,speculative,4bit --placements device,disk \
+      --synthetic-kv --contexts 32K,128K --allow-long-context --modes exact,quest,speculative,4bit --placements device,disk \
       --decode-tokens 8 --reps 3 --quiet --cache-dir "$(mktemp -d)" --out "$OUTDIR/sweep" 2>&1 | tail -30
     sed -n '/^## /,$p' "$OUTDIR/sweep/report.md" 2>/dev/null | head -60
   else

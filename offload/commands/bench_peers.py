@@ -137,6 +137,9 @@ class Peers:
                         "KV between GPU and host memory, which a CPU-only run has no use for"})
         for name, (env, script) in SUBPROCESS_PEERS.items():
             out.append(self._subprocess_declared(name, env, script))
+        out.append({"name": "kvpress", "available": False, "label": "SnapKV and StreamingLLM keeping F of the KV",
+                    "reason": "a fidelity peer, not a throughput one: `bench/fidelity.py --peers kvpress` (make "
+                              "peer-kvpress) runs it on the QA cases; attach that JSON with --fidelity FILE"})
         return out
 
     def _subprocess_declared(self, name: str, env: str, script: str) -> dict[str, Any]:

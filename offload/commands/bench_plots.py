@@ -16,7 +16,7 @@ from offload.commands.bench_results import MIB, TIERS, disk_bound, median  # noq
 
 __all__ = ["draw"]
 
-_SAVE = {"dpi": 110, "metadata": {"Software": None}}  # no version stamp: a re-render gives the same bytes
+_SAVE = {"dpi": 110, "metadata": {"Software": None}, "bbox_inches": "tight"}  # no version stamp: a re-render gives the same bytes
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -57,17 +57,19 @@ def _decode_plot(blob: dict[str, Any], out: Path) -> Path:
         ax.plot([x for x, _ in bound], [b for _, b in bound], color="black", linestyle=":", linewidth=2,
                 label="disk bound of exact all-DISK (its bytes / measured cold read GB/s)")
     peers: dict[str, list[tuple[int, float]]] = {}
+    markers = "sDv^PX"
     for c in blob["contexts"]:
         for p in c.get("peers", []):
             if p.get("measured") and p.get("decode_s_per_token"):
                 peers.setdefault(p["name"], []).append((c["tokens"], 1 / median(p["decode_s_per_token"])))
-    for name, pts in peers.items():
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="s", linestyle=":", color="gray", alpha=0.8,
-                label=f"peer: {name}")
+    for i, (name, pts) in enumerate(peers.items()):
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[i % len(markers)], linestyle=":",
+                color=f"C{(len(modes) + i) % 10}", markersize=7, label=f"peer: {name}")
     _context_axis(ax, blob)
     ax.set_yscale("log")
     ax.set_ylabel("decode (tokens/s, median)")
-    ax.set_title(f"Decode throughput, {blob['config']['model']} (solid: all pages on DEVICE; dashed: on DISK)")
+    ax.set_title(f"Decode throughput, {blob['config']['model']}\n(solid: all pages on DEVICE, dashed: all on DISK, "
+                 "dotted: peers)", fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, out / "decode_tok_s.png")
 
@@ -77,13 +79,13 @@ def _bytes_plot(blob: dict[str, Any], out: Path) -> Path:
     fig, axes = plt.subplots(1, len(ctxs), figsize=(4.2 * len(ctxs), 4.4), squeeze=False)
     colors = {"device": "tab:green", "host": "tab:orange", "disk": "tab:red"}
     for ax, ctx in zip(axes[0], ctxs):
-        labels = [f"{r['mode']}\n{r['placement']}" for r in ctx["rows"]]
+        labels = [f"{r['mode']}, {r['placement']}" for r in ctx["rows"]]
         bottom = [0.0] * len(labels)
         for tier in TIERS:
             vals = [r.get("bytes_per_token", {}).get(tier, 0) / MIB for r in ctx["rows"]]
             ax.bar(range(len(labels)), vals, bottom=bottom, color=colors[tier], label=f"read from {tier.upper()}")
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=60, ha="right")
         ax.set_ylabel("KV bytes attended per decoded token (MiB)")
         ax.set_title(f"{ctx['tokens']} tokens")
         ax.legend(fontsize=7)

@@ -4,12 +4,14 @@ plots). Every table names the denominator of its ratios; every plot labels its a
 and names its bound lines in the legend."""
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from offload.commands.bench_results import MIB, TIERS, BadResults, disk_bound, load_results, median, read_gbps
+from offload.commands.bench_results import (MIB, TIERS, BadResults, disk_bound, load_fidelity, load_results, median,
+                                           read_gbps)
 
 __all__ = ["render", "main"]
 
@@ -87,14 +89,26 @@ def _peer_table(ctx: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
             continue
         dec = p.get("decode_s_per_token") or []
         rel = f"{median(dec) / median(base['decode_s_per_token']):.2f}" if base and dec else "-"
-        same = p.get("same_tokens")
-        same_s = "not checked" if same is None else (
-            "yes" if same else f"no (first difference at token {p.get('first_difference')})")
+        same_s = _same_tokens(p, base)
         out.append(f"| {p['name']} | {p.get('label', '-')} | {p.get('threads', '-')} | "
                    f"{_ms(p.get('prefill_s') or [], p.get('prompt_tokens', 0), 0, invert=True)} | "
                    f"{_ms(p.get('ttft_hit_s') or [], 1e3, 0)} | {_ms(dec, 1.0, 2, invert=True)} | {rel} | {same_s} | "
                    f"{p.get('note', '')} |")
     return out
+
+
+def _same_tokens(p: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Whether the peer's greedy tokens are exact mode's: checked in the run for transformers (it
+    must agree), compared here for a peer on the same weights (information), not for other weights."""
+    same = p.get("same_tokens")
+    if same is None and p.get("tokens") and base is not None:
+        if p.get("label", "").startswith("GGUF"):
+            return "not compared (other weights)"
+        diff = next((i for i, (a, b) in enumerate(zip(p["tokens"], base["tokens"])) if a != b), None)
+        return "yes" if diff is None else f"no (first difference at token {diff})"
+    if same is None:
+        return "not checked"
+    return "yes" if same else f"no (first difference at token {p.get('first_difference')})"
 
 
 def _header(blob: dict[str, Any]) -> list[str]:
@@ -110,7 +124,13 @@ def _header(blob: dict[str, Any]) -> list[str]:
              f"F={cfg['sparse_budget']:g}; {cfg['reps']} repetitions (medians [min-max]); repetitions of the exact "
              f"prefill {cfg['prefill_reps']} (of another page format's: one); one prefill per context and page format, shared by every row through a DocCache."
              + smoke, f"Wall time of the run: {blob.get('wall_s', 0) / 60:.1f} min.", ""]
+    fid_peers = (blob.get("fidelity") or {}).get("peers") or {}
     for p in blob.get("peers_declared", []):
+        if p["name"] in fid_peers:
+            status = fid_peers[p["name"]]
+            state = "measured in the fidelity table below" if status == "measured" else f"not run: {status}"
+            lines.append(f"- peer {p['name']} ({p['label']}): {state}")
+            continue
         lines.append(f"- peer {p['name']}: {p['label'] if p['available'] else 'not run: ' + p['reason']}")
     return lines + [""]
 
@@ -161,15 +181,27 @@ def render(blob: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """``offload bench --render FILE``: exit 2 with one line on a bad or foreign JSON."""
+    """``offload bench --render FILE [--fidelity FID]``: exit 2 with one line on a bad or foreign
+    JSON. ``--fidelity`` attaches a fidelity harness run to the results (written into FILE, so that
+    later renders keep it) before rendering."""
+    fidelity = None
+    if len(argv) == 3 and argv[1] == "--fidelity":
+        argv, fidelity = argv[:1], argv[2]
+    elif len(argv) == 2 and argv[1].startswith("--fidelity="):
+        argv, fidelity = argv[:1], argv[1].removeprefix("--fidelity=")
     if len(argv) != 1:
-        print("offload bench: error: --render takes one results.json and no other flag", file=sys.stderr)
+        print("offload bench: error: --render takes one results.json (and at most --fidelity FILE), no other flag",
+              file=sys.stderr)
         return 2
+    path = Path(argv[0])
     try:
-        blob = load_results(Path(argv[0]))
+        blob = load_results(path)
+        if fidelity is not None:
+            blob["fidelity"] = load_fidelity(Path(fidelity))
+            path.write_text(json.dumps(blob, indent=1, default=str))
     except BadResults as e:
         print(f"offload bench: error: {e}", file=sys.stderr)
         return 2
-    for line in render(blob, Path(argv[0]).parent):
+    for line in render(blob, path.parent):
         print(line)
     return 0

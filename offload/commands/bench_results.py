@@ -7,7 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "MIB", "TIERS", "BadResults", "load_results", "median", "read_gbps", "disk_bound"]
+__all__ = ["SCHEMA_VERSION", "MIB", "TIERS", "BadResults", "load_results", "load_fidelity", "median", "read_gbps",
+           "disk_bound"]
 
 SCHEMA_VERSION = 1
 MIB = 2**20
@@ -57,3 +58,20 @@ def disk_bound(ctx: dict[str, Any], row: dict[str, Any]) -> float | None:
     """Tokens per second the row's DISK bytes per token allow at the measured bandwidth."""
     gbps, disk = read_gbps(ctx), row.get("bytes_per_token", {}).get("disk", 0)
     return gbps * 1e9 / disk if gbps and disk else None
+
+
+def load_fidelity(path: Path) -> dict[str, Any]:
+    """What the report keeps of the sparse harness's JSON (``bench/fidelity.py --json-out``): it
+    is stored in results.json, so that ``--render`` draws the fidelity table and plot from it alone.
+
+    Raises:
+        BadResults: unreadable, or not the harness's JSON.
+    """
+    try:
+        blob = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadResults(f"--fidelity {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(blob, dict) or "continuation" not in blob:
+        raise BadResults(f"--fidelity {path} is not the JSON of bench/fidelity.py --json-out (no \"continuation\")")
+    return {k: blob[k] for k in ("model", "lengths", "budgets", "continuation", "summary_4k_plus", "summary_short",
+                                 "peers") if k in blob}

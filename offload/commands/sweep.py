@@ -38,11 +38,11 @@ import torch
 from offload.commands.bench_runs import decode_fork, prefilled, prompt_ids, time_disk_reads
 from offload.commands.bench_peers import PEER_CONTEXT_LIMIT, Peers
 from offload.commands.bench_render import render
-from offload.commands.bench_results import SCHEMA_VERSION
+from offload.commands.bench_results import SCHEMA_VERSION, BadResults, load_fidelity
 from offload.commands.sweep_args import MODES, PLACEMENTS, SweepPlan, declare, plan_sweep
 from offload.config import RuntimeConfig
 from offload.engine import Engine
-from offload.errors import InputError, OffloadError
+from offload.errors import OffloadError
 from offload.kv.doc_cache import DocCache
 from offload.kv.placement import Placement
 from offload.model.model_source import ModelSource, default_cache_dir, ensure_cache_dir, resolve_model
@@ -232,17 +232,16 @@ def _row(plan: SweepPlan, mode: str, placement: str, shared: _Shared, between=No
         ttft: list[float] = []
         base = tok = None
         for rep in range(plan.reps + 1):  # the first restore is untimed (first use of the kernels)
+            if base is not None:  # one restored copy at a time: the peak bytes are one document's
+                engine.release(base)
             t0 = time.perf_counter()
             seq, res = cache.ingest(shared.doc, no_prefill)
-            fork = engine.fork(seq)
-            logits = engine.forward(fork, shared.question)
+            base = engine.fork(seq)
+            logits = engine.forward(base, shared.question)
             tok = int(torch.argmax(logits[-1]))
             if rep:
                 ttft.append(time.perf_counter() - t0)
             engine.release(seq)
-            if base is not None:
-                engine.release(base)
-            base = fork
         row: dict[str, Any] = {"mode": mode, "placement": placement, **{k: str(v) for k, v in MODES[mode].items()},
                                "ttft_hit_s": ttft, "decode_s_per_token": [], "fetch_wait_s_per_token": []}
         decode_fork(engine, base, tok, 2)  # untimed
@@ -304,9 +303,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
     args.cache_dir_resolved = cache
     try:
-        fidelity = _fidelity(args.fidelity)
+        fidelity = None if args.fidelity is None else load_fidelity(args.fidelity)
         plan = plan_sweep(args, resolve_model)
-    except (ValueError, OffloadError) as e:
+    except (ValueError, OffloadError, BadResults) as e:
         print(f"offload bench: error: {e}", file=sys.stderr)
         return 2
     out_dir: Path = args.out
@@ -337,23 +336,6 @@ def run_sweep(args: argparse.Namespace) -> int:
     for line in render(blob, out_dir):
         print(line)
     return 0
-
-
-def _fidelity(path: Path | None) -> dict[str, Any] | None:
-    """The sparse harness's JSON (``bench/fidelity.py --json-out``), kept in results.json so that
-    ``--render`` draws the fidelity plot from that file alone."""
-    if path is None:
-        return None
-    import json
-
-    try:
-        blob = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"--fidelity {path}: cannot read it as JSON ({e})") from None
-    if not isinstance(blob, dict) or "continuation" not in blob:
-        raise InputError(f"--fidelity {path} is not the JSON of bench/fidelity.py --json-out (no \"continuation\")")
-    return {k: blob[k] for k in ("model", "lengths", "budgets", "continuation", "summary_4k_plus", "summary_short",
-                                 "peers") if k in blob}
 
 
 def _dumps(blob: dict[str, Any]) -> str:

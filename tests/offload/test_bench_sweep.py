@@ -200,21 +200,26 @@ def test_synthetic_kv_needs_random_weights(capsys, tmp_path):
 
 
 def test_the_fidelity_harness_json_becomes_a_table_and_a_plot(small_sweep, tmp_path):
-    """What `--fidelity FILE` embeds (the harness's own keys) is drawn by --render from results.json."""
-    blob = json.loads((small_sweep / "results.json").read_text())
+    """`--render FILE --fidelity FID` attaches a harness run (its own keys) to the results, and the
+    renders after it keep it, from results.json alone."""
+    (tmp_path / "results.json").write_bytes((small_sweep / "results.json").read_bytes())
     summary = {"exact@1": {"cases": 4, "hits": 3, "misses_of_exact_right": 0, "exact_right": 3, "median_gold_gap": 0.0,
                            "kv_fraction_read_max": 1.0},
                "quest@0.1": {"cases": 4, "hits": 3, "misses_of_exact_right": 0, "exact_right": 3,
                              "median_gold_gap": -0.1, "kv_fraction_read_max": 0.09},
                "kvpress-snapkv@0.1": {"cases": 4, "hits": 1, "misses_of_exact_right": 2, "exact_right": 3,
                                       "median_gold_gap": -1.5, "kv_fraction_read_max": 0.1}}
-    blob["fidelity"] = {"model": "gemma3-270m", "summary_4k_plus": summary, "peers": {"kvpress": "measured"},
-                        "continuation": {"8192": {"quest@0.1": {"top1_agreement": 0.9, "kl": 0.05,
-                                                                "kv_fraction_read_max": 0.09}}}}
+    harness = {"model": "gemma3-270m", "summary_4k_plus": summary, "peers": {"kvpress": "measured"}, "cases": [],
+               "continuation": {"8192": {"quest@0.1": {"top1_agreement": 0.9, "kl": 0.05, "kv_fraction_read_max": 0.09}}}}
+    (tmp_path / "fidelity.json").write_text(json.dumps(harness))
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(blob))
+    assert main(["bench", "--render", str(path), "--fidelity", str(tmp_path / "fidelity.json")]) == 0
+    assert json.loads(path.read_text())["fidelity"]["summary_4k_plus"] == summary
+    (tmp_path / "report.md").unlink()
     assert main(["bench", "--render", str(path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "| kvpress-snapkv@0.1 | 1/4 | 2/3 | -1.500 | 0.100 |" in report
     assert "| quest@0.1 (8192 tokens) | 0.900 | 0.0500 | 0.090 |" in report
     assert (tmp_path / "fidelity.png").read_bytes()[:4] == b"\x89PNG" and "](fidelity.png)" in report
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["bench", "--render", str(path), "--fidelity", str(tmp_path / "bad.json")]) == 2
