@@ -130,7 +130,7 @@ def test_render_refuses_a_bad_or_foreign_json_in_one_line(content, says, tmp_pat
     assert not (tmp_path / "report.md").exists()
 
 
-def test_a_subprocess_peer_that_is_missing_or_fails_says_why(tmp_path, monkeypatch, small_sweep):
+def test_a_subprocess_peer_that_is_missing_or_fails_says_why(tmp_path, monkeypatch):
     """The peers' venvs and runners are looked up beside the project; here in a scratch root."""
     import types
 
