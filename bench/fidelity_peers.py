@@ -5,9 +5,6 @@ at the same fraction F of the growing layers' KV as each sparse budget, in its o
 log-probability against exact's), so the harness's summaries carry them."""
 from __future__ import annotations
 
-import json
-import subprocess
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +23,7 @@ def run_kvpress(rows: list[dict], inputs: list[dict], budgets: list[float], qa, 
                 say) -> str | None:
     """Add kvpress's results to ``rows`` (in place); None, or why it did not run."""
     from bench.qa_set import answer_hits
+    from offload.commands.bench_peers import run_runner
 
     why = kvpress_reason()
     if why is not None:
@@ -34,22 +32,12 @@ def run_kvpress(rows: list[dict], inputs: list[dict], budgets: list[float], qa, 
     request = {"checkpoint": str(qa.source.weights_dir), "dtype": str(engine.dtype).removeprefix("torch."),
                "presses": list(PRESSES), "budgets": list(budgets), "max_new_tokens": max_new_tokens,
                "eos_ids": list(qa.source.config.eos_token_ids or []), "cases": inputs}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(request, f)
     say(f"kvpress: {len(inputs)} cases x {len(PRESSES)} presses x {len(budgets)} budgets")
-    try:
-        proc = subprocess.run([str(ROOT / ".peers" / "kvpress" / "bin" / "python"),
-                               str(ROOT / "bench" / "peers" / "kvpress_peer.py"), f.name],
-                              capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {TIMEOUT_S} s"
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines() or ["no output"]
-        return f"failed (exit {proc.returncode}): " + next((x for x in reversed(err) if "Error" in x), err[-1])[:300]
-    got = json.loads(lines[-1])["results"]
+    runner = ROOT / "bench" / "peers" / "kvpress_peer.py"
+    out, failed = run_runner(ROOT / ".peers" / "kvpress" / "bin" / "python", runner, request, TIMEOUT_S)
+    if out is None:
+        return failed
+    got = out["results"]
     for row, inp in zip(rows, inputs):
         exact = row["results"]["exact@1"]
         for key, r in got[inp["name"]].items():

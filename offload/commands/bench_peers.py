@@ -21,19 +21,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["Peers", "PEER_CONTEXT_LIMIT"]
+from offload.commands.bench_results import first_difference
+
+__all__ = ["Peers", "PEER_CONTEXT_LIMIT", "run_runner"]
 
 PEER_CONTEXT_LIMIT = 8192  # peers run up to here unless --peers-all-contexts
 ROOT = Path(__file__).resolve().parents[2]
 SUBPROCESS_PEERS = {"llama.cpp": ("llamacpp", "llamacpp_peer.py"), "vLLM (CPU)": ("vllm", "vllm_peer.py")}
 PEER_TIMEOUT_S = 1800
-
-
-def _first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None
 
 
 class _Run:
@@ -82,7 +77,7 @@ class _Run:
                  "prefill_s": res.prefill_s, "decode_s_per_token": [s / self.peers.plan.decode for s in res.decode_s],
                  "tokens": res.tokens, "same_tokens": None}
             if exact is not None:
-                diff = _first_difference(res.tokens, exact["tokens"])
+                diff = first_difference(res.tokens, exact["tokens"])
                 d["same_tokens"] = diff is None
                 d["first_difference"] = diff
             out.append(d)
@@ -110,7 +105,7 @@ class Peers:
     """Which peers this run has, decided (and declared) before anything is measured."""
 
     def __init__(self, plan: Any, args: Any, cache: Path) -> None:
-        self.plan, self.args, self.cache = plan, args, cache
+        self.plan, self.cache = plan, cache
         self.all_contexts = bool(getattr(args, "peers_all_contexts", False))
         self.skip = set(getattr(args, "no_peers", None) or [])
         self.hf_available = plan.source.weights_dir is not None and "transformers" not in self.skip
@@ -177,7 +172,7 @@ class Peers:
     def declared(self) -> list[dict[str, Any]]:
         return [dict(p) for p in self._declared]
 
-    def start(self, tokens: int, ids: list[int]) -> _Run | None:
+    def start(self, tokens: int, ids: list[int]) -> "_Run | _Skipped":
         if not self.runs_at(tokens):
             return _Skipped(self, tokens)
         return _Run(self, tokens, ids)
@@ -186,20 +181,21 @@ class Peers:
         return tokens <= PEER_CONTEXT_LIMIT or self.all_contexts
 
     def prepare(self, prompts: dict[int, list[int]]) -> None:
-        """The prompt of every context the peers run at: a subprocess peer starts once (vLLM
-        compiles its model for minutes) and answers all of them, the first time it is asked."""
+        """The prompt of every context (those the peers run at are kept): a subprocess peer starts
+        once (vLLM compiles its model for minutes) and answers all of them, the first time it is asked."""
         self.prompts = {t: ids for t, ids in prompts.items() if self.runs_at(t)}
-        self._answers: dict[str, dict[int, dict[str, Any]]] = {}
+        self._answers = {}
 
     def run_subprocess(self, p: dict[str, Any], ids: list[int]) -> dict[str, Any]:
-        """This context's measurement by the peer ``p`` (its runs for every context done on first use)."""
-        prompts = self.prompts or {len(ids): ids}
-        tokens = next((t for t, x in prompts.items() if x == ids), None)
-        if tokens is None:
-            prompts, tokens = {len(ids): ids}, len(ids)
-        if p["name"] not in self._answers or tokens not in self._answers[p["name"]]:
-            self._answers.setdefault(p["name"], {}).update(self._launch(p, prompts))
-        return self._answers[p["name"]][tokens]
+        """The measurement of the prompt ``ids`` by the peer ``p``: every prepared prompt's is taken
+        on its first use; a prompt not prepared is run alone."""
+        tokens = next((t for t, x in self.prompts.items() if x == ids), None)
+        prompts = self.prompts if tokens is not None else {len(ids): ids}
+        tokens = len(ids) if tokens is None else tokens
+        answers = self._answers.setdefault(p["name"], {})
+        if tokens not in answers:
+            answers.update(self._launch(p, prompts))
+        return answers[tokens]
 
     def _launch(self, p: dict[str, Any], prompts: dict[int, list[int]]) -> dict[int, dict[str, Any]]:
         plan = self.plan
@@ -207,26 +203,31 @@ class Peers:
         request = {"prompts": list(prompts.values()), "decode": plan.decode, "reps": plan.reps,
                    "threads": torch.get_num_threads(), "gguf": None if gguf is None else str(gguf),
                    "checkpoint": str(plan.source.weights_dir), "dtype": str(plan.dtype).removeprefix("torch.")}
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(request, f)
-        failed = None
-        try:
-            proc = subprocess.run([str(python), str(script), f.name], capture_output=True, text=True,
-                                  timeout=PEER_TIMEOUT_S, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            failed = f"timed out after {PEER_TIMEOUT_S} s"
-        finally:
-            Path(f.name).unlink(missing_ok=True)
-        lines = [] if failed else [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if failed is None and (proc.returncode != 0 or not lines):
-            err = proc.stderr.strip().splitlines() or ["no output"]
-            tail = next((line for line in reversed(err) if "Error" in line), err[-1])[:300]
-            failed = f"failed (exit {proc.returncode}): {tail}"
-        if failed is not None:
+        got, failed = run_runner(python, script, request, PEER_TIMEOUT_S)
+        if got is None:
             return {t: {**p, "measured": False, "reason": failed} for t in prompts}
-        got = json.loads(lines[-1])
         return {t: {**p, **r, "note": got.get("note", ""), "measured": True, "reason": "", "prompt_tokens": len(x)}
                 for (t, x), r in zip(prompts.items(), got["results"])}
+
+
+def run_runner(python: Path, script: Path, request: dict[str, Any], timeout_s: float) -> tuple[dict | None, str]:
+    """Run a peer's runner in its own venv on ``request`` (passed as a temporary JSON file): the
+    last JSON line it printed, or None and why it failed (its last error line, or the timeout)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(request, f)
+    try:
+        proc = subprocess.run([str(python), str(script), f.name], capture_output=True, text=True, timeout=timeout_s,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout_s:g} s"
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines() or ["no output"]
+        tail = next((line for line in reversed(err) if "Error" in line), err[-1])[:300]
+        return None, f"failed (exit {proc.returncode}): {tail}"
+    return json.loads(lines[-1]), ""
 
 
 class _Skipped:

@@ -16,7 +16,8 @@ from offload.commands.bench_results import MIB, TIERS, disk_bound, median  # noq
 
 __all__ = ["draw"]
 
-_SAVE = {"dpi": 110, "metadata": {"Software": None}, "bbox_inches": "tight"}  # no version stamp: a re-render gives the same bytes
+# no version stamp in the PNGs: a re-render gives the same bytes
+_SAVE = {"dpi": 110, "metadata": {"Software": None}, "bbox_inches": "tight"}
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from offload.commands.bench_results import (MIB, TIERS, BadResults, disk_bound, load_fidelity, load_results, median,
-                                           read_gbps)
+from offload.commands.bench_results import (MIB, TIERS, BadResults, disk_bound, first_difference, load_fidelity,
+                                           load_results, median, read_gbps, spread)
 
-__all__ = ["render", "main"]
+__all__ = ["render", "main", "render_argv"]
 
 def _ms(xs: list[float], scale: float = 1.0, digits: int = 1, invert: bool = False) -> str:
     """median [min-max] of ``xs`` (or of scale / x with ``invert``); [n/a] for one value."""
@@ -22,12 +22,7 @@ def _ms(xs: list[float], scale: float = 1.0, digits: int = 1, invert: bool = Fal
     vals = [scale / x for x in xs if x > 0] if invert else [x * scale for x in xs]
     if not vals:
         return "-"
-    sp = f"[{min(vals):.{digits}f}-{max(vals):.{digits}f}]" if len(vals) > 1 else "[n/a]"
-    return f"{statistics.median(vals):.{digits}f} {sp}"
-
-
-def _label(row: dict[str, Any]) -> str:
-    return f"{row['mode']}, {row['placement']}"
+    return f"{statistics.median(vals):.{digits}f} {spread(vals, digits)}"
 
 
 def _tok_s(row: dict[str, Any]) -> float:
@@ -104,7 +99,7 @@ def _same_tokens(p: dict[str, Any], base: dict[str, Any] | None) -> str:
     if same is None and p.get("tokens") and base is not None:
         if p.get("label", "").startswith("GGUF"):
             return "not compared (other weights)"
-        diff = next((i for i, (a, b) in enumerate(zip(p["tokens"], base["tokens"])) if a != b), None)
+        diff = first_difference(p["tokens"], base["tokens"])
         return "yes" if diff is None else f"no (first difference at token {diff})"
     if same is None:
         return "not checked"
@@ -122,7 +117,8 @@ def _header(blob: dict[str, Any]) -> list[str]:
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
              f"Rows: modes {', '.join(cfg['modes'])} x placements {', '.join(cfg['placements'])}; sparse budget "
              f"F={cfg['sparse_budget']:g}; {cfg['reps']} repetitions (medians [min-max]); repetitions of the exact "
-             f"prefill {cfg['prefill_reps']} (of another page format's: one); one prefill per context and page format, shared by every row through a DocCache."
+             f"prefill {cfg['prefill_reps']} (of another page format's: one); one prefill per context and page format, "
+             "shared by every row through a DocCache."
              + smoke, f"Wall time of the run: {blob.get('wall_s', 0) / 60:.1f} min.", ""]
     fid_peers = (blob.get("fidelity") or {}).get("peers") or {}
     for p in blob.get("peers_declared", []):
@@ -178,6 +174,14 @@ def render(blob: dict[str, Any], out_dir: Path) -> list[str]:
     (out_dir / "report.md").write_text("\n".join(md))
     return [f"report: {out_dir / 'report.md'}"] + ([f"plots: {', '.join(p.name for p in plots)}"] if plots else
                                                    [f"plots not drawn: {why}"])
+
+
+def render_argv(argv: list[str]) -> list[str] | None:
+    """``main``'s arguments when the ``offload`` command line ``argv`` is ``bench --render FILE
+    ...`` (``--render=FILE`` too), else None: the one test of it, for every entry point."""
+    if argv[:1] != ["bench"] or not any(a == "--render" or a.startswith("--render=") for a in argv):
+        return None
+    return [a.removeprefix("--render=") for a in argv[1:] if a != "--render"]
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ import json
 import statistics
 from typing import Any
 
+from offload.commands.bench_results import median, spread
 from offload.tuning.pieces import format_breakdown
 
 __all__ = ["SHORT_PROMPT", "Result", "Beside", "report", "median", "spread"]
@@ -29,22 +30,11 @@ class Result:
     sparse: dict[str, Any] = dataclasses.field(default_factory=dict)  # a sparse row's read fractions
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def _fmt(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
     if not xs:
         return "-"
     vals = [scale / x for x in xs] if scale else xs
     return f"{statistics.median(vals):.{digits}f} {spread(vals, digits)}"
-
-
-def spread(vals: list[float], digits: int = 1, scale: float = 1.0) -> str:
-    """``[min-max]`` of repeated values times ``scale``, or ``[n/a]`` for a single one (``--reps 1``)."""
-    if len(vals) < 2:
-        return "[n/a]"
-    return f"[{min(vals) * scale:.{digits}f}-{max(vals) * scale:.{digits}f}]"
 
 
 @dataclasses.dataclass

@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "MIB", "TIERS", "BadResults", "load_results", "load_fidelity", "median", "read_gbps",
-           "disk_bound"]
+__all__ = ["SCHEMA_VERSION", "MIB", "TIERS", "BadResults", "load_results", "load_fidelity", "median", "spread",
+           "first_difference", "read_gbps", "disk_bound"]
 
 SCHEMA_VERSION = 1
 MIB = 2**20
@@ -44,6 +44,18 @@ def load_results(path: Path) -> dict[str, Any]:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def spread(vals: list[float], digits: int = 1, scale: float = 1.0) -> str:
+    """``[min-max]`` of repeated values times ``scale``, or ``[n/a]`` for a single one (``--reps 1``)."""
+    if len(vals) < 2:
+        return "[n/a]"
+    return f"[{min(vals) * scale:.{digits}f}-{max(vals) * scale:.{digits}f}]"
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (over their common length), or None."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
 def read_gbps(ctx: dict[str, Any]) -> float | None:

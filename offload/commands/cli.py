@@ -237,10 +237,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"] and any(a == "--render" or a.startswith("--render=") for a in argv):
-        from offload.commands import bench_render  # from the JSON alone: no model
+    from offload.commands import bench_render  # from the JSON alone: no model
 
-        return bench_render.main([a.removeprefix("--render=") for a in argv[1:] if a != "--render"])
+    render = bench_render.render_argv(argv)
+    if render is not None:
+        return bench_render.main(render)
     if argv[:1] == ["bench"]:  # its own options: offload bench --help
         from offload.commands import bench
 

@@ -6,11 +6,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"] and any(a == "--render" or a.startswith("--render=") for a in argv):
-        from offload.commands import bench_render
+    from offload.commands import bench_render  # imports no torch
 
-        return bench_render.main([a.removeprefix("--render=") for a in argv[1:] if a != "--render"])
+    argv = sys.argv[1:] if argv is None else argv
+    render = bench_render.render_argv(argv)
+    if render is not None:
+        return bench_render.main(render)
     from offload.commands.cli import main as cli_main
 
     return cli_main(argv)

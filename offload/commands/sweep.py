@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import resource
 import shlex
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from offload.commands.bench_runs import decode_fork, prefilled, prompt_ids, time_disk_reads
-from offload.commands.bench_peers import PEER_CONTEXT_LIMIT, Peers
+from offload.commands.bench_peers import Peers
 from offload.commands.bench_render import render
 from offload.commands.bench_results import SCHEMA_VERSION, BadResults, load_fidelity
 from offload.commands.sweep_args import MODES, PLACEMENTS, SweepPlan, declare, plan_sweep
@@ -86,10 +87,8 @@ def _row_units(plan: SweepPlan, tokens: int) -> float:
     return (plan.reps + 1) * (plan.decode + plan.question / 8) * (1 + tokens / 8192) / 20
 
 
-def _peer_units(peers, tokens: int) -> float:
-    if tokens > PEER_CONTEXT_LIMIT and not peers.all_contexts:
-        return 0.0
-    return peers.units(_prefill_units(tokens))
+def _peer_units(peers: Peers, tokens: int) -> float:
+    return peers.units(_prefill_units(tokens)) if peers.runs_at(tokens) else 0.0
 
 
 def _machine() -> dict[str, Any]:
@@ -128,8 +127,6 @@ def _versions() -> dict[str, str]:
 def _profile(cache: Path, plan: SweepPlan) -> dict[str, Any] | None:
     """This machine's saved hardware profile, if one is saved (the sweep never measures one:
     its rows give placements, so no engine plans; the bandwidths it uses are measured in the run)."""
-    import json
-
     from offload.tuning.profile_store import load_profile, profile_path
 
     prof = load_profile(profile_path(cache, plan.device, dtype=plan.dtype))
@@ -235,7 +232,7 @@ def _row(plan: SweepPlan, mode: str, placement: str, shared: _Shared, between=No
             if base is not None:  # one restored copy at a time: the peak bytes are one document's
                 engine.release(base)
             t0 = time.perf_counter()
-            seq, res = cache.ingest(shared.doc, no_prefill)
+            seq, _ = cache.ingest(shared.doc, no_prefill)
             base = engine.fork(seq)
             logits = engine.forward(base, shared.question)
             tok = int(torch.argmax(logits[-1]))
@@ -268,8 +265,9 @@ def _row(plan: SweepPlan, mode: str, placement: str, shared: _Shared, between=No
         engine.close()
 
 
-def _context(plan: SweepPlan, tokens: int, progress: Progress, cache: Path, peers) -> dict[str, Any]:
-    ids = prompt_ids(plan.source, tokens - plan.decode)
+def _context(plan: SweepPlan, tokens: int, ids: list[int], progress: Progress, cache: Path,
+             peers: Peers) -> dict[str, Any]:
+    """One context's prefills, rows and peers; ``ids`` its prompt (document, then the request)."""
     doc, question = ids[:-plan.question], ids[-plan.question:]
     (cache / "bench-docs").mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="sweep-", dir=cache / "bench-docs"))
@@ -281,17 +279,16 @@ def _context(plan: SweepPlan, tokens: int, progress: Progress, cache: Path, peer
             reps = plan.prefill_reps(tokens) if fmt == "exact" else 1
             out["prefill"].append(_prefill_context(plan, fmt, shared, reps, progress))
             progress.advance(_prefill_units(tokens) * reps)
-        runner = peers.start(tokens, doc + question) if peers is not None else None
+        runner = peers.start(tokens, ids)
         for placement in plan.placements:
             for mode in plan.modes:
                 progress.show(f"{tokens} tokens: {mode}, {placement}")
-                hook = runner.rep if runner is not None and (mode, placement) == ("exact", "device") else None
+                hook = runner.rep if (mode, placement) == ("exact", "device") else None
                 out["rows"].append(_row(plan, mode, placement, shared, between=hook))
                 progress.advance(_row_units(plan, tokens))
-        if runner is not None:
-            progress.show(f"{tokens} tokens: peers")
-            out["peers"] = runner.finish(out["rows"])
-            progress.advance(_peer_units(peers, tokens))
+        progress.show(f"{tokens} tokens: peers")
+        out["peers"] = runner.finish(out["rows"])
+        progress.advance(_peer_units(peers, tokens))
     finally:
         shutil.rmtree(store, ignore_errors=True)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -299,7 +296,6 @@ def _context(plan: SweepPlan, tokens: int, progress: Progress, cache: Path, peer
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-
     cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
     args.cache_dir_resolved = cache
     try:
@@ -318,7 +314,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                             "config": plan.to_dict(), "peers_declared": peers.declared(), "contexts": [],
                             "fidelity": fidelity}
     print("\n".join(declare(plan, peers.declared())), flush=True)
-    peers.prepare({c: prompt_ids(plan.source, c - plan.decode) for c in plan.contexts if peers.runs_at(c)})
+    prompts = {c: prompt_ids(plan.source, c - plan.decode) for c in plan.contexts}
+    peers.prepare(prompts)
     units = sum(_prefill_units(c) * (plan.prefill_reps(c) + len(plan.formats) - 1)
                 + _row_units(plan, c) * len(plan.modes) * len(plan.placements) + _peer_units(peers, c)
                 for c in plan.contexts)
@@ -326,7 +323,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         for tokens in plan.contexts:
-            blob["contexts"].append(_context(plan, tokens, progress, cache, peers))
+            blob["contexts"].append(_context(plan, tokens, prompts[tokens], progress, cache, peers))
             blob["wall_s"] = time.perf_counter() - t0
             (out_dir / "results.json").write_text(_dumps(blob))  # kept as it grows: a killed run keeps what it did
     finally:
@@ -339,6 +336,4 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def _dumps(blob: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(blob, indent=1, default=str)
