@@ -22,6 +22,7 @@ from typing import Any
 
 from offload.config import RuntimeConfig
 from offload.kv.doc_cache import DocCache
+from offload.kv.doc_restore import RestoreReport
 from offload.engine import Engine
 from offload.errors import ClosedError, InputError
 from offload.model.model_source import default_cache_dir, ensure_cache_dir, resolve_model
@@ -45,6 +46,8 @@ class Doc:
         doc_id: sha256 prefix of the document's token ids.
         num_tokens: tokens of the document part of the prompt.
         stats: what the ingest cost.
+        restore: on a DocCache hit, how it was restored (``offload.kv.doc_restore.RestoreReport``:
+            the split, its cost model and predictions); None otherwise.
     """
 
     doc_id: str
@@ -55,6 +58,7 @@ class Doc:
     # the weights and arenas alive): a Doc is usable only with the LongDocQA that ingested it
     # (another engine's pages sit in other arenas; its page ids would name wrong pages there).
     _engine: weakref.ref[Engine] | None = dataclasses.field(default=None, repr=False, compare=False)
+    restore: RestoreReport | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(slots=True)
@@ -168,6 +172,7 @@ class LongDocQA:
             raise InputError("require_doc_cache=True needs the DocCache; make the LongDocQA with doc_cache=True")
         self.engine.check_document(len(ids), allow_long_context=self.allow_long_context)
         t0 = time.perf_counter()
+        report = None
         if self.doc_cache is None:
             seq = self._prefill(ids, stats)
             doc_id = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
@@ -179,10 +184,15 @@ class LongDocQA:
             stats.doc_cache_verify_s = res.verify_s
             stats.doc_cache_bytes_read = res.bytes
             stats.doc_cache_evicted = list(res.evicted)
+            report = res.restore
+            if res.restore is not None:
+                stats.restore_recompute_tokens = res.restore.recompute_tokens
+                stats.restore_predicted_s = res.restore.predicted_s
+                stats.restore_plan = res.restore.plan
         stats.ttft_s = time.perf_counter() - t0
         self.engine.add_document(seq)  # its pages may move off DEVICE to make room for questions
         self.engine.fill_stats(stats, seq)
-        return Doc(doc_id, len(ids), stats, seq, weakref.ref(self.engine))
+        return Doc(doc_id, len(ids), stats, seq, weakref.ref(self.engine), report)
 
     def _prefill(self, ids: list[int], stats: RunStats) -> KVSequence:
         """The document's prefill onto a new sequence (progress shown), timed into ``stats``."""

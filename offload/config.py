@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from planner.profile import HardwareProfile
 
 __all__ = ["RuntimeConfig", "DecodeKernel", "MatvecKernel", "HostAttention", "Planner", "DiskBackend", "Sparse", "KVFormat",
-           "PLANNERS", "SPARSE_MODES", "KV_FORMATS", "parse_size", "parse_dtype", "format_size", "check_sparse_budget", "DTYPES"]
+           "PLANNERS", "SPARSE_MODES", "KV_FORMATS",
+           "Recompute", "RECOMPUTE_MODES", "check_restore_recompute",
+           "parse_size", "parse_dtype", "format_size", "check_sparse_budget", "DTYPES"]
 
 
 class Planner(enum.Enum):
@@ -81,6 +83,18 @@ class KVFormat(enum.Enum):
 KV_FORMATS = tuple(f.value for f in KVFormat)
 
 
+class Recompute(enum.Enum):
+    """K/V recomputed at decode instead of read (issue of partial recomputation)."""
+
+    NONE = "none"  # every K/V byte is read from its tier
+    LOWRANK = "lowrank"  # keys rebuilt from rank-r factors (ShadowKV): not executed yet
+    KVPR = "kvpr"  # K/V recomputed from shipped activations (KVPR): priced by `offload plan` only
+    AUTO = "auto"  # the planner's choice among what the engine executes (today: none)
+
+
+RECOMPUTE_MODES = tuple(m.value for m in Recompute)
+
+
 def check_sparse_budget(value: object, name: str = "sparse_budget") -> float:
     """``value`` as a sparse budget F in (0, 1].
 
@@ -101,6 +115,20 @@ DTYPES: dict[str, torch.dtype] = {
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def check_restore_recompute(value: object, name: str = "restore_recompute") -> float | None:
+    """``value`` as a forced share of a DocCache restore to recompute, in [0, 1), or None.
+
+    Raises:
+        InputError: not a number in [0, 1) (a subclass of ValueError).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise InputError(f"{name} is the share of a restored document to recompute, in [0, 1) (0 = load every "
+                         f"page; leave it unset for the planner's split), got {value!r}")
+    return float(value)
 
 
 def _member(kind: type[enum.Enum], name: str, value: object) -> enum.Enum:
@@ -246,6 +274,14 @@ class RuntimeConfig:
             gives the same tables and the same answers.
         lsh_bits, lsh_tables: K SimHash bits per table and L tables (None: the defaults of
             ``offload.attention.lsh``).
+        recompute: K/V recomputed at decode instead of read: "none", or "auto" (the planner's
+            choice among the methods the engine executes: today none of them). "kvpr" (K/V
+            from shipped activations; ``offload plan --recompute kvpr`` prices it) and
+            "lowrank" (ShadowKV's low-rank keys) are refused: not executed yet.
+        restore_recompute: a DocCache hit recomputes this share of the document from its token
+            ids while the rest loads (Cake; ``offload.kv.cake``), on prefill-chunk boundaries;
+            None = the planner's split from the profile (loading only when recompute does not
+            pay, as on a CPU), 0 = load every page.
     """
 
     device: str | None = None
@@ -277,6 +313,8 @@ class RuntimeConfig:
     lsh_seed: int = 0
     lsh_bits: int | None = None
     lsh_tables: int | None = None
+    recompute: Recompute = Recompute.NONE
+    restore_recompute: float | None = None
 
     def __post_init__(self) -> None:
         # Size fields take bytes or a size string (RuntimeConfig(device_memory_bytes="512MiB")).
@@ -296,6 +334,11 @@ class RuntimeConfig:
         object.__setattr__(self, "kv_format", _member(KVFormat, "kv_format", self.kv_format))
         object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
         self._check_lsh()
+        object.__setattr__(self, "recompute", _member(Recompute, "recompute", self.recompute))
+        if self.recompute in (Recompute.KVPR, Recompute.LOWRANK):
+            raise InputError(f"recompute='{self.recompute.value}' is not executed by the engine yet; use 'none' or "
+                             "'auto' (offload plan --recompute kvpr shows what KVPR would save)")
+        object.__setattr__(self, "restore_recompute", check_restore_recompute(self.restore_recompute))
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:

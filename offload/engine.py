@@ -166,6 +166,9 @@ class Engine(EngineAdmission):
             self.selector = lsh_selector(self, self.selector)
             self.lsh_params = self.selector.params
         self.last_step = StepReads()  # the last decode step's global-layer bytes (``read_account``)
+        # The last prefill's seconds per chunk, summed over the layers (CPU only: CUDA would
+        # need a sync per chunk); a DocCache keeps them to price recomputing a prefix.
+        self.prefill_chunk_s: list[float] = []
         # Documents' sequences (``add_document``): their pages may move off DEVICE to make
         # room for a question or another document's ingest.
         self._documents: list[KVSequence] = []
@@ -210,7 +213,8 @@ class Engine(EngineAdmission):
 
     @torch.inference_mode()
     def prefill(self, seq: KVSequence, ids: Sequence[int] | torch.Tensor, *, num_logits: int = 1,
-                on_layer: LayerCallback | None = None, document: bool = False) -> torch.Tensor:
+                on_layer: LayerCallback | None = None, document: bool = False,
+                placement: Placement | None = None) -> torch.Tensor:
         """Run a prompt through the model layer by layer, appending its K/V to ``seq``'s pages.
 
         Args:
@@ -219,6 +223,8 @@ class Engine(EngineAdmission):
             on_layer: called after each layer with (layers done, num layers).
             document: the prompt is a document that questions will fork: its placement keeps
                 the DEVICE room of a question free (``placement_for``).
+            placement: where the new pages go (a DocCache restore that recomputes a prefix
+                places it as the whole document's restore would); None = ``placement_for``.
 
         Returns:
             [num_logits, vocab] float32 logits.
@@ -231,7 +237,8 @@ class Engine(EngineAdmission):
         positions = torch.arange(start, start + t, device=self.device)
         h = self.runner.embed(ids_t)
         num_layers = self.model_config.num_layers
-        placement = self.placement_for(seq, t, document=document)
+        if placement is None:
+            placement = self.placement_for(seq, t, document=document)
         reader = self.kv.reader
         if t <= self.prefill_chunk and self.config.overlap:
             # One pass over the stored pages per layer (a question over a DocCache): read
@@ -239,6 +246,7 @@ class Engine(EngineAdmission):
             reader.plan([reader.layer_reads(seq, layer) for layer in range(num_layers)])
         if self.kv.fetcher is not None:
             self.kv.fetcher.begin_layer()  # pieces a previous pass fetched and nobody took
+        self.prefill_chunk_s = [0.0] * cdiv(t, self.prefill_chunk) if self.device.type == "cpu" else []
         for layer in range(num_layers):
             self._prefill_layer(seq, layer, h, positions, start, placement)
             if on_layer is not None:
@@ -364,8 +372,10 @@ class Engine(EngineAdmission):
         cfg, t, chunk = self.model_config, h.shape[0], self.prefill_chunk
         kbuf = torch.empty(cfg.num_kv_heads, t, cfg.head_dim, dtype=self.kv_dtype, device=self.device)
         vbuf = torch.empty_like(kbuf)
+        times = self.prefill_chunk_s
         for c0 in range(0, t, chunk):
             c1 = min(t, c0 + chunk)
+            t0 = time.perf_counter()
             q, k, v = self.runner.qkv(layer, h[c0:c1], pos[c0:c1])
             kbuf[:, c0:c1] = k.transpose(0, 1)
             vbuf[:, c0:c1] = v.transpose(0, 1)
@@ -375,6 +385,8 @@ class Engine(EngineAdmission):
             if mass is not None:
                 seq.prior[layer] = mass.result()
             h[c0:c1] = self.runner.finish_layer(layer, h[c0:c1], attn)
+            if times:
+                times[c0 // chunk] += time.perf_counter() - t0
         self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
 
     def _page_mass(self, layer: int, q: torch.Tensor, pos: torch.Tensor, end: int) -> PageMass | None:

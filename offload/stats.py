@@ -39,6 +39,9 @@ class RunStats:
             saved, ``doc_cache_reason`` says why); "" when off. doc_cache_verify_s / doc_cache_bytes_read:
             checksum time and bytes read on a hit; doc_cache_evicted: DocCaches removed to fit
             the cache limit.
+        restore_recompute_tokens / restore_predicted_s / restore_plan: on a DocCache hit, the
+            document's tokens recomputed while the rest loaded (Cake; 0: every page loaded), the
+            restore's predicted seconds (None when not priced) and the line that explains the split.
         plan: the planner's last executed plan (method, predicted decode step, bottleneck, KV
             bytes per tier of the pages it placed, delegated share), or None while every page
             fits DEVICE.
@@ -117,6 +120,9 @@ class RunStats:
     doc_cache_verify_s: float = 0.0
     doc_cache_bytes_read: int = 0
     doc_cache_evicted: list[str] = dataclasses.field(default_factory=list)
+    restore_recompute_tokens: int = 0
+    restore_predicted_s: float | None = None
+    restore_plan: str = ""
 
     @property
     def prefill_tok_s(self) -> float:

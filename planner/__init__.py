@@ -8,6 +8,7 @@ config onto a ``PlanProblem`` and a ``Plan`` back onto its placement).
     p = plan(problem, profile)                            # planner.lp.plan; raises PlanInfeasibleError
     print(p.explain())
     baseline = greedy_plan(problem, profile)              # the engine's fill-order rule, same model
+    why = recompute_choice(problem, profile, p, RecomputeMode.AUTO)  # the recompute share and why
 """
 from planner.cost import CostModel, LayerSplit, Leg, OverlapModel, StepBreakdown
 from planner.greedy import greedy_plan
@@ -15,9 +16,10 @@ from planner.lp import plan
 from planner.plan import Plan
 from planner.problem import PlanInfeasibleError, PlanProblem, Tier, capacity, check_feasible
 from planner.profile import PRESET_NAMES, PROFILE_FORMAT_VERSION, HardwareProfile
+from planner.recompute import RecomputeChoice, RecomputeMode, recompute_choice
 
 __all__ = [
     "CostModel", "HardwareProfile", "LayerSplit", "Leg", "OverlapModel", "PRESET_NAMES", "PROFILE_FORMAT_VERSION",
-    "Plan", "PlanInfeasibleError", "PlanProblem", "StepBreakdown", "Tier", "capacity", "check_feasible",
-    "greedy_plan", "plan",
+    "Plan", "PlanInfeasibleError", "PlanProblem", "RecomputeChoice", "RecomputeMode", "StepBreakdown", "Tier",
+    "capacity", "check_feasible", "greedy_plan", "plan", "recompute_choice",
 ]

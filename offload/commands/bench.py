@@ -137,6 +137,18 @@ def _decode_beside_reads(dev: Engine, kept: Any, disk: Engine, disk_seq: Any, de
     return Beside(steps, sum(b for b, _ in passes) / sum(t for _, t in passes) / 1e9)
 
 
+def _host_extra(cfg: Any, dtype: torch.dtype) -> int:
+    """HOST bytes beside the HOST-spill row's pages: the DISK staging area the HOST budget also
+    holds (``offload.tiers``), with 16 MiB to spare, at least 64 MiB (an MHA shape's 512 KiB
+    pages, Llama-2-7B's, need a 136 MiB staging area)."""
+    from offload.tuning.planning import staging_bytes
+
+    c = RuntimeConfig()
+    page_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * c.page_size
+    staging = staging_bytes(page_bytes, staging_chunk_pages=c.staging_chunk_pages, staging_buffers=c.staging_buffers)
+    return max(64 * 2**20, staging + 16 * 2**20)
+
+
 def _overlap_placement(engine: Engine, n_tokens: int, step_s: float, read_gbps: float) -> Placement:
     """DEVICE/DISK split whose disk reads per step take about ``step_s`` (the compute time)."""
     ps, layers = engine.config.page_size, engine.model_config.num_layers
@@ -310,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         dev.release(kept["all-DEVICE"][0])
         dev.close()
     run("HOST spill", "pinned, over PCIe" if cuda else "HOST = RAM here: attended in place",
-        placement=Placement.all_on(Tier.HOST), host_memory_bytes=2 * len(ids) * kv_per_token + 64 * 2**20).close()
+        placement=Placement.all_on(Tier.HOST), host_memory_bytes=2 * len(ids) * kv_per_token + _host_extra(cfg, dtype)
+        ).close()
     disk = run("DISK spill", "all full pages on DISK, read ahead", placement=Placement.all_on(Tier.DISK))
     # Cold read bandwidth, same pattern as a decode step, in this run.
     seq = disk.new_sequence()

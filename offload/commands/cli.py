@@ -20,7 +20,8 @@ from typing import Any
 
 from offload.commands.args import (OneLineParser, check_generation_flags, flag_error, read_text, size_flag,
                                    sparse_fields)
-from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, parse_dtype
+from offload.config import (KV_FORMATS, RECOMPUTE_MODES, SPARSE_MODES, RuntimeConfig, check_restore_recompute,
+                            parse_dtype)
 from offload.commands.signals import TERMINATED_STATUS, Terminated, sigterm_raises
 from offload.errors import InputError, OffloadError, StorageIOError
 from offload.sampling import SamplingConfig
@@ -68,6 +69,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how pages out of the recent window are stored: exact (the default) or 4bit (4-bit codes "
                         "with per-group scales, about a sixth of fp32's bytes wherever they live; the sink page, "
                         "the last 2 full pages and the tail stay exact on DEVICE)")
+    g.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
+                   help="K/V recomputed at decode instead of read: none (the default) or auto (the planner's "
+                        "choice among what the engine executes); kvpr and lowrank are not executed yet "
+                        "(offload plan --recompute prices kvpr)")
     g.add_argument("--allow-long-context", action="store_true",
                    help="allow prompts longer than the model's context window")
     o = p.add_argument_group("generation and output")
@@ -87,6 +92,10 @@ def _add_doc_cache_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-rebuild", action="store_true",
                    help="fail with an error instead of rebuilding a DocCache that fails verification")
     g.add_argument("--no-doc-cache", action="store_true", help="neither reuse nor save the document's KV")
+    g.add_argument("--restore-recompute", type=float, default=None, metavar="FRACTION",
+                   help="on a DocCache hit, recompute this share of the document from its tokens while the rest "
+                        "loads (Cake), in [0, 1): 0 loads every page; default: the planner's split (load only "
+                        "where recompute does not pay, as on a CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {"device_memory_bytes": "--device-memory", "host_memory_bytes": "--host-memory",
           "disk_space_bytes": "--disk-space", "page_size": "--page-size", "prefill_chunk_tokens": "--prefill-chunk",
           "disk_backend": "--disk-backend", "kv_dtype": "--kv-dtype", "dtype": "--dtype", "device": "--device",
-          "sparse_budget": "--sparse-budget", "sparse": "--sparse", "kv_format": "--kv-format"}
+          "sparse_budget": "--sparse-budget", "sparse": "--sparse", "kv_format": "--kv-format",
+          "recompute": "--recompute", "restore_recompute": "--restore-recompute"}
 
 
 def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
@@ -138,6 +148,8 @@ def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
             seed=args.seed,
             disk_backend=args.disk_backend,
             kv_format=args.kv_format,
+            recompute=args.recompute,
+            restore_recompute=getattr(args, "restore_recompute", None),
             **sparse_fields(args),
         )
     except InputError as e:
@@ -156,6 +168,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--question is empty; ask something about the document")
     if args.command in ("ask", "ingest"):
         size_flag("--cache-limit", args.cache_limit, minimum=1)
+        check_restore_recompute(args.restore_recompute, "--restore-recompute")
+    if args.recompute in ("kvpr", "lowrank"):
+        raise InputError(f"--recompute {args.recompute} is not executed by the engine yet; use none or auto "
+                         "(offload plan --recompute kvpr shows what KVPR would save)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -184,7 +200,8 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(doc.doc_id)
             print(f"[{doc.num_tokens} tokens; DocCache {s.doc_cache or 'off'}; {s.ttft_s:.2f} s"
-                  + (f"; evicted {len(s.doc_cache_evicted)}" if s.doc_cache_evicted else "") + "]", file=sys.stderr)
+                  + (f"; evicted {len(s.doc_cache_evicted)}" if s.doc_cache_evicted else "")
+                  + (f"; restore: {s.restore_plan}" if s.restore_plan else "") + "]", file=sys.stderr)
         return 0
     try:  # an error or an interrupt before the stream still removes this run's DISK files
         if args.command == "ask":

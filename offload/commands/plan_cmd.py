@@ -4,7 +4,8 @@
     offload plan ... --preset rtx4090-pcie4 --json          # a GPU plan made on any machine
     offload plan ... --sparse quest --sparse-budget 0.1      # a decode step reads 10% of the K/V bytes
     offload plan ... --kv-format 4bit                       # pages stored in 4 bits
-    offload plan ... --what-if                              # also explore recompute
+    offload plan ... --recompute auto                       # let the LP recompute K/V (KVPR), and say why
+    offload plan ... --what-if                              # also explore recompute (--recompute auto)
 
 Budgets here are a tier's memory for the whole run (weights, working buffers and staging
 included, 0.8 of each usable): see ``offload.tuning.planning``. Without ``--profile`` or ``--preset``
@@ -26,9 +27,11 @@ import torch
 from offload.commands.args import OneLineParser, flag_error, size_flag, sparse_fields
 from offload.config import (KV_FORMATS, SPARSE_MODES, RuntimeConfig, check_sparse_budget, default_prefill_chunk,
                             parse_dtype)
+from planner.recompute import RecomputeMode
+from planner.restore import PRESET_PREFILL_EFFICIENCY
 
 if TYPE_CHECKING:
-    from planner import HardwareProfile, PlanProblem
+    from planner import HardwareProfile, PlanInfeasibleError, PlanProblem
 
 __all__ = ["main", "build_parser"]
 
@@ -58,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "h100-sxm)")
     p.add_argument("--layer-groups", type=int, default=1, help="layer groups the LP may split differently")
     p.add_argument("--what-if", action="store_true",
-                   help="also explore what the engine cannot execute yet: recompute")
+                   help="also explore what the engine cannot execute yet: recompute (--recompute auto unless given)")
+    p.add_argument("--recompute", choices=[m.value for m in RecomputeMode], default=None,
+                   help="what the planner may recompute: none (the default without --what-if), kvpr (keep a share of "
+                        "HOST pages as the layer's input activations and recompute their K/V on the device: fewer "
+                        "bytes only where hidden_size < 2 x kv_heads x head_dim, as in MHA models), auto (the best "
+                        "priced form: kvpr), lowrank (low-rank keys: accepted, not priced yet); the plan says what "
+                        "it chose and why. The engine does not execute KVPR yet (it does execute the DocCache "
+                        "restore split the plan also prints)")
     p.add_argument("--sparse", choices=SPARSE_MODES, default=None,
                    help="the decode mode to plan for (quest reads F of the K/V bytes a step would read)")
     p.add_argument("--sparse-budget", "--sparse-fraction", dest="sparse_budget", type=float, default=None,
@@ -188,10 +198,57 @@ def _lsh_note(cfg, args: argparse.Namespace, budget: float, kv_dtype: torch.dtyp
             f"per global layer and KV head (fewer as bucket ids are paid), DISK pages read whole")
 
 
+def _recompute_mode(args: argparse.Namespace) -> RecomputeMode:
+    """``--recompute``, or auto with ``--what-if`` and none without."""
+    if args.recompute is not None:
+        return RecomputeMode(args.recompute)
+    return RecomputeMode.AUTO if args.what_if else RecomputeMode.NONE
+
+
+def _problem(args: argparse.Namespace, cfg, profile: HardwareProfile, *, dtype: torch.dtype, kv_dtype: torch.dtype,
+             budget: float, mode: RecomputeMode) -> PlanProblem:
+    """The flags' whole-run planning problem (``offload.tuning.planning.model_problem``)."""
+    from offload.tuning.planning import model_problem
+
+    return model_problem(
+        cfg, context_tokens=args.context, dtype_bytes=dtype.itemsize, kv_dtype_bytes=kv_dtype.itemsize,
+        device_budget_bytes=size_flag("--device-memory", args.device_memory, minimum=1),
+        host_budget_bytes=size_flag("--host-memory", args.host_memory),
+        disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size,
+        batch_size=args.batch_size, allow_recompute=mode.allows_kvpr, sparse_budget=budget,
+        sparse_fetch=_fetch(args, budget), num_layer_groups=args.layer_groups,
+        packed_page_bytes=_packed_page_bytes(cfg, args),
+        prefill_chunk_tokens=default_prefill_chunk(torch.device("cpu" if profile.device_is_host else "cuda")))
+
+
+def _restore_split(args: argparse.Namespace, cfg, profile: HardwareProfile, result, kv_dtype: torch.dtype):
+    """The compute-or-load split of a DocCache hit of ``--context`` tokens, its pages placed as
+    the plan places them (``offload.kv.cake.preset_split``)."""
+    from offload.kv.cake import preset_split
+    from offload.kv.doc_restore import RESTORE_PIECE_BYTES
+
+    disk = sum(result.disk_pages) / max(1, result.num_layers * result.pages_per_layer)
+    chunk = default_prefill_chunk(torch.device("cpu" if profile.device_is_host else "cuda"))
+    return preset_split(cfg, profile, tokens=args.context, page_size=args.page_size, chunk=chunk,
+                        kv_dtype_bytes=kv_dtype.itemsize, disk_share=disk, read_bytes=RESTORE_PIECE_BYTES)[1]
+
+
+def _refuse(args: argparse.Namespace, e: PlanInfeasibleError, problem: PlanProblem, dtype: torch.dtype) -> int:
+    """Print why no placement fits (JSON too with ``--json``); the exit status 2."""
+    message = str(e)
+    if args.dtype is None and dtype.itemsize == 4 and any(v.startswith("device: weights") for v in e.violations):
+        # The CPU default dtype is fp32 (fastest there); a user planning a big model often means bf16.
+        message += (f" (the weights are fp32, the default with a CPU-only profile; --dtype bf16 halves them to "
+                    f"{problem.weight_bytes / 2 / 2**30:.1f} GiB)")
+    if args.json:
+        print(json.dumps({"error": message, "violations": list(e.violations)}))
+    print(f"offload: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _run(args: argparse.Namespace) -> int:
     from offload.errors import ContextTooLongError
-    from offload.tuning.planning import model_problem
-    from planner import PlanInfeasibleError, greedy_plan, plan
+    from planner import PlanInfeasibleError, greedy_plan, plan, recompute_choice
 
     _check(args)
     cfg = _model_config(args.model, args.cache_dir)
@@ -207,33 +264,21 @@ def _run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype or ("fp32" if profile.device_is_host else "bf16"))
     kv_dtype = parse_dtype(args.kv_dtype) if args.kv_dtype else dtype
     budget = _budget(args)
-    problem = model_problem(
-        cfg, context_tokens=args.context, dtype_bytes=dtype.itemsize, kv_dtype_bytes=kv_dtype.itemsize,
-        device_budget_bytes=size_flag("--device-memory", args.device_memory, minimum=1),
-        host_budget_bytes=size_flag("--host-memory", args.host_memory),
-        disk_budget_bytes=size_flag("--disk-space", args.disk_space), page_size=args.page_size, batch_size=args.batch_size,
-        what_if=args.what_if, sparse_budget=budget, sparse_fetch=_fetch(args, budget),
-        num_layer_groups=args.layer_groups,
-        packed_page_bytes=_packed_page_bytes(cfg, args),
-        prefill_chunk_tokens=default_prefill_chunk(torch.device("cpu" if profile.device_is_host else "cuda")))
+    mode = _recompute_mode(args)
+    problem = _problem(args, cfg, profile, dtype=dtype, kv_dtype=kv_dtype, budget=budget, mode=mode)
     try:
         result = plan(problem, profile)
         baseline = greedy_plan(problem, profile) if args.greedy else None
+        why = recompute_choice(problem, profile, result, mode)
     except PlanInfeasibleError as e:
-        message = str(e)
-        if args.dtype is None and dtype.itemsize == 4 and any(v.startswith("device: weights") for v in e.violations):
-            # The CPU default dtype is fp32 (fastest there); a user planning a big model often means bf16.
-            message += (f" (the weights are fp32, the default with a CPU-only profile; --dtype bf16 halves them to "
-                        f"{problem.weight_bytes / 2 / 2**30:.1f} GiB)")
-        if args.json:
-            print(json.dumps({"error": message, "violations": list(e.violations)}))
-        print(f"offload: error: {message}", file=sys.stderr)
-        return 2
+        return _refuse(args, e, problem, dtype)
     head = (f"{args.model}: {args.context} tokens x batch {args.batch_size}, {str(dtype).removeprefix('torch.')} "
             f"weights, {str(kv_dtype).removeprefix('torch.')} KV"
             f"{_packed_note(problem, profile) if args.kv_format == '4bit' else ''}; profile {profile.name}")
+    restore = _restore_split(args, cfg, profile, result, kv_dtype)
     if args.json:
-        out = {"model": args.model, "context": args.context, "profile": profile.name, "plan": result.to_dict()}
+        out = {"model": args.model, "context": args.context, "profile": profile.name, "plan": result.to_dict(),
+               "recompute": why.to_dict(), "restore": restore.to_dict()}
         if baseline is not None:
             out["greedy"] = baseline.to_dict()
         print(json.dumps(out))
@@ -242,6 +287,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.sparse == "lsh":
         print(_lsh_note(cfg, args, budget, kv_dtype))
     print(result.explain())
+    print(why.line())
+    print(f"DocCache restore (Cake, {args.context} tokens): {restore.explain()}; recompute priced at "
+          f"{PRESET_PREFILL_EFFICIENCY:.0%} of {profile.name}'s matmul rate (a hit on this machine prices it from "
+          "the document's own ingest)")
     if baseline is not None:
         ratio = baseline.decode_step_s / result.decode_step_s
         print(f"\n{baseline.explain()}\nGreedy step / LP step: {ratio:.2f}x")

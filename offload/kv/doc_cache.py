@@ -25,7 +25,6 @@ ingest.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -42,8 +41,9 @@ import torch
 
 from offload.config import format_size
 from offload.errors import OffloadError
+from offload.kv.doc_restore import RestoreReport, restore_document
 from offload.kv.read_sets import PieceKind
-from storage import AlignedBuffer, Tier, make_io
+from storage import Tier, make_io
 from storage.doc_store import DocCacheCorrupt, DocCacheNoSpace, DocReader, DocStore
 from offload.kv.page_table import cdiv
 
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 __all__ = ["DocCache", "DocCacheError", "LAYOUT_VERSION", "default_cache_limit"]
 
 logger = logging.getLogger(__name__)
-RESTORE_PIECE_BYTES = 32 * 2**20  # a DocCache is restored in pieces of at most this many bytes
 
 LAYOUT_VERSION = 1
 # Default --cache-limit: this share of the file system's free space (plus what the store holds).
@@ -124,7 +123,8 @@ def fingerprint(engine: "Engine", source: "ModelSource", memo_path: Path) -> str
 @dataclasses.dataclass(slots=True)
 class LoadResult:
     """What ``DocCache.ingest`` did: status ("hit", "miss", "rebuilt", "not saved"), timings,
-    bytes, and for "not saved" the reason."""
+    bytes, and for "not saved" the reason. On a hit, ``restore`` says how it was restored:
+    the split (recomputed prefix tokens, predicted seconds) and why (``offload.kv.cake``)."""
 
     status: str
     doc_id: str
@@ -133,6 +133,7 @@ class LoadResult:
     bytes: int = 0
     evicted: list[str] = dataclasses.field(default_factory=list)
     reason: str = ""
+    restore: RestoreReport | None = None
 
 
 class DocCache:
@@ -211,8 +212,10 @@ class DocCache:
                 status = "rebuilt" if again is not None else "miss"
             t0 = time.perf_counter()
             seq = prefill(ids)
+            timing = {"prefill_s": round(time.perf_counter() - t0, 6),
+                      "prefill_chunk_s": [round(x, 6) for x in self.engine.prefill_chunk_s]}
             try:
-                evicted = self._save(doc_id, ids, seq)
+                evicted = self._save(doc_id, ids, seq, timing)
             except DocCacheError as e:  # no space after all: the prefill is kept unless the DocCache was required
                 if required:
                     self.engine.release(seq)
@@ -289,10 +292,11 @@ class DocCache:
             with reader:
                 if reader.meta.get("token_ids_sha256") != _ids_hash(ids):
                     raise DocCacheCorrupt(f"DocCache {doc_id} holds other tokens")
-                seq = self._restore(reader)
+                seq, report = restore_document(self.engine, reader, ids, self.page_bytes)
         except DocCacheCorrupt as e:
             return None, self._failed(doc_id, e)
-        return seq, LoadResult("hit", doc_id, time.perf_counter() - t0, reader.verify_s, reader.bytes_read)
+        return seq, LoadResult("hit", doc_id, time.perf_counter() - t0, reader.verify_s, reader.bytes_read,
+                               restore=report)
 
     def _open_locked(self, doc_id: str) -> DocReader | None:
         """Open while holding the exclusive lock (a shared one would wait on ourselves)."""
@@ -314,7 +318,10 @@ class DocCache:
         return LoadResult("rebuilt", doc_id)
 
     # ----- pages <-> files ----------------------------------------------------------------
-    def _save(self, doc_id: str, ids: list[int], seq: "KVSequence") -> list[str]:
+    def _save(self, doc_id: str, ids: list[int], seq: "KVSequence", timing: dict[str, Any] | None = None) -> list[str]:
+        """Write the sequence's pages as the document's DocCache; the meta also keeps the
+        prefill's chunk, its seconds and its seconds per chunk (``timing``: what a split
+        restore must repeat and is priced from, ``offload.kv.cake``)."""
         eng, kv = self.engine, self.engine.kv
         ps = eng.config.page_size
         layers = []
@@ -340,7 +347,7 @@ class DocCache:
                     builder.write_pages(layer, self._pages_bytes(g.k, g.v))
             meta = {"fingerprint": self.fingerprint, "token_ids_sha256": _ids_hash(ids), "num_tokens": len(ids),
                     "page_size": ps, "kv_dtype": str(eng.kv_dtype), "layers": layers,
-                    "kv_format": eng.config.kv_format.value}
+                    "kv_format": eng.config.kv_format.value, "prefill_chunk": eng.prefill_chunk, **(timing or {})}
             builder.commit(meta)
         except DocCacheNoSpace as e:
             raise DocCacheError(e.strerror or str(e)) from None
@@ -385,78 +392,6 @@ class DocCache:
                 pages[-1, :, :, seq.lengths[layer] % ps:] = 0  # the tail page's unused rows
             out[rows] = pages.view(len(rows), -1).view(torch.uint8)
         return memoryview(out.numpy()).cast("B")
-
-    def _restore(self, reader: DocReader) -> "KVSequence":
-        eng = self.engine
-        ps, cfg = eng.config.page_size, eng.model_config
-        meta = reader.meta
-        if (meta.get("page_size") != ps or len(meta.get("layers", [])) != cfg.num_layers
-                or meta.get("kv_format", "exact") != eng.config.kv_format.value):
-            raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layout does not match this engine")
-        tokens = int(meta["num_tokens"])
-        layers = []
-        for layer, info in enumerate(meta["layers"]):
-            first, n_tok = int(info["first_page"]), int(info["tokens"])
-            pages = reader.num_pages(layer)
-            if n_tok != tokens or pages != cdiv(n_tok, ps) - first:
-                raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layer {layer} holds {pages} pages, "
-                                      f"its meta says tokens {n_tok} from page {first}")
-            layers.append((first, pages))
-        seq = eng.new_sequence()
-        # One layer is read (and checked) ahead on a thread while the previous one is placed:
-        # the read and the CRCs release the GIL, and DISK writes run on the store's threads.
-        ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="doccache-read")
-        try:
-            eng.check_request(seq, tokens, 1, allow_long_context=True)
-            placement = eng.placement_for(seq, tokens, document=True)  # room kept for a question, as at ingest
-            # Pieces of at most RESTORE_PIECE_BYTES (a sliding layer's ring: whole), so a long
-            # document's restore holds a few pieces of memory, not a few layers.
-            per_piece = max(1, RESTORE_PIECE_BYTES // reader.page_bytes)
-            pieces = [(layer, p0, (pages if eng.windows[layer] is not None else min(per_piece, pages - p0)))
-                      for layer, (first, pages) in enumerate(layers)
-                      for p0 in (range(0, pages, per_piece) if eng.windows[layer] is None else [0])]
-
-            def read(i: int) -> torch.Tensor:
-                # Into aligned memory: DISK pages can then be written from where they were read.
-                layer, p0, count = pieces[i]
-                buf = AlignedBuffer(count * reader.page_bytes)
-                reader.read_pages(layer, p0, count, into=buf.memoryview())
-                return buf.torch()[: count * reader.page_bytes]
-
-            pending = ahead.submit(read, 0) if pieces else None
-            keys: list[torch.Tensor] = []  # lsh mode: a global layer's restored keys so far
-            for i, (layer, p0, count) in enumerate(pieces):
-                assert pending is not None
-                data = pending.result()
-                pending = ahead.submit(read, i + 1) if i + 1 < len(pieces) else None
-                first = layers[layer][0]
-                start = (first + p0) * ps
-                arr = data.view(eng.kv_dtype).view(count, 2, cfg.num_kv_heads, ps, cfg.head_dim)
-                eng.kv.writes.restore_pages(seq, layer, start, arr, min(count * ps, tokens - start), placement,
-                                            length=tokens)
-                if seq.lsh is not None and layer in seq.lsh.layers:
-                    _hash_restored(seq, layer, arr, keys, whole=p0 + count == layers[layer][1], tokens=tokens)
-                del arr, data
-        except BaseException:
-            eng.release(seq)
-            raise
-        finally:
-            ahead.shutdown(wait=True, cancel_futures=True)
-        return seq
-
-
-def _hash_restored(seq: "KVSequence", layer: int, pages: torch.Tensor, keys: list[torch.Tensor], *, whole: bool,
-                   tokens: int) -> None:
-    """lsh mode: keep the keys of a restored piece of a global layer (``pages`` [n, 2,
-    num_kv_heads, page_size, head_dim]); once the layer is ``whole``, hash its ``tokens`` keys
-    at once, as its prefill did (the same values: the same tables)."""
-    nkv, hd = pages.shape[2], pages.shape[4]
-    keys.append(pages[:, 0].permute(0, 2, 1, 3).reshape(-1, nkv, hd).clone())
-    if whole:
-        assert seq.lsh is not None
-        seq.lsh.add(layer, 0, torch.cat(keys)[:tokens])
-        keys.clear()
-
 
 def _ids_hash(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()

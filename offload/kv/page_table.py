@@ -69,6 +69,13 @@ class PageTable:
         """Mark the layer's pages before ``page_id`` as dropped (the caller frees their slots)."""
         self._first[layer] = max(self._first[layer], page_id)
 
+    def clear(self, layer: int) -> None:
+        """Forget the layer's pages (the caller freed their slots): it is empty again."""
+        self._tiers[layer].clear()
+        self._slots[layer].clear()
+        self._packed[layer].clear()
+        self._first[layer] = 0
+
     def lookup(self, layer: int, page_id: int) -> PageLocation:
         return PageLocation(self._tiers[layer][page_id], self._slots[layer][page_id], self._packed[layer][page_id])
 

@@ -224,6 +224,16 @@ class KVWriter:
         seq.lengths[layer] = start
         self.kv.append(seq, layer, k, v, placement)
 
+    def clear_ring(self, seq: KVSequence, layer: int) -> None:
+        """Empty a sliding layer of ``seq`` (its ring's slots freed), so that ``restore`` can
+        load a stored ring into it (a DocCache restore that recomputed a prefix first)."""
+        kv = self.kv
+        if kv.windows[layer] is None:
+            raise ValueError(f"clear_ring empties a sliding layer; layer {layer} is global")
+        kv._drop_pages(seq, layer, seq.table.num_pages(layer))
+        seq.table.clear(layer)
+        seq.lengths[layer] = 0
+
     def copy_off_device(self, layer: int, old: int, target: Tier, new: int, packed: bool) -> None:
         """Copy DEVICE slot ``old`` (of the format's arena) to slot ``new`` of HOST or DISK (an
         eviction: the page table is the caller's)."""

@@ -32,6 +32,15 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072, "tie_word_embeddings": False,
         "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
     },
+    # Llama 2: multi-head attention (one KV head per query head), the shape KVPR pays for.
+    "llama-2-7b": {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "head_dim": 128, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2,
+    },
     "llama-3.2-1b": {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
         "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,

@@ -11,9 +11,10 @@ Two uses, with two meanings of the budgets (said in every help text):
   Tiers issue's meaning), so the rooms go to the planner exactly (slack 1, weights outside).
 
 Features the engine cannot execute are pinned to zero in executed plans (recompute; the
-sparse budget is 1): only ``offload plan --what-if`` explores them. CPU delegation is
-executed (the Kernels issue's in-place Numba attention), so the LP may use it wherever a CPU
-and a separate device exist.
+sparse budget is 1): only ``offload plan --recompute kvpr|auto`` (or ``--what-if``) lets the
+LP keep HOST pages as activations (``planner.recompute`` says what it chose and why). CPU
+delegation is executed (the Kernels issue's in-place Numba attention), so the LP may use it
+wherever a CPU and a separate device exist.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
                   device_budget_bytes: int | None, host_budget_bytes: int | None,
                   disk_budget_bytes: int | None, page_size: int = 32, batch_size: int = 1,
                   prefill_chunk_tokens: int = 1024, scores_bytes: int = 64 * 2**20,
-                  staging_chunk_pages: int = 64, staging_buffers: int = 4, what_if: bool = False,
+                  staging_chunk_pages: int = 64, staging_buffers: int = 4, allow_recompute: bool = False,
                   sparse_budget: float = 1.0, sparse_fetch: float = 1.0, num_layer_groups: int = 1,
                   packed_page_bytes: int | None = None) -> PlanProblem:
     """The planning problem of a whole run (``offload plan``): budgets cover weights and buffers.
@@ -108,7 +109,8 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
     Llama-family model's; Gemma 3's global ones), while every layer's weights count.
 
     Args:
-        what_if: also explore recompute; without it the plan is one the engine can execute.
+        allow_recompute: the LP may keep HOST pages as activations and recompute their K/V
+            (KVPR, ``offload plan --recompute``); without it the plan is one the engine can execute.
         sparse_budget: F, the share of the K/V bytes a decode step reads (``--sparse quest
             --sparse-budget F``; 1 = exact). The cost model scales each layer's reads by it.
         sparse_fetch: pages moved from HOST/DISK per page attended there (a pool read ahead).
@@ -137,7 +139,7 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
                                          staging_buffers=staging_buffers),
         disk_extent_bytes=staging_chunk_pages * round_up(stored, DISK_ALIGNMENT),
         staging_buffers=staging_buffers, num_layer_groups=num_layer_groups, allow_delegation=True,
-        allow_recompute=what_if,
+        allow_recompute=allow_recompute,
         sparse_budget=sparse_budget, sparse_fetch=sparse_fetch,
         metadata_bytes_per_layer=(0 if sparse_budget >= 1 else
                                   -(-context_tokens // page_size) * batch_size * page_bytes // page_size),
@@ -184,7 +186,8 @@ def plan_placement(plan: Plan, *, first_page: int, layers: tuple[int, ...] | Non
         layers / num_layers: the model layers the plan's layers are (Gemma 3's global
             layers) out of ``num_layers``; the others keep everything on DEVICE."""
     if any(plan.recomputed_pages):
-        raise ValueError("this plan recomputes pages, which the engine cannot execute yet; plan without --what-if")
+        raise ValueError("this plan recomputes pages, which the engine cannot execute yet; plan with --recompute "
+                         "none (the default) and without --what-if")
     device: tuple[int | None, ...] = tuple(first_page + d for d in plan.device_pages)
     host: tuple[int | None, ...] = tuple(plan.host_pages)
     share = tuple(dl / h if h else 0.0 for dl, h in zip(plan.delegated_pages, plan.host_pages))

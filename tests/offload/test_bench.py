@@ -28,6 +28,21 @@ def test_bench_small_run_prints_every_configuration(capsys, smollm2_source, cach
     assert len(beside["step_s"]) == 3 and all(s > 0 for s in beside["step_s"]) and beside["read_gbps"] > 0
 
 
+def test_host_spill_budget_holds_the_staging_area():
+    """The HOST-spill row's budget holds the DISK staging area beside the pages: 4 buffers of 64
+    pages plus 8 MiB of writes, 136 MiB for Llama-2-7B's 512 KiB bf16 pages (MHA: 32 KV heads),
+    which the old flat 64 MiB did not; small pages keep the 64 MiB."""
+    import torch
+
+    from offload.commands.bench import _host_extra
+    from offload.model.model_source import config_from_hf
+    from offload.model.shapes import NAMED_SHAPES
+
+    llama2 = config_from_hf(NAMED_SHAPES["llama-2-7b"]).with_num_layers(1)
+    assert _host_extra(llama2, torch.bfloat16) == (4 * 64 * 512 + 8 * 1024 + 16 * 1024) * 1024
+    assert _host_extra(config_from_hf(NAMED_SHAPES["smollm2-135m"]), torch.float32) == 64 * 2**20
+
+
 def test_bench_refuses_no_repetition(capsys):
     assert main(["bench", "--reps", "0"]) == 2
     assert "--reps must be >= 1" in capsys.readouterr().err

@@ -69,6 +69,11 @@ def test_unwritable_cache_dir(capsys, doc_file, tmp_path):
     ("--page-size", "0", "--page-size must be between 1 and 4096"),
     ("--top-p", "1.5", "--top-p must be in (0, 1]"),
     ("--kv-format", "int4", "invalid choice: 'int4'"),
+    ("--restore-recompute", "1.0", "--restore-recompute is the share of a restored document to recompute, in [0, 1)"),
+    ("--restore-recompute", "-0.1", "in [0, 1)"),
+    ("--recompute", "kvpr", "--recompute kvpr is not executed by the engine yet"),
+    ("--recompute", "lowrank", "--recompute lowrank is not executed by the engine yet"),
+    ("--recompute", "all", "invalid choice: 'all'"),
 ])
 def test_bad_option_values(capsys, doc_file, cache_dir, flag, value, words):
     assert main(["ask", "--doc", str(doc_file), "--question", "q", "--cache-dir", str(cache_dir), flag, value]) == 2

@@ -55,14 +55,14 @@ def test_hit_in_a_new_instance_answers_like_a_fresh_ingest(tmp_path, model, laye
 def test_hit_restored_in_small_pieces_answers_like_a_fresh_ingest(tmp_path, monkeypatch):
     """A DocCache restored a few pages at a time (as a long document's is, to bound memory)
     answers exactly as a fresh ingest."""
-    import offload.kv.doc_cache as doc_cache
+    import offload.kv.doc_restore as doc_restore
 
     with _qa(tmp_path, doc_cache=False) as qa:
         fresh = _answer(qa, qa.ingest(DOC))
     with _qa(tmp_path) as qa:
         assert qa.ingest(DOC).stats.doc_cache == "miss"
     with _qa(tmp_path) as qa:
-        monkeypatch.setattr(doc_cache, "RESTORE_PIECE_BYTES", 3 * qa.engine.kv.page_bytes)
+        monkeypatch.setattr(doc_restore, "RESTORE_PIECE_BYTES", 3 * qa.engine.kv.page_bytes)
         doc = qa.ingest(DOC)
         assert doc.stats.doc_cache == "hit" and _answer(qa, doc) == fresh
 

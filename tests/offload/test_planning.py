@@ -93,7 +93,7 @@ def test_plan_to_placement_counts_from_the_first_new_page():
 def test_plan_placement_refuses_what_the_engine_cannot_run():
     cfg = ModelConfig.from_hf_dict(NAMED_SHAPES["llama-3.1-8b"])
     problem = model_problem(cfg, context_tokens=32768, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=20 * GiB,
-                            host_budget_bytes=64 * GiB, disk_budget_bytes=None, what_if=True, sparse_budget=0.25)
+                            host_budget_bytes=64 * GiB, disk_budget_bytes=None, allow_recompute=True, sparse_budget=0.25)
     result = plan(problem, HardwareProfile.preset("rtx4090-pcie4"))
     recomputing = dataclasses.replace(result, recomputed_pages=(1,) * len(result.recomputed_pages))
     with pytest.raises(ValueError, match="cannot execute"):
