@@ -22,7 +22,7 @@ QUESTION = "Which number jumps?"
 
 def _qa(cache: Path, model: str = "smollm2-135m", layers: int = 2, **kw) -> LongDocQA:
     device_mib = 10 if model.startswith("gemma3") else 2
-    config = RuntimeConfig(device="cpu", device_memory_bytes=device_mib * 2**20, host_memory_bytes=12 * 2**20,
+    config = RuntimeConfig(device=kw.pop("device", "cpu"), device_memory_bytes=device_mib * 2**20, host_memory_bytes=12 * 2**20,
                            staging_chunk_pages=8, kv_dir=str(cache / "kv"), profile=PROFILE,
                            prefill_chunk_tokens=kw.pop("chunk", 128), **kw)
     return LongDocQA(model, config=config, cache_dir=cache, random_weights=True, num_layers=layers)
@@ -34,12 +34,12 @@ def _kv(qa: LongDocQA, doc) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for layer in range(qa.engine.model_config.num_layers):
         groups = list(qa.engine.kv.reader.layer_groups(doc._seq, layer, 1 << 30))
-        out.append((torch.cat([g.k for g in groups], 1).clone(), torch.cat([g.v for g in groups], 1).clone()))
+        out.append((torch.cat([g.k for g in groups], 1).cpu(), torch.cat([g.v for g in groups], 1).cpu()))
     return out
 
 
-def _restored(cache: Path, share: float | None, model: str = "smollm2-135m", layers: int = 2):
-    with _qa(cache, model, layers, restore_recompute=share) as qa:
+def _restored(cache: Path, share: float | None, model: str = "smollm2-135m", layers: int = 2, **kw):
+    with _qa(cache, model, layers, restore_recompute=share, **kw) as qa:
         doc = qa.ingest(DOC)
         assert doc.stats.doc_cache == "hit"
         return doc.restore, doc.stats, _kv(qa, doc), qa.ask(doc, QUESTION, max_new_tokens=8).token_ids
@@ -63,6 +63,19 @@ def test_a_forced_split_restores_the_same_kv_and_answers(tmp_path, model, layers
     assert stats.restore_recompute_tokens == split.recompute_tokens and "forced" in stats.restore_plan
     assert split.predicted_s > 0 and "this document's ingest" in split.plan
     for (k0, v0), (k1, v1) in zip(kv_loaded, kv_split, strict=True):  # (a sliding layer: its ring)
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    assert tokens_split == tokens_loaded == fresh
+
+
+@pytest.mark.gpu
+def test_a_forced_split_on_cuda_restores_the_same_kv_and_answers(tmp_path):
+    """On CUDA (no chunk timings: the FLOP model prices it), pages spilled to HOST and DISK."""
+    with _qa(tmp_path, device="cuda") as qa:
+        fresh = qa.ask(qa.ingest(DOC), QUESTION, max_new_tokens=8).token_ids
+    loaded, _, kv_loaded, tokens_loaded = _restored(tmp_path, 0.0, device="cuda")
+    split, _, kv_split, tokens_split = _restored(tmp_path, 0.3, device="cuda")
+    assert split.recompute_tokens > 0 and "matmul rate" in split.plan
+    for (k0, v0), (k1, v1) in zip(kv_loaded, kv_split, strict=True):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     assert tokens_split == tokens_loaded == fresh
 
