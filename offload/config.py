@@ -88,8 +88,8 @@ class Recompute(enum.Enum):
 
     NONE = "none"  # every K/V byte is read from its tier
     LOWRANK = "lowrank"  # keys rebuilt from rank-r factors (ShadowKV): not executed yet
-    KVPR = "kvpr"  # K/V recomputed from shipped activations (KVPR): priced by `offload plan` only
-    AUTO = "auto"  # the planner's choice among what the engine executes (today: none)
+    KVPR = "kvpr"  # K/V recomputed from HOST pages holding the layer's input activations (KVPR)
+    AUTO = "auto"  # the planner's choice among what the engine executes (kvpr where the model allows it)
 
 
 RECOMPUTE_MODES = tuple(m.value for m in Recompute)
@@ -274,10 +274,13 @@ class RuntimeConfig:
             gives the same tables and the same answers.
         lsh_bits, lsh_tables: K SimHash bits per table and L tables (None: the defaults of
             ``offload.attention.lsh``).
-        recompute: K/V recomputed at decode instead of read: "none", or "auto" (the planner's
-            choice among the methods the engine executes: today none of them). "kvpr" (K/V
-            from shipped activations; ``offload plan --recompute kvpr`` prices it) and
-            "lowrank" (ShadowKV's low-rank keys) are refused: not executed yet.
+        recompute: K/V recomputed instead of read: "none"; "kvpr" (a share of the HOST pages
+            keeps the layer's input activations and their K/V are recomputed when read:
+            ``offload.kv.kvpr``; the share is the planner's, or a given ``placement``'s
+            ``recomputed_share``; Llama-family models whose activations fit a K/V page, exact
+            pages, not with lsh); "auto" (kvpr where the model allows it, else none: the planner
+            chooses the share, 0 where it does not pay). "lowrank" (ShadowKV's low-rank keys) is
+            refused: not executed yet.
         restore_recompute: a DocCache hit recomputes this share of the document from its token
             ids while the rest loads (Cake; ``offload.kv.cake``), on prefill-chunk boundaries;
             None = the planner's split from the profile (loading only when recompute does not
@@ -335,9 +338,9 @@ class RuntimeConfig:
         object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
         self._check_lsh()
         object.__setattr__(self, "recompute", _member(Recompute, "recompute", self.recompute))
-        if self.recompute in (Recompute.KVPR, Recompute.LOWRANK):
-            raise InputError(f"recompute='{self.recompute.value}' is not executed by the engine yet; use 'none' or "
-                             "'auto' (offload plan --recompute kvpr shows what KVPR would save)")
+        if self.recompute == Recompute.LOWRANK:
+            raise InputError("recompute='lowrank' (ShadowKV's low-rank keys) is not executed by the engine yet; use "
+                             "'none', 'kvpr' or 'auto'")
         object.__setattr__(self, "restore_recompute", check_restore_recompute(self.restore_recompute))
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")

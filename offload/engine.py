@@ -59,6 +59,7 @@ from offload.model.gemma3 import Gemma3Config, Gemma3Runner, gemma3_random_weigh
 from offload.model.llama import LlamaRunner
 from offload.model.model_source import AnyModelConfig, ModelSource
 from offload.kv.counters import IOSnapshot, kind_strings, tier_strings
+from offload.kv.kvpr import activation_pages
 from offload.kv.lsh_index import LshIndex, LshParams
 from offload.kv.paged_kv import KVSequence, PagedKV, ring_pages
 from offload.kv.readahead import Chunk
@@ -139,8 +140,8 @@ class Engine(EngineAdmission):
                           staging_buffers=self.config.staging_buffers, compute_device=self.device,
                           shuffle_seed=self.config.shuffle_pages_seed, max_write_bytes=tiers.write_staging,
                           windows=self.windows, packed=packed)
-        # HOST or DISK exists: pages can leave DEVICE.
-        self.spills = self.disk is not None or self.kv.free_slots(Tier.HOST, packed is not None) > 0
+        self.kv.acts = activation_pages(self)  # KVPR (recompute="kvpr" or "auto"), else None
+        self.spills = self.disk is not None or self.kv.free_slots(Tier.HOST, packed is not None) > 0  # pages can move
         if self.config.overlap and self.spills:
             # CUDA: the next layer's HOST/DISK pages cross PCIe on a side stream, at most as
             # many pages as the DISK staging area holds (transient DEVICE working memory).
@@ -166,8 +167,7 @@ class Engine(EngineAdmission):
             self.selector = lsh_selector(self, self.selector)
             self.lsh_params = self.selector.params
         self.last_step = StepReads()  # the last decode step's global-layer bytes (``read_account``)
-        # The last prefill's seconds per chunk, summed over the layers (CPU only: CUDA would
-        # need a sync per chunk); a DocCache keeps them to price recomputing a prefix.
+        # The last prefill's seconds per chunk over the layers (CPU only: CUDA would need syncs).
         self.prefill_chunk_s: list[float] = []
         # Documents' sequences (``add_document``): their pages may move off DEVICE to make
         # room for a question or another document's ingest.
@@ -223,8 +223,7 @@ class Engine(EngineAdmission):
             on_layer: called after each layer with (layers done, num layers).
             document: the prompt is a document that questions will fork: its placement keeps
                 the DEVICE room of a question free (``placement_for``).
-            placement: where the new pages go (a DocCache restore that recomputes a prefix
-                places it as the whole document's restore would); None = ``placement_for``.
+            placement: where the new pages go (None = ``placement_for``; a split restore's prefix).
 
         Returns:
             [num_logits, vocab] float32 logits.
@@ -372,10 +371,14 @@ class Engine(EngineAdmission):
         cfg, t, chunk = self.model_config, h.shape[0], self.prefill_chunk
         kbuf = torch.empty(cfg.num_kv_heads, t, cfg.head_dim, dtype=self.kv_dtype, device=self.device)
         vbuf = torch.empty_like(kbuf)
+        xbuf = (torch.empty(t, cfg.hidden_size, dtype=self.kv_dtype, device=self.device)  # KVPR: the normed input
+                if self.kv.acts is not None and placement.recomputes(layer) else None)
         times = self.prefill_chunk_s
         for c0 in range(0, t, chunk):
             c1 = min(t, c0 + chunk)
             t0 = time.perf_counter()
+            if xbuf is not None:
+                xbuf[c0:c1] = self.runner.attn_input(layer, h[c0:c1])
             q, k, v = self.runner.qkv(layer, h[c0:c1], pos[c0:c1])
             kbuf[:, c0:c1] = k.transpose(0, 1)
             vbuf[:, c0:c1] = v.transpose(0, 1)
@@ -388,6 +391,9 @@ class Engine(EngineAdmission):
             if times:
                 times[c0 // chunk] += time.perf_counter() - t0
         self.kv.append(seq, layer, kbuf.transpose(0, 1), vbuf.transpose(0, 1), placement)
+        if xbuf is not None:
+            assert self.kv.acts is not None
+            self.kv.acts.store(seq, layer, start, xbuf, placement)
 
     def _page_mass(self, layer: int, q: torch.Tensor, pos: torch.Tensor, end: int) -> PageMass | None:
         """The prompt prior's collector for a global layer's last prefill chunk, when the

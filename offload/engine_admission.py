@@ -123,7 +123,8 @@ class EngineAdmission:
             disk_room_pages=min(self.kv.free_slots(Tier.DISK), 1 << 40),
             staging_chunk_pages=c.staging_chunk_pages, staging_buffers=c.staging_buffers,
             allow_delegation=self.device.type == "cuda" and c.host_attention == HostAttention.CPU,
-            packed_page_bytes=self.packed_layout.page_bytes if self.packed_layout is not None else None)
+            packed_page_bytes=self.packed_layout.page_bytes if self.packed_layout is not None else None,
+            allow_recompute=self.kv.acts is not None)
         try:
             self.last_plan = (greedy_plan(problem, self.hardware_profile()) if c.planner == Planner.GREEDY
                               else plan(problem, self.hardware_profile(), min_gain=c.plan_min_gain))

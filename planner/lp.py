@@ -139,7 +139,7 @@ def _build(problem: PlanProblem, model: CostModel, cap: Capacity) -> _Program:
 
 def _add_capacity_rows(problem: PlanProblem, lp: _Program, groups: list[range]) -> None:
     """Stored bytes per tier <= room, in units of the KV size."""
-    act_ratio = problem.activation_page_bytes / problem.page_bytes
+    act_ratio = problem.activation_stored_bytes / problem.page_bytes
     for tier, col in ((Tier.DEVICE, 0), (Tier.HOST, 1), (Tier.DISK, 2)):
         row = np.zeros(len(lp.c))
         for g, layers in enumerate(groups):
@@ -282,7 +282,7 @@ def _first_fit(problem: PlanProblem, room: dict[Tier, float], cands: list[LayerP
     room (room / layers left) go first, so an early group cannot starve the later ones."""
     share = {t: r / (n + layers_after) for t, r in room.items()}
     even = [p for p in cands if all(b <= share[t] + 1e-6 for t, b in _stored(problem, p).items())]
-    host_ratio = min(1.0, problem.activation_page_bytes / problem.page_bytes) if problem.allow_recompute else 1.0
+    host_ratio = min(1.0, problem.activation_stored_bytes / problem.page_bytes) if problem.allow_recompute else 1.0
     for p in even + cands:
         stored = _stored(problem, p)
         left = {t: room[t] - n * stored[t] for t in Tier}

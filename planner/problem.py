@@ -66,6 +66,8 @@ class PlanProblem:
         allow_delegation: HOST pages may be attended on the CPU (FlexGen's CPU delegation).
         allow_recompute: HOST may keep activations instead of K/V for some pages; K/V are
             recomputed on the device from the shipped activations.
+        activations_in_kv_slots: an activation page takes a whole K/V page of HOST memory (the
+            engine's layout, ``offload.kv.kvpr``): only the bytes moved shrink, not the HOST held.
         sparse_budget: share of the pages a step reads (1.0 = exact attention).
         sparse_fetch: pages brought from HOST or DISK per page a sparse step attends there
             (> 1 when a selector reads a candidate pool ahead and attends part of it: Quest's
@@ -100,6 +102,7 @@ class PlanProblem:
     num_layer_groups: int = 1
     allow_delegation: bool = True
     allow_recompute: bool = False
+    activations_in_kv_slots: bool = False
     sparse_budget: float = 1.0
     staging_buffers: int = 0
     sparse_fetch: float = 1.0
@@ -165,6 +168,11 @@ class PlanProblem:
         return self.page_size * self.hidden_size * self.kv_dtype_bytes
 
     @property
+    def activation_stored_bytes(self) -> int:
+        """HOST bytes one recomputed page holds (``activations_in_kv_slots``: a K/V page's)."""
+        return self.page_bytes if self.activations_in_kv_slots else self.activation_page_bytes
+
+    @property
     def kv_layer_bytes(self) -> int:
         return self.pages_per_layer * self.page_bytes
 
@@ -217,7 +225,7 @@ def _or(value: int | None, default: int) -> int:
 
 def host_bytes_per_kv_byte(problem: PlanProblem) -> float:
     """Least HOST bytes needed per byte of K/V (activations when recompute stores less)."""
-    ratio = problem.activation_page_bytes / problem.page_bytes
+    ratio = problem.activation_stored_bytes / problem.page_bytes
     return min(1.0, ratio) if problem.allow_recompute else 1.0
 
 

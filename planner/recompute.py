@@ -22,7 +22,8 @@ bytes there; 4-bit pages are compared as stored. The LP prices it when
     every HOST page on CPU   share 0: delegated pages never cross the link
     otherwise                share 0: rebuilding K/V costs more than the link time it saves
 
-The engine executes no recompute: a plan that recomputes is ``offload plan``'s answer only.
+The engine executes KVPR with ``RuntimeConfig(recompute="kvpr" | "auto")`` (``offload.kv.kvpr``:
+Llama-family models, each activation page held in a HOST K/V slot).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ __all__ = ["RecomputeMode", "RecomputeChoice", "recompute_choice", "ENGINE_NOTE"
 logger = logging.getLogger(__name__)
 
 GiB = 2**30
-ENGINE_NOTE = "(the engine does not execute KVPR yet: offload plan only)"
+ENGINE_NOTE = "(the engine runs it with --recompute kvpr or auto, Llama-family models)"
 
 
 class RecomputeMode(enum.Enum):
@@ -91,9 +92,9 @@ class RecomputeChoice:
         return f"Recompute ({self.mode.value}): {self.reason}{note}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; ``executed`` is False (the engine runs no recompute)."""
+        """JSON-ready dict; ``executed``: the engine runs this share (with ``--recompute kvpr``)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return d | {"mode": self.mode.value, "executed": False}
+        return d | {"mode": self.mode.value, "executed": self.share > 0}
 
 
 def recompute_choice(problem: PlanProblem, profile: HardwareProfile, result: Plan,

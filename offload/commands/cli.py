@@ -70,9 +70,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "with per-group scales, about a sixth of fp32's bytes wherever they live; the sink page, "
                         "the last 2 full pages and the tail stay exact on DEVICE)")
     g.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
-                   help="K/V recomputed at decode instead of read: none (the default) or auto (the planner's "
-                        "choice among what the engine executes); kvpr and lowrank are not executed yet "
-                        "(offload plan --recompute prices kvpr)")
+                   help="K/V recomputed instead of read: none (the default), kvpr (a share of the HOST pages keeps "
+                        "the layer's input activations, the planner's share; pays where activations are fewer bytes "
+                        "than K/V, as in MHA models, over a PCIe link), auto (kvpr where the model allows it); "
+                        "lowrank is not executed yet")
     g.add_argument("--allow-long-context", action="store_true",
                    help="allow prompts longer than the model's context window")
     o = p.add_argument_group("generation and output")
@@ -169,9 +170,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.command in ("ask", "ingest"):
         size_flag("--cache-limit", args.cache_limit, minimum=1)
         check_restore_recompute(args.restore_recompute, "--restore-recompute")
-    if args.recompute in ("kvpr", "lowrank"):
-        raise InputError(f"--recompute {args.recompute} is not executed by the engine yet; use none or auto "
-                         "(offload plan --recompute kvpr shows what KVPR would save)")
+    if args.recompute == "lowrank":
+        raise InputError("--recompute lowrank is not executed by the engine yet; use none, kvpr or auto")
 
 
 def _run(args: argparse.Namespace) -> int:

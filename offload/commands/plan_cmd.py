@@ -61,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "h100-sxm)")
     p.add_argument("--layer-groups", type=int, default=1, help="layer groups the LP may split differently")
     p.add_argument("--what-if", action="store_true",
-                   help="also explore what the engine cannot execute yet: recompute (--recompute auto unless given)")
+                   help="also explore recompute (--recompute auto unless given)")
     p.add_argument("--recompute", choices=[m.value for m in RecomputeMode], default=None,
                    help="what the planner may recompute: none (the default without --what-if), kvpr (keep a share of "
                         "HOST pages as the layer's input activations and recompute their K/V on the device: fewer "
                         "bytes only where hidden_size < 2 x kv_heads x head_dim, as in MHA models), auto (the best "
                         "priced form: kvpr), lowrank (low-rank keys: accepted, not priced yet); the plan says what "
-                        "it chose and why. The engine does not execute KVPR yet (it does execute the DocCache "
-                        "restore split the plan also prints)")
+                        "it chose and why. The engine runs KVPR with its own --recompute kvpr (Llama-family "
+                        "models)")
     p.add_argument("--sparse", choices=SPARSE_MODES, default=None,
                    help="the decode mode to plan for (quest reads F of the K/V bytes a step would read)")
     p.add_argument("--sparse-budget", "--sparse-fraction", dest="sparse_budget", type=float, default=None,

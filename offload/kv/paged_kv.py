@@ -6,20 +6,18 @@ HOST ``PageArena``, or for DISK a page position in that layer's file of the
 ``DiskExtentStore``. Where a new page goes is decided by the caller's ``Placement``; a
 sequence's last, partly filled page is always on DEVICE (new tokens are appended there).
 
-This module decides which pages exist and where; two helpers it owns move the bytes:
-``writes`` (``offload.kv.writes.KVWriter``: tokens into pages, DocCache restores, the DISK
-write queue) and ``reader`` (``offload.kv.reads.KVReader``: a step's read sets, the DISK
-read-ahead, staged chunks, token groups, the CUDA fetch-ahead).
+This module decides which pages exist and where; two helpers it owns move the bytes: ``writes``
+(``KVWriter``: tokens into pages, DocCache restores, the DISK write queue) and ``reader``
+(``KVReader``: read sets, the DISK read-ahead, staged chunks, token groups, CUDA fetch-ahead).
 
 Sharing: ``fork`` shares all of a sequence's pages (reference counted; DISK slots too) and
 copies its partly filled tail pages (copy-on-write), so a question's KV is scratch.
 
 Sliding-window layers (Gemma 3's local layers, ``windows``) keep only the pages a later query
 can see: a bounded ring of DEVICE pages (``ring_pages``), never placed on HOST or DISK. Pages
-that fall out of the window are dropped (their references released), and tokens that would
-land only in already-dropped pages are never written. A fork shares the ring like any pages,
-so a question that slides the window releases only its own references: the document's ring
-is unchanged (copy-on-write).
+out of the window are dropped (their references released); tokens that would land only in
+dropped pages are never written. A fork shares the ring like any pages, so a question that
+slides the window releases only its own references (copy-on-write).
 """
 from __future__ import annotations
 
@@ -33,6 +31,7 @@ from offload.errors import CapacityError
 from offload.kv.counters import IOCounters, per_tier
 from offload.kv.cuda_fetch import CudaFetchAhead
 from offload.kv.key_bounds import KeyBounds
+from offload.kv.kvpr import ActivationPages
 from offload.kv.page_table import DiskSlots, KVSequence, LayerKind, PageLocation, PageTable, cdiv
 from offload.kv.placement import Placement
 from offload.kv.quant_pages import PackedPools
@@ -79,8 +78,7 @@ class PagedKV:
         self.host_arena = host_arena
         self.packed = packed
         self.disk = disk
-        self.num_layers = num_layers
-        self.page_size = arena.page_size
+        self.num_layers, self.page_size = num_layers, arena.page_size
         self.windows: tuple[int | None, ...] = tuple(windows) if windows is not None else (None,) * num_layers
         if len(self.windows) != num_layers or any(w is not None and w < 1 for w in self.windows):
             raise ValueError(f"windows must hold num_layers ({num_layers}) entries, each None or >= 1; "
@@ -90,8 +88,7 @@ class PagedKV:
         self.compute_device = compute_device or arena.device
         self._shuffle = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
         self._disk_slots = [DiskSlots() for _ in range(num_layers)]
-        self.disk_slots_limit = disk_slots_limit
-        self._disk_peak = 0
+        self.disk_slots_limit, self._disk_peak = disk_slots_limit, 0
         self.readahead = (ReadAhead(disk, num_buffers=staging_buffers, chunk_pages=staging_chunk_pages)
                           if disk is not None else None)
         self.page_bytes = arena.slot_bytes  # K and V of one page, as a DEVICE or HOST slot holds it
@@ -99,6 +96,7 @@ class PagedKV:
         # packed pages only: ``packed.layout``).
         self.layout = (PageLayout(self.page_bytes, disk.disk_page_bytes, arena.dtype, arena.num_kv_heads,
                                   self.page_size, arena.head_dim) if disk is not None and packed is None else None)
+        self.acts: ActivationPages | None = None  # KVPR's HOST pages (``offload.kv.kvpr``), set by the engine
         self.io = IOCounters()
         self.writes = KVWriter(self, max_write_bytes=max_write_bytes)
         self.reader = KVReader(self, readahead=self.readahead, layout=self.layout, counters=self.io)
@@ -202,6 +200,8 @@ class PagedKV:
         pool = self.pool_for(tier, packed)
         slots = (pool.allocate_shuffled(n, self._shuffle) if self._shuffle is not None and tier == Tier.DEVICE
                  else pool.allocate(n))
+        if tier == Tier.HOST and self.acts is not None and slots is not None:
+            self.acts.forget(slots)  # a K/V page now
         if slots is None:
             capacity = pool.num_slots * self.page_size // self.num_layers
             raise CapacityError(

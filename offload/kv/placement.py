@@ -11,6 +11,8 @@ and benchmarks may give one directly. Pages of a layer are placed by page id::
 layer (plans may split layers differently). The first pages (attention sinks) stay closest. A
 sequence's last, partly filled page is always on DEVICE: it is where new tokens are appended.
 
+A share of a layer's HOST pages may keep the layer's input activations instead of their K/V
+(``recomputed_share``: KVPR, the K/V recomputed on the compute device when read).
 A placement also says where attention over HOST pages runs: in ``delegated_layers`` it runs on
 the CPU where the pages are (only the query and the ``(out, lse)`` partial move: FlexGen's CPU
 delegation); ``delegated_share`` refines that to a share of each layer's HOST pages (the
@@ -42,6 +44,7 @@ class Placement:
     host_pages: Count = 0
     delegated_layers: frozenset[int] = frozenset()
     delegated_share: tuple[float, ...] | None = None
+    recomputed_share: float | tuple[float, ...] = 0.0
 
     def __post_init__(self) -> None:
         for name in ("device_pages", "host_pages"):
@@ -51,7 +54,11 @@ class Placement:
                     raise ValueError(f"Placement.{name} must be ints >= 0 or None, got {value!r}")
         if self.delegated_share is not None and not all(0.0 <= s <= 1.0 for s in self.delegated_share):
             raise ValueError(f"Placement.delegated_share must hold fractions in [0, 1], got {self.delegated_share!r}")
-        lengths = {len(v) for v in (self.device_pages, self.host_pages, self.delegated_share) if isinstance(v, tuple)}
+        shares = self.recomputed_share if isinstance(self.recomputed_share, tuple) else (self.recomputed_share,)
+        if not all(0.0 <= s <= 1.0 for s in shares):
+            raise ValueError(f"Placement.recomputed_share must hold fractions in [0, 1], got {self.recomputed_share!r}")
+        lengths = {len(v) for v in (self.device_pages, self.host_pages, self.delegated_share, self.recomputed_share)
+                   if isinstance(v, tuple)}
         if len(lengths) > 1:
             raise ValueError(f"Placement's per-layer tuples must have one length (one entry per layer), got {lengths}")
 
@@ -72,9 +79,22 @@ class Placement:
             return Tier.HOST
         return Tier.DISK
 
+    def recomputes(self, layer: int) -> bool:
+        """Whether some of the layer's HOST pages keep activations (``recomputed_share`` > 0)."""
+        return bool(_at(self.recomputed_share, layer))  # type: ignore[arg-type]
+
+    def recomputed(self, page_id: int, layer: int = 0) -> bool:
+        """Whether a HOST page keeps the layer's input activations instead of its K/V (KVPR):
+        ``recomputed_share`` of each layer's HOST pages, spread evenly over them."""
+        share = _at(self.recomputed_share, layer)  # type: ignore[arg-type]
+        if not share or self.tier_of(page_id, layer) != Tier.HOST:
+            return False
+        i = page_id - (_at(self.device_pages, layer) or 0)
+        return int((i + 1) * share) > int(i * share)
+
     def check_layers(self, num_layers: int) -> None:
         """Raises ValueError unless every per-layer tuple has ``num_layers`` entries."""
-        for name in ("device_pages", "host_pages", "delegated_share"):
+        for name in ("device_pages", "host_pages", "delegated_share", "recomputed_share"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != num_layers:
                 raise ValueError(f"Placement.{name} must have one entry per layer ({num_layers}), got {len(value)}")

@@ -25,6 +25,7 @@ class PieceKind(enum.Enum):
     DENSE = "dense"  # whole pages as stored: K and V of every token
     PACKED4 = "packed4"  # 4-bit pages (``offload.kv.quant_pages``), attended by the 4-bit kernels
     SAMPLED = "sampled"  # pages holding sampled tokens: only those rows attended, weighted (LSH)
+    RECOMPUTED = "recomputed"  # HOST pages holding the layer's input activations: K/V recomputed (KVPR)
 
 
 class Route(enum.Enum):

@@ -155,6 +155,11 @@ class KVReader:
                 route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
                 add(Tier.DISK, route, pids, packed, chunk=chunk, ahead=planned is None or chunk in planned)
         device_route = Route.PAGED_DEVICE if rule.device_paged else Route.GROUPS
+        acts = kv.acts.slots if kv.acts is not None else ()
+        if acts and by_tier[(Tier.HOST, False)]:  # KVPR's pages: K/V recomputed on the compute device
+            host = by_tier[(Tier.HOST, False)]
+            add(Tier.HOST, Route.GROUPS, [p for p in host if slots[p] in acts], kind=PieceKind.RECOMPUTED)
+            by_tier[(Tier.HOST, False)] = [p for p in host if slots[p] not in acts]
         for packed in (False, True):
             host = by_tier[(Tier.HOST, packed)]
             delegated = len(host) if rule.cpu_in_ram else round(host_share * len(host))
@@ -231,6 +236,9 @@ class KVReader:
 
     def page_bytes(self, piece: Piece) -> int:
         """Bytes per page of a piece as stored (a 4-bit page's packed bytes; exact: a page)."""
+        if piece.kind == PieceKind.RECOMPUTED:
+            assert self.kv.acts is not None
+            return self.kv.acts.page_bytes
         return self.kv.stored_page_bytes(piece.tier, True) if piece.kind == PieceKind.PACKED4 else self.kv.page_bytes
 
     def count(self, reads: LayerReads) -> None:
@@ -326,6 +334,11 @@ class KVReader:
             yield g
 
     def _groups(self, piece: Piece, layer: int, max_pages: int) -> Iterator[PageGroup]:
+        if piece.kind == PieceKind.RECOMPUTED:
+            assert self.kv.acts is not None
+            for run in piece.runs(self.kv.page_size):
+                yield from self.kv.acts.groups(run, layer, max_pages)
+            return
         if piece.kind == PieceKind.PACKED4:
             yield from self._packed_groups(piece, max_pages)
             return

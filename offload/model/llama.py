@@ -119,6 +119,21 @@ class LlamaRunner:
         v = qkv[:, nq + nkv :].view(t, cfg.num_kv_heads, hd)
         return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v
 
+    def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The layer's normed input [T, hidden], what ``qkv`` projects (KVPR keeps it on HOST)."""
+        return self.rms_norm(h, self.layers[layer].ln_in)
+
+    def kv_from_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v [T, nkv, hd] (k rotated at ``positions``) recomputed from the normed input
+        ``x`` [T, hidden] (``attn_input``): the key and value rows of the projection alone."""
+        cfg, lw = self.cfg, self.layers[layer]
+        nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads, cfg.head_dim
+        kv = F.linear(x, lw.w_qkv[nq:], None if lw.b_qkv is None else lw.b_qkv[nq:])
+        t = x.shape[0]
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        k = RotaryEmbedding.apply(kv[:, : nkv * hd].view(t, nkv, hd), cos, sin)
+        return k, kv[:, nkv * hd:].view(t, nkv, hd)
+
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual after o_proj, then the MLP block. attn: [T, nq * head_dim]."""
         return self.mlp(layer, self.attn_out(layer, h, attn))

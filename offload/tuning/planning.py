@@ -10,9 +10,9 @@ Two uses, with two meanings of the budgets (said in every help text):
   arenas have left: its ``--device-memory``/``--host-memory`` are already KV budgets (the
   Tiers issue's meaning), so the rooms go to the planner exactly (slack 1, weights outside).
 
-Features the engine cannot execute are pinned to zero in executed plans (recompute; the
-sparse budget is 1): only ``offload plan --recompute kvpr|auto`` (or ``--what-if``) lets the
-LP keep HOST pages as activations (``planner.recompute`` says what it chose and why). CPU
+In executed plans the sparse budget is 1, and the LP keeps HOST pages as activations (KVPR)
+only when the engine runs it (``RuntimeConfig(recompute="kvpr")``; ``offload plan
+--recompute kvpr|auto`` or ``--what-if`` for a whole run, ``planner.recompute`` says why). CPU
 delegation is executed (the Kernels issue's in-place Numba attention), so the LP may use it
 wherever a CPU and a separate device exist.
 """
@@ -149,7 +149,8 @@ def model_problem(cfg: ModelConfig, *, context_tokens: int, dtype_bytes: int, kv
 def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_bytes: int, kv_dtype_bytes: int,
                    device_room_pages: int, host_room_pages: int, disk_room_pages: int,
                    staging_chunk_pages: int, allow_delegation: bool, num_layers: int | None = None,
-                   staging_buffers: int = 0, packed_page_bytes: int | None = None) -> PlanProblem:
+                   staging_buffers: int = 0, packed_page_bytes: int | None = None,
+                   allow_recompute: bool = False) -> PlanProblem:
     """The planning problem of one forward pass's new pages into the rooms the engine's arenas
     have left (in pages; slack 1: the arenas already are the budgets). The weights count only
     in the predicted compute time, not in the DEVICE room.
@@ -161,7 +162,9 @@ def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_by
         num_layers: the layers whose pages are placed (Gemma 3's global layers; default all).
             The weights of every layer still count in the compute time.
         packed_page_bytes: the placed pages are 4-bit pages of this many bytes each (a staging
-            chunk then holds ``stored_chunk_pages`` of them)."""
+            chunk then holds ``stored_chunk_pages`` of them).
+        allow_recompute: the engine executes KVPR (``RuntimeConfig(recompute="kvpr")``): the LP
+            may keep HOST pages as activations, each in a whole K/V slot."""
     exact_bytes = 2 * cfg.num_kv_heads * page_size * cfg.head_dim * kv_dtype_bytes
     page_bytes = packed_page_bytes or exact_bytes
     staging_chunk_pages = stored_chunk_pages(staging_chunk_pages, exact_bytes, page_bytes)
@@ -172,32 +175,34 @@ def engine_problem(cfg: ModelConfig, *, new_pages: int, page_size: int, dtype_by
         kv_dtype_bytes=kv_dtype_bytes, device_budget_bytes=weights + device_room_pages * page_bytes,
         host_budget_bytes=host_room_pages * page_bytes, disk_budget_bytes=disk_room_pages * page_bytes, slack=1.0,
         disk_extent_bytes=staging_chunk_pages * round_up(page_bytes, DISK_ALIGNMENT),
-        staging_buffers=staging_buffers, allow_delegation=allow_delegation, allow_recompute=False,
-        packed_page_bytes=packed_page_bytes)
+        staging_buffers=staging_buffers, allow_delegation=allow_delegation, allow_recompute=allow_recompute,
+        activations_in_kv_slots=True, packed_page_bytes=packed_page_bytes)
 
 
 def plan_placement(plan: Plan, *, first_page: int, layers: tuple[int, ...] | None = None,
                    num_layers: int | None = None) -> Placement:
     """The placement that executes ``plan`` for pages numbered from ``first_page`` (the pages
     a sequence already holds keep their tiers): per layer, the plan's DEVICE pages first, then
-    its HOST pages, then DISK; the share of HOST pages attended on the CPU per layer.
+    its HOST pages, then DISK; the share of HOST pages attended on the CPU per layer and the
+    share kept as activations (KVPR).
 
     Args:
         layers / num_layers: the model layers the plan's layers are (Gemma 3's global
             layers) out of ``num_layers``; the others keep everything on DEVICE."""
-    if any(plan.recomputed_pages):
-        raise ValueError("this plan recomputes pages, which the engine cannot execute yet; plan with --recompute "
-                         "none (the default) and without --what-if")
     device: tuple[int | None, ...] = tuple(first_page + d for d in plan.device_pages)
     host: tuple[int | None, ...] = tuple(plan.host_pages)
-    share = tuple(dl / h if h else 0.0 for dl, h in zip(plan.delegated_pages, plan.host_pages))
+    # Delegation takes the HOST pages kept as K/V; KVPR's are recomputed on the device.
+    share = tuple(dl / (h - rc) if h > rc else 0.0
+                  for dl, h, rc in zip(plan.delegated_pages, plan.host_pages, plan.recomputed_pages))
+    rshare = tuple(rc / h if h else 0.0 for rc, h in zip(plan.recomputed_pages, plan.host_pages))
     if layers is not None:
         assert num_layers is not None and len(layers) == len(device)
         where = {layer: i for i, layer in enumerate(layers)}
         device = tuple(device[where[i]] if i in where else None for i in range(num_layers))
         host = tuple(host[where[i]] if i in where else 0 for i in range(num_layers))
         share = tuple(share[where[i]] if i in where else 0.0 for i in range(num_layers))
-    return Placement(device_pages=device, host_pages=host, delegated_share=share)
+        rshare = tuple(rshare[where[i]] if i in where else 0.0 for i in range(num_layers))
+    return Placement(device_pages=device, host_pages=host, delegated_share=share, recomputed_share=rshare)
 
 
 def plan_summary(plan: Plan) -> dict[str, object]:

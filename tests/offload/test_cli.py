@@ -71,7 +71,6 @@ def test_unwritable_cache_dir(capsys, doc_file, tmp_path):
     ("--kv-format", "int4", "invalid choice: 'int4'"),
     ("--restore-recompute", "1.0", "--restore-recompute is the share of a restored document to recompute, in [0, 1)"),
     ("--restore-recompute", "-0.1", "in [0, 1)"),
-    ("--recompute", "kvpr", "--recompute kvpr is not executed by the engine yet"),
     ("--recompute", "lowrank", "--recompute lowrank is not executed by the engine yet"),
     ("--recompute", "all", "invalid choice: 'all'"),
 ])

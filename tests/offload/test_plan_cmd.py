@@ -8,6 +8,7 @@ import pytest
 
 from offload.commands.cli import main
 from planner import HardwareProfile
+from planner.recompute import ENGINE_NOTE
 
 GiB = 2**30
 LLAMA = ["plan", "--model", "llama-3.1-8b", "--context", "131072"]
@@ -140,7 +141,7 @@ def test_mha_llama_2_recomputes_a_share_and_says_why(capsys, mode):
     out = json.loads(capsys.readouterr().out)
     p, why = out["plan"], out["recompute"]
     assert p["kv_bytes"] == 16 * GiB and p["tier_bytes"]["host"] > p["tier_bytes"]["device"]
-    assert why["mode"] == mode and why["share"] == p["recompute_share"] > 0.1 and why["executed"] is False
+    assert why["mode"] == mode and why["share"] == p["recompute_share"] > 0.1 and why["executed"] is True
     assert (why["activation_token_bytes"], why["kv_token_bytes"]) == (8192, 16384)
     assert why["saved_bytes_per_step"] == sum(p["recomputed_pages"]) * 32 * 8192
     assert main(LLAMA_2 + ["--json"]) == 0  # --recompute none, the default
@@ -150,7 +151,7 @@ def test_mha_llama_2_recomputes_a_share_and_says_why(capsys, mode):
     assert p["decode_step_s"] < none["plan"]["decode_step_s"]
     assert main(LLAMA_2 + ["--recompute", mode]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Recompute")]
-    assert line == [f"Recompute ({mode}): {why['reason']} (the engine does not execute KVPR yet: offload plan only)"]
+    assert line == [f"Recompute ({mode}): {why['reason']} {ENGINE_NOTE}"]
     assert why["reason"].startswith(f"share {why['share']:.1%} of pages")
     assert f"{why['saved_bytes_per_step'] / GiB:.2f} GiB less crosses the host link per decode step" in why["reason"]
 

@@ -90,14 +90,19 @@ def test_plan_to_placement_counts_from_the_first_new_page():
     assert lp.decode_step_s <= g.decode_step_s
 
 
-def test_plan_placement_refuses_what_the_engine_cannot_run():
+def test_plan_placement_marks_the_recomputed_share_of_host_pages():
+    """KVPR's pages execute (``offload.kv.kvpr``): the placement keeps that share of each
+    layer's HOST pages as activations, and delegation takes a share of the others."""
     cfg = ModelConfig.from_hf_dict(NAMED_SHAPES["llama-3.1-8b"])
     problem = model_problem(cfg, context_tokens=32768, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=20 * GiB,
                             host_budget_bytes=64 * GiB, disk_budget_bytes=None, allow_recompute=True, sparse_budget=0.25)
     result = plan(problem, HardwareProfile.preset("rtx4090-pcie4"))
-    recomputing = dataclasses.replace(result, recomputed_pages=(1,) * len(result.recomputed_pages))
-    with pytest.raises(ValueError, match="cannot execute"):
-        plan_placement(recomputing, first_page=0)
+    host = tuple(max(h, 4) for h in result.host_pages)
+    recomputing = dataclasses.replace(result, host_pages=host, recomputed_pages=(2,) * len(host),
+                                      delegated_pages=(1,) * len(host))
+    placement = plan_placement(recomputing, first_page=0)
+    assert placement.recomputed_share == tuple(2 / h for h in host)
+    assert placement.delegated_share == tuple(1 / (h - 2) for h in host)
     # A sparse budget alone is executable (--sparse quest): its placement is an ordinary one.
     sparse = model_problem(cfg, context_tokens=1024, dtype_bytes=2, kv_dtype_bytes=2, device_budget_bytes=None,
                            host_budget_bytes=None, disk_budget_bytes=None, sparse_budget=0.5)
