@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-pages", type=int, default=32)
     p.add_argument("--device-memory", default="4GiB", help="DEVICE KV budget: every page must stay there")
     p.add_argument("--cache-dir", type=Path, default=None, help="default: the offload cache (converted models)")
+    p.add_argument("--svd-repeats", type=int, default=5, help="factorizations per timing (median)")
     p.add_argument("--json-out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -205,6 +206,32 @@ def measure_layer(entry: dict, ranks: list[int], args, page_size: int, scale: fl
     return row
 
 
+def time_svd(pre, ranks: list[int], repeats: int) -> dict:
+    """Median seconds of ``factorize`` per method and rank on one layer's keys, with 1 torch
+    thread and with the default count (a shared machine's load inflates the default's most)."""
+    import torch
+
+    from offload.kv.lowrank import SvdMethod, factorize
+
+    default, out = torch.get_num_threads(), {}
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        for method in SvdMethod:
+            for r in ranks:
+                runs = [timed(lambda: factorize(pre, r, method=method))[1] for _ in range(repeats)]
+                out[f"{threads}:{method.value}:{r}"] = statistics.median(runs)
+    torch.set_num_threads(default)
+    return out
+
+
+def print_svd_times(times: dict, ranks: list[int], shape: tuple, repeats: int) -> None:
+    print(f"\nmedian seconds of {repeats} factorizations of the first global layer's keys {shape}")
+    keys = sorted({k.rsplit(":", 1)[0] for k in times}, key=lambda k: (int(k.split(":")[0]), k))
+    print(f"{'rank':>5} " + "".join(f"{k.replace(':', ' thr ', 1):>18}" for k in keys))
+    for r in ranks:
+        print(f"{r:>5} " + "".join(f"{times[f'{k}:{r}']:>18.4f}" for k in keys))
+
+
 def table(title: str, layers: dict, ranks: list[int], cell, fmt: str = "{:.4f}") -> None:
     """Rows per layer and their mean, columns per rank; ``cell(layer_row, rank) -> float``."""
     print(f"\n{title}")
@@ -270,7 +297,7 @@ def print_costs(res: dict, ranks: list[int], chosen: dict) -> None:
         a, b = t * r * 4, r * d * 4
         print(f"{r:>5} {a:>10} {b:>10} {a + b:>10} {t * d * 4:>10} {t * d * 2:>10} {(a + b) / (t * d * 4):>7.3f}"
               f" {(a + b) / (t * d * 2):>7.3f}")
-    print("\nseconds per factorization (mean over layers; max)")
+    print("\nseconds of each layer's factorization in the measuring pass (mean over layers; max)")
     print(f"{'rank':>5} {'linalg.svd':>18} {'svd_lowrank':>18}")
     for r in ranks:
         full = [row["ranks"][r]["svd_s"] for row in res["layers"].values()]
@@ -282,7 +309,11 @@ def print_costs(res: dict, ranks: list[int], chosen: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import os
+
     import torch
+
+    load0 = os.getloadavg()
 
     from offload.kv.lowrank import choose_rank
 
@@ -305,9 +336,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  layer {layer}: tiers {sorted(entry['tiers'])}, tail keys vs recorded "
                   f"{entry['tail_check']:.1e}, measured in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
+        first = next(iter(res["layers"].values()))["pre"]
+        out["svd_median_s"] = time_svd(first, ranks, args.svd_repeats)
     print_errors(out, ranks, args.outlier_share)
     print_attention(out, ranks, args.top_pages)
     print_costs(out, ranks, chosen)
+    print_svd_times(out["svd_median_s"], ranks, tuple(first.reshape(first.shape[0], -1).shape), args.svd_repeats)
+    out["loadavg"] = {"start": load0, "end": os.getloadavg()}
+    print(f"1-min load average at start {load0[0]:.2f}, at end {out['loadavg']['end'][0]:.2f} "
+          f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads): timings are this machine's, shared")
     if args.json_out:
         args.json_out.write_text(json.dumps(out, indent=1))
     return 0

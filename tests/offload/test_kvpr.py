@@ -14,7 +14,7 @@ from offload.model.model_source import resolve_model
 from offload.tuning.planning import engine_problem, plan_placement
 from planner import HardwareProfile, plan
 from storage import Tier
-from tests.offload.arch_pairs import hf_greedy, hf_logits, ours_greedy, ours_teacher_forced, save_tiny
+from tests.offload.arch_pairs import hf_greedy, hf_logits, ours_teacher_forced, save_tiny
 from tests.tolerances import MODEL_LOGITS_FP32_ATOL
 
 MHA = dict(num_key_value_heads=8, head_dim=8)  # 8 query and 8 KV heads of 8: hidden 64 = K (or V) per token
