@@ -3,6 +3,8 @@ share of the document recomputed from its tokens while the rest loads), and the 
 own split; each against the time it predicted.
 
     python bench/cake_restore.py [--model smollm2-135m] [--tokens 8192] [--split 0.3] [--reps 3]
+    python bench/cake_restore.py --model llama-3.1-8b --random-weights --num-layers 4 --dtype bf16 \
+        --tokens 32768 --prefill-chunk 1024 --device-memory 1GiB     # a shape on a GPU (gpu_check.sh)
 
 The document (essays with an invented fact) is ingested once into a fresh DocCache (a miss:
 its prefill time is what the split's recompute is priced from). Then, per repetition and
@@ -54,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device-memory", default="64MiB")
     p.add_argument("--host-memory", default="64MiB")
+    p.add_argument("--random-weights", action="store_true", help="random weights of a named shape (GPU checks)")
+    p.add_argument("--num-layers", type=int, default=None, help="with --random-weights: this many layers")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the device's)")
+    p.add_argument("--allow-long-context", action="store_true")
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     from offload.api import LongDocQA
-    from offload.config import RuntimeConfig
+    from offload.config import RuntimeConfig, parse_dtype
 
     ways = {"load every page": 0.0, f"forced split {args.split:g}": args.split, "planner's split": None}
     print(f"configuration: {args.model}, ~{args.tokens} document tokens, prefill chunk {args.prefill_chunk}, "
@@ -65,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(ways), flush=True)
     with tempfile.TemporaryDirectory(prefix="cake-") as tmp:
         base = RuntimeConfig(device_memory_bytes=args.device_memory, host_memory_bytes=args.host_memory,
-                             prefill_chunk_tokens=args.prefill_chunk)
-        with LongDocQA(args.model, config=base, cache_dir=tmp) as qa:
+                             prefill_chunk_tokens=args.prefill_chunk,
+                             dtype=parse_dtype(args.dtype) if args.dtype else None)
+        kw = dict(cache_dir=tmp, random_weights=args.random_weights, num_layers=args.num_layers,
+                  allow_long_context=args.allow_long_context)
+        with LongDocQA(args.model, config=base, **kw) as qa:
             text = build_document(qa.codec, args.tokens)
             doc = qa.ingest(text)
             print(f"ingest: {doc.num_tokens} tokens, prefill {doc.stats.prefill_s:.2f} s ({doc.stats.doc_cache})",
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             for way, share in ways.items():
                 config = dataclasses.replace(base, restore_recompute=share)
-                with LongDocQA(args.model, config=config, cache_dir=tmp) as qa:
+                with LongDocQA(args.model, config=config, **kw) as qa:
                     rows[way].append(_row(qa, text))
                 r = rows[way][-1]
                 print(f"  rep {rep + 1} {way}: recompute {r['recompute_tokens']} tokens, restore "

@@ -55,6 +55,15 @@ has_cuda=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
     echo "skipped: no CUDA"
   fi
 
+  echo "== 1d. DocCache restore on CUDA (issue 21, Cake): llama-3.1-8b shape, 4 layers, bf16, a 32K-token document: every page loaded vs a forced 0.3 split (recomputed while the rest loads) vs the planner's split, measured against predicted (FLOP model at 50% of the profile's matmul rate), same answer tokens"
+  if [ "$has_cuda" = 1 ]; then
+    timeout 200 $PY bench/cake_restore.py --model llama-3.1-8b --random-weights --num-layers 4 --dtype bf16 \
+      --tokens 32768 --prefill-chunk 1024 --device-memory 1GiB --host-memory 1GiB --reps 2 2>&1 \
+      | grep -vE "Writing model shards|it/s\]" | tail -14
+  else
+    echo "skipped: no CUDA"
+  fi
+
   echo "== 2. kernel benchmark (achieved GB/s against a device-memory reduction in the same run)"
   if [ "$has_cuda" = 1 ]; then
     timeout 90 $PY bench/bench_kernels.py --device cuda --repeat 5 --probe-mib 2048 --json-out "$OUTDIR/bench_kernels.json"

@@ -77,6 +77,7 @@ def test_greedy_and_logits_match_transformers_8k(smollm2_engine, hf_reference, e
     _check(smollm2_engine, hf_reference, essay_prompt, 8192 - NEW_TOKENS)
 
 
+@pytest.mark.slow  # 30 s of the default run; tests/offload/test_decode_kernels.py shuffles slots on a tiny model
 def test_shuffled_noncontiguous_pages_stay_exact(smollm2_source, hf_reference, essay_prompt):
     """Pages in random, non-contiguous arena slots (real paging, gathers), small pages and
     small prefill chunks: still the same tokens and logits."""
