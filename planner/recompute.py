@@ -87,8 +87,8 @@ class RecomputeChoice:
     step_without_s: float | None = None
 
     def line(self) -> str:
-        """The plan's recompute line, with the engine note where KVPR was priced."""
-        note = f" {ENGINE_NOTE}" if self.mode.allows_kvpr or self.share > 0 else ""
+        """The plan's recompute line, with the engine note where a share was chosen."""
+        note = f" {ENGINE_NOTE}" if self.share > 0 else ""
         return f"Recompute ({self.mode.value}): {self.reason}{note}"
 
     def to_dict(self) -> dict[str, Any]:
