@@ -88,6 +88,7 @@ def test_the_planner_loads_every_page_on_this_cpu(tmp_path):
     assert stats.to_dict()["restore_predicted_s"] == report.predicted_s > 0
 
 
+@pytest.mark.slow  # four LongDocQA instances
 def test_a_split_is_not_made_where_it_would_not_repeat_the_ingest(tmp_path):
     with _qa(tmp_path, chunk=128) as qa:
         qa.ingest(DOC)

@@ -114,6 +114,7 @@ def test_the_planner_shares_execute_as_a_placement():
         assert abs(marked - rc) <= 1 and not placement.recomputed(first - 1, layer)
 
 
+@pytest.mark.slow
 def test_a_doc_cache_saved_from_activation_pages_holds_their_kv(tiny_mha, tmp_path):
     """Saving reads the activation pages as K/V (recomputed): a later engine without KVPR
     restores them and continues the document as the KVPR engine does."""
