@@ -104,7 +104,7 @@ PLACEMENTS = {
     "all-disk": Placement.all_on(Tier.DISK),
     "mixed": Placement(device_pages=4, host_pages=4),  # pages 8.. on DISK
     "host-delegated": Placement(device_pages=8, host_pages=None).with_delegation(range(30)),
-    "mixed-delegated": Placement(device_pages=8, host_pages=8).with_delegation(range(0, 30, 2)),
+    "mixed-delegated": Placement(device_pages=4, host_pages=4).with_delegation(range(0, 30, 2)),
 }
 KERNELS = {"host-delegated": DecodeKernel.TORCH, "mixed-delegated": DecodeKernel.TORCH}
 
