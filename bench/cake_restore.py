@@ -47,6 +47,26 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
+def _print_table(rows: dict[str, list[dict]]) -> None:
+    """Each way's medians and spreads against its predictions, and its plan line."""
+    loaded = rows["load every page"][0]["tokens"]
+    print("\n| restore | recomputed tokens | restore s (median [min-max]) | predicted s | measured / predicted "
+          "| TTFT s | predicted TTFT s | TTFT measured / predicted | same tokens as loading |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for way, rs in rows.items():
+        pred, pttft = rs[0]["predicted_restore_s"], rs[0]["predicted_ttft_s"]
+        med, mttft = statistics.median(r["restore_s"] for r in rs), statistics.median(r["ttft_s"] for r in rs)
+        ratio = f"{med / pred:.2f}" if pred else "n/a"
+        tratio = f"{mttft / pttft:.2f}" if pttft else "n/a"
+        same = all(r["tokens"] == loaded for r in rs)
+        print(f"| {way} | {rs[0]['recompute_tokens']} | {_spread([r['restore_s'] for r in rs])} | "
+              f"{pred if pred is None else f'{pred:.3f}'} | {ratio} | {_spread([r['ttft_s'] for r in rs])} | "
+              f"{pttft if pttft is None else f'{pttft:.3f}'} | {tratio} | {'yes' if same else 'NO'} |")
+    for way, rs in rows.items():
+        print(f"{way}: {rs[0]['plan']}")
+    print(f"answer (loading every page): {rows['load every page'][0]['answer']!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -90,22 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  rep {rep + 1} {way}: recompute {r['recompute_tokens']} tokens, restore "
                       f"{r['restore_s']:.3f} s (predicted {r['predicted_restore_s']:.3f}), TTFT {r['ttft_s']:.3f} s",
                       flush=True)
-    loaded = rows["load every page"][0]["tokens"]
-    print("\n| restore | recomputed tokens | restore s (median [min-max]) | predicted s | measured / predicted "
-          "| TTFT s | predicted TTFT s | TTFT measured / predicted | same tokens as loading |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for way, rs in rows.items():
-        pred, pttft = rs[0]["predicted_restore_s"], rs[0]["predicted_ttft_s"]
-        med, mttft = statistics.median(r["restore_s"] for r in rs), statistics.median(r["ttft_s"] for r in rs)
-        ratio = f"{med / pred:.2f}" if pred else "n/a"
-        tratio = f"{mttft / pttft:.2f}" if pttft else "n/a"
-        same = all(r["tokens"] == loaded for r in rs)
-        print(f"| {way} | {rs[0]['recompute_tokens']} | {_spread([r['restore_s'] for r in rs])} | "
-              f"{pred if pred is None else f'{pred:.3f}'} | {ratio} | {_spread([r['ttft_s'] for r in rs])} | "
-              f"{pttft if pttft is None else f'{pttft:.3f}'} | {tratio} | {'yes' if same else 'NO'} |")
-    for way, rs in rows.items():
-        print(f"{way}: {rs[0]['plan']}")
-    print(f"answer (loading every page): {rows['load every page'][0]['answer']!r}")
+    _print_table(rows)
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": vars(args) | {"json_out": str(args.json_out)}, "rows": rows},
                                             indent=1, default=str))

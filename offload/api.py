@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from offload.config import RuntimeConfig
-from offload.kv.doc_cache import DocCache
+from offload.kv.doc_cache import DocCache, LoadResult
 from offload.kv.doc_restore import RestoreReport
 from offload.engine import Engine
 from offload.errors import ClosedError, InputError
@@ -178,17 +178,8 @@ class LongDocQA:
             doc_id = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
         else:
             seq, res = self.doc_cache.ingest(ids, lambda i: self._prefill(i, stats), required=require_doc_cache)
-            doc_id = res.doc_id
-            stats.doc_cache = res.status
-            stats.doc_cache_reason = res.reason
-            stats.doc_cache_verify_s = res.verify_s
-            stats.doc_cache_bytes_read = res.bytes
-            stats.doc_cache_evicted = list(res.evicted)
-            report = res.restore
-            if res.restore is not None:
-                stats.restore_recompute_tokens = res.restore.recompute_tokens
-                stats.restore_predicted_s = res.restore.predicted_s
-                stats.restore_plan = res.restore.plan
+            doc_id, report = res.doc_id, res.restore
+            _doc_cache_stats(stats, res)
         stats.ttft_s = time.perf_counter() - t0
         self.engine.add_document(seq)  # its pages may move off DEVICE to make room for questions
         self.engine.fill_stats(stats, seq)
@@ -353,6 +344,17 @@ class LongDocQA:
         if len(text) > len(shown):
             yield text[len(shown):]
         stream.answer = Answer(text, out, stats)
+
+
+def _doc_cache_stats(stats: RunStats, res: LoadResult) -> None:
+    """What the DocCache did, into the ingest's stats."""
+    stats.doc_cache, stats.doc_cache_reason = res.status, res.reason
+    stats.doc_cache_verify_s, stats.doc_cache_bytes_read = res.verify_s, res.bytes
+    stats.doc_cache_evicted = list(res.evicted)
+    if res.restore is not None:
+        stats.restore_recompute_tokens = res.restore.recompute_tokens
+        stats.restore_predicted_s = res.restore.predicted_s
+        stats.restore_plan = res.restore.plan
 
 
 def _check_text(text: object, what: str, method: str) -> None:

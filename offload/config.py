@@ -331,17 +331,12 @@ class RuntimeConfig:
                 raise InputError(f"{name} takes an int, got {type(value).__name__} {value!r}")
         # A field over a closed set takes the enum or its string value (RuntimeConfig(planner="lp")).
         for name, kind in (("disk_backend", DiskBackend), ("planner", Planner), ("decode_kernel", DecodeKernel),
-                           ("matvec_kernel", MatvecKernel), ("host_attention", HostAttention)):
+                           ("matvec_kernel", MatvecKernel), ("host_attention", HostAttention), ("sparse", Sparse),
+                           ("kv_format", KVFormat)):
             object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
-        object.__setattr__(self, "sparse", _member(Sparse, "sparse", self.sparse))
-        object.__setattr__(self, "kv_format", _member(KVFormat, "kv_format", self.kv_format))
         object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
         self._check_lsh()
-        object.__setattr__(self, "recompute", _member(Recompute, "recompute", self.recompute))
-        if self.recompute == Recompute.LOWRANK:
-            raise InputError("recompute='lowrank' (ShadowKV's low-rank keys) is not executed by the engine yet; use "
-                             "'none', 'kvpr' or 'auto'")
-        object.__setattr__(self, "restore_recompute", check_restore_recompute(self.restore_recompute))
+        self._check_recompute()
         if not 0.0 <= self.plan_min_gain < 1.0:
             raise InputError(f"plan_min_gain must be in [0, 1), got {self.plan_min_gain}")
         if not 1 <= self.page_size <= 4096:
@@ -374,6 +369,13 @@ class RuntimeConfig:
                              f"{self.staging_chunk_pages} and {self.staging_buffers}")
         if self.attn_scores_bytes < 1:
             raise InputError(f"attn_scores_bytes must be >= 1, got {self.attn_scores_bytes}")
+
+    def _check_recompute(self) -> None:
+        object.__setattr__(self, "recompute", _member(Recompute, "recompute", self.recompute))
+        if self.recompute == Recompute.LOWRANK:
+            raise InputError("recompute='lowrank' (ShadowKV's low-rank keys) is not executed by the engine yet; use "
+                             "'none', 'kvpr' or 'auto'")
+        object.__setattr__(self, "restore_recompute", check_restore_recompute(self.restore_recompute))
 
     def _check_lsh(self) -> None:
         if not isinstance(self.lsh_seed, int) or isinstance(self.lsh_seed, bool) or self.lsh_seed < 0:

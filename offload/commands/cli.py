@@ -70,10 +70,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "with per-group scales, about a sixth of fp32's bytes wherever they live; the sink page, "
                         "the last 2 full pages and the tail stay exact on DEVICE)")
     g.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
-                   help="K/V recomputed instead of read: none (the default), kvpr (a share of the HOST pages keeps "
-                        "the layer's input activations, the planner's share; pays where activations are fewer bytes "
-                        "than K/V, as in MHA models, over a PCIe link), auto (kvpr where the model allows it); "
-                        "lowrank is not executed yet")
+                   help="none (default); kvpr: a share of the HOST pages keeps the layer's input, K/V recomputed "
+                        "when read (MHA models); auto: kvpr where the model allows it; lowrank: not executed yet")
     g.add_argument("--allow-long-context", action="store_true",
                    help="allow prompts longer than the model's context window")
     o = p.add_argument_group("generation and output")

@@ -61,6 +61,10 @@ class ActivationPages:
         if self.slots:
             self.slots.difference_update(slots)
 
+    def split(self, pids: list[int], slots: list[int]) -> tuple[list[int], list[int]]:
+        """HOST page ids (``slots``: the layer's) as (activation pages, K/V pages)."""
+        return [p for p in pids if slots[p] in self.slots], [p for p in pids if slots[p] not in self.slots]
+
     def store(self, seq: "KVSequence", layer: int, start: int, x: torch.Tensor, placement: "Placement") -> int:
         """Overwrite the full HOST pages among tokens [start, start + len(x)) of ``layer`` that
         ``placement`` marks with their rows of ``x`` (the layer's normed input); returns how many."""

@@ -155,11 +155,9 @@ class KVReader:
                 route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
                 add(Tier.DISK, route, pids, packed, chunk=chunk, ahead=planned is None or chunk in planned)
         device_route = Route.PAGED_DEVICE if rule.device_paged else Route.GROUPS
-        acts = kv.acts.slots if kv.acts is not None else ()
-        if acts and by_tier[(Tier.HOST, False)]:  # KVPR's pages: K/V recomputed on the compute device
-            host = by_tier[(Tier.HOST, False)]
-            add(Tier.HOST, Route.GROUPS, [p for p in host if slots[p] in acts], kind=PieceKind.RECOMPUTED)
-            by_tier[(Tier.HOST, False)] = [p for p in host if slots[p] not in acts]
+        if kv.acts is not None and kv.acts.slots:  # KVPR's pages: K/V recomputed on the compute device
+            recomputed, by_tier[(Tier.HOST, False)] = kv.acts.split(by_tier[(Tier.HOST, False)], slots)
+            add(Tier.HOST, Route.GROUPS, recomputed, kind=PieceKind.RECOMPUTED)
         for packed in (False, True):
             host = by_tier[(Tier.HOST, packed)]
             delegated = len(host) if rule.cpu_in_ram else round(host_share * len(host))
