@@ -239,7 +239,7 @@ class CostModel:
         tokens = p.pages_per_layer * p.page_size
         flops_s = hw.device_matmul_tflops * 1e12
         weights_s = self._decode_weights_s()
-        recompute_flops = p.sparse_budget * recomputed * tokens * 2 * p.hidden_size * 2 * p.num_kv_heads * p.head_dim
+        recompute_flops = p.sparse_budget * recomputed * tokens * p.kv_recompute_flops
         act_ratio = p.activation_page_bytes / p.page_bytes
         shipped_host = host - delegated - recomputed + recomputed * act_ratio
         new_kv = p.batch_size * 2 * p.num_kv_heads * p.head_dim * p.kv_dtype_bytes  # this step's tokens

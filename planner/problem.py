@@ -18,7 +18,7 @@ import math
 
 from planner.profile import HardwareProfile
 
-__all__ = ["Tier", "PlanProblem", "PlanInfeasibleError", "Capacity", "capacity", "check_feasible"]
+__all__ = ["Tier", "PlanProblem", "PlanInfeasibleError", "Capacity", "capacity", "check_feasible", "layer_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +183,13 @@ class PlanProblem:
 
     @property
     def params_per_layer(self) -> int:
-        """Matmul parameters of one layer: q, o, k, v projections and a gated MLP."""
-        attn = 2 * self.hidden_size * self.num_heads * self.head_dim
-        kv = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
-        return attn + kv + 3 * self.hidden_size * self.intermediate_size
+        """Matmul parameters of one layer (``layer_params``)."""
+        return layer_params(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size)
+
+    @property
+    def kv_recompute_flops(self) -> int:
+        """FLOPs that rebuild one token's K and V of a layer from its input (KVPR)."""
+        return 2 * self.hidden_size * 2 * self.num_kv_heads * self.head_dim
 
     @property
     def device_fixed_bytes(self) -> int:
@@ -217,6 +220,13 @@ def capacity(problem: PlanProblem, profile: HardwareProfile) -> Capacity:
     }
     fixed = {Tier.DEVICE: problem.device_fixed_bytes, Tier.HOST: problem.host_staging_bytes, Tier.DISK: 0}
     return Capacity(budgets, {t: problem.slack * budgets[t] - fixed[t] for t in Tier})
+
+
+def layer_params(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate_size: int) -> int:
+    """Matmul parameters of one layer: q, o, k, v projections and a gated MLP."""
+    attn = 2 * hidden_size * num_heads * head_dim
+    kv = 2 * hidden_size * num_kv_heads * head_dim
+    return attn + kv + 3 * hidden_size * intermediate_size
 
 
 def _or(value: int | None, default: int) -> int:

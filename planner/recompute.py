@@ -162,8 +162,7 @@ def _why_zero(problem: PlanProblem, profile: HardwareProfile, result: Plan) -> s
                 "would only add work")
     if sum(result.delegated_pages) >= host:
         return "every HOST page is attended on the CPU (delegated), so no K/V crosses the host link to save"
-    return (f"rebuilding K/V on the device ({2 * problem.hidden_size * 2 * problem.num_kv_heads * problem.head_dim} "
-            f"flops per token and layer) costs more than the link time its {kv - act} bytes per token and layer "
+    return (f"rebuilding K/V on the device ({problem.kv_recompute_flops} flops per token and layer) costs more than the link time its {kv - act} bytes per token and layer "
             f"would save at this placement (bottleneck: {result.bottleneck})")
 
 

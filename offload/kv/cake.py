@@ -27,7 +27,7 @@ import torch
 
 from offload.config import KVFormat, Sparse
 from offload.kv.page_table import cdiv
-from storage import Tier
+from planner.problem import layer_params
 from planner.restore import PRESET_PREFILL_EFFICIENCY, RestoreModel, RestoreSplit, choose_split, prefill_flops
 
 if TYPE_CHECKING:
@@ -43,8 +43,7 @@ AHEAD_BYTES = 256 * 2**20  # bytes the loader may hold ahead of the prefill (or 
 
 def model_flops(cfg: Any) -> tuple[float, float]:
     """(linear, quadratic) prefill FLOPs of a model config (``planner.restore.prefill_flops``)."""
-    per_layer = (2 * cfg.hidden_size * cfg.num_heads * cfg.head_dim + 2 * cfg.hidden_size * cfg.num_kv_heads
-                 * cfg.head_dim + 3 * cfg.hidden_size * cfg.intermediate_size)
+    per_layer = layer_params(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
     return prefill_flops(num_heads=cfg.num_heads, head_dim=cfg.head_dim, params_per_layer=[per_layer] * cfg.num_layers,
                          windows=cfg.layer_windows)
 
@@ -144,8 +143,7 @@ def disk_share(engine: "Engine", placement: "Placement", tokens: int) -> float:
     pages = cdiv(tokens, engine.config.page_size)
     if not engine.global_layers or engine.disk is None:
         return 0.0
-    on_disk = sum(1 for layer in engine.global_layers for p in range(pages)
-                  if placement.tier_of(p, layer) == Tier.DISK)
+    on_disk = sum(placement.disk_pages(pages, layer) for layer in engine.global_layers)
     return on_disk / (pages * len(engine.global_layers))
 
 

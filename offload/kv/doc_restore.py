@@ -123,9 +123,7 @@ def restore_document(engine: "Engine", reader: DocReader, ids: list[int],
 def _load_all(engine: "Engine", layers: list[tuple[int, int]], per_piece: int, read, place) -> None:
     """Every page loaded: one piece is read (and checked) ahead on a thread while the previous
     one is placed (the read and the CRCs release the GIL; DISK writes run on the store's threads)."""
-    pieces = [(layer, p0, (pages if engine.windows[layer] is not None else min(per_piece, pages - p0)))
-              for layer, (_first, pages) in enumerate(layers)
-              for p0 in (range(0, pages, per_piece) if engine.windows[layer] is None else [0])]
+    pieces = split_pieces(engine, layers, 0, per_piece)
     ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="doccache-read")
     try:
         pending = ahead.submit(read, pieces[0]) if pieces else None

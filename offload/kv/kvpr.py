@@ -98,10 +98,10 @@ class ActivationPages:
             k, v = arena.read(slots, len(slots) * ps)  # [nkv, n, hd] each, the slots' rows in order
             flat = torch.stack((k.transpose(0, 1), v.transpose(0, 1)), dim=1)  # [n, 2, nkv, hd]
             x = flat.reshape(len(slots) * ps, -1)[:, : self.hidden].to(dev, non_blocking=True)
-            pos = torch.cat([torch.arange(p * ps, (p + 1) * ps) for p in piece.page_ids[s: s + max_pages]]).to(dev)
+            first = piece.page_ids[s] * ps  # a run: consecutive pages
+            pos = torch.arange(first, first + len(slots) * ps, device=dev)
             kr, vr = self.recompute(layer, x, pos)
-            yield PageGroup(kr.transpose(0, 1).contiguous(), vr.transpose(0, 1).contiguous(), piece.page_ids[s] * ps,
-                            Tier.HOST)
+            yield PageGroup(kr.transpose(0, 1).contiguous(), vr.transpose(0, 1).contiguous(), first, Tier.HOST)
 
 
 def activation_pages(engine: "Engine") -> ActivationPages | None:

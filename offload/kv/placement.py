@@ -79,6 +79,11 @@ class Placement:
             return Tier.HOST
         return Tier.DISK
 
+    def disk_pages(self, pages: int, layer: int = 0) -> int:
+        """How many of a layer's pages ``[0, pages)`` ``tier_of`` puts on DISK."""
+        device, host = _at(self.device_pages, layer), _at(self.host_pages, layer)
+        return 0 if device is None or host is None else max(0, pages - device - host)
+
     def recomputes(self, layer: int) -> bool:
         """Whether some of the layer's HOST pages keep activations (``recomputed_share`` > 0)."""
         return bool(_at(self.recomputed_share, layer))  # type: ignore[arg-type]

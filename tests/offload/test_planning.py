@@ -232,3 +232,12 @@ def test_validation_bench_runs_small(tmp_path, smollm2_source, cache_dir):
                            "--repeats", "1", "--steps", "2", "--quick-profile", "--separate-engines"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "geometric mean of the rounds" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("placement", [Placement(None, 0), Placement(4, 4), Placement(3, None), Placement(0, 0),
+                                       Placement((2, 9), (5, 0)), Placement.all_on(Tier.DISK)])
+def test_disk_pages_counts_what_tier_of_puts_on_disk(placement):
+    for layer in (0, 1):
+        for pages in (0, 1, 8, 13):
+            want = sum(placement.tier_of(p, layer) == Tier.DISK for p in range(pages))
+            assert placement.disk_pages(pages, layer) == want
