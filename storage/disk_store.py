@@ -115,20 +115,23 @@ class TransferResult:
 
 
 class TransferHandle:
-    """An in-flight read or write of one extent; ``wait()`` gives its result or its error.
+    """An in-flight read or write of one extent (or, ``submit_read_extents``, of several);
+    ``wait()`` gives its result or its error.
 
     Attributes:
         op: ``"read"`` or ``"write"``.
-        layer, first_page, num_pages: the extent.
+        layer, first_page, num_pages: the extent (the first one, and the pages of all).
+        extents: every extent, ``(first_page, num_pages)`` each.
     """
 
     def __init__(self, future: cf.Future[TransferResult], *, op: str, layer: int,
-                 first_page: int, num_pages: int) -> None:
+                 first_page: int, num_pages: int, extents: tuple[tuple[int, int], ...] | None = None) -> None:
         self._future = future
         self.op = op
         self.layer = layer
         self.first_page = first_page
         self.num_pages = num_pages
+        self.extents = extents or ((first_page, num_pages),)
 
     def done(self) -> bool:
         """True once the transfer finished, successfully or not (non-blocking)."""
@@ -144,7 +147,7 @@ class TransferHandle:
         return self._future.result(timeout)
 
     def __repr__(self) -> str:
-        pages = describe_pages(list(range(self.first_page, self.first_page + self.num_pages)))
+        pages = describe_pages([p for first, n in self.extents for p in range(first, first + n)])
         state = "done" if self.done() else "pending"
         return f"TransferHandle({self.op} {pages} of layer {self.layer}, {state})"
 
@@ -295,7 +298,7 @@ class DiskExtentStore:
                 store is closed.
         """
         view = self._check_extent(layer, first_page, num_pages, buf, writable=False)
-        return self._submit(_WRITE, layer, first_page, num_pages, view)
+        return self._submit(_WRITE, layer, ((first_page, num_pages),), view)
 
     def submit_read(self, layer: int, first_page: int, num_pages: int,
                     out: memoryview) -> TransferHandle:
@@ -312,24 +315,36 @@ class DiskExtentStore:
         Raises:
             ValueError: as ``submit_write``, or pages that were never written.
         """
-        view = self._check_extent(layer, first_page, num_pages, out, writable=True)
+        return self.submit_read_extents(layer, ((first_page, num_pages),), out)
+
+    def submit_read_extents(self, layer: int, extents: tuple[tuple[int, int], ...],
+                            out: memoryview) -> TransferHandle:
+        """Starts reading extents ``(first_page, num_pages)`` of one layer into consecutive
+        places of ``out`` (async), as one task: its worker makes one call per extent. Scattered
+        pages (a sparse step's) then cost one task, not one each. ``out`` holds their pages,
+        in order; rules and errors as ``submit_read``."""
+        if not extents:
+            raise ValueError("extents must name at least one extent")
+        for first_page, num_pages in extents[1:]:
+            self._check_extent(layer, first_page, num_pages, None, writable=True)
+        view = self._check_extent(layer, extents[0][0], sum(n for _, n in extents), out, writable=True)
         with self._lock:
             bitmap = self._written[layer]
-            missing = [p for p in range(first_page, first_page + num_pages)
+            missing = [p for first, n in extents for p in range(first, first + n)
                        if p >= len(bitmap) or not bitmap[p]]
         if missing:
             raise ValueError(f"cannot read {describe_pages(missing)} of layer {layer}: never "
                              "written (or their write has not completed: wait() for it first)")
-        return self._submit(_READ, layer, first_page, num_pages, view)
+        return self._submit(_READ, layer, tuple(extents), view)
 
-    def _submit(self, op: str, layer: int, first_page: int, num_pages: int,
+    def _submit(self, op: str, layer: int, extents: tuple[tuple[int, int], ...],
                 view: memoryview) -> TransferHandle:
         with self._lock:
             if self._closed:
                 raise ValueError(f"DiskExtentStore at {self.root} is closed")
-            future = self._pool.submit(self._transfer, op, layer, first_page, num_pages, view)
-        return TransferHandle(future, op=op, layer=layer, first_page=first_page,
-                              num_pages=num_pages)
+            future = self._pool.submit(self._transfer, op, layer, extents, view)
+        return TransferHandle(future, op=op, layer=layer, first_page=extents[0][0],
+                              num_pages=sum(n for _, n in extents), extents=extents)
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
@@ -343,6 +358,8 @@ class DiskExtentStore:
             raise ValueError(f"first_page must be >= 0, got {first_page}")
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        if buf is None:  # an extent alone (``submit_read_extents``' later ones)
+            return memoryview(b"")
         view = memoryview(buf)
         if not view.c_contiguous:
             raise ValueError("buffer must be C-contiguous")
@@ -361,35 +378,43 @@ class DiskExtentStore:
 
     # -- worker side ----------------------------------------------------------------------
 
-    def _transfer(self, op: str, layer: int, first_page: int, num_pages: int,
+    def _transfer(self, op: str, layer: int, extents: tuple[tuple[int, int], ...],
                   view: memoryview) -> TransferResult:
-        """Runs on a pool thread: the whole extent, in pieces of at most MAX_IO_BYTES."""
+        """Runs on a pool thread: each extent in turn, in pieces of at most MAX_IO_BYTES, laid
+        one after another in ``view`` (a write has one extent). The bytes of the calls that
+        completed are counted once at the end, also when a later call failed."""
         start_s = time.perf_counter()
-        nbytes = num_pages * self.disk_page_bytes
+        dpb, at, moved = self.disk_page_bytes, 0, 0
         try:
-            for start in range(0, nbytes, MAX_IO_BYTES):
-                with view[start:start + MAX_IO_BYTES] as piece:
-                    self._transfer_piece(op, layer, first_page, start, piece)
+            for first_page, num_pages in extents:
+                nbytes = num_pages * dpb
+                for start in range(0, nbytes, MAX_IO_BYTES):
+                    with view[at + start:at + min(start + MAX_IO_BYTES, nbytes)] as piece:
+                        moved += self._transfer_piece(op, layer, first_page, start, piece)
+                at += nbytes
         except BaseException:
             if op == _WRITE:
-                self._mark_written(layer, first_page, num_pages, value=0)
+                self._mark_written(layer, extents[0][0], extents[0][1], value=0)
             raise
         finally:
             # The error kept by the handle references these frames: release the caller's
             # memory now, so its buffer can be closed while the handle lives on.
             view.release()
+            with self._lock:
+                if op == _READ:
+                    self._bytes_read += moved
+                else:
+                    self._bytes_written += moved
         if op == _WRITE:
-            self._mark_written(layer, first_page, num_pages, value=1)
-        return TransferResult(nbytes=nbytes, seconds=time.perf_counter() - start_s)
+            self._mark_written(layer, extents[0][0], extents[0][1], value=1)
+        return TransferResult(nbytes=at, seconds=time.perf_counter() - start_s)
 
     def _transfer_piece(self, op: str, layer: int, first_page: int, start: int,
-                        piece: memoryview) -> None:
-        """One system call at file offset ``first_page * dpb + start``."""
+                        piece: memoryview) -> int:
+        """One system call at file offset ``first_page * dpb + start``; returns its bytes.
+        (Kept lean: a sparse step makes hundreds, one per scattered page.)"""
         fd, length = self._fds[layer], piece.nbytes
         offset = first_page * self.disk_page_bytes + start
-        pages = list(range(first_page + start // self.disk_page_bytes,
-                           first_page + (start + length - 1) // self.disk_page_bytes + 1))
-        path = str(self.paths[layer])
         try:
             if op == _READ:
                 if not self._direct:
@@ -401,16 +426,18 @@ class DiskExtentStore:
                     self._io.fdatasync(fd)
                     self._io.fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except OSError as e:
-            raise StorageIOError.from_os_error(e, op=op, path=path, layer=layer,
-                                               pages=pages) from e
+            raise StorageIOError.from_os_error(e, op=op, path=str(self.paths[layer]), layer=layer,
+                                               pages=self._pages(first_page, start, length)) from e
         if done != length:
             what = f"short read (got {done}" if op == _READ else f"short write (wrote {done}"
-            raise StorageIOError(op, path, layer, pages, None, f"{what} of {length} bytes)")
-        with self._lock:
-            if op == _READ:
-                self._bytes_read += length
-            else:
-                self._bytes_written += length
+            raise StorageIOError(op, str(self.paths[layer]), layer, self._pages(first_page, start, length), None,
+                                 f"{what} of {length} bytes)")
+        return length
+
+    def _pages(self, first_page: int, start: int, length: int) -> list[int]:
+        """The page ids of a call's bytes ``start .. start + length`` of an extent."""
+        dpb = self.disk_page_bytes
+        return list(range(first_page + start // dpb, first_page + (start + length - 1) // dpb + 1))
 
     def _mark_written(self, layer: int, first_page: int, num_pages: int, *, value: int) -> None:
         with self._lock:

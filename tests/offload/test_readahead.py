@@ -92,6 +92,19 @@ def test_a_chunk_of_scattered_extents_comes_back_in_extent_order(store):
     ra.give_back(buf)
 
 
+def test_scattered_extents_are_read_as_split_tasks_not_one_per_extent(store):
+    """A chunk of scattered single pages is ``split`` store tasks of about equal pages (an
+    extent longer than a task's room continues in the next); one extent keeps its pieces of
+    ``piece_pages``; either way every page is read once, into its own buffer place."""
+    ra = ReadAhead(store, num_buffers=1, chunk_pages=8, split=3)
+    scattered = Chunk(0, (Extent(1, 1, 1), Extent(4, 4, 1), Extent(6, 6, 3), Extent(12, 12, 1), Extent(15, 15, 1)))
+    assert ra.pieces(scattered) == [(0, ((1, 1), (4, 1), (6, 1))), (3, ((7, 2), (12, 1))), (6, ((15, 1),))]
+    assert ra.pieces(Chunk.run(0, 2, 2, 7)) == [(0, ((2, 3),)), (3, ((5, 3),)), (6, ((8, 1),))]
+    ra.plan([scattered])
+    _take_and_check(ra, scattered)
+    assert ra.idle
+
+
 def test_a_failed_read_is_raised_by_its_take_and_leaves_every_buffer_free(store):
     ra = _readahead(store)
     store.io.fail_at = ("layer_001.kv", 0)  # the first piece of GOOD[2]: layer 1, pages 0-1

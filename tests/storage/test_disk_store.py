@@ -176,6 +176,43 @@ def test_many_layers_and_extents_stay_separate(make_store, rng):
     assert np.array_equal(both[3 * 4096:], written[4, 3, 1].numpy())
 
 
+def test_scattered_extents_read_as_one_task_land_one_after_another(make_store, rng):
+    """``submit_read_extents``: each extent from its own file position, laid in ``out`` in the
+    order given (not file order), one call per extent, one result for all."""
+    io = RecordingIO()
+    store = make_store(page_bytes=3000, io=io)
+    src = _random_buffer(store, 12, rng)
+    _write(store, 2, 0, src, 12)
+    extents = ((9, 1), (2, 3), (0, 1), (11, 1))
+    out = AlignedBuffer(6 * 4096)
+    io.calls.clear()  # the O_DIRECT probe's and the write's
+    handle = store.submit_read_extents(2, extents, out.memoryview())
+    assert handle.wait().nbytes == 6 * 4096 and handle.num_pages == 6 and handle.extents == extents
+    pages = src.numpy().reshape(12, 4096)
+    assert np.array_equal(out.numpy().reshape(6, 4096), pages[[9, 2, 3, 4, 0, 11]])
+    assert [c[1:] for c in io.calls if c[0] == "preadv"] == [(9 * 4096, 4096), (2 * 4096, 3 * 4096),
+                                                            (0, 4096), (11 * 4096, 4096)]
+    assert repr(handle) == "TransferHandle(read pages 0, 2-4, 9, 11 of layer 2, done)"
+    with pytest.raises(ValueError, match="cannot read page 12 of layer 2: never written"):
+        store.submit_read_extents(2, ((1, 1), (12, 1)), AlignedBuffer(2 * 4096).memoryview())
+    with pytest.raises(ValueError, match="num_pages must be >= 1"):
+        store.submit_read_extents(2, ((1, 1), (3, 0)), AlignedBuffer(4096).memoryview())
+    with pytest.raises(ValueError, match="buffer length is 8192 bytes, expected 12288"):
+        store.submit_read_extents(2, ((1, 1), (3, 2)), AlignedBuffer(2 * 4096).memoryview())
+    with pytest.raises(ValueError, match="at least one extent"):
+        store.submit_read_extents(2, (), AlignedBuffer(4096).memoryview())
+
+
+def test_an_error_in_a_later_extent_names_its_pages(make_store, rng):
+    io = FaultyIO("read", code=errno.EIO, after_bytes=2 * 4096)
+    store = make_store(page_bytes=3000, io=io)
+    _write(store, 0, 0, _random_buffer(store, 10, rng), 10)
+    io.armed = True
+    handle = store.submit_read_extents(0, ((1, 2), (7, 1)), AlignedBuffer(3 * 4096).memoryview())
+    with pytest.raises(StorageIOError, match="read of page 7 of layer 0"):
+        handle.wait()
+
+
 @pytest.mark.parametrize("direct", DIRECT, ids=["auto", "fadvise"])
 def test_64_concurrent_writes_then_64_concurrent_reads(make_store, rng, direct):
     store = make_store(page_bytes=49152, num_threads=8, direct=direct)
