@@ -41,6 +41,7 @@ import torch
 
 from offload.config import format_size
 from offload.errors import OffloadError
+from offload.kv.doc_records import compact_records, packed_flags, stored_bytes
 from offload.kv.doc_restore import RestoreReport, restore_document
 from offload.kv.read_sets import PieceKind
 from storage import Tier, make_io
@@ -111,6 +112,7 @@ def fingerprint(engine: "Engine", source: "ModelSource", memo_path: Path) -> str
         # A 4-bit prefill's later chunks attend the earlier chunks' 4-bit pages: the chunk
         # shapes the values stored.
         parts["prefill_chunk"] = engine.prefill_chunk
+        parts["records"] = "compact"  # a packed page is stored as its blob (offload.kv.doc_records)
     if source.weights_dir is None:
         parts["random_weights_seed"] = c.seed
     else:
@@ -170,6 +172,7 @@ class DocCache:
         cfg = engine.model_config
         elem = torch.empty((), dtype=engine.kv_dtype).element_size()
         self.page_bytes = 2 * cfg.num_kv_heads * engine.config.page_size * cfg.head_dim * elem
+        self.records = compact_records(engine, self.page_bytes)  # 4-bit pages: a record is a blob
 
     def doc_id(self, ids: list[int]) -> str:
         h = hashlib.sha256(self.fingerprint.encode() + b"\0")
@@ -233,11 +236,9 @@ class DocCache:
     # ----- sizes --------------------------------------------------------------------------
     def kv_bytes(self, num_tokens: int) -> int:
         """Bytes of the pages the DocCache of a ``num_tokens``-token document holds (what
-        ``_save`` writes): every page of a global layer, a sliding layer's ring."""
-        ps = self.engine.config.page_size
-        pages = cdiv(num_tokens, ps)
-        live = sum(pages - (0 if w is None else max(0, num_tokens - w) // ps) for w in self.engine.windows)
-        return live * self.page_bytes
+        ``_save`` writes): every page of a global layer, a sliding layer's ring; with 4-bit
+        pages, as ``offload.kv.doc_records`` lays them out."""
+        return stored_bytes(self.engine, self.records, num_tokens, self.page_bytes)
 
     def _bounds(self) -> tuple[int, int, int]:
         """(limit, free, held): the store's bound (``limit_bytes``, else
@@ -325,11 +326,9 @@ class DocCache:
         eng, kv = self.engine, self.engine.kv
         ps = eng.config.page_size
         layers = []
-        incoming = 0
         for layer in range(eng.model_config.num_layers):
-            first = seq.table.first_live(layer)
-            layers.append({"first_page": first, "tokens": seq.lengths[layer]})
-            incoming += (cdiv(seq.lengths[layer], ps) - first) * self.page_bytes
+            layers.append({"first_page": seq.table.first_live(layer), "tokens": seq.lengths[layer]})
+        incoming = self.kv_bytes(len(ids))
         refusal = self.refusal(incoming)
         if refusal is not None:
             raise DocCacheError(refusal)
@@ -337,7 +336,7 @@ class DocCache:
         limit, free, held = self._bounds()
         evicted = self.store.evict(min(limit, free + held - SPACE_MARGIN_BYTES), incoming_bytes=incoming,
                                    keep=frozenset({doc_id}))
-        builder = self.store.builder(doc_id, self.page_bytes)
+        builder = self.store.builder(doc_id, self.page_bytes if self.records is None else self.records.record_bytes)
         try:
             for layer in range(eng.model_config.num_layers):
                 if eng.packed_layout is not None:
@@ -348,6 +347,8 @@ class DocCache:
             meta = {"fingerprint": self.fingerprint, "token_ids_sha256": _ids_hash(ids), "num_tokens": len(ids),
                     "page_size": ps, "kv_dtype": str(eng.kv_dtype), "layers": layers,
                     "kv_format": eng.config.kv_format.value, "prefill_chunk": eng.prefill_chunk, **(timing or {})}
+            if self.records is not None:
+                meta["record_bytes"] = self.records.record_bytes
             builder.commit(meta)
         except DocCacheNoSpace as e:
             raise DocCacheError(e.strerror or str(e)) from None
@@ -372,10 +373,10 @@ class DocCache:
         return memoryview(out.view(torch.uint8).numpy()).cast("B")
 
     def _records_4bit(self, seq: "KVSequence", layer: int) -> memoryview:
-        """A layer's pages as records of ``page_bytes`` each, with 4-bit pages: an exact page's
-        K and V (a partly filled tail padded with zeros), a packed page's blob padded with zeros
-        (``restore_pages`` reads it back from the record's start)."""
+        """A layer's pages as ``offload.kv.doc_records`` lays them out: an exact page's K and V
+        (a partly filled tail padded with zeros), a packed page's blob."""
         kv, ps = self.engine.kv, self.engine.config.page_size
+        assert self.records is not None
         first, n = seq.table.first_live(layer), cdiv(seq.lengths[layer], ps)
         out = torch.zeros(n - first, self.page_bytes, dtype=torch.uint8)
         for piece in kv.reader.layer_reads(seq, layer).pieces:
@@ -391,7 +392,10 @@ class DocCache:
             if piece.page_ids[-1] == n - 1 and seq.lengths[layer] % ps:
                 pages[-1, :, :, seq.lengths[layer] % ps:] = 0  # the tail page's unused rows
             out[rows] = pages.view(len(rows), -1).view(torch.uint8)
-        return memoryview(out.numpy()).cast("B")
+        flags = seq.table.packed(layer)[first:n]
+        if flags != packed_flags(self.engine, layer, first, n - first, seq.lengths[layer]):
+            raise RuntimeError(f"layer {layer}'s packed pages differ from the 4-bit rule the DocCache's records follow")
+        return memoryview(self.records.pack(out, flags)).cast("B")
 
 def _ids_hash(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()

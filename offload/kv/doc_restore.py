@@ -12,10 +12,12 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from offload.kv.cake import SplitLoader, ahead_bytes, disk_share, kv_bytes_per_token, plan_split, restore_split, \
     split_model, split_pieces
+from offload.kv.doc_records import CompactRecords, compact_records, packed_flags
 from offload.kv.page_table import cdiv
 from planner.restore import RestoreModel
 from storage import AlignedBuffer
@@ -50,22 +52,29 @@ class RestoreReport:
         return self.predicted_s + self.model.extend_s(prompt_tokens, first=self.recompute_tokens == 0)
 
 
-def _layers(engine: "Engine", reader: DocReader) -> tuple[int, list[tuple[int, int]]]:
-    """(tokens, per layer (first page, pages)) of a DocCache whose layout matches the engine."""
+def _layers(engine: "Engine", reader: DocReader,
+            records: CompactRecords | None) -> tuple[int, list[tuple[int, int]], list[np.ndarray | None]]:
+    """(tokens, per layer (first page, pages), per layer its pages' first records (4-bit
+    records, ``offload.kv.doc_records``; None: a record is a page)) of a DocCache whose layout
+    matches the engine."""
     ps, cfg, meta = engine.config.page_size, engine.model_config, reader.meta
     if (meta.get("page_size") != ps or len(meta.get("layers", [])) != cfg.num_layers
-            or meta.get("kv_format", "exact") != engine.config.kv_format.value):
+            or meta.get("kv_format", "exact") != engine.config.kv_format.value
+            or meta.get("record_bytes") != (None if records is None else records.record_bytes)):
         raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layout does not match this engine")
     tokens = int(meta["num_tokens"])
-    layers = []
+    layers, offsets = [], []
     for layer, info in enumerate(meta["layers"]):
         first, n_tok = int(info["first_page"]), int(info["tokens"])
-        pages = reader.num_pages(layer)
-        if n_tok != tokens or pages != cdiv(n_tok, ps) - first:
-            raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layer {layer} holds {pages} pages, "
+        pages = cdiv(n_tok, ps) - first
+        offs = None if records is None else records.offsets(packed_flags(engine, layer, first, pages, n_tok))
+        stored = reader.num_pages(layer)
+        if n_tok != tokens or stored != (pages if offs is None else int(offs[-1])):
+            raise DocCacheCorrupt(f"DocCache {reader.doc_id}: layer {layer} holds {stored} records, "
                                   f"its meta says tokens {n_tok} from page {first}")
         layers.append((first, pages))
-    return tokens, layers
+        offsets.append(offs)
+    return tokens, layers, offsets
 
 
 def restore_document(engine: "Engine", reader: DocReader, ids: list[int],
@@ -75,7 +84,8 @@ def restore_document(engine: "Engine", reader: DocReader, ids: list[int],
     (``RuntimeConfig.restore_recompute``: None = the planner's split, 0 = load every page, a
     share = forced)."""
     t0 = time.perf_counter()
-    tokens, layers = _layers(engine, reader)
+    records = compact_records(engine, page_bytes)
+    tokens, layers, offsets = _layers(engine, reader, records)
     seq = engine.new_sequence()
     try:
         engine.check_request(seq, tokens, 1, allow_long_context=True)
@@ -84,15 +94,10 @@ def restore_document(engine: "Engine", reader: DocReader, ids: list[int],
                             disk_share(engine, placement, tokens))
         split, why = plan_split(model, engine.config.restore_recompute)
         recompute = split.tokens if split is not None else 0
-        per_piece = max(1, RESTORE_PIECE_BYTES // reader.page_bytes)
+        per_piece = max(1, RESTORE_PIECE_BYTES // page_bytes)
         keys: list[torch.Tensor] = []  # lsh mode: a global layer's restored keys so far
 
-        def read(piece: tuple[int, int, int]) -> torch.Tensor:
-            # Into aligned memory: DISK pages can then be written from where they were read.
-            layer, p0, count = piece
-            buf = AlignedBuffer(count * reader.page_bytes)
-            reader.read_pages(layer, p0, count, into=buf.memoryview())
-            return buf.torch()[: count * reader.page_bytes]
+        read = _piece_reader(engine, reader, records, layers, offsets, tokens)
 
         def place(layer: int, p0: int, count: int, data: torch.Tensor) -> None:
             start = (layers[layer][0] + p0) * engine.config.page_size
@@ -118,6 +123,25 @@ def restore_document(engine: "Engine", reader: DocReader, ids: list[int],
         raise
     return seq, RestoreReport(recompute, split.predicted_s if split is not None else None, why,
                               time.perf_counter() - t0, model if isinstance(model, RestoreModel) else None)
+
+
+def _piece_reader(engine: "Engine", reader: DocReader, records: CompactRecords | None,
+                  layers: list[tuple[int, int]], offsets: list[np.ndarray | None], tokens: int):
+    """``read((layer, first page, pages))``: a piece's pages [pages, page bytes] uint8 as the
+    DocCache holds them, checked; 4-bit records read and expanded into pages."""
+    def read(piece: tuple[int, int, int]) -> torch.Tensor:
+        # Into aligned memory: DISK pages can then be written from where they were read.
+        layer, p0, count = piece
+        offs = offsets[layer]
+        r0, r1 = (p0, p0 + count) if offs is None else (int(offs[p0]), int(offs[p0 + count]))
+        buf = AlignedBuffer((r1 - r0) * reader.page_bytes)
+        reader.read_pages(layer, r0, r1 - r0, into=buf.memoryview())
+        data = buf.torch()[: (r1 - r0) * reader.page_bytes]
+        if records is None:
+            return data
+        return records.expand(data, packed_flags(engine, layer, layers[layer][0] + p0, count, tokens))
+
+    return read
 
 
 def _load_all(engine: "Engine", layers: list[tuple[int, int]], per_piece: int, read, place) -> None:

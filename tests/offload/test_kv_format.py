@@ -120,6 +120,13 @@ DOC = " ".join(f"line {i}: the quick brown fox number {i * 7 % 13} jumps." for i
 QUESTION = "Which number jumps?"
 
 
+def _records(qa: LongDocQA, doc) -> list[bytes]:
+    """Every layer's pages as a 4-bit DocCache stores them (blobs and exact pages), read from
+    the sequence wherever they live."""
+    assert qa.doc_cache is not None
+    return [bytes(qa.doc_cache._records_4bit(doc._seq, layer)) for layer in range(qa.engine.model_config.num_layers)]
+
+
 def test_4bit_doc_cache_hit_answers_like_a_fresh_ingest(tmp_path):
     def ask(qa: LongDocQA, doc) -> list[int]:
         return qa.ask(doc, QUESTION, max_new_tokens=8).token_ids
@@ -131,13 +138,50 @@ def test_4bit_doc_cache_hit_answers_like_a_fresh_ingest(tmp_path):
     with _qa(tmp_path, "4bit") as qa:
         doc = qa.ingest(DOC)
         assert doc.stats.doc_cache == "miss"  # the exact one is not served to a 4-bit engine
+        prefilled = _records(qa, doc)
         assert ask(qa, doc) == fresh
     with _qa(tmp_path, "4bit") as qa:
         doc = qa.ingest(DOC)
         assert doc.stats.doc_cache == "hit" and doc.stats.peak_bytes["disk"] > 0
+        assert _records(qa, doc) == prefilled  # every blob and exact page, bit for bit
         assert ask(qa, doc) == fresh
     with _qa(tmp_path, "exact") as qa:  # and the exact one is still there for an exact engine
         assert qa.ingest(DOC).stats.doc_cache == "hit"
+        assert qa.doc_cache is not None
+        docs = {d.meta["kv_format"]: d for d in qa.doc_cache.store.list()}
+    # The 4-bit DocCache keeps a packed page as its blob: per layer, pages 1 .. T // 32 - 3 are
+    # packed (7680 bytes: 2 x 3 heads x 32 tokens x 64 channels / 2 + scales), the sink page,
+    # the 2-page window and the tail exact (49152 bytes, 7 records of 7680).
+    tokens = docs["4bit"].meta["num_tokens"]
+    packed = tokens // 32 - 2 - 1
+    records = packed + 7 * (-(-tokens // 32) - packed)
+    files = [f.stat().st_size for f in sorted(docs["4bit"].path.glob("layer_*.kv"))]
+    assert files == [records * 7680] * 2
+    exact_files = [f.stat().st_size for f in sorted(docs["exact"].path.glob("layer_*.kv"))]
+    assert exact_files == [-(-tokens // 32) * 49152] * 2
+    assert sum(files) < 0.3 * sum(exact_files)
+
+
+@pytest.mark.slow  # (Gemma 3's shape: a 4-bit DocCache beside sliding rings, which stay exact)
+def test_4bit_doc_cache_of_a_model_with_sliding_rings_answers_like_a_fresh_ingest(tmp_path):
+    config = RuntimeConfig(device="cpu", device_memory_bytes=12 * 2**20, host_memory_bytes=12 * 2**20,
+                           staging_chunk_pages=8, kv_dir=str(tmp_path / "kv"), profile=PROFILE, kv_format="4bit")
+
+    def qa(**kw) -> LongDocQA:
+        return LongDocQA("gemma3-270m", config=config, cache_dir=tmp_path, random_weights=True, num_layers=6, **kw)
+
+    with qa(doc_cache=False) as q:
+        doc = q.ingest(DOC)
+        assert doc.num_tokens > 2 * 512  # past the sliding window: the rings have dropped pages
+        fresh = q.ask(doc, QUESTION, max_new_tokens=8).token_ids
+    stored = []
+    for status in ("miss", "hit"):
+        with qa() as q:
+            doc = q.ingest(DOC)
+            assert doc.stats.doc_cache == status
+            stored.append(_records(q, doc))
+            assert q.ask(doc, QUESTION, max_new_tokens=8).token_ids == fresh
+    assert stored[0] == stored[1]  # every packed blob and exact page restored bit for bit
 
 
 def test_4bit_with_no_device_room_for_packed_pages(tmp_path):
