@@ -266,6 +266,9 @@ class RuntimeConfig:
         sparse_budget: F, the most a sparse decode step reads of the K/V bytes exact attention
             would read in the global layers at that step (sink, window, tail and the page
             bounds it scans included), in (0, 1].
+        sparse_cache_bytes: room on the compute device for the DISK pages sparse steps read,
+            kept for the next steps (``offload.kv.page_cache``; exact pages, CPU only for now);
+            0 (the default) keeps none: every step reads its DISK pages again.
         kv_format: "exact", or "4bit": a global layer's pages other than the sink page 0, the
             last ``window_pages`` (2) full pages and the partly filled tail are stored as 4-bit
             pages wherever they live (``offload.kv.quant_pages``), about a sixth of fp32's
@@ -312,6 +315,7 @@ class RuntimeConfig:
     profile: HardwareProfile | None = None
     sparse: Sparse = Sparse.EXACT
     sparse_budget: float = 0.1
+    sparse_cache_bytes: int = 0
     kv_format: KVFormat = KVFormat.EXACT
     lsh_seed: int = 0
     lsh_bits: int | None = None
@@ -321,7 +325,8 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         # Size fields take bytes or a size string (RuntimeConfig(device_memory_bytes="512MiB")).
-        for name in ("device_memory_bytes", "host_memory_bytes", "disk_space_bytes", "attn_scores_bytes"):
+        for name in ("device_memory_bytes", "host_memory_bytes", "disk_space_bytes", "attn_scores_bytes",
+                     "sparse_cache_bytes"):
             object.__setattr__(self, name, _bytes_field(name, getattr(self, name)))
         for name in ("page_size", "prefill_chunk_tokens", "staging_chunk_pages", "staging_buffers", "seed"):
             value = getattr(self, name)
@@ -335,6 +340,9 @@ class RuntimeConfig:
                            ("kv_format", KVFormat)):
             object.__setattr__(self, name, _member(kind, name, getattr(self, name)))
         object.__setattr__(self, "sparse_budget", check_sparse_budget(self.sparse_budget))
+        if self.sparse_cache_bytes is None or self.sparse_cache_bytes < 0:
+            raise InputError(f"sparse_cache_bytes must be >= 0 bytes (0: no page cache), "
+                             f"got {self.sparse_cache_bytes}")
         self._check_lsh()
         self._check_recompute()
         if not 0.0 <= self.plan_min_gain < 1.0:

@@ -52,6 +52,7 @@ from offload.attention.quest import QuestSelector
 from offload.attention.read_account import ReadAccount, StepReads
 from offload.attention.selection import ExactSelector, PageSelector
 from offload.attention.speculative import speculative_selector
+from offload.kv.page_cache import page_cache_for
 from offload.config import MatvecKernel, RuntimeConfig, Sparse
 from offload.engine_admission import EngineAdmission
 from offload.errors import InputError, UnsupportedModelError
@@ -172,11 +173,10 @@ class Engine(EngineAdmission):
         # Documents' sequences (``add_document``): their pages may move off DEVICE to make
         # room for a question or another document's ingest.
         self._documents: list[KVSequence] = []
-        logger.info(
-            "engine: %s on %s, %s weights %.2f GiB, KV arena %d pages of %d tokens (%.2f GiB, %s)",
-            source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
-            self.config.page_size, self.arena.num_slots * self.arena.slot_bytes / 2**30, self.kv_dtype,
-        )
+        logger.info("engine: %s on %s, %s weights %.2f GiB, KV arena %d pages of %d tokens (%.2f GiB, %s)",
+                    source.name, self.device, self.dtype, self.runner.weights_bytes / 2**30, self.arena.num_slots,
+                    self.config.page_size, self.arena.num_slots * self.arena.slot_bytes / 2**30, self.kv_dtype)
+        self.kv.page_cache = page_cache_for(self)  # sparse steps' DISK pages kept in memory (sparse_cache_bytes)
         if self.config.sparse == Sparse.SPECULATIVE:  # its calibration prefills on this engine: built last
             self.selector = speculative_selector(self, source)
 
@@ -348,7 +348,7 @@ class Engine(EngineAdmission):
                      planned: set[Chunk] | None, **sampled: Any) -> LayerReads:
         return self.kv.reader.layer_reads(seq, layer, rule=self.decode_attention.routes, length=length, pages=pages,
                                           host_share=self.host_share(layer), window=self.windows[layer],
-                                          planned=planned, **sampled)
+                                          planned=planned, cached=pages is not None, **sampled)
 
     def _reads_with_query(self, seq: KVSequence, before: LayerReads, q: torch.Tensor) -> LayerReads:
         """The layer's final read set once its query exists: pages read ahead stay planned,

@@ -105,7 +105,7 @@ class DecodeAttention:
             elif piece.kind == PieceKind.PACKED4 and piece.route != Route.GROUPS:
                 part = self._packed_pages(q, piece)
             elif piece.route == Route.PAGED_DEVICE:
-                pool = self.kv.pool_of(piece.tier)
+                pool = self.kv.page_cache.arena if piece.kind == PieceKind.CACHED else self.kv.pool_of(piece.tier)
                 if self.kernel == DecodeKernel.TRITON:
                     part = self._triton_pages(q, pool, piece)
                 else:
@@ -113,6 +113,8 @@ class DecodeAttention:
             elif piece.route == Route.PAGED_CPU and piece.tier == Tier.DISK:
                 with reader.staged(piece) as (k, v):
                     part = self._numba_arena(q, k, v, piece.chunk_positions(), piece.tokens, piece.skip)
+                    if reads.fills_cache and piece.kind == PieceKind.DENSE:
+                        self.kv.page_cache.fill(reads.layer, list(piece.slots), k, v, piece.chunk_positions())
             elif piece.route == Route.PAGED_CPU:
                 part = self._numba_pages(q, self.kv.pool_of(piece.tier), list(piece.slots), piece.tokens, piece.skip)
             else:

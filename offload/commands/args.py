@@ -75,7 +75,7 @@ def check_generation_flags(args: argparse.Namespace) -> None:
 
 
 def sparse_fields(args: argparse.Namespace) -> dict[str, object]:
-    """``--sparse`` and ``--sparse-budget`` as RuntimeConfig fields (none given: exact).
+    """``--sparse``, ``--sparse-budget`` and ``--sparse-cache`` as RuntimeConfig fields (none given: exact).
 
     Raises:
         InputError: a budget without a sparse mode, or outside (0, 1].
@@ -89,6 +89,12 @@ def sparse_fields(args: argparse.Namespace) -> dict[str, object]:
         fields["sparse"] = mode
     if budget is not None:
         fields["sparse_budget"] = check_sparse_budget(budget, "--sparse-budget")
+    cache = getattr(args, "sparse_cache", None)
+    if cache is not None:
+        if mode in (None, "exact"):
+            raise InputError(f"--sparse-cache keeps the DISK pages a sparse step read; add --sparse quest (got "
+                             f"--sparse-cache {cache} with {'no --sparse' if mode is None else '--sparse exact'})")
+        fields["sparse_cache_bytes"] = size_flag("--sparse-cache", cache)
     return fields
 
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, parse_dtype
+from offload.config import KV_FORMATS, SPARSE_MODES, RuntimeConfig, format_size, parse_dtype
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.model.model_source import default_cache_dir, ensure_cache_dir, resolve_model
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run these sparse modes all-DISK (and a short-prompt all-DEVICE row for their bound); "
                         "quest and speculative together also print speculative against quest")
     p.add_argument("--sparse-budget", type=float, default=None, metavar="F", help="with --sparse (default 0.1)")
+    p.add_argument("--sparse-cache", default=None, metavar="SIZE",
+                   help="with --sparse: also run each mode all-DISK with a page cache of SIZE (the DISK pages a "
+                        "step read, kept in memory for the next steps)")
     p.add_argument("--kv-format", nargs="+", choices=KV_FORMATS, default=None,
                    help="page formats to run all-DISK beside the exact rows (which always run): 4bit adds "
                         "'4bit DISK spill' and, with --sparse, 4bit with each sparse mode")
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = ensure_cache_dir(args.cache_dir or default_cache_dir())
     try:
         modes = list(dict.fromkeys(args.sparse or []))
-        sparse = sparse_fields(argparse.Namespace(sparse=modes[0] if modes else None, sparse_budget=args.sparse_budget))
+        sparse = sparse_fields(argparse.Namespace(sparse=modes[0] if modes else None, sparse_budget=args.sparse_budget,
+                                                  sparse_cache=args.sparse_cache))
         base = RuntimeConfig(device=args.device, dtype=None if args.dtype is None else parse_dtype(args.dtype))
         device = base.resolved_device()
         dtype = base.resolved_dtype(device)
@@ -264,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = prompt_ids(source, args.tokens)
     kv_dir = str(cache / "kv")
     formats = [f for f in dict.fromkeys(args.kv_format or []) if f != "exact"]
-    n_configs = 5 + (0 if no_hf else 2) + (len(modes) + 1 if modes else 0) + len(formats) * (1 + len(modes))
+    cached = int(sparse.get("sparse_cache_bytes", 0))  # with --sparse-cache: each mode again with the cache
+    n_configs = (5 + (0 if no_hf else 2) + (len(modes) * (2 if cached else 1) + 1 if modes else 0)
+                 + len(formats) * (1 + len(modes)))
     cuda = device.type == "cuda"
     where = (f"{torch.cuda.get_device_name(device)}" if cuda else f"cpu, {torch.get_num_threads()} threads")
     print(f"offload bench: {args.model}{' (random weights)' if source.weights_dir is None else ''}, "
@@ -279,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     sparse_rows = ""
     budget = float(sparse.get("sparse_budget", 0.1))
     if modes:
-        sparse_rows = "".join(f" | DISK spill, {m} F={budget:g}" for m in modes) + (
+        sparse_rows = "".join(f" | DISK spill, {m} F={budget:g}" + (
+            f" | DISK spill, {m} F={budget:g}, page cache {format_size(cached)}" if cached else "") for m in modes) + (
             f" | all-DEVICE at {SHORT_PROMPT} tokens (the step's context-independent part)")
     format_rows = "".join(f" | {fmt} DISK spill" + "".join(f" | {fmt} DISK spill, {m} F={budget:g}" for m in modes)
                           for fmt in formats)
@@ -345,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         run(f"DISK spill, {mode}", f"F={budget:g}, all full pages on DISK", placement=Placement.all_on(Tier.DISK),
             sparse=mode, sparse_budget=budget).close()
+        if cached:
+            run(f"DISK spill, {mode}, page cache", f"F={budget:g}, all full pages on DISK, {format_size(cached)} "
+                f"page cache", placement=Placement.all_on(Tier.DISK), sparse=mode, sparse_budget=budget,
+                sparse_cache_bytes=cached).close()
     for fmt in formats:
         for mode in [None, *modes]:
             run(f"{fmt} DISK spill" + (f", {mode}" if mode else ""), "all full pages on DISK" + (

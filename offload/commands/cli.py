@@ -65,6 +65,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-budget", type=float, default=None, metavar="F",
                    help="with --sparse: the share of exact attention's K/V bytes a decode step may read, "
                         "in (0, 1] (default 0.1)")
+    g.add_argument("--sparse-cache", default=None, metavar="SIZE",
+                   help="with --sparse: memory that keeps the DISK pages a decode step read for the next steps "
+                        "(e.g. 64MiB; a step's pages change little: later steps read them from memory; "
+                        "CPU, exact pages; default 0: none)")
     g.add_argument("--kv-format", choices=KV_FORMATS, default="exact",
                    help="how pages out of the recent window are stored: exact (the default) or 4bit (4-bit codes "
                         "with per-group scales, about a sixth of fp32's bytes wherever they live; the sink page, "
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {"device_memory_bytes": "--device-memory", "host_memory_bytes": "--host-memory",
           "disk_space_bytes": "--disk-space", "page_size": "--page-size", "prefill_chunk_tokens": "--prefill-chunk",
           "disk_backend": "--disk-backend", "kv_dtype": "--kv-dtype", "dtype": "--dtype", "device": "--device",
-          "sparse_budget": "--sparse-budget", "sparse": "--sparse", "kv_format": "--kv-format",
+          "sparse_budget": "--sparse-budget", "sparse": "--sparse", "sparse_cache_bytes": "--sparse-cache", "kv_format": "--kv-format",
           "recompute": "--recompute", "restore_recompute": "--restore-recompute"}
 
 

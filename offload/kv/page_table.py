@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from offload.kv.lsh_index import LshIndex
 
 __all__ = ["PageLocation", "PageTable", "KVSequence", "DiskSlots", "group_pages", "MIN_VIEW_PAGES", "LayerKind",
-           "cdiv"]
+           "cdiv", "ring_pages"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -212,3 +212,9 @@ def group_pages(slots: list[int], max_pages: int) -> Iterator[tuple[int, list[in
         i = j
     if pending:
         yield pending_first, pending, False
+
+
+def ring_pages(window: int, page_size: int) -> int:
+    """Most pages a sliding layer of ``window`` keys holds at once: the pages covering the
+    ``window`` tokens before the newest one, plus the page the newest token starts."""
+    return cdiv(window + page_size - 1, page_size)

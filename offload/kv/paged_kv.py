@@ -1,28 +1,26 @@
 """The KV manager: page pools, page tables per sequence, allocation, eviction, sharing.
 
-A page is ``page_size`` consecutive tokens of one layer's K and V for all KV heads. Each
-sequence has a ``PageTable`` mapping (layer, page_id) -> (tier, slot): a slot of the DEVICE or
-HOST ``PageArena``, or for DISK a page position in that layer's file of the
-``DiskExtentStore``. Where a new page goes is decided by the caller's ``Placement``; a
-sequence's last, partly filled page is always on DEVICE (new tokens are appended there).
+A page is ``page_size`` consecutive tokens of one layer's K and V for all KV heads. Each sequence has a
+``PageTable`` mapping (layer, page_id) -> (tier, slot): a slot of the DEVICE or HOST ``PageArena``, or for DISK
+a page position in that layer's file of the ``DiskExtentStore``. Where a new page goes is decided by the
+caller's ``Placement``; a sequence's last, partly filled page is always on DEVICE (new tokens are appended
+there).
 
-This module decides which pages exist and where; two helpers it owns move the bytes: ``writes``
-(``KVWriter``: tokens into pages, DocCache restores, the DISK write queue) and ``reader``
-(``KVReader``: read sets, the DISK read-ahead, staged chunks, token groups, CUDA fetch-ahead).
+This module decides which pages exist and where; two helpers it owns move the bytes: ``writes`` (``KVWriter``:
+tokens into pages, DocCache restores, the DISK write queue) and ``reader`` (``KVReader``: read sets, the DISK
+read-ahead, staged chunks, token groups, CUDA fetch-ahead).
 
-Sharing: ``fork`` shares all of a sequence's pages (reference counted; DISK slots too) and
-copies its partly filled tail pages (copy-on-write), so a question's KV is scratch.
+Sharing: ``fork`` shares all of a sequence's pages (reference counted; DISK slots too) and copies its partly
+filled tail pages (copy-on-write), so a question's KV is scratch.
 
-Sliding-window layers (Gemma 3's local layers, ``windows``) keep only the pages a later query
-can see: a bounded ring of DEVICE pages (``ring_pages``), never placed on HOST or DISK. Pages
-out of the window are dropped (their references released); tokens that would land only in
-dropped pages are never written. A fork shares the ring like any pages, so a question that
-slides the window releases only its own references (copy-on-write).
+Sliding-window layers (Gemma 3's local layers, ``windows``) keep only the pages a later query can see: a bounded
+ring of DEVICE pages (``ring_pages``), never placed on HOST or DISK. Pages out of the window are dropped (their
+references released); tokens that would land only in dropped pages are never written. A fork shares the ring
+like any pages, so a question that slides the window releases only its own references (copy-on-write).
 """
 from __future__ import annotations
 
 import collections
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +30,8 @@ from offload.kv.counters import IOCounters, per_tier
 from offload.kv.cuda_fetch import CudaFetchAhead
 from offload.kv.key_bounds import KeyBounds
 from offload.kv.kvpr import ActivationPages
-from offload.kv.page_table import DiskSlots, KVSequence, LayerKind, PageLocation, PageTable, cdiv
+from offload.kv.page_cache import DiskPageCache
+from offload.kv.page_table import DiskSlots, KVSequence, LayerKind, PageLocation, PageTable, cdiv, ring_pages
 from offload.kv.placement import Placement
 from offload.kv.quant_pages import PackedPools
 from offload.kv.readahead import PageLayout, ReadAhead
@@ -43,14 +42,6 @@ from storage.disk_store import DiskExtentStore
 from storage.page_arena import SlotPool
 
 __all__ = ["PageLocation", "PageTable", "KVSequence", "PagedKV", "PageGroup", "IOCounters", "ring_pages"]
-
-logger = logging.getLogger(__name__)
-
-
-def ring_pages(window: int, page_size: int) -> int:
-    """Most pages a sliding layer of ``window`` keys holds at once: the pages covering the
-    ``window`` tokens before the newest one, plus the page the newest token starts."""
-    return cdiv(window + page_size - 1, page_size)
 
 
 class PagedKV:
@@ -97,6 +88,7 @@ class PagedKV:
         self.layout = (PageLayout(self.page_bytes, disk.disk_page_bytes, arena.dtype, arena.num_kv_heads,
                                   self.page_size, arena.head_dim) if disk is not None and packed is None else None)
         self.acts: ActivationPages | None = None  # KVPR's HOST pages (``offload.kv.kvpr``), set by the engine
+        self.page_cache: DiskPageCache | None = None  # sparse steps' DISK pages in memory, set by the engine
         self.io = IOCounters()
         self.writes = KVWriter(self, max_write_bytes=max_write_bytes)
         self.reader = KVReader(self, readahead=self.readahead, layout=self.layout, counters=self.io)
@@ -160,7 +152,7 @@ class PagedKV:
         host = self.host_arena.peak_used_bytes if self.host_arena is not None else 0
         staging = self.readahead.staging_bytes if self.readahead is not None else 0
         disk_page = self.disk.disk_page_bytes if self.disk is not None else 0
-        device = self.arena.peak_used_bytes
+        device = self.arena.peak_used_bytes + (self.page_cache.arena.peak_used_bytes if self.page_cache else 0)
         if self.packed is not None:
             arenas = self.packed.arenas
             device += arenas[Tier.DEVICE].peak_used_bytes if Tier.DEVICE in arenas else 0
@@ -196,6 +188,8 @@ class PagedKV:
                 raise CapacityError(f"the DISK tier is full ({self.disk_slots_limit} pages); raise --disk-space")
             slots = self._disk_slots[layer].allocate(n)
             self._disk_peak = max(self._disk_peak, sum(d.num_used for d in self._disk_slots))
+            if self.page_cache is not None:
+                self.page_cache.forget(layer, slots)  # these slots will hold other pages
             return slots
         pool = self.pool_for(tier, packed)
         slots = (pool.allocate_shuffled(n, self._shuffle) if self._shuffle is not None and tier == Tier.DEVICE
@@ -301,6 +295,8 @@ class PagedKV:
         an older page evicted to HOST or DISK; a sliding layer's page out of the window
         dropped), so that the step's read sets are built, and its DISK reads planned, over
         the page tables attention will see."""
+        if self.page_cache is not None:
+            self.page_cache.begin_step()
         for layer in range(self.num_layers):
             length = seq.lengths[layer]
             self._make_pages(seq, layer, length, length + 1, Placement())

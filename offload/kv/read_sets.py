@@ -26,6 +26,7 @@ class PieceKind(enum.Enum):
     PACKED4 = "packed4"  # 4-bit pages (``offload.kv.quant_pages``), attended by the 4-bit kernels
     SAMPLED = "sampled"  # pages holding sampled tokens: only those rows attended, weighted (LSH)
     RECOMPUTED = "recomputed"  # HOST pages holding the layer's input activations: K/V recomputed (KVPR)
+    CACHED = "cached"  # DISK pages a sparse step read before, attended in the page cache (``offload.kv.page_cache``)
 
 
 class Route(enum.Enum):
@@ -165,6 +166,7 @@ class LayerReads:
     pieces: tuple[Piece, ...]
     length: int  # the layer's tokens the step attends over (a decode step's own token included)
     sample: Sample | None = None  # sampled tokens over the SAMPLED pieces (LSH), else None
+    fills_cache: bool = False  # its DISK pages, once attended, go into the page cache
 
     def pages(self) -> list[int]:
         """Every page id the set names, ascending."""

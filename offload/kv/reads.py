@@ -106,7 +106,7 @@ class KVReader:
     def layer_reads(self, seq: KVSequence, layer: int, *, rule: RouteRule = GROUPS_ONLY, length: int | None = None,
                     pages: Sequence[int] | None = None, host_share: float = 0.0, window: int | None = None,
                     planned: Collection[Chunk] | None = None, sampled: Sequence[int] = (),
-                    sample: Sample | None = None) -> LayerReads:
+                    sample: Sample | None = None, cached: bool = False) -> LayerReads:
         """The read set of ``layer`` over ``length`` tokens (default: the layer's length).
 
         Args:
@@ -124,6 +124,9 @@ class KVReader:
             sampled, sample: pages holding a sample's tokens (disjoint from ``pages``) and the
                 sample: one SAMPLED piece per memory tier (rows read in place by the CPU,
                 ``sample.row_bytes``) and DISK chunks of them (read whole).
+            cached: a sparse decode step's selection: its exact DISK pages found in the page
+                cache (``PagedKV.page_cache``) are attended there (one CACHED piece on the
+                compute device), the others read and then added to it.
         """
         kv, ps = self.kv, self.kv.page_size
         length = seq.lengths[layer] if length is None else length
@@ -140,16 +143,24 @@ class KVReader:
             return len(pids) * ps - (ps * n - length if pids and pids[-1] == n - 1 else 0)
 
         def add(tier: Tier, route: Route, pids: list[int], packed: bool = False, *,
-                kind: PieceKind | None = None, **kw: object) -> None:
+                kind: PieceKind | None = None, at: Sequence[int] | None = None, **kw: object) -> None:
             if not pids:
                 return
             cpu = route == Route.PAGED_CPU or (route == Route.PAGED_DEVICE and rule.device_kernel_on_cpu)
             copied = route == Route.GROUPS and tier != Tier.DEVICE and rule.cuda
             kind = kind or (PieceKind.PACKED4 if packed else PieceKind.DENSE)
-            pieces.append(Piece(tier=tier, kind=kind, route=route,
-                                page_ids=tuple(pids), slots=tuple(map(slots.__getitem__, pids)), tokens=tokens(pids),
-                                skip=skip if pids[0] == first_live else 0, cpu_attended=cpu, copied=copied, **kw))
+            pieces.append(Piece(tier=tier, kind=kind, route=route, page_ids=tuple(pids),
+                                slots=tuple(map(slots.__getitem__, pids)) if at is None else tuple(at),
+                                tokens=tokens(pids), skip=skip if pids[0] == first_live else 0, cpu_attended=cpu,
+                                copied=copied, **kw))
 
+        cache = kv.page_cache if cached and rule.device_paged and rule.cpu_in_ram else None
+        if cache is not None and by_tier[(Tier.DISK, False)]:
+            disk = by_tier[(Tier.DISK, False)]
+            found = cache.lookup(layer, [slots[p] for p in disk])
+            add(Tier.DEVICE, Route.PAGED_DEVICE, [p for p, c in zip(disk, found) if c is not None],
+                kind=PieceKind.CACHED, at=[c for c in found if c is not None])
+            by_tier[(Tier.DISK, False)] = [p for p, c in zip(disk, found) if c is None]
         for packed in (False, True):  # DISK holds one format: the engine's
             for pids, chunk in self._chunks(layer, by_tier[(Tier.DISK, packed)], slots, planned):
                 route = Route.PAGED_CPU if rule.cpu_in_ram else Route.GROUPS
@@ -166,7 +177,8 @@ class KVReader:
             add(Tier.HOST, Route.PAGED_CPU, host[:delegated], packed)
         if sample is not None:
             self._sampled_pieces(layer, list(sampled), tiers, slots, planned, sample, add)
-        return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length, sample=sample)
+        return LayerReads(layer=layer, kind=kv.kinds[layer], pieces=tuple(pieces), length=length, sample=sample,
+                          fills_cache=cache is not None)
 
     def _sampled_pieces(self, layer: int, pids: list[int], tiers: list[Tier], slots: list[int],
                         planned: Collection[Chunk] | None, sample: Sample, add) -> None:

@@ -369,6 +369,8 @@ def test_unknown_modes_are_refused():
     (["--sparse", "quest", "--sparse-budget", "0"], r"--sparse-budget must be a number in (0, 1]"),
     (["--sparse", "quest", "--sparse-budget", "2"], r"--sparse-budget must be a number in (0, 1]"),
     (["--sparse", "lsh-x"], "argument --sparse: invalid choice"),
+    (["--sparse-cache", "64MiB"], "--sparse-cache keeps the DISK pages a sparse step read; add --sparse quest"),
+    (["--sparse", "quest", "--sparse-cache", "lots"], "--sparse-cache 'lots' is not a size"),
 ])
 def test_cli_sparse_flags_are_checked_before_the_model_loads(tmp_path, capsys, command, flags, message):
     doc = tmp_path / "doc.txt"
@@ -387,3 +389,5 @@ def test_bench_checks_its_sparse_flags_first(capsys):
     assert "--sparse-budget applies to a sparse mode" in capsys.readouterr().err
     assert bench_main(["--sparse", "quest", "--sparse-budget", "0", "--no-hf", "--quiet"]) == 2
     assert "--sparse-budget must be a number in (0, 1]" in capsys.readouterr().err
+    assert bench_main(["--sparse-cache", "64MiB", "--no-hf", "--quiet"]) == 2
+    assert "--sparse-cache keeps the DISK pages a sparse step read" in capsys.readouterr().err
