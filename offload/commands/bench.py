@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         from offload.commands import bench_render
 
         return bench_render.main([str(args.render)] + ([] if args.fidelity is None else ["--fidelity", str(args.fidelity)]))
-    if args.tokens is None and args.json_out is None and not args.sparse and not args.kv_format:
+    if (args.tokens is None and args.json_out is None and not args.sparse and not args.kv_format
+            and not args.sparse_cache):
         return _sweep(args, argv)
     sweep_only = [f for f, v in (("--contexts", args.contexts), ("--modes", args.modes), ("--placements", args.placements),
                                  ("--out", args.out), ("--fidelity", args.fidelity), ("--no-peers", args.no_peers),
