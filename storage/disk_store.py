@@ -120,18 +120,19 @@ class TransferHandle:
 
     Attributes:
         op: ``"read"`` or ``"write"``.
-        layer, first_page, num_pages: the extent (the first one, and the pages of all).
-        extents: every extent, ``(first_page, num_pages)`` each.
+        layer: the layer.
+        extents: every extent, ``(first_page, num_pages)`` each (a write: one).
+        first_page, num_pages: the first extent's first page, and the pages of all.
     """
 
     def __init__(self, future: cf.Future[TransferResult], *, op: str, layer: int,
-                 first_page: int, num_pages: int, extents: tuple[tuple[int, int], ...] | None = None) -> None:
+                 extents: tuple[tuple[int, int], ...]) -> None:
         self._future = future
         self.op = op
         self.layer = layer
-        self.first_page = first_page
-        self.num_pages = num_pages
-        self.extents = extents or ((first_page, num_pages),)
+        self.extents = extents
+        self.first_page = extents[0][0]
+        self.num_pages = sum(n for _, n in extents)
 
     def done(self) -> bool:
         """True once the transfer finished, successfully or not (non-blocking)."""
@@ -326,7 +327,7 @@ class DiskExtentStore:
         if not extents:
             raise ValueError("extents must name at least one extent")
         for first_page, num_pages in extents[1:]:
-            self._check_extent(layer, first_page, num_pages, None, writable=True)
+            self._check_pages(layer, first_page, num_pages)
         view = self._check_extent(layer, extents[0][0], sum(n for _, n in extents), out, writable=True)
         with self._lock:
             bitmap = self._written[layer]
@@ -343,23 +344,23 @@ class DiskExtentStore:
             if self._closed:
                 raise ValueError(f"DiskExtentStore at {self.root} is closed")
             future = self._pool.submit(self._transfer, op, layer, extents, view)
-        return TransferHandle(future, op=op, layer=layer, first_page=extents[0][0],
-                              num_pages=sum(n for _, n in extents), extents=extents)
+        return TransferHandle(future, op=op, layer=layer, extents=extents)
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
 
-    def _check_extent(self, layer: int, first_page: int, num_pages: int, buf: Any,
-                      *, writable: bool) -> memoryview:
-        """Validates an extent and its buffer; returns the buffer as a flat byte view."""
+    def _check_pages(self, layer: int, first_page: int, num_pages: int) -> None:
         self._check_layer(layer)
         if first_page < 0:
             raise ValueError(f"first_page must be >= 0, got {first_page}")
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        if buf is None:  # an extent alone (``submit_read_extents``' later ones)
-            return memoryview(b"")
+
+    def _check_extent(self, layer: int, first_page: int, num_pages: int, buf: Any,
+                      *, writable: bool) -> memoryview:
+        """Validates an extent and its buffer; returns the buffer as a flat byte view."""
+        self._check_pages(layer, first_page, num_pages)
         view = memoryview(buf)
         if not view.c_contiguous:
             raise ValueError("buffer must be C-contiguous")

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {"device_memory_bytes": "--device-memory", "host_memory_bytes": "--host-memory",
           "disk_space_bytes": "--disk-space", "page_size": "--page-size", "prefill_chunk_tokens": "--prefill-chunk",
           "disk_backend": "--disk-backend", "kv_dtype": "--kv-dtype", "dtype": "--dtype", "device": "--device",
-          "sparse_budget": "--sparse-budget", "sparse": "--sparse", "sparse_cache_bytes": "--sparse-cache", "kv_format": "--kv-format",
-          "recompute": "--recompute", "restore_recompute": "--restore-recompute"}
+          "sparse_budget": "--sparse-budget", "sparse": "--sparse", "sparse_cache_bytes": "--sparse-cache",
+          "kv_format": "--kv-format", "recompute": "--recompute", "restore_recompute": "--restore-recompute"}
 
 
 def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:

@@ -25,6 +25,7 @@ import collections
 
 import torch
 
+from offload.config import Sparse
 from storage import PageArena
 
 __all__ = ["DiskPageCache", "page_cache_for"]
@@ -108,7 +109,7 @@ def page_cache_for(engine) -> DiskPageCache | None:
     device, for a sparse mode whose DISK pages are attended in their staging buffer (CPU
     only for now); None otherwise."""
     c, kv = engine.config, engine.kv
-    if (not c.sparse_cache_bytes or c.sparse.value == "exact" or kv.disk is None or kv.packed is not None
+    if (not c.sparse_cache_bytes or c.sparse == Sparse.EXACT or kv.disk is None or kv.packed is not None
             or engine.device.type != "cpu"):
         return None
     a = kv.arena

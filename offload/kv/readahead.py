@@ -163,8 +163,7 @@ class ReadAhead:
             except Exception as err:  # noqa: BLE001 - raised by the chunk's take, like any read error
                 refused: cf.Future[TransferResult] = cf.Future()
                 refused.set_exception(err)
-                handles.append(TransferHandle(refused, op="read", layer=c.layer, first_page=extents[0][0],
-                                              num_pages=n, extents=extents))
+                handles.append(TransferHandle(refused, op="read", layer=c.layer, extents=extents))
                 return handles
         return handles
 
